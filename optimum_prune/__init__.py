@@ -1,0 +1,54 @@
+"""optimum-prune: one-shot pruning for Hugging Face causal language models.
+
+Importing the package is cheap: the public names load on first use, so that the optimum-cli
+registration hook can import the command without torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PruningConfig": "configuration",
+    "SparsityPattern": "configuration",
+    "PruningError": "errors",
+    "Pruner": "pruner",
+    "save_pruned": "pruner",
+    "load_model": "pruner",
+    "register_method": "registry",
+    "get_method": "registry",
+    "available_methods": "registry",
+    "PruningMethod": "methods.base",
+    "PruneResult": "methods.base",
+    "Target": "methods.masks",
+    "perplexity": "evaluation.perplexity",
+    "calibration_windows": "calibration.data",
+    "PruneReport": "calibration.engine",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optimum_prune' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .calibration.data import calibration_windows
+    from .calibration.engine import PruneReport
+    from .configuration import PruningConfig, SparsityPattern
+    from .errors import PruningError
+    from .evaluation.perplexity import perplexity
+    from .methods.base import PruneResult, PruningMethod
+    from .methods.masks import Target
+    from .pruner import Pruner, load_model, save_pruned
+    from .registry import available_methods, get_method, register_method

@@ -1,0 +1,128 @@
+"""Calibration data: from whatever the user has to ``n`` token windows of ``seqlen`` tokens.
+
+Accepted sources: a list of strings; a ``datasets.Dataset`` (a text column, or ``input_ids``); a
+tensor of token ids; a local ``.txt`` / ``.json`` / ``.jsonl`` file (read through ``datasets``);
+``packaged:wiki-leads``; or a dataset name on the hub (with config and split).
+The texts are joined with a blank line, tokenized once without special tokens, and ``n`` windows
+start at positions drawn with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..assets import PACKAGED_PREFIX, packaged_texts
+from ..errors import PruningError
+
+
+_LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}
+_MAX_CHARS = 20_000_000  # enough text for thousands of 2048-token windows; bounds tokenizing time
+
+
+def _texts_from_dataset(dataset, text_column: str) -> list[str] | torch.Tensor:
+    columns = list(getattr(dataset, "column_names", []) or [])
+    if "input_ids" in columns and text_column not in columns:
+        ids = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in dataset["input_ids"]]
+        return torch.cat(ids) if ids else torch.empty(0, dtype=torch.long)
+    if text_column not in columns:
+        raise PruningError(
+            f"The calibration dataset has no column {text_column!r} (columns: {', '.join(columns) or 'none'}); "
+            f"set text_column / --text-column to the one holding the text."
+        )
+    return [t for t in dataset[text_column] if isinstance(t, str)]
+
+
+def load_calibration_source(
+    data: Any, *, dataset_config: str | None = None, split: str = "train", text_column: str = "text"
+) -> list[str] | torch.Tensor:
+    """Texts (or a 1-D tensor of token ids) from any accepted source."""
+    if data is None:
+        raise PruningError("No calibration data: pass calibration_data (texts, a Dataset, a file or a dataset name).")
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).long()
+    if isinstance(data, (list, tuple)):
+        if not all(isinstance(t, str) for t in data):
+            raise PruningError("A calibration list must contain strings (texts).")
+        return list(data)
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    if isinstance(data, str):
+        if data.startswith(PACKAGED_PREFIX):
+            return packaged_texts(data)
+        import datasets
+
+        ext = os.path.splitext(data)[1].lower()
+        if os.path.isfile(data):
+            if ext not in _LOCAL_BUILDERS:
+                raise PruningError(f"Calibration file {data} must be .txt, .json or .jsonl.")
+            if ext == ".txt":
+                dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
+            else:
+                dataset = datasets.load_dataset("json", data_files=data, split="train")
+            return _texts_from_dataset(dataset, text_column)
+        if os.path.exists(data) or ext in _LOCAL_BUILDERS:
+            raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
+        try:
+            dataset = datasets.load_dataset(data, dataset_config, split=split)
+        except Exception as err:  # hub or network errors: one line naming the fix
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PruningError(
+                f"Could not load calibration dataset {data!r} (config={dataset_config!r}, split={split!r}): {first}. "
+                f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
+            ) from None
+        return _texts_from_dataset(dataset, text_column)
+    try:
+        import datasets
+
+        if isinstance(data, datasets.Dataset):
+            return _texts_from_dataset(data, text_column)
+    except ImportError:  # pragma: no cover - datasets is a hard dependency
+        pass
+    raise PruningError(f"Unsupported calibration data of type {type(data).__name__}.")
+
+
+def tokenize_joined(texts: list[str], tokenizer, max_chars: int | None = _MAX_CHARS) -> torch.Tensor:
+    """Join texts with a blank line and tokenize once (no special tokens) into a 1-D id tensor."""
+    joined, size = [], 0
+    for text in texts:
+        joined.append(text)
+        size += len(text) + 2
+        if max_chars is not None and size >= max_chars:
+            break
+    text = "\n\n".join(joined)
+    if not text.strip():
+        return torch.empty(0, dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_windows(
+    data: Any,
+    tokenizer,
+    num_samples: int,
+    seqlen: int,
+    seed: int = 0,
+    *,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+) -> torch.Tensor:
+    """``num_samples`` x ``seqlen`` token windows at seeded random positions of the joined data."""
+    source = load_calibration_source(data, dataset_config=dataset_config, split=split, text_column=text_column)
+    if isinstance(source, torch.Tensor):
+        ids = source
+    else:
+        if tokenizer is None:
+            raise PruningError("Calibration texts need a tokenizer; pass tokenizer=... or token ids.")
+        ids = tokenize_joined(source, tokenizer)
+    if ids.numel() == 0:
+        raise PruningError("The calibration data is empty; give texts with content.")
+    if ids.numel() < seqlen:
+        raise PruningError(
+            f"The calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}; give more text or lower seqlen."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,287 @@
+"""`PruningConfig`: everything that defines one prune, validated on construction, JSON round-trip.
+
+A config says *what* to do (method, sparsity, pattern, which Linears), *with which data*
+(calibration samples, window length, seed) and carries the method's own options in
+``method_kwargs``, validated against the method's ``Options`` dataclass. It travels with the
+pruned model: as ``pruning_config.json`` next to the weights and under ``pruning_config`` in the
+model's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PruningError
+
+
+CONFIG_NAME = "pruning_config.json"
+FORMAT_VERSION = 1
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """A parsed pattern: ``unstructured``, ``N:M`` (at most N non-zeros in every M inputs) or ``structured``."""
+
+    kind: str  # "unstructured" | "nm" | "structured"
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SparsityPattern":
+        if not isinstance(text, str):
+            raise PruningError(f"pattern must be a string such as 'unstructured', '2:4' or 'structured', got {text!r}.")
+        lowered = text.strip().lower()
+        if lowered in ("unstructured", "structured"):
+            return cls(lowered)
+        match = _NM_RE.match(lowered)
+        if match is None:
+            raise PruningError(
+                f"Unknown pattern {text!r}; use 'unstructured', an N:M pattern such as '2:4', or 'structured'."
+            )
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise PruningError(f"N:M pattern {text!r} needs 0 < N < M (for example '2:4' keeps 2 of every 4 weights).")
+        return cls("nm", n, m)
+
+    @property
+    def family(self) -> str:
+        """What methods declare support for: 'unstructured', 'n:m' or 'structured'."""
+        return "n:m" if self.kind == "nm" else self.kind
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def resolve_sparsity(sparsity: float | None, pattern: SparsityPattern, where: str = "") -> float:
+    """The effective sparsity: N:M fixes it, otherwise it must lie in [0, 1)."""
+    implied = pattern.implied_sparsity
+    if implied is not None:
+        if sparsity is not None and abs(float(sparsity) - implied) > 1e-6:
+            raise PruningError(
+                f"{where}pattern {pattern} always gives sparsity {implied:g}, but sparsity={sparsity!r} was asked; "
+                f"drop the sparsity or use pattern 'unstructured'."
+            )
+        return implied
+    if sparsity is None:
+        return 0.5
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise PruningError(f"{where}sparsity must be a number in [0, 1), got {sparsity!r}.")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise PruningError(f"{where}sparsity must be in [0, 1) (the fraction of weights removed), got {sparsity!r}.")
+    return float(sparsity)
+
+
+def _check_patterns(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise PruningError(f"{name} must be a list of module-name patterns (glob, or 're:' + regex), got {value!r}.")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise PruningError(f"{name}: invalid regular expression {pattern!r} ({err}).") from None
+    return list(value)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PruningError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+@dataclass
+class PruningConfig:
+    """Configuration of one prune.
+
+    Args:
+        method: registered method name (``optimum_prune.available_methods()``).
+        sparsity: fraction of weights removed in each pruned Linear, in [0, 1). Defaults to 0.5;
+            fixed by N:M patterns (2:4 -> 0.5).
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"structured"``.
+        targets: module-name patterns of the Linears to prune (fnmatch globs such as ``"*.mlp.*"``,
+            or ``"re:<regex>"``); default: every Linear inside the decoder layers. Embeddings and
+            the LM head are never pruned.
+        ignore: module-name patterns excluded from ``targets``.
+        overrides: per-module settings, ``{pattern: {"sparsity": 0.3, "pattern": "2:4"}}``; the first
+            matching pattern wins.
+        num_calibration_samples, seqlen: calibration windows and their length in tokens.
+        batch_size: windows per forward pass during calibration.
+        seed: seeds the choice of calibration windows (and any randomised method).
+        dampening: ``lambda`` in ``H + lambda * mean(diag H) * I`` before factorising.
+        sequential: each layer sees the outputs of the already-pruned layers before it (default);
+            ``False`` runs every layer once and feeds the next layer with dense outputs (faster).
+        dataset, dataset_config, dataset_split, text_column: default calibration data when
+            ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
+        method_kwargs: the method's own options, checked against its ``Options`` dataclass.
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_calibration_samples: int = 64
+    seqlen: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    dampening: float = 0.01
+    sequential: bool = True
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .registry import get_method
+
+        if not isinstance(self.method, str):
+            raise PruningError(f"method must be a registered method name, got {self.method!r}.")
+        method_cls = get_method(self.method)
+        parsed = SparsityPattern.parse(self.pattern)
+        self.pattern = str(parsed)
+        self._check_supported(method_cls, parsed, "")
+        self.sparsity = resolve_sparsity(self.sparsity, parsed)
+
+        self.targets = _check_patterns(self.targets, "targets") or None
+        self.ignore = _check_patterns(self.ignore, "ignore")
+        if not isinstance(self.overrides, dict):
+            raise PruningError(f"overrides must map module patterns to settings, got {self.overrides!r}.")
+        for key, value in self.overrides.items():
+            _check_patterns([key], "overrides")
+            if not isinstance(value, dict) or not value or set(value) - {"sparsity", "pattern"}:
+                raise PruningError(
+                    f"overrides[{key!r}] must be a dict with 'sparsity' and/or 'pattern', got {value!r}."
+                )
+            sub = SparsityPattern.parse(value.get("pattern", self.pattern))
+            self._check_supported(method_cls, sub, f"overrides[{key!r}]: ")
+            resolve_sparsity(value.get("sparsity"), sub, f"overrides[{key!r}]: ")
+
+        _check_int(self.num_calibration_samples, "num_calibration_samples", 1)
+        _check_int(self.seqlen, "seqlen", 2)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_int(self.seed, "seed", 0)
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
+            0.0 <= self.dampening < 1e3
+        ):
+            raise PruningError(f"dampening must be a non-negative number (0.01 is typical), got {self.dampening!r}.")
+        if not isinstance(self.sequential, bool):
+            raise PruningError(f"sequential must be true or false, got {self.sequential!r}.")
+        for name in ("dataset", "dataset_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PruningError(f"{name} must be a string, got {value!r}.")
+        for name in ("dataset_split", "text_column"):
+            if not isinstance(getattr(self, name), str):
+                raise PruningError(f"{name} must be a string, got {getattr(self, name)!r}.")
+        if not isinstance(self.method_kwargs, dict):
+            raise PruningError(f"method_kwargs must be a JSON object of the method's options, got {self.method_kwargs!r}.")
+        method_cls.parse_options(self.method_kwargs)  # raises with the list of known options
+
+    @staticmethod
+    def _check_supported(method_cls, parsed: SparsityPattern, where: str) -> None:
+        if parsed.family in method_cls.supported_patterns:
+            return
+        from .registry import available_methods, get_method
+
+        able = [name for name in available_methods() if parsed.family in get_method(name).supported_patterns]
+        hint = f"methods that do: {', '.join(able)}" if able else "no installed method does yet"
+        raise PruningError(
+            f"{where}method {method_cls.name!r} does not support pattern {parsed} "
+            f"(it supports {', '.join(method_cls.supported_patterns)}); {hint}."
+        )
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def parsed_pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern)
+
+    @property
+    def method_options(self):
+        from .registry import get_method
+
+        return get_method(self.method).parse_options(self.method_kwargs)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        data = dataclasses.asdict(self)
+        data["format_version"] = FORMAT_VERSION
+        data["optimum_prune_version"] = __version__
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        if not isinstance(data, dict):
+            raise PruningError(f"A pruning config must be a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        written_by = data.pop("optimum_prune_version", None)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise PruningError(
+                f"This pruning config has format version {version!r} (written by optimum-prune {written_by}); "
+                f"this optimum-prune reads up to version {FORMAT_VERSION}: upgrade optimum-prune."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PruningError(
+                f"Unknown pruning config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            raise PruningError(f"No pruning config at {path}.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PruningError(f"{path} is not valid JSON ({err}); fix or regenerate the file.") from None
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "PruningConfig":
+        """Read ``pruning_config.json`` from a folder (or the file itself); falls back to the
+        ``pruning_config`` entry of a pruned model's ``config.json``."""
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            return cls.from_json_file(path)
+        candidate = os.path.join(path, CONFIG_NAME)
+        if os.path.isfile(candidate):
+            return cls.from_json_file(candidate)
+        model_config = os.path.join(path, "config.json")
+        if os.path.isfile(model_config):
+            with open(model_config, encoding="utf-8") as handle:
+                data = json.load(handle)
+            if isinstance(data, dict) and "pruning_config" in data:
+                return cls.from_dict(data["pruning_config"])
+        raise PruningError(f"No {CONFIG_NAME} (nor a config.json with 'pruning_config') in {path}.")

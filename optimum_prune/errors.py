@@ -1,0 +1,9 @@
+"""The one exception type users see for bad input.
+
+Every check that can be blamed on the caller (configuration, data, model, output folder) raises
+`PruningError` with a single line that says what to change. The CLI turns it into exit code 2.
+"""
+
+
+class PruningError(ValueError):
+    """Invalid input to optimum-prune; the message names the fix."""

@@ -1,0 +1,76 @@
+"""The method interface: statistics in, new weights and masks out.
+
+A method never sees hooks, devices, files or the model. The calibration engine hands it, for a
+set of Linears that read the same input tensor and share a target, their weights (float32 copies
+on the layer's device) and the input statistics it declared in ``statistics``; it returns one
+`PruneResult` per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from ..errors import PruningError
+from .masks import Target
+
+
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass
+class PruneResult:
+    weight: torch.Tensor  # new weight, zeros where pruned
+    mask: torch.Tensor  # True where pruned
+
+
+class PruningMethod:
+    name: ClassVar[str] = ""
+    #: The method's options dataclass; ``PruningConfig.method_kwargs`` is validated against it.
+    Options: ClassVar[type] = NoOptions
+    #: Pattern families the method can produce: "unstructured", "n:m", "structured".
+    supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "n:m")
+    #: Input statistics the engine must collect: "sq_norm" (per-input sum of squares), "gram".
+    statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options=None, dampening: float = 0.01):
+        self.options = options if options is not None else self.Options()
+        self.dampening = dampening
+
+    @classmethod
+    def parse_options(cls, kwargs: dict | None):
+        kwargs = dict(kwargs or {})
+        known = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            listing = ", ".join(sorted(known)) if known else "none"
+            raise PruningError(
+                f"Method {cls.name!r} has no option(s) {', '.join(unknown)}; its options are: {listing}."
+            )
+        return cls.Options(**kwargs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.statistics)
+
+    def prune_linears(self, weights: Sequence[torch.Tensor], stats, target: Target) -> list[PruneResult]:
+        """Prune Linears that share one input (and so one set of statistics). Default: one by one."""
+        return [self.prune_weight(weight, stats, target) for weight in weights]
+
+    def prune_weight(self, weight: torch.Tensor, stats, target: Target) -> PruneResult:
+        raise NotImplementedError
+
+
+def check_choice(value, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise PruningError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PruningError(f"{name} must be a positive integer, got {value!r}.")

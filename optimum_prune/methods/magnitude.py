@@ -1,0 +1,28 @@
+"""Magnitude pruning: remove the smallest ``|W_ij|``. Needs no calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import register_method
+from .base import PruneResult, PruningMethod, check_choice
+from .masks import prune_mask
+
+
+@dataclass
+class MagnitudeOptions:
+    #: "matrix": the smallest weights of the whole matrix go (the classic layer-wise baseline);
+    #: "row": the same fraction from every output row.
+    scope: str = "matrix"
+
+    def __post_init__(self):
+        check_choice(self.scope, "magnitude option scope", ("matrix", "row"))
+
+
+@register_method("magnitude")
+class Magnitude(PruningMethod):
+    Options = MagnitudeOptions
+
+    def prune_weight(self, weight, stats, target):
+        mask = prune_mask(weight.abs(), target, scope=self.options.scope)
+        return PruneResult(weight.masked_fill(mask, 0.0), mask)

@@ -1,0 +1,84 @@
+"""The one place where scores become masks, for every pattern a method can be asked for.
+
+Convention: a *prune mask* is a boolean tensor shaped like the weight, ``True`` where the weight is
+removed. Lower scores are removed first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..configuration import SparsityPattern
+from ..errors import PruningError
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one Linear must reach: a sparsity fraction under a pattern.
+
+    ``scope`` applies to unstructured targets: ``"row"`` removes ``floor(in * sparsity)`` weights of
+    every output row, ``"matrix"`` removes ``floor(numel * sparsity)`` weights anywhere in the matrix.
+    """
+
+    sparsity: float
+    pattern: SparsityPattern
+
+    @property
+    def is_nm(self) -> bool:
+        return self.pattern.kind == "nm"
+
+    def check_width(self, in_features: int, name: str = "") -> None:
+        if self.is_nm and in_features % self.pattern.m:
+            raise PruningError(
+                f"{name or 'a Linear'} has {in_features} inputs, not a multiple of M={self.pattern.m} for pattern "
+                f"{self.pattern}; exclude it with ignore=[...] or choose an M that divides {in_features}."
+            )
+
+
+def _lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Exactly ``k`` True entries along ``dim``: the lowest scores, ties broken by position.
+
+    A k-th value threshold plus a tie fix-up: several times faster than ``topk`` for large ``k``.
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[dim]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
+    mask = scores < threshold
+    ties = scores == threshold
+    need = k - mask.sum(dim=dim, keepdim=True)
+    return mask | (ties & (ties.cumsum(dim=dim) <= need))
+
+
+def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive inputs of each row, remove the ``m - n`` lowest scores."""
+    rows, cols = scores.shape
+    grouped = scores.reshape(rows, cols // m, m)
+    return _lowest_k_mask(grouped, m - n, dim=2).reshape(rows, cols)
+
+
+def prune_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> torch.Tensor:
+    """Prune mask for ``scores`` (out x in) meeting ``target`` exactly."""
+    if target.is_nm:
+        return nm_prune_mask(scores, target.pattern.n, target.pattern.m)
+    if target.pattern.kind != "unstructured":
+        raise PruningError(f"prune_mask handles unstructured and N:M targets, not {target.pattern}.")
+    if scope == "row":
+        return _lowest_k_mask(scores, int(scores.shape[1] * target.sparsity), dim=1)
+    if scope == "matrix":
+        flat = scores.reshape(-1)
+        return _lowest_k_mask(flat, int(flat.numel() * target.sparsity), dim=0).reshape(scores.shape)
+    raise PruningError(f"scope must be 'row' or 'matrix', got {scope!r}.")
+
+
+def measured_sparsity(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    rows, cols = weight.shape
+    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(dim=2)
+    return bool((nonzero <= n).all())

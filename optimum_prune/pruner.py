@@ -1,0 +1,162 @@
+"""`Pruner`: config + model + calibration data -> pruned model (and a checkpoint that loads anywhere)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from .calibration.data import calibration_windows
+from .calibration.engine import LayerwiseEngine, PruneReport
+from .configuration import PruningConfig
+from .errors import PruningError
+from .registry import get_method
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwargs):
+    """Load a causal LM (and its tokenizer) from a hub id, a local folder or ``packaged:smollm2-135m``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import PACKAGED_PREFIX, resolve_packaged_model
+
+    model_id = os.fspath(model_id)
+    if model_id.startswith(PACKAGED_PREFIX):
+        model_id = resolve_packaged_model(model_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PruningError(f"Could not load model {model_id!r}: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def ensure_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty output folder unless ``overwrite``; writes nothing."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise PruningError(f"Output path {path} is a file; choose a folder.")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise PruningError(f"Output folder {path} exists and is not empty; choose another or pass overwrite (--overwrite).")
+
+
+class Pruner:
+    """Applies a `PruningConfig` to a model.
+
+    Example::
+
+        pruner = Pruner.from_config(PruningConfig(method="sparsegpt", sparsity=0.5))
+        model = pruner.prune("HuggingFaceTB/SmolLM2-135M", calibration_data=["some text", ...])
+        pruner.save_pretrained("out")
+    """
+
+    def __init__(self, config: PruningConfig | dict | None = None, **kwargs):
+        if config is None:
+            config = PruningConfig(**kwargs)
+        elif isinstance(config, dict):
+            config = PruningConfig.from_dict({**config, **kwargs})
+        elif kwargs:
+            raise TypeError("Pass either a PruningConfig or keyword arguments, not both.")
+        if not isinstance(config, PruningConfig):
+            raise PruningError(f"Pruner needs a PruningConfig, got {type(config).__name__}.")
+        self.config = config
+        method_cls = get_method(config.method)
+        self.method = method_cls(config.method_options, dampening=config.dampening)
+        self.model = None
+        self.tokenizer = None
+        self.report: PruneReport | None = None
+
+    @classmethod
+    def from_config(cls, config: PruningConfig | dict) -> "Pruner":
+        return cls(config)
+
+    def prune(
+        self,
+        model: nn.Module | str | os.PathLike,
+        calibration_data=None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> nn.Module:
+        """Prune ``model`` in place and return it.
+
+        Args:
+            model: a loaded ``PreTrainedModel`` (possibly dispatched by accelerate) or a hub id / path.
+            calibration_data: texts, a ``datasets.Dataset``, token ids, a local file or a dataset
+                name; defaults to ``config.dataset``. Not needed by data-free methods (magnitude).
+            tokenizer: needed for text data when ``model`` is an object; loaded with it otherwise.
+            device: compute device for each layer (default: where the layer lives).
+        """
+        cfg = self.config
+        if isinstance(model, (str, os.PathLike)):
+            model, loaded_tokenizer = load_model(model)
+            tokenizer = tokenizer or loaded_tokenizer
+        if not isinstance(model, nn.Module):
+            raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
+        engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress)
+        windows = None
+        if self.method.needs_calibration:
+            data = calibration_data if calibration_data is not None else cfg.dataset
+            if data is None:
+                raise PruningError(
+                    f"Method {cfg.method!r} needs calibration data: pass calibration_data or set dataset in the config."
+                )
+            windows = calibration_windows(
+                data,
+                tokenizer,
+                cfg.num_calibration_samples,
+                cfg.seqlen,
+                cfg.seed,
+                dataset_config=cfg.dataset_config,
+                split=cfg.dataset_split,
+                text_column=cfg.text_column,
+            )
+        self.report = engine.run(windows)
+        if getattr(model, "config", None) is not None:
+            model.config.pruning_config = cfg.to_dict()
+        self.model, self.tokenizer = model, tokenizer
+        logger.info("Pruned %d Linears to %.4f sparsity in %.1fs", len(self.report.sparsity), self.report.overall_sparsity, self.report.seconds)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, model: nn.Module | None = None, tokenizer=None, overwrite: bool = False, **kwargs) -> str:
+        model = model if model is not None else self.model
+        if model is None:
+            raise PruningError("Nothing to save: call prune() first or pass model=.")
+        return save_pruned(model, save_directory, self.config, tokenizer or self.tokenizer, overwrite=overwrite, **kwargs)
+
+
+def save_pruned(model, save_directory, config: PruningConfig, tokenizer=None, overwrite: bool = False, extra_files=None, **kwargs) -> str:
+    """Write model, tokenizer and ``pruning_config.json`` atomically: into a temporary sibling folder,
+    renamed into place only when everything is written."""
+    save_directory = os.path.abspath(os.fspath(save_directory))
+    ensure_output_dir(save_directory, overwrite)
+    parent = os.path.dirname(save_directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
+    try:
+        if getattr(model, "config", None) is not None:
+            model.config.pruning_config = config.to_dict()
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
+                handle.write(content)
+        if os.path.isdir(save_directory):
+            shutil.rmtree(save_directory)
+        os.replace(tmp, save_directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return save_directory

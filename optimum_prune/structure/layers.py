@@ -1,0 +1,74 @@
+"""Generic discovery of decoder layers and target Linears.
+
+Works for LLaMA, Mistral, Qwen2/Qwen3, OPT and other decoder-only models whose blocks sit in one
+``nn.ModuleList`` (``model.layers``, ``model.decoder.layers``, ``transformer.h``, ...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from torch import nn
+
+from ..errors import PruningError
+
+
+_KNOWN_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "model.language_model.layers", "gpt_neox.layers")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(prefix, layers)`` of the decoder layer list of a causal LM."""
+    for path in _KNOWN_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (expected is None or len(module) == expected)
+    ]
+    if candidates:
+        return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    raise PruningError(
+        f"Cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of "
+        f"{expected or 'N'} blocks; optimum-prune supports decoder-only causal LMs (LLaMA, Mistral, Qwen2/3, OPT, ...)."
+    )
+
+
+def _matches(name: str, patterns) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def first_match(name: str, table: dict):
+    """The value of the first key of ``table`` (a module-name pattern) that matches ``name``."""
+    for pattern, value in table.items():
+        if _matches(name, [pattern]):
+            return value
+    return None
+
+
+def select_target_linears(layer: nn.Module, layer_prefix: str, targets, ignore) -> dict[str, nn.Linear]:
+    """Full-name -> Linear for the Linears of one decoder layer selected by ``targets``/``ignore``."""
+    selected = {}
+    for sub_name, module in layer.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        full = f"{layer_prefix}.{sub_name}"
+        if targets and not _matches(full, targets):
+            continue
+        if ignore and _matches(full, ignore):
+            continue
+        selected[full] = module
+    return selected
