@@ -1,0 +1,1 @@
+"""Command-line entry points. Kept import-light: optimum-cli imports this at start-up."""

@@ -1,0 +1,6 @@
+import sys
+
+from .prune import main
+
+
+sys.exit(main())

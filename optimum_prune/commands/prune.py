@@ -1,0 +1,186 @@
+"""``optimum-cli prune``: prune a causal LM from the command line.
+
+This module is imported by optimum-cli at start-up (through ``optimum/commands/register``), so it
+imports nothing heavy at module level: torch, transformers and the pruning code load in ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+
+# CLI flag -> PruningConfig field, for the flags that map one to one
+_CONFIG_FLAGS = {
+    "method": "method",
+    "sparsity": "sparsity",
+    "pattern": "pattern",
+    "dataset": "dataset",
+    "dataset_config": "dataset_config",
+    "dataset_split": "dataset_split",
+    "text_column": "text_column",
+    "num_samples": "num_calibration_samples",
+    "seqlen": "seqlen",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "dampening": "dampening",
+    "targets": "targets",
+    "ignore": "ignore",
+}
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model and output")
+    model.add_argument("--model", required=True, help="Hub id, local folder, or packaged:smollm2-135m.")
+    model.add_argument("--output", required=True, help="Folder for the pruned checkpoint (must be new or empty).")
+    model.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model.add_argument("--device", default=None, help="Compute device for each layer, e.g. cuda:0 (default: where it lives).")
+    model.add_argument("--device-map", default=None, help="accelerate device_map for loading, e.g. auto.")
+
+    method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
+    method.add_argument("--config", default=None, help="A pruning_config.json; the flags below override it.")
+    method.add_argument("--method", default=None, help="Registered method name (magnitude, wanda, sparsegpt, ...).")
+    method.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1).")
+    method.add_argument("--pattern", default=None, help="unstructured (default), N:M such as 2:4, or structured.")
+    method.add_argument("--method-kwargs", default=None, help='Method options as JSON, e.g. \'{"blocksize": 64}\'.')
+    method.add_argument("--targets", nargs="+", default=None, help="Module-name patterns to prune (glob or re:regex).")
+    method.add_argument("--ignore", nargs="+", default=None, help="Module-name patterns to leave dense.")
+    method.add_argument("--one-pass", action="store_true", help="Non-sequential: each layer runs once (faster).")
+
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--dataset", default=None, help="Hub dataset, local .txt/.json/.jsonl, or packaged:wiki-leads.")
+    data.add_argument("--dataset-config", default=None)
+    data.add_argument("--dataset-split", default=None)
+    data.add_argument("--text-column", default=None)
+    data.add_argument("--num-samples", type=int, default=None, help="Calibration windows (default 64).")
+    data.add_argument("--seqlen", type=int, default=None, help="Tokens per window (default 512).")
+    data.add_argument("--batch-size", type=int, default=None, help="Windows per forward pass (default 8).")
+    data.add_argument("--seed", type=int, default=None)
+    data.add_argument("--dampening", type=float, default=None)
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval", action="store_true", help="Perplexity before and after pruning.")
+    evaluation.add_argument(
+        "--eval-dataset",
+        default=None,
+        help="Text for --eval (same forms as --dataset); default: packaged:wiki-leads-eval when calibrating on "
+        "packaged:wiki-leads.",
+    )
+    evaluation.add_argument("--eval-windows", type=int, default=64, help="Evaluation windows of --seqlen tokens.")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+
+def build_config(args):
+    """PruningConfig from --config plus the flags given explicitly."""
+    from optimum_prune.configuration import PruningConfig
+    from optimum_prune.errors import PruningError
+
+    base = PruningConfig.from_json_file(args.config).to_dict() if args.config else {}
+    for key in ("format_version", "optimum_prune_version"):
+        base.pop(key, None)
+    for flag, field in _CONFIG_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            base[field] = value
+    if args.pattern is not None and args.sparsity is None and args.config:
+        base.pop("sparsity", None)  # a new pattern brings its own default sparsity
+    if args.one_pass:
+        base["sequential"] = False
+    if args.method_kwargs is not None:
+        try:
+            kwargs = json.loads(args.method_kwargs)
+        except json.JSONDecodeError as err:
+            raise PruningError(f"--method-kwargs must be a JSON object ({err}), e.g. '{{\"blocksize\": 64}}'.") from None
+        base["method_kwargs"] = kwargs
+    return PruningConfig.from_dict(base)
+
+
+def run_prune(args) -> int:
+    from optimum_prune.errors import PruningError
+
+    try:
+        return _run(args)
+    except PruningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    import time
+
+    from optimum_prune.errors import PruningError
+    from optimum_prune.evaluation import perplexity
+    from optimum_prune.pruner import Pruner, ensure_output_dir, load_model, save_pruned
+
+    config = build_config(args)
+    ensure_output_dir(args.output, args.overwrite)
+    if args.eval_windows < 1:
+        raise PruningError("--eval-windows must be at least 1.")
+    eval_data = args.eval_dataset
+    if args.eval and eval_data is None:
+        if config.dataset == "packaged:wiki-leads":
+            eval_data = "packaged:wiki-leads-eval"
+        else:
+            raise PruningError("--eval needs --eval-dataset (held-out text: a local file, or packaged:wiki-leads-eval).")
+    pruner = Pruner(config)
+    if pruner.method.needs_calibration and config.dataset is None:
+        raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
+    progress = not args.no_progress
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    results = {}
+    if args.eval:
+        results["perplexity_before"] = perplexity(
+            model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
+        )
+        print(f"perplexity before: {results['perplexity_before']:.3f}", flush=True)
+    start = time.perf_counter()
+    pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress)
+    results["prune_seconds"] = time.perf_counter() - start
+    results["sparsity"] = pruner.report.overall_sparsity
+    print(
+        f"pruned {len(pruner.report.sparsity)} Linears with {config.method} ({config.pattern}) to sparsity "
+        f"{results['sparsity']:.4f} in {results['prune_seconds']:.1f}s",
+        flush=True,
+    )
+    if args.eval:
+        results["perplexity_after"] = perplexity(
+            model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
+        )
+        results["eval"] = {"dataset": eval_data, "seqlen": config.seqlen, "max_windows": args.eval_windows}
+        print(f"perplexity after: {results['perplexity_after']:.3f}", flush=True)
+    extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
+    out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra)
+    print(f"saved to {out}", flush=True)
+    return 0
+
+
+class PruneCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="prune", help="Prune a causal language model (magnitude, Wanda, SparseGPT, ...).")
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser):
+        add_prune_arguments(parser)
+
+    def run(self):
+        code = run_prune(self.args)
+        if code:
+            sys.exit(code)
+
+
+def main(argv=None) -> int:
+    """Entry point of ``optimum-prune`` and ``python -m optimum_prune.commands`` (same flags as ``optimum-cli prune``)."""
+    parser = argparse.ArgumentParser(prog="optimum-prune", description=PruneCommand.COMMAND.help)
+    add_prune_arguments(parser)
+    return run_prune(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
