@@ -1,7 +1,7 @@
 """Calibration data: from whatever the user has to ``n`` token windows of ``seqlen`` tokens.
 
 Accepted sources: a list of strings; a ``datasets.Dataset`` (a text column, or ``input_ids``); a
-tensor of token ids; a local ``.txt`` / ``.json`` / ``.jsonl`` file (read through ``datasets``);
+1-D tensor of token ids (a stream) or a 2-D one (windows, used as they are); a local ``.txt`` / ``.json`` / ``.jsonl`` file (read through ``datasets``);
 ``packaged:wiki-leads``; or a dataset name on the hub (with config and split).
 The texts are joined with a blank line, tokenized once without special tokens, and ``n`` windows
 start at positions drawn with a seeded generator.
@@ -109,7 +109,17 @@ def calibration_windows(
     split: str = "train",
     text_column: str = "text",
 ) -> torch.Tensor:
-    """``num_samples`` x ``seqlen`` token windows at seeded random positions of the joined data."""
+    """``num_samples`` x ``seqlen`` token windows at seeded random positions of the joined data.
+
+    A 2-D tensor of token ids is taken as ready-made windows and returned unchanged.
+    """
+    if isinstance(data, torch.Tensor) and data.dim() == 2:
+        if data.shape[1] != seqlen or data.shape[0] == 0:
+            raise PruningError(
+                f"Calibration windows of shape {tuple(data.shape)} do not match seqlen={seqlen}; "
+                f"pass (n, {seqlen}) token ids or a 1-D token stream."
+            )
+        return data.long()
     source = load_calibration_source(data, dataset_config=dataset_config, split=split, text_column=text_column)
     if isinstance(source, torch.Tensor):
         ids = source

@@ -82,38 +82,55 @@ def _execution_device(layer: nn.Module, fallback: torch.device) -> torch.device:
 
 @contextlib.contextmanager
 def _onloaded(layer: nn.Module, device: torch.device):
-    """Weights of ``layer`` materialised on ``device`` for the duration of the block."""
-    from accelerate.utils import align_module_device
+    """Weights of ``layer`` on ``device`` for the duration of the block.
 
-    with contextlib.ExitStack() as stack:
-        for module in layer.modules():
-            if _offload_hook(module) is not None:
-                stack.enter_context(align_module_device(module, device))
-        moved = {}
-        for name, param in layer.named_parameters():
-            if param.device != device and param.device.type != "meta":
-                moved[name] = param.device
-        if moved:
-            layer.to(device)
-        try:
-            yield
-        finally:
-            if moved:
-                layer.to(next(iter(moved.values())))
+    Modules offloaded by accelerate (CPU or disk) are left to their hooks, which load the weights
+    from the offload store for every forward; everything else is moved and moved back.
+    """
+    moved = [
+        module
+        for module in layer.modules()
+        if _offload_hook(module) is None
+        and any(p.device != device and p.device.type != "meta" for p in module.parameters(recurse=False))
+    ]
+    homes = [next(module.parameters(recurse=False)).device for module in moved]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(moved, homes):
+            module.to(home)
+
+
+def _offload_store(module: nn.Module):
+    """(mapping, key prefix) of an accelerate-offloaded module's weights, or None."""
+    hook = _offload_hook(module)
+    if hook is None:
+        return None
+    weights_map = hook.weights_map
+    store = getattr(weights_map, "dataset", weights_map)
+    return getattr(store, "state_dict", store), getattr(weights_map, "prefix", "")
+
+
+def _read_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
+    offloaded = _offload_store(linear)
+    if offloaded is not None:
+        weights_map = _offload_hook(linear).weights_map
+        return weights_map["weight"].to(device=device, dtype=torch.float32)
+    return linear.weight.detach().to(device=device, dtype=torch.float32)
 
 
 def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor) -> None:
-    value = new.to(dtype=linear.weight.dtype).masked_fill(mask, 0)
-    hook = _offload_hook(linear)
-    if hook is not None:  # keep the offloaded copy in sync: it is what the next onload reads
-        weights_map = hook.weights_map
-        key = getattr(weights_map, "prefix", "") + "weight"
-        store = getattr(weights_map, "dataset", weights_map)
-        store = getattr(store, "state_dict", store)
-        old = store[key] if key in store else None
-        store[key] = value.to(old.device if isinstance(old, torch.Tensor) else "cpu")
-    with torch.no_grad():
-        linear.weight.data.copy_(value.to(linear.weight.device))
+    offloaded = _offload_store(linear)
+    dtype = linear.weight.dtype if offloaded is None else _offload_hook(linear).weights_map["weight"].dtype
+    value = new.to(dtype=dtype).masked_fill(mask, 0)
+    if offloaded is not None:  # the offload store is what the next forward loads
+        store, prefix = offloaded
+        store[prefix + "weight"] = value.to("cpu")
+    if linear.weight.device.type != "meta":
+        with torch.no_grad():
+            linear.weight.data.copy_(value.to(linear.weight.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +256,7 @@ class LayerwiseEngine:
                         )
                 else:
                     groups = [([name], None) for name in entry]
-                self._prune_groups(entry, groups, report)
+                self._prune_groups(entry, groups, report, device)
                 if needs_data and self.config.sequential:
                     outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             if needs_data:
@@ -282,7 +299,7 @@ class LayerwiseEngine:
                 outputs.append(_first_output(out).to(hidden.device))
         return outputs
 
-    def _prune_groups(self, entry, groups, report: PruneReport) -> None:
+    def _prune_groups(self, entry, groups, report: PruneReport, device: torch.device) -> None:
         for names, stats in groups:
             if stats is not None:
                 stats.check_finite(names[0])
@@ -291,7 +308,7 @@ class LayerwiseEngine:
                 by_target.setdefault(entry[name][1], []).append(name)
             for target, members in by_target.items():
                 linears = [entry[name][0] for name in members]
-                weights = [lin.weight.detach().to(torch.float32) for lin in linears]
+                weights = [_read_weight(lin, device) for lin in linears]
                 results = self.method.prune_linears(weights, stats, target)
                 for name, linear, result in zip(members, linears, results):
                     if not bool(torch.isfinite(result.weight).all()):

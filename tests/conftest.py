@@ -1,0 +1,75 @@
+"""Tiny random models and a tiny word-level tokenizer, built in code: no hub access."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+
+VOCAB = 256
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
+
+
+def tiny_config(arch: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    if arch == "opt":
+        kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                  word_embed_proj_dim=64, max_position_embeddings=256, enable_bias=True)
+        kw.update(overrides)
+        return transformers.OPTConfig(**kw)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[arch]
+    kw = dict(common, intermediate_size=128, num_key_value_heads=2)
+    if arch == "qwen3":
+        kw["head_dim"] = 16
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    return model.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+def make_texts(count: int = 40, words: int = 60, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    # a little structure (repeated phrases) so that a model could in principle learn something
+    return [" ".join(rng.choice(WORDS[: 50 + (i % 5) * 40]) for _ in range(words)) for i in range(count)]
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def texts():
+    return make_texts()
+
+
+@pytest.fixture
+def calib_ids():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, VOCAB, (4000,), generator=generator)

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from optimum_prune import PruningConfig, PruningError, available_methods
+from optimum_prune.configuration import CONFIG_NAME, FORMAT_VERSION
+
+
+def test_defaults_and_nm_sparsity():
+    cfg = PruningConfig()
+    assert (cfg.method, cfg.sparsity, cfg.pattern) == ("sparsegpt", 0.5, "unstructured")
+    assert PruningConfig(pattern="2:4").sparsity == 0.5
+    assert PruningConfig(pattern=" 1:4 ").sparsity == pytest.approx(0.75)
+    assert PruningConfig(pattern="1:4").pattern == "1:4"
+
+
+def test_round_trip_dict_json_and_folder(tmp_path):
+    cfg = PruningConfig(
+        method="wanda",
+        sparsity=0.6,
+        targets=["*.mlp.*"],
+        ignore=["re:.*down_proj"],
+        overrides={"*.layers.0.*": {"sparsity": 0.3}},
+        num_calibration_samples=16,
+        seqlen=128,
+        method_kwargs={"scope": "matrix"},
+        dataset="packaged:wiki-leads",
+    )
+    data = cfg.to_dict()
+    assert data["format_version"] == FORMAT_VERSION
+    assert PruningConfig.from_dict(json.loads(json.dumps(data))) == cfg
+    cfg.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).is_file()
+    assert PruningConfig.from_pretrained(tmp_path) == cfg
+    assert PruningConfig.from_pretrained(tmp_path / CONFIG_NAME) == cfg
+    assert cfg.method_options.scope == "matrix"
+
+
+def test_reads_pruning_config_from_model_config(tmp_path):
+    cfg = PruningConfig(method="magnitude", sparsity=0.25)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "pruning_config": cfg.to_dict()}))
+    assert PruningConfig.from_pretrained(tmp_path) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"method": "nope"}, "choose one of: magnitude, sparsegpt, wanda"),
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
+        ({"sparsity": "half"}, "must be a number"),
+        ({"pattern": "4:2"}, "0 < N < M"),
+        ({"pattern": "diagonal"}, "Unknown pattern"),
+        ({"pattern": "2:4", "sparsity": 0.7}, "always gives sparsity 0.5"),
+        ({"pattern": "structured"}, "does not support pattern structured"),
+        ({"method_kwargs": {"blocksz": 3}}, "options are: blocksize"),
+        ({"method": "magnitude", "method_kwargs": {"scope": "column"}}, "scope must be one of"),
+        ({"method_kwargs": {"blocksize": 0}}, "blocksize must be a positive integer"),
+        ({"num_calibration_samples": 0}, "num_calibration_samples must be an integer >= 1"),
+        ({"seqlen": 1.5}, "seqlen must be an integer"),
+        ({"dampening": -1}, "dampening must be a non-negative number"),
+        ({"targets": ["re:("]}, "invalid regular expression"),
+        ({"overrides": {"*.mlp.*": {"sparsity": 2}}}, "overrides['*.mlp.*']: sparsity must be in [0, 1)"),
+        ({"overrides": {"*.mlp.*": {"width": 2}}}, "must be a dict with 'sparsity' and/or 'pattern'"),
+    ],
+)
+def test_validation_errors_name_the_fix(kwargs, fragment):
+    with pytest.raises(PruningError) as info:
+        PruningConfig(**kwargs)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_from_dict_refuses_unknown_fields_and_newer_versions():
+    with pytest.raises(PruningError, match="Unknown pruning config field"):
+        PruningConfig.from_dict({"method": "wanda", "sparsiti": 0.5})
+    with pytest.raises(PruningError, match="upgrade optimum-prune"):
+        PruningConfig.from_dict({"method": "wanda", "format_version": FORMAT_VERSION + 1})
+
+
+def test_invalid_json_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(PruningError, match="not valid JSON"):
+        PruningConfig.from_json_file(path)
+
+
+def test_registry_lists_baselines():
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(available_methods())
