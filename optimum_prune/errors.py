@@ -7,3 +7,10 @@ Every check that can be blamed on the caller (configuration, data, model, output
 
 class PruningError(ValueError):
     """Invalid input to optimum-prune; the message names the fix."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or of its cause's), for one-line error reports."""
+    cause = err.__cause__ or err
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__

@@ -13,7 +13,7 @@ from torch import nn
 from .calibration.data import calibration_windows
 from .calibration.engine import LayerwiseEngine, PruneReport
 from .configuration import PruningConfig
-from .errors import PruningError
+from .errors import PruningError, first_line
 from .registry import get_method
 
 
@@ -31,9 +31,8 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
         model_id = resolve_packaged_model(model_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PruningError(f"Could not load model {model_id!r}: {first}") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise PruningError(f"Could not load model {model_id!r}: {first_line(err)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..assets import PACKAGED_PREFIX, packaged_texts
-from ..errors import PruningError
+from ..errors import PruningError, first_line
 
 
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}
@@ -58,19 +58,24 @@ def load_calibration_source(
         if os.path.isfile(data):
             if ext not in _LOCAL_BUILDERS:
                 raise PruningError(f"Calibration file {data} must be .txt, .json or .jsonl.")
-            if ext == ".txt":
-                dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
-            else:
-                dataset = datasets.load_dataset("json", data_files=data, split="train")
+            if os.path.getsize(data) == 0:
+                raise PruningError(f"The calibration data is empty: {data} has no content.")
+            try:
+                if ext == ".txt":
+                    dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
+                else:
+                    dataset = datasets.load_dataset("json", data_files=data, split="train")
+            except Exception as err:  # malformed file: one line naming it
+                raise PruningError(f"Could not read calibration file {data}: {first_line(err)}.") from None
             return _texts_from_dataset(dataset, text_column)
         if os.path.exists(data) or ext in _LOCAL_BUILDERS:
             raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
         try:
             dataset = datasets.load_dataset(data, dataset_config, split=split)
         except Exception as err:  # hub or network errors: one line naming the fix
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise PruningError(
-                f"Could not load calibration dataset {data!r} (config={dataset_config!r}, split={split!r}): {first}. "
+                f"Could not load calibration dataset {data!r} (config={dataset_config!r}, split={split!r}): "
+                f"{first_line(err)}. "
                 f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
             ) from None
         return _texts_from_dataset(dataset, text_column)

@@ -1,0 +1,151 @@
+"""`optimum-cli prune` in subprocesses: registration, end to end, and bad input (exit 2, nothing written)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import make_texts, make_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune.methods import satisfies_nm
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = shutil.which("optimum-cli")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    (root / "calib.txt").write_text("\n\n".join(make_texts(40)))
+    (root / "heldout.txt").write_text("\n\n".join(make_texts(20, seed=1)))
+    return root
+
+
+def test_optimum_cli_lists_prune():
+    assert CLI, "optimum-cli is not on PATH: install the package (pip install -e .)"
+    result = cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "prune" in result.stdout
+    assert "export" in result.stdout  # optimum's own commands still work
+
+
+def test_prune_end_to_end(assets):
+    out = assets / "out-2of4"
+    result = cli(
+        "prune", "--model", str(assets / "tiny-llama"), "--method", "sparsegpt", "--pattern", "2:4",
+        "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
+        "--method-kwargs", '{"blocksize": 16}', "--output", str(out), "--eval",
+        "--eval-dataset", str(assets / "heldout.txt"), "--eval-windows", "4",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "perplexity before" in result.stdout and "perplexity after" in result.stdout
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert results["sparsity"] == pytest.approx(0.5)
+    assert results["perplexity_after"] > 0
+    saved = json.loads((out / "pruning_config.json").read_text())
+    assert (saved["method"], saved["pattern"], saved["method_kwargs"]) == ("sparsegpt", "2:4", {"blocksize": 16})
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            assert satisfies_nm(module.weight, 2, 4), name
+
+    # the saved config reproduces the run through --config
+    again = cli("prune", "--model", str(assets / "tiny-llama"), "--config", str(out / "pruning_config.json"),
+                "--output", str(assets / "out-again"))
+    assert again.returncode == 0, again.stderr
+    reloaded = AutoModelForCausalLM.from_pretrained(assets / "out-again")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_python_module_entry_point(assets):
+    result = subprocess.run(
+        [sys.executable, "-m", "optimum_prune.commands", "--model", str(assets / "tiny-llama"), "--method", "magnitude",
+         "--sparsity", "0.3", "--output", str(assets / "out-magnitude")],
+        capture_output=True, text=True, timeout=240, env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (assets / "out-magnitude" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--method", "nope"], "Unknown pruning method 'nope'; choose one of"),
+        (["--method", "wanda", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+        (["--method", "wanda", "--pattern", "3:5"], "not a multiple of M=5"),
+        (["--method", "wanda", "--method-kwargs", "{bad"], "--method-kwargs must be a JSON object"),
+        (["--method", "wanda", "--dataset", "EMPTY"], "calibration data is empty"),
+        (["--method", "wanda", "--dataset", "SHORT"], "fewer than seqlen"),
+        (["--method", "wanda", "--no-dataset"], "needs calibration data: pass --dataset"),
+        (["--method", "wanda", "--model", "NOT_A_MODEL"], "Could not load model"),
+        (["--method", "wanda", "--output", "NONEMPTY"], "exists and is not empty"),
+        (["--method", "wanda", "--eval"], "--eval needs --eval-dataset"),
+    ],
+)
+def test_bad_input_exit_2_and_nothing_written(assets, tmp_path, extra, fragment):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "keep").write_text("x")
+    replace = {"EMPTY": tmp_path / "empty.txt", "SHORT": tmp_path / "short.txt", "NOT_A_MODEL": tmp_path / "not-a-model",
+               "NONEMPTY": nonempty}
+    args = {"--model": str(assets / "tiny-llama"), "--output": str(tmp_path / "out"),
+            "--dataset": str(assets / "calib.txt"), "--seqlen": "32", "--num-samples": "4"}
+    extra = [str(replace.get(a, a)) for a in extra]
+    if "--no-dataset" in extra:
+        extra.remove("--no-dataset")
+        del args["--dataset"]
+    for i in range(0, len(extra) - 1):
+        if extra[i] in args:
+            args[extra[i]] = extra.pop(i + 1)
+            extra.pop(i)
+            break
+    command = ["prune"] + [x for kv in args.items() for x in kv] + extra
+    result = cli(*command)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("error: "), result.stderr
+    assert fragment in message[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in nonempty.iterdir()) == ["keep"]
+
+
+def test_wheel_ships_the_registration_hook(tmp_path):
+    """The built wheel holds optimum/commands/register/register_prune.py and no __init__.py on the way
+    (optimum's namespace packages must stay open to other distributions)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), REPO],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = next(tmp_path.glob("optimum_prune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "optimum/commands/register/register_prune.py" in names
+    assert not [n for n in names if n.startswith("optimum/") and n.endswith("__init__.py")]
+    assert "optimum_prune/commands/prune.py" in names
+
+
+def test_registration_import_is_light():
+    """Importing the command module (what optimum-cli does at start-up) loads neither torch nor transformers."""
+    code = "import sys, optimum_prune.commands.prune; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False False", result.stderr
