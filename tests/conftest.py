@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import pytest
-import torch
-import transformers
+
+# Tests never reach a hub: set before transformers/datasets read their configuration.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 
 VOCAB = 256

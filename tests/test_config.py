@@ -45,7 +45,7 @@ def test_reads_pruning_config_from_model_config(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"method": "nope"}, "choose one of: magnitude, sparsegpt, wanda"),
+        ({"method": "nope"}, "choose one of: alps, magnitude, sparsegpt, wanda"),
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"sparsity": "half"}, "must be a number"),
@@ -86,4 +86,4 @@ def test_invalid_json_file(tmp_path):
 
 
 def test_registry_lists_baselines():
-    assert {"magnitude", "wanda", "sparsegpt"} <= set(available_methods())
+    assert {"magnitude", "wanda", "sparsegpt", "alps"} <= set(available_methods())

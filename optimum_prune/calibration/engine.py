@@ -137,17 +137,20 @@ def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor) -> N
 class _StatisticsCollector:
     """Forward hooks on a layer's target Linears; Linears fed the same tensor share one accumulator."""
 
-    def __init__(self, linears: dict[str, nn.Linear], kinds):
+    def __init__(self, linears: dict[str, nn.Linear], kinds, stop_when_done: bool = False):
         self.kinds = kinds
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.stats: list[InputStatistics] = []
         self._seen: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._updated: set[int] = set()
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        self._called: set[str] = set()
+        self._total = len(linears)
+        self._stop_when_done = stop_when_done
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0]
             if name in self.group_of:
                 index = self.group_of[name]
@@ -165,12 +168,17 @@ class _StatisticsCollector:
             if index not in self._updated:
                 self._updated.add(index)
                 self.stats[index].update(x)
+            self._called.add(name)
+            if self._stop_when_done and len(self._called) == self._total:
+                # every target has its input: the rest of the layer (this Linear included) is not needed
+                raise _StopForward
 
         return hook
 
     def next_batch(self):
         self._seen.clear()
         self._updated.clear()
+        self._called.clear()
 
     def remove(self):
         for handle in self._handles:
@@ -241,10 +249,15 @@ class LayerwiseEngine:
             entry = self.plan[index]
             device = self.device or _execution_device(layer, torch.device("cpu"))
             with _onloaded(layer, device):
+                if needs_data and not entry:  # nothing to prune here: one pass for the next layer's inputs
+                    inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+                    continue
                 if needs_data:
-                    collector = _StatisticsCollector({n: lin for n, (lin, _) in entry.items()}, self.method.statistics)
+                    keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
+                    linears = {n: lin for n, (lin, _) in entry.items()}
+                    collector = _StatisticsCollector(linears, self.method.statistics, stop_when_done=not keep)
                     try:
-                        outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=not self.config.sequential)
+                        outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
                     finally:
                         collector.remove()
                     groups = [(names, collector.stats[i]) for i, names in enumerate(collector.groups)]
@@ -292,7 +305,10 @@ class LayerwiseEngine:
     def _run_layer(self, layer, inputs, kwargs, device, collector, keep):
         outputs = []
         for hidden, kw in zip(inputs, kwargs):
-            out = layer(_to_device(hidden, device), **_to_device(kw, device))
+            try:
+                out = layer(_to_device(hidden, device), **_to_device(kw, device))
+            except _StopForward:
+                out = None  # statistics-only pass cut short after the last target Linear
             if collector is not None:
                 collector.next_batch()
             if keep:

@@ -1,5 +1,6 @@
 """Built-in pruning methods; importing this package registers them."""
 
+from .alps import ALPS
 from .base import PruneResult, PruningMethod
 from .magnitude import Magnitude
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
@@ -8,6 +9,7 @@ from .wanda import Wanda
 
 
 __all__ = [
+    "ALPS",
     "Magnitude",
     "PruneResult",
     "PruningMethod",

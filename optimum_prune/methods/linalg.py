@@ -50,3 +50,40 @@ def inverse_cholesky_upper(H: torch.Tensor, what: str = "Gram matrix") -> torch.
     L = robust_cholesky(H, what)
     Hinv = torch.cholesky_inverse(L)
     return robust_cholesky(Hinv, f"inverse of the {what}").T.contiguous()
+
+
+@torch.no_grad()
+def masked_least_squares(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    keep: torch.Tensor,
+    init: torch.Tensor | None = None,
+    iters: int = 10,
+) -> torch.Tensor:
+    """Refit the kept weights: ``min_X tr((W - X) H (W - X)^T)`` with ``X`` zero outside ``keep``.
+
+    Rows are independent least-squares problems restricted to their own support; all rows are
+    solved at once by conjugate gradients with the Jacobi (diagonal of ``H``) preconditioner,
+    starting from ``init`` (default: ``W`` masked). ``H`` should be damped (positive definite).
+    This is the one refit helper the methods share.
+    """
+    keep_f = keep.to(W.dtype)
+    X = (init if init is not None else W).mul(keep_f)
+    inv_diag = 1.0 / torch.diagonal(H).clamp_min(1e-12)
+    r = (W - X) @ H * keep_f  # minus half the gradient, on the support
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    tiny = torch.finfo(W.dtype).tiny
+    for _ in range(iters):
+        Ap = (p @ H) * keep_f
+        pAp = (p * Ap).sum(1, keepdim=True)
+        alpha = torch.where(pAp > tiny, rz / pAp.clamp_min(tiny), torch.zeros_like(pAp))
+        X.add_(alpha * p)
+        r.sub_(alpha * Ap)
+        z = r * inv_diag
+        rz_new = (r * z).sum(1, keepdim=True)
+        beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return X

@@ -7,6 +7,7 @@ removed. Lower scores are removed first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -72,6 +73,16 @@ def prune_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> torc
         flat = scores.reshape(-1)
         return _lowest_k_mask(flat, int(flat.numel() * target.sparsity), dim=0).reshape(scores.shape)
     raise PruningError(f"scope must be 'row' or 'matrix', got {scope!r}.")
+
+
+def stacked_prune_mask(
+    scores: torch.Tensor, target: Target, row_sizes: Sequence[int] | None = None, scope: str = "matrix"
+) -> torch.Tensor:
+    """``prune_mask`` for several matrices stacked along rows (Linears sharing an input), each
+    matrix keeping its own budget."""
+    if row_sizes is None or len(row_sizes) == 1 or scope == "row" or target.is_nm:
+        return prune_mask(scores, target, scope=scope)
+    return torch.cat([prune_mask(part, target, scope=scope) for part in scores.split(list(row_sizes), 0)], 0)
 
 
 def measured_sparsity(weight: torch.Tensor) -> float:

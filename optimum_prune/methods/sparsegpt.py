@@ -20,7 +20,7 @@ import torch
 from ..registry import register_method
 from .base import PruneResult, PruningMethod, check_positive_int
 from .linalg import inverse_cholesky_upper, prepare_hessian
-from .masks import Target, nm_prune_mask, prune_mask
+from .masks import Target, nm_prune_mask, stacked_prune_mask
 
 
 @dataclass
@@ -30,11 +30,6 @@ class SparseGPTOptions:
 
     def __post_init__(self):
         check_positive_int(self.blocksize, "sparsegpt option blocksize")
-
-
-def _block_prune_mask(scores: torch.Tensor, target: Target, row_sizes: Sequence[int]) -> torch.Tensor:
-    """Unstructured mask of one column block, the budget taken separately within each matrix."""
-    return torch.cat([prune_mask(part, target, scope="matrix") for part in scores.split(list(row_sizes), 0)], 0)
 
 
 @torch.no_grad()
@@ -58,7 +53,7 @@ def sparsegpt_solve(
         d = torch.diagonal(U1)
         err = torch.zeros_like(W1)
         if nm is None:
-            M1 = _block_prune_mask(W1.square() / d.square(), target, row_sizes)
+            M1 = stacked_prune_mask(W1.square() / d.square(), target, row_sizes)
         else:
             M1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):

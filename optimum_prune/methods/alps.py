@@ -1,0 +1,120 @@
+"""ALPS (Meng et al., 2024): ADMM on the cardinality-constrained layer problem, then a PCG refit.
+
+Per group of Linears sharing an input, in the coordinates where the damped Gram matrix has a unit
+diagonal (``Wn = W diag(s)``, ``Hn = diag(s)^-1 H diag(s)^-1``, ``s = sqrt(diag H)``), so that the
+projection's magnitude criterion is Wanda's ``|W_ij| ||X_j||`` and one ``rho`` suits every layer:
+
+    minimise  tr((Wn - W') Hn (Wn - W')^T)   subject to  W' = D,  D in the sparsity pattern
+
+    W' <- (Wn Hn + rho D - V) (Hn + rho I)^-1      a rescale in the eigenbasis of Hn (one eigh)
+    D  <- top-k of |W' + V / rho| under the pattern (per row / per matrix / per N:M group)
+    V  <- V + rho (W' - D)
+
+``rho`` grows every ``update_every`` iterations, faster while the support still changes
+(x1.3 / x1.2 / x1.1); the loop stops when the support has been stable for two checks or after
+``max_iter``. The kept weights are then refitted by preconditioned conjugate gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..registry import register_method
+from .base import PruneResult, PruningMethod, check_choice, check_positive_int
+from .linalg import masked_least_squares, prepare_hessian
+from .masks import Target, stacked_prune_mask
+
+
+@dataclass
+class ALPSOptions:
+    #: initial ADMM penalty, relative to the unit-diagonal Gram matrix
+    rho0: float = 0.1
+    #: ADMM iterations at most
+    max_iter: int = 300
+    #: iterations between rho updates / support-stability checks
+    update_every: int = 3
+    #: conjugate-gradient iterations of the final refit (0: no refit)
+    pcg_iters: int = 10
+    #: initial support: "wanda" (|W| ||X_j||) or "magnitude"
+    warm_start: str = "wanda"
+    #: unstructured budget per output "row" or per "matrix"
+    scope: str = "row"
+
+    def __post_init__(self):
+        if isinstance(self.rho0, bool) or not isinstance(self.rho0, (int, float)) or not self.rho0 > 0:
+            raise_bad("rho0", self.rho0, "a positive number")
+        check_positive_int(self.max_iter, "alps option max_iter")
+        check_positive_int(self.update_every, "alps option update_every")
+        if isinstance(self.pcg_iters, bool) or not isinstance(self.pcg_iters, int) or self.pcg_iters < 0:
+            raise_bad("pcg_iters", self.pcg_iters, "an integer >= 0")
+        check_choice(self.warm_start, "alps option warm_start", ("wanda", "magnitude"))
+        check_choice(self.scope, "alps option scope", ("row", "matrix"))
+
+
+def raise_bad(name, value, what):
+    from ..errors import PruningError
+
+    raise PruningError(f"alps option {name} must be {what}, got {value!r}.")
+
+
+@torch.no_grad()
+def alps_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    target: Target,
+    options: ALPSOptions,
+    row_sizes: Sequence[int] | None = None,
+    history: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask)."""
+    s = torch.diagonal(H).clamp_min(1e-12).sqrt()
+    Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
+    Wn = W * s.unsqueeze(0)
+    evals, Q = torch.linalg.eigh(Hn.double())
+    evals, Q = evals.clamp_min(0).to(W.dtype), Q.to(W.dtype)
+    WHQ = (Wn @ Q) * evals  # Wn Hn Q, fixed
+
+    def project(Z):
+        return stacked_prune_mask(Z.abs(), target, row_sizes, scope=options.scope)
+
+    prune = project(Wn if options.warm_start == "wanda" else W)
+    D = Wn.masked_fill(prune, 0.0)
+    V = torch.zeros_like(Wn)
+    rho = float(options.rho0)
+    budget = max(int(prune.sum()), 1)
+    last, stable = prune, 0
+    for it in range(1, options.max_iter + 1):
+        Wp = (WHQ + (rho * D - V) @ Q).div_(evals + rho) @ Q.T
+        Z = Wp + V / rho
+        prune = project(Z)
+        D = Z.masked_fill(prune, 0.0)
+        V.add_(Wp - D, alpha=rho)
+        if it % options.update_every == 0:
+            changed = int((prune ^ last).sum())
+            last = prune
+            if history is not None:
+                history.append({"iteration": it, "rho": rho, "support_changes": changed})
+            stable = stable + 1 if changed == 0 else 0
+            if stable >= 2:
+                break
+            fraction = changed / budget
+            rho *= 1.3 if fraction > 0.1 else 1.2 if fraction > 0.005 else 1.1
+    keep = ~prune
+    if options.pcg_iters:
+        D = masked_least_squares(Wn, Hn, keep, init=D, iters=options.pcg_iters)
+    return (D / s.unsqueeze(0)).masked_fill_(prune, 0.0), prune
+
+
+@register_method("alps")
+class ALPS(PruningMethod):
+    Options = ALPSOptions
+    statistics = frozenset({"gram"})
+
+    def prune_linears(self, weights, stats, target):
+        row_sizes = [w.shape[0] for w in weights]
+        H, W = prepare_hessian(stats.gram, torch.cat(list(weights), 0), self.dampening)
+        W, mask = alps_solve(W, H, target, self.options, row_sizes)
+        return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
