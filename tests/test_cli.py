@@ -149,3 +149,17 @@ def test_registration_import_is_light():
     code = "import sys, optimum_prune.commands.prune; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False False", result.stderr
+
+
+def test_alps_end_to_end(assets):
+    out = assets / "out-alps"
+    result = cli(
+        "prune", "--model", str(assets / "tiny-llama"), "--method", "alps", "--sparsity", "0.7",
+        "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
+        "--method-kwargs", '{"max_iter": 60}', "--output", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.7, abs=0.01)

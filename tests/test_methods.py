@@ -7,6 +7,7 @@ import torch
 from optimum_prune import PruningConfig, get_method
 from optimum_prune.calibration.statistics import InputStatistics
 from optimum_prune.configuration import SparsityPattern
+from optimum_prune.methods.masks import budget
 from optimum_prune.methods import Target, measured_sparsity, prune_mask, satisfies_nm
 from optimum_prune.methods.linalg import inverse_cholesky_upper, prepare_hessian
 from optimum_prune.methods.sparsegpt import sparsegpt_solve
@@ -48,13 +49,13 @@ def test_pattern_met_exactly(method, name):
     assert torch.equal(result.weight == 0, result.mask) or bool((result.weight[result.mask] == 0).all())
     rows, cols = W.shape
     per_row = method == "wanda" or target.is_nm  # wanda compares within rows; N:M is per row by nature
-    expected = rows * int(cols * target.sparsity) if per_row else int(W.numel() * target.sparsity)
+    expected = rows * budget(cols, target.sparsity) if per_row else budget(W.numel(), target.sparsity)
     assert int(result.mask.sum()) == expected
     assert measured_sparsity(result.weight) == pytest.approx(expected / W.numel())
     if target.is_nm:
         assert satisfies_nm(result.weight, 2, 4)
     if method == "wanda" and not target.is_nm:  # per-row comparison group
-        assert (result.mask.sum(1) == int(W.shape[1] * target.sparsity)).all()
+        assert (result.mask.sum(1) == budget(W.shape[1], target.sparsity)).all()
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -111,7 +112,7 @@ def test_sparsegpt_group_solve_equals_separate_solves():
             alone = method.prune_linears([part], stats, target)[0]
             assert torch.equal(alone.mask, joint.mask)
             torch.testing.assert_close(alone.weight, joint.weight, rtol=1e-4, atol=1e-5)
-            assert int(joint.mask.sum()) <= part.numel() * target.sparsity  # budget per matrix, not shared
+            assert int(joint.mask.sum()) <= budget(part.numel(), target.sparsity)  # budget per matrix, not shared
 
 
 def test_sparsegpt_dead_inputs_and_singular_gram_give_finite_weights():
@@ -132,5 +133,5 @@ def test_method_options_come_from_config():
 def test_masks_exact_with_ties():
     scores = torch.ones(3, 8)
     assert (prune_mask(scores, TARGETS["50%"]).sum(1) == 4).all()
-    assert int(prune_mask(scores, TARGETS["70%"], scope="matrix").sum()) == int(24 * 0.7)
+    assert int(prune_mask(scores, TARGETS["70%"], scope="matrix").sum()) == budget(24, 0.7)
     assert satisfies_nm(torch.where(prune_mask(scores, TARGETS["2:4"]), 0.0, 1.0), 2, 4)

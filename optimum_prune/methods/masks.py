@@ -19,8 +19,8 @@ from ..errors import PruningError
 class Target:
     """What one Linear must reach: a sparsity fraction under a pattern.
 
-    ``scope`` applies to unstructured targets: ``"row"`` removes ``floor(in * sparsity)`` weights of
-    every output row, ``"matrix"`` removes ``floor(numel * sparsity)`` weights anywhere in the matrix.
+    For unstructured targets, methods choose a scope: ``"row"`` removes ``round(in * sparsity)``
+    weights of every output row, ``"matrix"`` removes ``round(numel * sparsity)`` anywhere in it.
     """
 
     sparsity: float
@@ -54,6 +54,11 @@ def _lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return mask | (ties & (ties.cumsum(dim=dim) <= need))
 
 
+def budget(count: int, sparsity: float) -> int:
+    """How many of ``count`` weights a ``sparsity`` removes: the nearest whole number."""
+    return int(round(count * sparsity))
+
+
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every group of ``m`` consecutive inputs of each row, remove the ``m - n`` lowest scores."""
     rows, cols = scores.shape
@@ -68,10 +73,10 @@ def prune_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> torc
     if target.pattern.kind != "unstructured":
         raise PruningError(f"prune_mask handles unstructured and N:M targets, not {target.pattern}.")
     if scope == "row":
-        return _lowest_k_mask(scores, int(scores.shape[1] * target.sparsity), dim=1)
+        return _lowest_k_mask(scores, budget(scores.shape[1], target.sparsity), dim=1)
     if scope == "matrix":
         flat = scores.reshape(-1)
-        return _lowest_k_mask(flat, int(flat.numel() * target.sparsity), dim=0).reshape(scores.shape)
+        return _lowest_k_mask(flat, budget(flat.numel(), target.sparsity), dim=0).reshape(scores.shape)
     raise PruningError(f"scope must be 'row' or 'matrix', got {scope!r}.")
 
 
