@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from ..registry import register_method
-from .base import PruneResult, PruningMethod, check_choice, check_positive_int
-from .linalg import masked_least_squares, prepare_hessian
+from .base import GramSolverMethod, check_choice, check_positive_int
+from .linalg import masked_least_squares
 from .masks import Target, stacked_prune_mask
 
 
@@ -109,12 +109,8 @@ def alps_solve(
 
 
 @register_method("alps")
-class ALPS(PruningMethod):
+class ALPS(GramSolverMethod):
     Options = ALPSOptions
-    statistics = frozenset({"gram"})
 
-    def prune_linears(self, weights, stats, target):
-        row_sizes = [w.shape[0] for w in weights]
-        H, W = prepare_hessian(stats.gram, torch.cat(list(weights), 0), self.dampening)
-        W, mask = alps_solve(W, H, target, self.options, row_sizes)
-        return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
+    def solve(self, W, H, target, row_sizes):
+        return alps_solve(W, H, target, self.options, row_sizes)

@@ -15,6 +15,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..errors import PruningError
+from .linalg import prepare_hessian
 from .masks import Target
 
 
@@ -63,6 +64,23 @@ class PruningMethod:
         return [self.prune_weight(weight, stats, target) for weight in weights]
 
     def prune_weight(self, weight: torch.Tensor, stats, target: Target) -> PruneResult:
+        raise NotImplementedError
+
+
+class GramSolverMethod(PruningMethod):
+    """A method that solves Linears sharing an input as one tall matrix against the damped Gram
+    matrix ``H`` of that input (rows are independent given ``H``), each matrix keeping its budget."""
+
+    statistics = frozenset({"gram"})
+
+    def prune_linears(self, weights, stats, target):
+        row_sizes = [w.shape[0] for w in weights]
+        H, W = prepare_hessian(stats.gram, torch.cat(list(weights), 0), self.dampening)
+        W, mask = self.solve(W, H, target, row_sizes)
+        return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
+
+    def solve(self, W: torch.Tensor, H: torch.Tensor, target: Target, row_sizes: Sequence[int]):
+        """New weights and prune mask for the stacked ``W`` (float32, may be modified in place)."""
         raise NotImplementedError
 
 

@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 
 from ..registry import register_method
-from .base import PruneResult, PruningMethod, check_positive_int
-from .linalg import inverse_cholesky_upper, prepare_hessian
+from .base import GramSolverMethod, check_positive_int
+from .linalg import inverse_cholesky_upper
 from .masks import Target, nm_prune_mask, stacked_prune_mask
 
 
@@ -73,13 +73,8 @@ def sparsegpt_solve(
 
 
 @register_method("sparsegpt")
-class SparseGPT(PruningMethod):
+class SparseGPT(GramSolverMethod):
     Options = SparseGPTOptions
-    statistics = frozenset({"gram"})
 
-    def prune_linears(self, weights, stats, target):
-        row_sizes = [w.shape[0] for w in weights]
-        H, W = prepare_hessian(stats.gram, torch.cat(list(weights), 0), self.dampening)
-        U = inverse_cholesky_upper(H)
-        W, mask = sparsegpt_solve(W, U, target, self.options.blocksize, row_sizes)
-        return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
+    def solve(self, W, H, target, row_sizes):
+        return sparsegpt_solve(W, inverse_cholesky_upper(H), target, self.options.blocksize, row_sizes)
