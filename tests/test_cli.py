@@ -163,3 +163,15 @@ def test_alps_end_to_end(assets):
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.7, abs=0.01)
+
+
+def test_demo_defaults_and_overrides(monkeypatch):
+    from optimum_prune import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    demo.run(["--output", "elsewhere", "--method", "wanda"])
+    argv = seen["argv"]
+    assert argv.count("--output") == 1 and argv[argv.index("--output") + 1] == "elsewhere"
+    assert argv[argv.index("--method") + 1] == "wanda"
+    assert argv[argv.index("--model") + 1] == "packaged:smollm2-135m" and "--eval" in argv
