@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PruningError
+from .errors import PruningError, check_int
 
 
 CONFIG_NAME = "pruning_config.json"
@@ -98,12 +98,6 @@ def _check_patterns(value: Any, name: str) -> list[str]:
     return list(value)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PruningError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 @dataclass
 class PruningConfig:
     """Configuration of one prune.
@@ -173,10 +167,10 @@ class PruningConfig:
             self._check_supported(method_cls, sub, f"overrides[{key!r}]: ")
             resolve_sparsity(value.get("sparsity"), sub, f"overrides[{key!r}]: ")
 
-        _check_int(self.num_calibration_samples, "num_calibration_samples", 1)
-        _check_int(self.seqlen, "seqlen", 2)
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_int(self.seed, "seed", 0)
+        check_int(self.num_calibration_samples, "num_calibration_samples", 1)
+        check_int(self.seqlen, "seqlen", 2)
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.seed, "seed", 0)
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
             0.0 <= self.dampening < 1e3
         ):

@@ -14,3 +14,22 @@ def first_line(err: BaseException) -> str:
     cause = err.__cause__ or err
     text = str(cause).strip()
     return text.splitlines()[0] if text else type(cause).__name__
+
+
+def check_choice(value, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise PruningError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def check_positive_int(value, name: str) -> None:
+    check_int(value, name, minimum=1, what="a positive integer")
+
+
+def check_int(value, name: str, minimum: int = 0, what: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PruningError(f"{name} must be {what or f'an integer >= {minimum}'}, got {value!r}.")
+
+
+def check_positive_number(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PruningError(f"{name} must be a positive number, got {value!r}.")

@@ -114,11 +114,9 @@ def _offload_store(module: nn.Module):
 
 
 def _read_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
-    offloaded = _offload_store(linear)
-    if offloaded is not None:
-        weights_map = _offload_hook(linear).weights_map
-        return weights_map["weight"].to(device=device, dtype=torch.float32)
-    return linear.weight.detach().to(device=device, dtype=torch.float32)
+    hook = _offload_hook(linear)
+    weight = hook.weights_map["weight"] if hook is not None else linear.weight.detach()
+    return weight.to(device=device, dtype=torch.float32)
 
 
 def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor) -> None:

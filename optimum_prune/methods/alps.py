@@ -22,8 +22,9 @@ from typing import Sequence
 
 import torch
 
+from ..errors import check_choice, check_int, check_positive_int, check_positive_number
 from ..registry import register_method
-from .base import GramSolverMethod, check_choice, check_positive_int
+from .base import GramSolverMethod
 from .linalg import masked_least_squares
 from .masks import Target, stacked_prune_mask
 
@@ -44,20 +45,12 @@ class ALPSOptions:
     scope: str = "row"
 
     def __post_init__(self):
-        if isinstance(self.rho0, bool) or not isinstance(self.rho0, (int, float)) or not self.rho0 > 0:
-            raise_bad("rho0", self.rho0, "a positive number")
+        check_positive_number(self.rho0, "alps option rho0")
         check_positive_int(self.max_iter, "alps option max_iter")
         check_positive_int(self.update_every, "alps option update_every")
-        if isinstance(self.pcg_iters, bool) or not isinstance(self.pcg_iters, int) or self.pcg_iters < 0:
-            raise_bad("pcg_iters", self.pcg_iters, "an integer >= 0")
+        check_int(self.pcg_iters, "alps option pcg_iters", minimum=0)
         check_choice(self.warm_start, "alps option warm_start", ("wanda", "magnitude"))
         check_choice(self.scope, "alps option scope", ("row", "matrix"))
-
-
-def raise_bad(name, value, what):
-    from ..errors import PruningError
-
-    raise PruningError(f"alps option {name} must be {what}, got {value!r}.")
 
 
 @torch.no_grad()

@@ -82,13 +82,3 @@ class GramSolverMethod(PruningMethod):
     def solve(self, W: torch.Tensor, H: torch.Tensor, target: Target, row_sizes: Sequence[int]):
         """New weights and prune mask for the stacked ``W`` (float32, may be modified in place)."""
         raise NotImplementedError
-
-
-def check_choice(value, name: str, choices: tuple) -> None:
-    if value not in choices:
-        raise PruningError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
-
-
-def check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PruningError(f"{name} must be a positive integer, got {value!r}.")

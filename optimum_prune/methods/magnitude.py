@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import check_choice
 from ..registry import register_method
-from .base import PruneResult, PruningMethod, check_choice
+from .base import PruneResult, PruningMethod
 from .masks import prune_mask
 
 

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import torch
 
+from ..errors import check_positive_int
 from ..registry import register_method
-from .base import GramSolverMethod, check_positive_int
+from .base import GramSolverMethod
 from .linalg import inverse_cholesky_upper
 from .masks import Target, nm_prune_mask, stacked_prune_mask
 
