@@ -1,12 +1,17 @@
 """optimum-prune: one-shot pruning for Hugging Face causal language models.
 
-Importing the package is cheap: the public names load on first use, so that the optimum-cli
-registration hook can import the command without torch or transformers.
+The public names load on first use. Importing the package registers the model classes of
+heterogeneous pruned checkpoints with transformers' Auto classes (``optimum_prune.modeling``), so
+that ``AutoModelForCausalLM.from_pretrained`` loads them without ``trust_remote_code``. The one
+exception is the optimum-cli registration hook, which imports the package only to list the
+``prune`` command: it must stay free of torch and transformers (seconds on every optimum-cli
+call), and the command registers the classes itself when it runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 
@@ -40,6 +45,10 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'optimum_prune' has no attribute {name!r}")
+
+
+if "optimum.commands.register.register_prune" not in sys.modules:
+    from . import modeling  # noqa: E402,F401  (registers the Auto classes)
 
 
 if TYPE_CHECKING:  # pragma: no cover

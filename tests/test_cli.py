@@ -145,10 +145,22 @@ def test_wheel_ships_the_registration_hook(tmp_path):
 
 
 def test_registration_import_is_light():
-    """Importing the command module (what optimum-cli does at start-up) loads neither torch nor transformers."""
-    code = "import sys, optimum_prune.commands.prune; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    """The optimum-cli registration hook (imported by every optimum-cli call) loads neither torch nor transformers."""
+    code = (
+        "import sys, optimum.commands.register.register_prune as r; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules, len(r.REGISTER_COMMANDS))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.stdout.strip() == "False False", result.stderr
+    assert result.stdout.strip() == "False False 1", result.stderr
+
+
+def test_import_registers_pruned_classes():
+    code = (
+        "import optimum_prune; from transformers import AutoConfig; "
+        "print(AutoConfig.for_model('optimum_pruned_llama').__class__.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "PrunedLlamaConfig", result.stderr
 
 
 def test_alps_end_to_end(assets):

@@ -24,7 +24,11 @@ from ..configuration import PruningConfig, SparsityPattern, resolve_sparsity
 from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..methods.masks import Target
-from ..structure.layers import find_decoder_layers, first_match, select_target_linears
+from ..methods.structured import StructuredProblem
+from ..structure.budget import plan_removals
+from ..structure.groups import ChannelGroup, layer_groups
+from ..structure.layers import find_decoder_layers, first_match, matches, select_target_linears
+from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .statistics import InputStatistics
 
 
@@ -113,9 +117,9 @@ def _offload_store(module: nn.Module):
     return getattr(store, "state_dict", store), getattr(weights_map, "prefix", "")
 
 
-def _read_weight(linear: nn.Linear, device: torch.device) -> torch.Tensor:
+def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
     hook = _offload_hook(linear)
-    weight = hook.weights_map["weight"] if hook is not None else linear.weight.detach()
+    weight = hook.weights_map[name] if hook is not None else getattr(linear, name).detach()
     return weight.to(device=device, dtype=torch.float32)
 
 
@@ -129,6 +133,19 @@ def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor) -> N
     if linear.weight.device.type != "meta":
         with torch.no_grad():
             linear.weight.data.copy_(value.to(linear.weight.device))
+
+
+def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
+    """`replace_param` that also updates an accelerate offload store (structured shrinking)."""
+    offloaded = _offload_store(linear)
+    if offloaded is None:
+        replace_param(linear, name, value)
+        return
+    store, prefix = offloaded
+    old = getattr(linear, name)
+    dtype = _offload_hook(linear).weights_map[name].dtype
+    store[prefix + name] = value.to(device="cpu", dtype=dtype)
+    setattr(linear, name, nn.Parameter(torch.empty(value.shape, dtype=old.dtype, device=old.device), requires_grad=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +222,8 @@ class LayerwiseEngine:
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
         self.prefix, self.layers = find_decoder_layers(model)
+        self.pattern = config.parsed_pattern
+        self.structured = self.pattern.kind == "structured"
         self.plan = self._build_plan()
 
     # ------------------------------------------------------------------ planning
@@ -214,22 +233,63 @@ class LayerwiseEngine:
         sparsity = override.get("sparsity", self.config.sparsity if "pattern" not in override else None)
         return Target(resolve_sparsity(sparsity, pattern, f"overrides for {name}: "), pattern)
 
-    def _build_plan(self) -> list[dict[str, tuple[nn.Linear, Target]]]:
+    def _build_plan(self) -> list[dict]:
         plan = []
         for index, layer in enumerate(self.layers):
-            linears = select_target_linears(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
+            layer_name = f"{self.prefix}.{index}"
+            if self.structured:
+                plan.append(self._structured_entry(layer, layer_name, index))
+                continue
+            linears = select_target_linears(layer, layer_name, self.config.targets, self.config.ignore)
             entry = {}
             for name, linear in linears.items():
                 target = self._target_for(name)
                 target.check_width(linear.in_features, name)
                 entry[name] = (linear, target)
             plan.append(entry)
-        if not any(plan):
+        if not any(self._active(entry) for entry in plan):
             raise PruningError(
-                f"No Linear inside the decoder layers ({self.prefix}.N) matches targets={self.config.targets} "
-                f"ignore={self.config.ignore}; widen targets or shorten ignore."
+                f"No {'channel group' if self.structured else 'Linear'} inside the decoder layers ({self.prefix}.N) "
+                f"matches targets={self.config.targets} ignore={self.config.ignore} with a non-zero sparsity; "
+                f"widen targets, shorten ignore or raise the sparsity."
             )
         return plan
+
+    def _structured_entry(self, layer, layer_name: str, index: int) -> dict[str, tuple[ChannelGroup, int]]:
+        """Channel groups of one layer with the number of units each removes (possibly 0)."""
+        groups = layer_groups(self.model, layer, layer_name, index)
+        cfg = self.config
+        excluded, fixed = set(), {}
+        for group in groups:
+            names = [group.name, *group.member_names]
+            if (cfg.targets and not any(matches(n, cfg.targets) for n in names)) or any(
+                matches(n, cfg.ignore) for n in names
+            ):
+                excluded.add(group.name)
+            elif (override := first_match(group.name, cfg.overrides)) is not None:
+                fixed[group.name] = resolve_sparsity(override.get("sparsity"), self.pattern, f"overrides[{group.name}]: ")
+        layer_override = first_match(layer_name, cfg.overrides) or {}
+        sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
+        removals = plan_removals(groups, sparsity, fixed, excluded)
+        return {g.name: (g, removals[g.name]) for g in groups}
+
+    @staticmethod
+    def _active(entry) -> bool:
+        """Whether a layer's plan prunes anything (structured groups may remove 0 units)."""
+        return any(not isinstance(item, ChannelGroup) or remove > 0 for item, remove in entry.values())
+
+    @staticmethod
+    def _hooked_linears(entry) -> dict[str, nn.Linear]:
+        linears = {}
+        for name, (item, remove) in entry.items():
+            if isinstance(item, ChannelGroup):
+                if remove == 0:
+                    continue
+                linears.update({p.name: p.linear for p in item.producers})
+                linears[item.consumer_name] = item.consumer
+            else:
+                linears[name] = item
+        return linears
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -247,32 +307,38 @@ class LayerwiseEngine:
             entry = self.plan[index]
             device = self.device or _execution_device(layer, torch.device("cpu"))
             with _onloaded(layer, device):
-                if needs_data and not entry:  # nothing to prune here: one pass for the next layer's inputs
+                if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
                     inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
                     continue
+                stats = {}
                 if needs_data:
                     keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
-                    linears = {n: lin for n, (lin, _) in entry.items()}
+                    linears = self._hooked_linears(entry)
                     collector = _StatisticsCollector(linears, self.method.statistics, stop_when_done=not keep)
                     try:
                         outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
                     finally:
                         collector.remove()
-                    groups = [(names, collector.stats[i]) for i, names in enumerate(collector.groups)]
-                    missing = set(entry) - set(collector.group_of)
+                    missing = set(linears) - set(collector.group_of)
                     if missing:
                         raise PruningError(
                             f"{', '.join(sorted(missing))} received no input during calibration (unused by the layer's "
                             f"forward); add them to ignore."
                         )
+                    stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
+                    for i, names in enumerate(collector.groups):
+                        collector.stats[i].check_finite(names[0])
+                if self.structured:
+                    self._prune_structured(entry, stats, report, device)
                 else:
-                    groups = [([name], None) for name in entry]
-                self._prune_groups(entry, groups, report, device)
+                    self._prune_linears(entry, stats, report, device)
                 if needs_data and self.config.sequential:
                     outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             if needs_data:
                 inputs = outputs
             bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
+        if self.structured:
+            describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -313,27 +379,60 @@ class LayerwiseEngine:
                 outputs.append(_first_output(out).to(hidden.device))
         return outputs
 
-    def _prune_groups(self, entry, groups, report: PruneReport, device: torch.device) -> None:
-        for names, stats in groups:
-            if stats is not None:
-                stats.check_finite(names[0])
-            by_target: dict[Target, list[str]] = {}
-            for name in names:
-                by_target.setdefault(entry[name][1], []).append(name)
-            for target, members in by_target.items():
-                linears = [entry[name][0] for name in members]
-                weights = [_read_weight(lin, device) for lin in linears]
-                results = self.method.prune_linears(weights, stats, target)
-                for name, linear, result in zip(members, linears, results):
-                    if not bool(torch.isfinite(result.weight).all()):
-                        raise FloatingPointError(
-                            f"{self.method.name} produced non-finite weights for {name}; raise `dampening`."
-                        )
-                    _write_weight(linear, result.weight, result.mask)
-                    pruned = int(result.mask.sum())
-                    report.sparsity[name] = pruned / result.mask.numel()
-                    report.pruned_params += pruned
-                    report.total_params += result.mask.numel()
+    def _prune_linears(self, entry, stats: dict, report: PruneReport, device: torch.device) -> None:
+        # Linears that read the same tensor (same statistics object) and share a target are solved together
+        batches: dict[tuple[int, Target], list[str]] = {}
+        for name, (_, target) in entry.items():
+            batches.setdefault((id(stats.get(name, name)), target), []).append(name)
+        for (_, target), members in batches.items():
+            linears = [entry[name][0] for name in members]
+            weights = [_read_weight(lin, device) for lin in linears]
+            results = self.method.prune_linears(weights, stats.get(members[0]), target)
+            for name, linear, result in zip(members, linears, results):
+                _check_finite_result(self.method.name, name, result.weight)
+                _write_weight(linear, result.weight, result.mask)
+                pruned = int(result.mask.sum())
+                report.sparsity[name] = pruned / result.mask.numel()
+                report.pruned_params += pruned
+                report.total_params += result.mask.numel()
+
+    def _prune_structured(self, entry, stats: dict, report: PruneReport, device: torch.device) -> None:
+        for name, (group, remove) in entry.items():
+            if remove == 0:
+                report.sparsity[name] = 0.0
+                report.total_params += group.params
+                continue
+            weights = {p.name: _read_weight(p.linear, device) for p in group.producers}
+            weights[group.consumer_name] = _read_weight(group.consumer, device)
+            for p in group.producers:
+                if p.linear.bias is not None:
+                    weights[p.name + ".bias"] = _read_weight(p.linear, device, "bias")
+            problem = StructuredProblem(
+                kind=group.kind,
+                units=group.units,
+                producers=[weights[p.name] for p in group.producers],
+                rows_per_unit=[p.rows_per_unit for p in group.producers],
+                consumer=weights[group.consumer_name],
+                cols_per_unit=group.cols_per_unit,
+                producer_stats=stats.get(group.producers[0].name),
+                consumer_stats=stats.get(group.consumer_name),
+            )
+            before = group.params
+            result = self.method.prune_structured(problem, remove)
+            if result.keep.numel() != group.units - remove:
+                raise RuntimeError(f"{self.method.name} kept {result.keep.numel()} units of {name}, "
+                                   f"expected {group.units - remove}")
+            if result.consumer_weight is not None:
+                _check_finite_result(self.method.name, group.consumer_name, result.consumer_weight)
+            shrink_group(group, result.keep, weights, result.consumer_weight, set_param=_set_param)
+            report.sparsity[name] = 1.0 - group.params / before
+            report.pruned_params += before - group.params
+            report.total_params += before
+
+
+def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:
+    if not bool(torch.isfinite(weight).all()):
+        raise FloatingPointError(f"{method} produced non-finite weights for {name}; raise `dampening`.")
 
 
 def _input_device(model: nn.Module) -> torch.device:

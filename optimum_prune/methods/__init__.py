@@ -2,20 +2,24 @@
 
 from .alps import ALPS
 from .base import PruneResult, PruningMethod
+from .fasp import FASP
 from .magnitude import Magnitude
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
+from .wanda_sp import WandaSP
 
 
 __all__ = [
     "ALPS",
+    "FASP",
     "Magnitude",
     "PruneResult",
     "PruningMethod",
     "SparseGPT",
     "Target",
     "Wanda",
+    "WandaSP",
     "measured_sparsity",
     "nm_prune_mask",
     "prune_mask",

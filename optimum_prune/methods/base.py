@@ -17,6 +17,7 @@ import torch
 from ..errors import PruningError
 from .linalg import prepare_hessian
 from .masks import Target
+from .structured import StructuredProblem, StructuredResult, keep_top
 
 
 @dataclass
@@ -65,6 +66,21 @@ class PruningMethod:
 
     def prune_weight(self, weight: torch.Tensor, stats, target: Target) -> PruneResult:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ structured
+    def prune_structured(self, problem: StructuredProblem, remove: int) -> StructuredResult:
+        """Remove ``remove`` units of one channel group. Default: drop the lowest `unit_scores`,
+        then let `restore` re-fit the consumer on the kept units."""
+        keep = keep_top(self.unit_scores(problem), remove)
+        return StructuredResult(keep, self.restore(problem, keep))
+
+    def unit_scores(self, problem: StructuredProblem) -> torch.Tensor:
+        """Importance of every unit (higher is kept)."""
+        raise NotImplementedError(f"Method {self.name!r} has no structured variant.")
+
+    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
+        """New consumer weight on the kept units' columns, or None to keep the sliced weight."""
+        return None
 
 
 class GramSolverMethod(PruningMethod):

@@ -87,3 +87,18 @@ def masked_least_squares(
         p = z + beta * p
         rz = rz_new
     return X
+
+
+@torch.no_grad()
+def restore_columns(W: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Least-squares re-fit of a consumer after its input columns outside ``keep_cols`` are removed.
+
+    ``min_X ||X Z_S - W Z||^2`` over the calibration inputs ``Z`` gives ``X = W H[:, S] H[S, S]^-1``
+    with ``H = Z Z^T / n`` (damped as everywhere else, which shrinks ``X`` towards ``W[:, S]``).
+    Every row shares the support, so one Cholesky factor serves all rows: exact, not iterative.
+    """
+    H, W = prepare_hessian(gram, W, dampening)
+    keep_cols = keep_cols.to(device=H.device, dtype=torch.long)
+    L = robust_cholesky(H.index_select(0, keep_cols).index_select(1, keep_cols), "Gram matrix of the kept inputs")
+    rhs = (W @ H.index_select(1, keep_cols)).T  # |S| x out
+    return torch.cholesky_solve(rhs, L).T.contiguous()

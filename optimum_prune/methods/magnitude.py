@@ -1,4 +1,8 @@
-"""Magnitude pruning: remove the smallest ``|W_ij|``. Needs no calibration data."""
+"""Magnitude pruning: remove the smallest ``|W_ij|``. Needs no calibration data.
+
+Structured: a unit's score is the l1 mass of everything that goes with it (its producer rows and
+consumer columns).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from ..errors import check_choice
 from ..registry import register_method
 from .base import PruneResult, PruningMethod
 from .masks import prune_mask
+from .structured import column_scores, row_scores
 
 
 @dataclass
@@ -23,7 +28,11 @@ class MagnitudeOptions:
 @register_method("magnitude")
 class Magnitude(PruningMethod):
     Options = MagnitudeOptions
+    supported_patterns = ("unstructured", "n:m", "structured")
 
     def prune_weight(self, weight, stats, target):
         mask = prune_mask(weight.abs(), target, scope=self.options.scope)
         return PruneResult(weight.masked_fill(mask, 0.0), mask)
+
+    def unit_scores(self, problem):
+        return row_scores(problem) + column_scores(problem)

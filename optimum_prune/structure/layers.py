@@ -41,7 +41,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _matches(name: str, patterns) -> bool:
+def matches(name: str, patterns) -> bool:
+    """Whether ``name`` matches any of ``patterns`` (fnmatch globs or ``re:`` regexes)."""
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], name):
@@ -54,7 +55,7 @@ def _matches(name: str, patterns) -> bool:
 def first_match(name: str, table: dict):
     """The value of the first key of ``table`` (a module-name pattern) that matches ``name``."""
     for pattern, value in table.items():
-        if _matches(name, [pattern]):
+        if matches(name, [pattern]):
             return value
     return None
 
@@ -66,9 +67,9 @@ def select_target_linears(layer: nn.Module, layer_prefix: str, targets, ignore) 
         if not isinstance(module, nn.Linear):
             continue
         full = f"{layer_prefix}.{sub_name}"
-        if targets and not _matches(full, targets):
+        if targets and not matches(full, targets):
             continue
-        if ignore and _matches(full, ignore):
+        if ignore and matches(full, ignore):
             continue
         selected[full] = module
     return selected

@@ -1,0 +1,47 @@
+"""FASP (fast and accurate structured pruning): interlinked channels, Wanda-like score, restoration.
+
+Unit ``j`` of a channel group is removed everywhere at once (its producer rows and consumer
+columns). The score looks only at the consumer: ``||Z_j|| * sum_i |W_ij|`` with ``Z`` the
+consumer's input, i.e. how much the consumer's output depends on that channel. Restoration then
+re-fits the consumer on the kept channels by least squares against the dense output:
+``W~ = W H[:, S] H[S, S]^-1`` with ``H`` the Gram matrix of ``Z`` (`linalg.restore_columns`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PruningError
+from ..registry import register_method
+from .base import PruningMethod
+from .linalg import restore_columns
+from .structured import column_scores, unit_indices
+
+
+@dataclass
+class FASPOptions:
+    #: Re-fit the consuming matrix (down_proj / o_proj / fc2) on the kept channels by least squares.
+    restore: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.restore, bool):
+            raise PruningError(f"fasp option restore must be true or false, got {self.restore!r}.")
+
+
+@register_method("fasp")
+class FASP(PruningMethod):
+    Options = FASPOptions
+    supported_patterns = ("structured",)
+
+    @property
+    def statistics(self):
+        return frozenset({"gram"}) if self.options.restore else frozenset({"sq_norm"})
+
+    def unit_scores(self, problem):
+        return column_scores(problem, problem.consumer_stats.input_norm)
+
+    def restore(self, problem, keep):
+        if not self.options.restore:
+            return None
+        cols = unit_indices(keep, problem.cols_per_unit)
+        return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, self.dampening)

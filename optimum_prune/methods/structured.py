@@ -1,0 +1,68 @@
+"""The structured side of the method interface: one channel group in, kept units out.
+
+The engine hands a method a `StructuredProblem`: the float32 weights of the Linears that produce
+an intermediate dimension (rows, ``rows_per_unit`` per unit), the weight of the Linear that
+consumes it (columns, ``cols_per_unit`` per unit), the input statistics of both, and how many
+units to remove. The method returns the units to keep and, optionally, a new consumer weight on
+the kept columns (a restoration). It never sees modules, hooks or devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+
+@dataclass
+class StructuredProblem:
+    kind: str  # "mlp" | "attention"
+    units: int
+    producers: list[torch.Tensor]  # weights (out x in), rows_per_unit[i] consecutive rows per unit
+    rows_per_unit: list[int]
+    consumer: torch.Tensor  # out x (units * cols_per_unit)
+    cols_per_unit: int
+    producer_stats: object | None = None  # statistics of the producers' (shared) input
+    consumer_stats: object | None = None  # statistics of the consumer's input
+
+
+@dataclass
+class StructuredResult:
+    keep: torch.Tensor  # sorted indices of the kept units
+    consumer_weight: torch.Tensor | None = None  # out x (kept * cols_per_unit), or None to slice
+
+
+def per_unit(values: torch.Tensor, per: int) -> torch.Tensor:
+    """Sum a per-row (or per-column) vector over the ``per`` consecutive entries of each unit."""
+    return values.reshape(-1, per).sum(1)
+
+
+def column_scores(problem: StructuredProblem, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per unit: ``sum_i |W_ij|`` over the consumer's columns, times ``||Z_j||`` when given."""
+    mass = problem.consumer.abs().sum(0)
+    if input_norm is not None:
+        mass = mass * input_norm.to(mass)
+    return per_unit(mass, problem.cols_per_unit)
+
+
+def row_scores(problem: StructuredProblem, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per unit: the producers' row masses ``sum_k |W_jk|`` (times ``||X_k||`` when given)."""
+    total = torch.zeros(problem.units, dtype=problem.consumer.dtype, device=problem.consumer.device)
+    for weight, rows in zip(problem.producers, problem.rows_per_unit):
+        scaled = weight.abs() if input_norm is None else weight.abs() * input_norm.to(weight).unsqueeze(0)
+        total += per_unit(scaled.sum(1), rows)
+    return total
+
+
+def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
+    """Sorted indices of the ``len(scores) - remove`` highest scores (ties: lower index kept)."""
+    keep = scores.numel() - remove
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:keep].sort().values
+
+
+def unit_indices(keep: torch.Tensor, per_unit: int) -> torch.Tensor:
+    """Row (or column) indices of the kept units, ``per_unit`` consecutive ones per unit."""
+    keep = keep.to(torch.long)
+    return (keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)).reshape(-1)

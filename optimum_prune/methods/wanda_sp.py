@@ -1,0 +1,23 @@
+"""Wanda-sp: Wanda's ``|W| * ||input||`` score summed over a whole structural unit.
+
+The structured baseline of the FLAP / LLM-Pruner comparisons: a unit (MLP channel, KV group) is
+scored by the Wanda scores of all its weights, the producer rows (against the layer input's norms)
+and the consumer columns (against the intermediate activation's norms). No weight update.
+"""
+
+from __future__ import annotations
+
+from ..registry import register_method
+from .base import PruningMethod
+from .structured import column_scores, row_scores
+
+
+@register_method("wanda-sp")
+class WandaSP(PruningMethod):
+    supported_patterns = ("structured",)
+    statistics = frozenset({"sq_norm"})
+
+    def unit_scores(self, problem):
+        return row_scores(problem, problem.producer_stats.input_norm) + column_scores(
+            problem, problem.consumer_stats.input_norm
+        )

@@ -1,0 +1,111 @@
+"""Causal LMs whose decoder layers each have their own width, as written by optimum-prune.
+
+A structured prune that removes a different number of MLP channels or attention heads in every
+layer cannot be described by a stock config (one ``intermediate_size``, one head count). These
+classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / OPT classes plus one config entry,
+``layer_widths``: a list with, for every decoder layer, the values that differ from the global
+config (``intermediate_size`` or ``ffn_dim``, ``num_attention_heads``, ``num_key_value_heads``).
+Each layer is built from a copy of the config with its own widths; everything else (attention
+kernels, KV cache, generation) is the stock code.
+
+This file imports only torch and transformers: it is saved next to the weights so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads the model without
+optimum-prune installed. With optimum-prune imported, the classes are registered with the Auto
+classes and ``trust_remote_code`` is not needed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+
+#: The per-layer entries ``layer_widths`` may set.
+LAYER_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads")
+
+
+def layer_config(config, index: int):
+    """A copy of ``config`` with the widths of decoder layer ``index``."""
+    widths = (getattr(config, "layer_widths", None) or [{}] * (index + 1))[index]
+    unknown = set(widths) - set(LAYER_WIDTH_KEYS)
+    if unknown:
+        raise ValueError(f"layer_widths[{index}] has unknown entries {sorted(unknown)}; allowed: {LAYER_WIDTH_KEYS}")
+    sub = copy.copy(config)
+    sub.__dict__.update(widths)
+    return sub
+
+
+class _HeterogeneousLayers:
+    """Mixin: rebuilds every decoder layer from its own copy of the config."""
+
+    def _build_heterogeneous_layers(self):
+        layers = self.get_decoder().layers
+        widths = getattr(self.config, "layer_widths", None)
+        if widths is None:
+            return
+        if len(widths) != len(layers):
+            raise ValueError(f"layer_widths has {len(widths)} entries for {len(layers)} decoder layers")
+        layer_cls = type(layers[0])
+        for index in range(len(layers)):
+            if widths[index]:
+                layers[index] = layer_cls(layer_config(self.config, index), index)
+        self.post_init()
+
+
+def _pruned_config(base, model_type: str):
+    class Config(base):
+        pass
+
+    Config.model_type = model_type
+    Config.__name__ = Config.__qualname__ = "Pruned" + base.__name__
+    return Config
+
+
+def _pruned_model(base, config_class):
+    class Model(_HeterogeneousLayers, base):
+        def __init__(self, config):
+            super().__init__(config)
+            self._build_heterogeneous_layers()
+
+    Model.config_class = config_class
+    Model.__name__ = Model.__qualname__ = "Pruned" + base.__name__
+    return Model
+
+
+PrunedLlamaConfig = _pruned_config(LlamaConfig, "optimum_pruned_llama")
+PrunedMistralConfig = _pruned_config(MistralConfig, "optimum_pruned_mistral")
+PrunedQwen2Config = _pruned_config(Qwen2Config, "optimum_pruned_qwen2")
+PrunedQwen3Config = _pruned_config(Qwen3Config, "optimum_pruned_qwen3")
+PrunedOPTConfig = _pruned_config(OPTConfig, "optimum_pruned_opt")
+
+PrunedLlamaForCausalLM = _pruned_model(LlamaForCausalLM, PrunedLlamaConfig)
+PrunedMistralForCausalLM = _pruned_model(MistralForCausalLM, PrunedMistralConfig)
+PrunedQwen2ForCausalLM = _pruned_model(Qwen2ForCausalLM, PrunedQwen2Config)
+PrunedQwen3ForCausalLM = _pruned_model(Qwen3ForCausalLM, PrunedQwen3Config)
+PrunedOPTForCausalLM = _pruned_model(OPTForCausalLM, PrunedOPTConfig)
+
+#: stock model_type -> (config class, model class)
+PRUNED_CLASSES = {
+    "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
+    "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
+    "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+    "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "opt": (PrunedOPTConfig, PrunedOPTForCausalLM),
+}
+
+for _config_class, _model_class in PRUNED_CLASSES.values():
+    # save_pretrained copies this file next to the weights and writes the config's auto_map
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,48 @@
+"""How many units each channel group of a layer gives up for a structured sparsity.
+
+``sparsity`` of a structured prune is the fraction of a decoder layer's Linear parameters
+(weights and biases of attention and MLP; norms excluded) that is removed. Attention and MLP
+share it like this, unless the config fixes a group's own fraction (``overrides`` on
+``<layer>.self_attn`` or ``<layer>.mlp``) or excludes it (``ignore``):
+
+- every group except the last free one (attention, whose units are coarse: whole KV groups)
+  removes ``floor(sparsity * units)`` units, i.e. at most the layer's fraction;
+- the last free group (the MLP, one channel per unit) removes what makes the layer total the
+  nearest whole number of its units to ``sparsity * layer parameters``.
+
+Every group keeps at least one unit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import PruningError
+from .groups import ChannelGroup
+
+
+def plan_removals(
+    groups: list[ChannelGroup], sparsity: float, fixed: dict[str, float], excluded: set[str]
+) -> dict[str, int]:
+    """Units to remove per group name."""
+    removals: dict[str, int] = {}
+    goal = sparsity * sum(group.params for group in groups)
+    free = [g for g in groups if g.name not in fixed and g.name not in excluded]
+    for group in groups:
+        if group.name in excluded:
+            removals[group.name] = 0
+        elif group.name in fixed:
+            removals[group.name] = min(round(fixed[group.name] * group.units), group.units - 1)
+    for position, group in enumerate(free):
+        if position < len(free) - 1:
+            count = math.floor(sparsity * group.units + 1e-9)
+        else:
+            removed = sum(removals[g.name] * g.params_per_unit for g in groups if g.name in removals)
+            count = round(max(goal - removed, 0.0) / group.params_per_unit)
+        if count > group.units - 1:
+            raise PruningError(
+                f"{group.name}: structured sparsity {sparsity:g} would remove all {group.units} units; "
+                f"lower the sparsity or let other modules share it."
+            )
+        removals[group.name] = count
+    return removals

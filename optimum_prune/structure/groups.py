@@ -1,0 +1,161 @@
+"""Which rows and columns must go together when a decoder layer is made narrower.
+
+A *channel group* is one intermediate dimension of a decoder layer: the rows that *produce* it
+(gate_proj and up_proj for a LLaMA MLP, fc1 and its bias for OPT, q/k/v for attention) and the
+columns of the Linear that *consumes* it (down_proj, fc2, o_proj). Removing unit ``j`` removes its
+rows from every producer and its columns from the consumer, so the layer computes exactly what it
+computed before minus that unit's contribution.
+
+Units:
+
+- MLP: one intermediate channel (1 row of each producer, 1 consumer column).
+- Attention: one key/value group, i.e. one KV head together with the query heads that share it
+  (``num_attention_heads / num_key_value_heads`` query heads). Removing whole KV groups keeps the
+  ratio of query to KV heads, which is what the stock attention code assumes, so a uniformly
+  pruned model still loads as a stock model. Without grouped-query attention a unit is one head.
+  Each layer keeps at least one unit of every group.
+
+Value/output channels alone (FASP's pairing for OPT) would give values a different head size from
+queries and keys, which neither the stock classes nor ours express; they are not offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import PruningError
+from ..methods.structured import unit_indices  # noqa: F401  (re-exported)
+
+
+@dataclass
+class Producer:
+    name: str  # full module name
+    linear: nn.Linear
+    rows_per_unit: int
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable intermediate dimension of one decoder layer."""
+
+    kind: str  # "mlp" | "attention"
+    name: str  # e.g. "model.layers.3.mlp"
+    layer_index: int
+    producers: list[Producer]
+    consumer_name: str
+    consumer: nn.Linear
+    cols_per_unit: int
+    units: int
+
+    @property
+    def params_per_unit(self) -> int:
+        count = self.consumer.out_features * self.cols_per_unit
+        for producer in self.producers:
+            count += producer.rows_per_unit * (producer.linear.in_features + (producer.linear.bias is not None))
+        return count
+
+    @property
+    def params(self) -> int:
+        return self.params_per_unit * self.units
+
+    @property
+    def member_names(self) -> list[str]:
+        return [p.name for p in self.producers] + [self.consumer_name]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module names of one architecture's decoder layer, relative to the layer."""
+
+    attention: tuple[str, str, str, str] | None  # q, k, v, o
+    mlp_producers: tuple[str, ...]
+    mlp_consumer: str
+    mlp_width_key: str  # config field of the MLP width
+    attention_name: str
+    mlp_name: str
+
+
+_LLAMA = Layout(
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    mlp_producers=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_consumer="mlp.down_proj",
+    mlp_width_key="intermediate_size",
+    attention_name="self_attn",
+    mlp_name="mlp",
+)
+# OPT derives its head size from hidden_size / num_heads, so fewer heads cannot be expressed:
+# only the MLP (fc1 -> fc2, named "<layer>.mlp" like everywhere else) is made narrower.
+_OPT = Layout(
+    attention=None,
+    mlp_producers=("fc1",),
+    mlp_consumer="fc2",
+    mlp_width_key="ffn_dim",
+    attention_name="self_attn",
+    mlp_name="mlp",
+)
+
+LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "opt": _OPT}
+
+
+def base_model_type(config) -> str:
+    model_type = getattr(config, "model_type", "")
+    return model_type[len("optimum_pruned_"):] if model_type.startswith("optimum_pruned_") else model_type
+
+
+def layout_for(model: nn.Module) -> Layout:
+    config = getattr(model, "config", None)
+    model_type = base_model_type(config) if config is not None else ""
+    if model_type not in LAYOUTS:
+        raise PruningError(
+            f"Structured pruning cannot shrink architecture {model_type or type(model).__name__!r}; supported: "
+            f"{', '.join(sorted(LAYOUTS))}. Use an unstructured or N:M pattern for this model."
+        )
+    return LAYOUTS[model_type]
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int) -> list[ChannelGroup]:
+    """The channel groups of one decoder layer (attention first, then MLP)."""
+    layout = layout_for(model)
+    groups = []
+    if layout.attention is not None:
+        q, k, v, o = (layer.get_submodule(n) for n in layout.attention)
+        head_dim = head_dim_of(model.config)
+        kv_heads = k.out_features // head_dim
+        rep = q.out_features // k.out_features
+        groups.append(
+            ChannelGroup(
+                kind="attention",
+                name=f"{layer_name}.{layout.attention_name}",
+                layer_index=index,
+                producers=[
+                    Producer(f"{layer_name}.{layout.attention[0]}", q, rep * head_dim),
+                    Producer(f"{layer_name}.{layout.attention[1]}", k, head_dim),
+                    Producer(f"{layer_name}.{layout.attention[2]}", v, head_dim),
+                ],
+                consumer_name=f"{layer_name}.{layout.attention[3]}",
+                consumer=o,
+                cols_per_unit=rep * head_dim,
+                units=kv_heads,
+            )
+        )
+    producers = [Producer(f"{layer_name}.{n}", layer.get_submodule(n), 1) for n in layout.mlp_producers]
+    consumer = layer.get_submodule(layout.mlp_consumer)
+    groups.append(
+        ChannelGroup(
+            kind="mlp",
+            name=f"{layer_name}.{layout.mlp_name}",
+            layer_index=index,
+            producers=producers,
+            consumer_name=f"{layer_name}.{layout.mlp_consumer}",
+            consumer=consumer,
+            cols_per_unit=1,
+            units=consumer.in_features,
+        )
+    )
+    return groups

@@ -1,0 +1,152 @@
+"""Physically smaller models: slice Linears, drop decoder layers, describe the result in the config.
+
+After a structured prune every decoder layer may have its own MLP width and head count.
+`describe_widths` writes what the model now is into its config:
+
+- every layer the same: the stock fields (``intermediate_size`` / ``ffn_dim``,
+  ``num_attention_heads``, ``num_key_value_heads``, an explicit ``head_dim``), so the checkpoint
+  loads with plain transformers, no plugin, provided the stock config class accepts the values;
+- otherwise: the global fields stay as they were, ``layer_widths`` lists each layer's own values,
+  and the model and its config become the ``optimum_prune.modeling`` classes (subclasses of the
+  stock ones), whose ``save_pretrained`` writes ``auto_map`` and the modelling file.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import PruningError
+from ..modeling import PRUNED_CLASSES
+from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for, unit_indices
+from .layers import find_decoder_layers
+
+
+#: ``set_param(linear, "weight" | "bias", tensor)``: how new parameters are written (the engine
+#: passes one that also updates accelerate's offload store).
+ParamSetter = Callable[[nn.Linear, str, torch.Tensor], None]
+
+
+def replace_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
+    """Give ``linear`` a new parameter ``name`` of a new shape, on its device and in its dtype."""
+    old = getattr(linear, name)
+    setattr(linear, name, nn.Parameter(value.to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad))
+
+
+def _sync_features(linear: nn.Linear) -> None:
+    linear.out_features, linear.in_features = linear.weight.shape
+
+
+def shrink_group(
+    group: ChannelGroup,
+    keep: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    consumer_weight: torch.Tensor | None = None,
+    set_param: ParamSetter = replace_param,
+) -> None:
+    """Keep only units ``keep`` (sorted indices) of ``group``.
+
+    ``weights`` holds the current float32 weights of the group's Linears (by full name) and the
+    producers' biases (``<name>.bias``);
+    ``consumer_weight`` is the consumer's new weight on the kept columns (a method's restoration)
+    or None to slice the existing one. Biases of producers are sliced with their rows.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    if keep.numel() < 1:
+        raise PruningError(f"{group.name}: a structured prune must keep at least one unit.")
+    for producer in group.producers:
+        rows = unit_indices(keep, producer.rows_per_unit).to(weights[producer.name].device)
+        set_param(producer.linear, "weight", weights[producer.name].index_select(0, rows))
+        if producer.linear.bias is not None:
+            set_param(producer.linear, "bias", weights[producer.name + ".bias"].index_select(0, rows))
+        _sync_features(producer.linear)
+    if consumer_weight is None:
+        cols = unit_indices(keep, group.cols_per_unit).to(weights[group.consumer_name].device)
+        consumer_weight = weights[group.consumer_name].index_select(1, cols)
+    expected = keep.numel() * group.cols_per_unit
+    if consumer_weight.shape != (group.consumer.out_features, expected):
+        raise ValueError(f"{group.consumer_name}: new weight {tuple(consumer_weight.shape)}, expected "
+                         f"{(group.consumer.out_features, expected)}")
+    set_param(group.consumer, "weight", consumer_weight)
+    _sync_features(group.consumer)
+    group.units = keep.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+def layer_widths(model: nn.Module) -> list[dict[str, int]]:
+    """Each decoder layer's widths, read from its Linears."""
+    layout = layout_for(model)
+    _, layers = find_decoder_layers(model)
+    head_dim = head_dim_of(model.config)
+    widths = []
+    for layer in layers:
+        entry = {layout.mlp_width_key: layer.get_submodule(layout.mlp_consumer).in_features}
+        if layout.attention is not None:
+            entry["num_attention_heads"] = layer.get_submodule(layout.attention[0]).out_features // head_dim
+            entry["num_key_value_heads"] = layer.get_submodule(layout.attention[1]).out_features // head_dim
+        widths.append(entry)
+    return widths
+
+
+def _stock_config_accepts(config, values: dict) -> bool:
+    data = config.to_dict()
+    data.update(values)
+    data.pop("layer_widths", None)
+    stock_type = base_model_type(config)
+    stock_class = type(config) if config.model_type == stock_type else type(config).__mro__[1]
+    try:
+        stock_class.from_dict(data)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def describe_widths(model: nn.Module) -> bool:
+    """Write the model's per-layer widths into its config; returns True if it is heterogeneous."""
+    config = model.config
+    layout = layout_for(model)
+    widths = layer_widths(model)
+    uniform = all(w == widths[0] for w in widths)
+    head_dim = head_dim_of(config)
+    already_pruned_class = config.model_type.startswith("optimum_pruned_")
+    if uniform and not already_pruned_class and _stock_config_accepts(config, {**widths[0], "head_dim": head_dim}):
+        for key, value in widths[0].items():
+            setattr(config, key, value)
+        config.head_dim = head_dim  # explicit: hidden_size / num_heads no longer gives it
+        return False
+    config_class, model_class = PRUNED_CLASSES[base_model_type(config)]
+    if not already_pruned_class:
+        config.__class__ = config_class
+        model.__class__ = model_class
+    config.head_dim = head_dim
+    config.layer_widths = [
+        {k: v for k, v in w.items() if v != getattr(config, k, None)} for w in widths
+    ]
+    config.architectures = [model_class.__name__]
+    return True
+
+
+def remove_layers(model: nn.Module, drop) -> None:
+    """Delete whole decoder layers (depth pruning) and renumber the rest for the KV cache."""
+    prefix, layers = find_decoder_layers(model)
+    drop = sorted({int(i) for i in drop})
+    if any(i < 0 or i >= len(layers) for i in drop):
+        raise PruningError(f"Layer indices {drop} out of range for {len(layers)} decoder layers.")
+    if len(drop) >= len(layers):
+        raise PruningError("Cannot remove every decoder layer; keep at least one.")
+    kept = [i for i in range(len(layers)) if i not in drop]
+    new_layers = nn.ModuleList([layers[i] for i in kept])
+    for new_index, layer in enumerate(new_layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    setattr(parent, prefix.rsplit(".", 1)[-1], new_layers)
+    config = model.config
+    for key in ("layer_types", "layer_widths"):
+        values = getattr(config, key, None)
+        if isinstance(values, list) and len(values) == len(layers):
+            setattr(config, key, [values[i] for i in kept])
+    config.num_hidden_layers = len(kept)
