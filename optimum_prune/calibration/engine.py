@@ -224,6 +224,7 @@ class LayerwiseEngine:
         self.prefix, self.layers = find_decoder_layers(model)
         self.pattern = config.parsed_pattern
         self.structured = self.pattern.kind == "structured"
+        self._fixed_params = [0] * len(self.layers)
         self.plan = self._build_plan()
 
     # ------------------------------------------------------------------ planning
@@ -270,7 +271,10 @@ class LayerwiseEngine:
                 fixed[group.name] = resolve_sparsity(override.get("sparsity"), self.pattern, f"overrides[{group.name}]: ")
         layer_override = first_match(layer_name, cfg.overrides) or {}
         sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
-        removals = plan_removals(groups, sparsity, fixed, excluded)
+        layer_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                           for m in layer.modules() if isinstance(m, nn.Linear))
+        self._fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
+        removals = plan_removals(groups, sparsity, fixed, excluded, layer_params)
         return {g.name: (g, removals[g.name]) for g in groups}
 
     @staticmethod
@@ -309,6 +313,9 @@ class LayerwiseEngine:
             with _onloaded(layer, device):
                 if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
                     inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+                    if self.structured:  # count the layer's parameters in the report
+                        self._prune_structured(entry, {}, report, device)
+                        report.total_params += self._fixed_params[index]
                     continue
                 stats = {}
                 if needs_data:
@@ -330,6 +337,7 @@ class LayerwiseEngine:
                         collector.stats[i].check_finite(names[0])
                 if self.structured:
                     self._prune_structured(entry, stats, report, device)
+                    report.total_params += self._fixed_params[index]
                 else:
                     self._prune_linears(entry, stats, report, device)
                 if needs_data and self.config.sequential:

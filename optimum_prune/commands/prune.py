@@ -141,13 +141,17 @@ def _run(args) -> int:
             model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
         )
         print(f"perplexity before: {results['perplexity_before']:.3f}", flush=True)
+    results["parameters_before"] = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress)
     results["prune_seconds"] = time.perf_counter() - start
     results["sparsity"] = pruner.report.overall_sparsity
+    results["parameters_after"] = sum(p.numel() for p in model.parameters())
+    what = "channel groups" if config.pattern == "structured" else "Linears"
     print(
-        f"pruned {len(pruner.report.sparsity)} Linears with {config.method} ({config.pattern}) to sparsity "
-        f"{results['sparsity']:.4f} in {results['prune_seconds']:.1f}s",
+        f"pruned {len(pruner.report.sparsity)} {what} with {config.method} ({config.pattern}) to sparsity "
+        f"{results['sparsity']:.4f} in {results['prune_seconds']:.1f}s; parameters {results['parameters_before']:,} "
+        f"-> {results['parameters_after']:,}",
         flush=True,
     )
     if args.eval:
@@ -163,7 +167,7 @@ def _run(args) -> int:
 
 
 class PruneCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="prune", help="Prune a causal language model (magnitude, Wanda, SparseGPT, ...).")
+    COMMAND = CommandInfo(name="prune", help="Prune a causal language model (SparseGPT, ALPS, Wanda, FASP, ...).")
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser):

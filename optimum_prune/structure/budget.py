@@ -1,7 +1,8 @@
 """How many units each channel group of a layer gives up for a structured sparsity.
 
 ``sparsity`` of a structured prune is the fraction of a decoder layer's Linear parameters
-(weights and biases of attention and MLP; norms excluded) that is removed. Attention and MLP
+(weights and biases of attention and MLP; norms excluded) that is removed. Linears that cannot
+shrink (OPT's attention) count in that total: the shrinkable groups remove the whole budget. Attention and MLP
 share it like this, unless the config fixes a group's own fraction (``overrides`` on
 ``<layer>.self_attn`` or ``<layer>.mlp``) or excludes it (``ignore``):
 
@@ -22,11 +23,15 @@ from .groups import ChannelGroup
 
 
 def plan_removals(
-    groups: list[ChannelGroup], sparsity: float, fixed: dict[str, float], excluded: set[str]
+    groups: list[ChannelGroup],
+    sparsity: float,
+    fixed: dict[str, float],
+    excluded: set[str],
+    layer_params: int | None = None,
 ) -> dict[str, int]:
-    """Units to remove per group name."""
+    """Units to remove per group name; ``layer_params`` defaults to the groups' parameters."""
     removals: dict[str, int] = {}
-    goal = sparsity * sum(group.params for group in groups)
+    goal = sparsity * (layer_params if layer_params is not None else sum(group.params for group in groups))
     free = [g for g in groups if g.name not in fixed and g.name not in excluded]
     for group in groups:
         if group.name in excluded:
