@@ -39,7 +39,9 @@ RUNS = [
 
 
 STRUCTURED_RUNS = [
-    f"{method}:s{level}" for level in ("0.1", "0.2", "0.3") for method in ("wanda-sp", "fasp[restore=false]", "fasp")
+    f"{method}:s{level}"
+    for level in ("0.1", "0.2", "0.3")
+    for method in ("wanda-sp", "fasp[restore=false]", "fasp", "spap")
 ]
 
 

@@ -80,3 +80,20 @@ def texts():
 def calib_ids():
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (4000,), generator=generator)
+
+
+def synthetic_structured_problem(seed=0, units=48, out=24, inputs=32, tokens=400, cols_per_unit=1):
+    """A consumer whose input channels are correlated and unevenly scaled, and the inputs ``Z``."""
+    from optimum_prune.calibration.statistics import InputStatistics
+    from optimum_prune.methods.structured import StructuredProblem
+
+    g = torch.Generator().manual_seed(seed)
+    n = units * cols_per_unit
+    mix = torch.randn(n, n, generator=g) / n**0.5
+    Z = (torch.randn(tokens, n, generator=g) @ (torch.eye(n) + 2 * mix)) * torch.rand(n, generator=g) * 2
+    stats = InputStatistics(n, {"gram", "sq_norm"})
+    stats.update(Z)
+    producer = torch.randn(units, inputs, generator=g)
+    consumer = torch.randn(out, n, generator=g)
+    problem = StructuredProblem("mlp", units, [producer], [1], consumer, cols_per_unit, consumer_stats=stats)
+    return problem, Z

@@ -72,10 +72,11 @@ def test_prune_end_to_end(assets):
         assert torch.equal(a, b), name
 
 
-def test_structured_end_to_end(assets):
-    out = assets / "out-fasp"
+@pytest.mark.parametrize("method", ["fasp", "spap"])
+def test_structured_end_to_end(assets, method):
+    out = assets / f"out-{method}"
     result = cli(
-        "prune", "--model", str(assets / "tiny-llama"), "--method", "fasp", "--pattern", "structured",
+        "prune", "--model", str(assets / "tiny-llama"), "--method", method, "--pattern", "structured",
         "--sparsity", "0.2", "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
         "--output", str(out),
     )

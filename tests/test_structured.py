@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, tiny_model
+from conftest import ARCHS, VOCAB, synthetic_structured_problem, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
@@ -136,20 +136,6 @@ def test_structured_methods_shrink_every_architecture(arch, method, calib_ids):
         assert torch.isfinite(model(calib_ids[:40].unsqueeze(0)).logits).all()
 
 
-def _synthetic_problem(seed=0, units=48, out=24, inputs=32, tokens=400):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(units, units, generator=g) / units**0.5
-    Z = (torch.randn(tokens, units, generator=g) @ (torch.eye(units) + 2 * mix)) * torch.rand(units, generator=g) * 2
-    from optimum_prune.calibration.statistics import InputStatistics
-
-    stats = InputStatistics(units, {"gram", "sq_norm"})
-    stats.update(Z)
-    producer = torch.randn(units, inputs, generator=g)
-    consumer = torch.randn(out, units, generator=g)
-    problem = StructuredProblem("mlp", units, [producer], [1], consumer, 1, producer_stats=None, consumer_stats=stats)
-    return problem, Z
-
-
 def _output_error(problem, Z, keep, new_weight):
     cols = unit_indices(keep, problem.cols_per_unit)
     weight = problem.consumer[:, cols] if new_weight is None else new_weight
@@ -158,7 +144,7 @@ def _output_error(problem, Z, keep, new_weight):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fasp_restoration_lowers_the_consumer_error(seed):
-    problem, Z = _synthetic_problem(seed)
+    problem, Z = synthetic_structured_problem(seed)
     with_restore = get_method("fasp")(get_method("fasp").parse_options({}), dampening=1e-4)
     without = get_method("fasp")(get_method("fasp").parse_options({"restore": False}))
     restored = with_restore.prune_structured(problem, 16)
@@ -175,7 +161,7 @@ def test_fasp_restoration_lowers_the_consumer_error(seed):
 
 
 def test_fasp_score_is_column_mass_times_input_norm():
-    problem, Z = _synthetic_problem()
+    problem, Z = synthetic_structured_problem()
     scores = column_scores(problem, problem.consumer_stats.input_norm)
     manual = problem.consumer.abs().sum(0) * Z.norm(dim=0)
     torch.testing.assert_close(scores, manual, rtol=1e-4, atol=1e-4)

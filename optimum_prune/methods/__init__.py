@@ -6,6 +6,7 @@ from .fasp import FASP
 from .magnitude import Magnitude
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
 from .sparsegpt import SparseGPT
+from .spap import SPAP
 from .wanda import Wanda
 from .wanda_sp import WandaSP
 
@@ -16,6 +17,7 @@ __all__ = [
     "Magnitude",
     "PruneResult",
     "PruningMethod",
+    "SPAP",
     "SparseGPT",
     "Target",
     "Wanda",
