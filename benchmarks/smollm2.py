@@ -10,6 +10,7 @@ forward pass of the dense model over the same calibration tokens.
     python benchmarks/smollm2.py                       # every run below, ~1 h on 2 CPU cores
     python benchmarks/smollm2.py --runs wanda:0.5 sparsegpt:2:4 --output /tmp/t.md
     python benchmarks/smollm2.py --structured          # structured runs -> docs/results/structured.md
+    python benchmarks/smollm2.py --global              # policy gradient vs uniform -> docs/results/global.md
 
 A run is ``method:SPARSITY`` (unstructured), ``method:N:M`` or ``method:sSPARSITY`` (structured,
 fraction of decoder-layer parameters); method options go in brackets: ``fasp[restore=false]:s0.2``.
@@ -43,6 +44,9 @@ STRUCTURED_RUNS = [
     for level in ("0.1", "0.2", "0.3")
     for method in ("wanda-sp", "fasp[restore=false]", "fasp", "spap")
 ]
+
+
+GLOBAL_RUNS = [f"{method}:s{level}" for level in ("0.2", "0.3") for method in ("fasp", "spap", "policy_gradient")]
 
 
 def parse_run(spec: str):
@@ -135,8 +139,14 @@ def _prune(args, method, options, pattern, sparsity, queue):
         disk = _disk_mb(out)
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
     label = {"unstructured": f"{sparsity:.0%}", "structured": f"structured {sparsity:.0%}"}.get(pattern, pattern)
+    widths = None
+    if pattern == "structured":
+        from optimum_prune.structure.shrink import layer_widths
+
+        widths = layer_widths(model)
     queue.put({"method": _label(method, options), "pattern": label, "ppl": ppl, "prune_s": prune_s,
-               "sparsity": measured, "peak_rss_mb": peak, "params": _model_size(model), "disk_mb": disk})
+               "sparsity": measured, "peak_rss_mb": peak, "params": _model_size(model), "disk_mb": disk,
+               "widths": widths})
 
 
 def _in_process(target, *args):
@@ -156,14 +166,16 @@ def main():
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
     parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
+    parser.add_argument("--global", dest="global_", action="store_true",
+                        help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
-    default_runs = STRUCTURED_RUNS if args.structured else RUNS
+    preset = "global" if args.global_ else "structured" if args.structured else None
+    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS}.get(preset, RUNS)
     args.runs = args.runs or default_runs
     if args.output is None:
-        name = "structured.md" if args.structured else "smollm2.md"
-        args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", name)
+        args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", f"{preset or 'smollm2'}.md")
 
     from optimum_prune.assets import smollm2_checkpoint
 
@@ -177,7 +189,7 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    reference_method = "wanda-sp" if args.structured else "sparsegpt"
+    reference_method = {"global": "fasp", "structured": "wanda-sp"}.get(preset, "sparsegpt")
     header = (
         f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens (packaged Wikipedia leads, "
         f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
@@ -200,13 +212,37 @@ def main():
             f"{ratio} | {time_ratio} | {row['peak_rss_mb']:.0f} | {row['params']:,} | {row['disk_mb']:.1f} |"
         )
     table = header + "\n".join(lines) + "\n"
+    if preset == "global":
+        image = os.path.splitext(args.output)[0] + "-widths.png"
+        plot_widths(rows, image)
+        table += f"\n![per-layer widths]({os.path.basename(image)})\n"
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
-        command = "python benchmarks/smollm2.py" + (" --structured" if args.structured else "")
+        command = "python benchmarks/smollm2.py" + (f" --{preset}" if preset else "")
         if args.runs != default_runs:
             command += " --runs " + " ".join(args.runs)
         handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}{' --one-pass' if args.one_pass else ''}`\n\n{table}")
+
+
+def plot_widths(rows, path: str) -> None:
+    """Per-layer MLP widths (and KV groups) of every structured run, one line per run (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [row for row in rows if row.get("widths")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for row in runs:
+        label = f"{row['method']} {row['pattern']} (ppl {row['ppl']:.1f})"
+        axes[0].plot([w["intermediate_size"] for w in row["widths"]], marker=".", label=label)
+        axes[1].plot([w.get("num_key_value_heads", 0) for w in row["widths"]], marker=".", label=label)
+    axes[0].set(xlabel="decoder layer", ylabel="MLP channels kept", title="MLP width per layer")
+    axes[1].set(xlabel="decoder layer", ylabel="KV groups kept", title="attention KV groups per layer")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

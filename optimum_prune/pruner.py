@@ -102,7 +102,12 @@ class Pruner:
             tokenizer = tokenizer or loaded_tokenizer
         if not isinstance(model, nn.Module):
             raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
-        engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress)
+        if getattr(self.method, "is_global", False):  # whole-model methods (policy gradient)
+            from .calibration.global_engine import GlobalStructuredEngine
+
+            engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress)
+        else:
+            engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress)
         windows = None
         if self.method.needs_calibration:
             data = calibration_data if calibration_data is not None else cfg.dataset
@@ -121,6 +126,7 @@ class Pruner:
                 text_column=cfg.text_column,
             )
         self.report = engine.run(windows)
+        self.engine = engine
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = cfg.to_dict()
         self.model, self.tokenizer = model, tokenizer

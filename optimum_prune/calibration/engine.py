@@ -26,8 +26,8 @@ from ..methods.base import PruningMethod
 from ..methods.masks import Target
 from ..methods.structured import StructuredProblem
 from ..structure.budget import plan_removals
-from ..structure.groups import ChannelGroup, layer_groups
-from ..structure.layers import find_decoder_layers, first_match, matches, select_target_linears
+from ..structure.groups import ChannelGroup, group_selected, layer_groups
+from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .statistics import InputStatistics
 
@@ -152,8 +152,8 @@ def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
 class _StatisticsCollector:
     """Forward hooks on a layer's target Linears; Linears fed the same tensor share one accumulator."""
 
-    def __init__(self, linears: dict[str, nn.Linear], kinds, stop_when_done: bool = False):
-        self.kinds = kinds
+    def __init__(self, linears: dict[str, nn.Linear], kinds: dict[str, frozenset], stop_when_done: bool = False):
+        self.kinds = kinds  # statistics to collect, per Linear name
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.stats: list[InputStatistics] = []
@@ -176,7 +176,7 @@ class _StatisticsCollector:
                 else:
                     index = len(self.groups)
                     self.groups.append([])
-                    self.stats.append(InputStatistics(x.shape[-1], self.kinds, device=x.device))
+                    self.stats.append(InputStatistics(x.shape[-1], self.kinds[name], device=x.device))
                     self._seen[key] = (index, x)  # holding x keeps its memory from being reused
                 self.group_of[name] = index
                 self.groups[index].append(name)
@@ -262,17 +262,13 @@ class LayerwiseEngine:
         cfg = self.config
         excluded, fixed = set(), {}
         for group in groups:
-            names = [group.name, *group.member_names]
-            if (cfg.targets and not any(matches(n, cfg.targets) for n in names)) or any(
-                matches(n, cfg.ignore) for n in names
-            ):
+            if not group_selected(group, cfg.targets, cfg.ignore):
                 excluded.add(group.name)
             elif (override := first_match(group.name, cfg.overrides)) is not None:
                 fixed[group.name] = resolve_sparsity(override.get("sparsity"), self.pattern, f"overrides[{group.name}]: ")
         layer_override = first_match(layer_name, cfg.overrides) or {}
         sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
-        layer_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-                           for m in layer.modules() if isinstance(m, nn.Linear))
+        layer_params = linear_params(layer)
         self._fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
         removals = plan_removals(groups, sparsity, fixed, excluded, layer_params)
         return {g.name: (g, removals[g.name]) for g in groups}
@@ -282,18 +278,20 @@ class LayerwiseEngine:
         """Whether a layer's plan prunes anything (structured groups may remove 0 units)."""
         return any(not isinstance(item, ChannelGroup) or remove > 0 for item, remove in entry.values())
 
-    @staticmethod
-    def _hooked_linears(entry) -> dict[str, nn.Linear]:
-        linears = {}
+    def _hooked_linears(self, entry) -> dict[str, tuple[nn.Linear, frozenset]]:
+        """The Linears whose inputs the statistics pass must see, with the statistics to collect.
+        Producers of channel groups are hooked only if the method uses their input statistics."""
+        hooked = {}
         for name, (item, remove) in entry.items():
             if isinstance(item, ChannelGroup):
                 if remove == 0:
                     continue
-                linears.update({p.name: p.linear for p in item.producers})
-                linears[item.consumer_name] = item.consumer
+                if self.method.producer_statistics:
+                    hooked.update({p.name: (p.linear, self.method.producer_statistics) for p in item.producers})
+                hooked[item.consumer_name] = (item.consumer, self.method.statistics)
             else:
-                linears[name] = item
-        return linears
+                hooked[name] = (item, self.method.statistics)
+        return hooked
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
@@ -320,8 +318,10 @@ class LayerwiseEngine:
                 stats = {}
                 if needs_data:
                     keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
-                    linears = self._hooked_linears(entry)
-                    collector = _StatisticsCollector(linears, self.method.statistics, stop_when_done=not keep)
+                    hooked = self._hooked_linears(entry)
+                    linears = {name: linear for name, (linear, _) in hooked.items()}
+                    kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
+                    collector = _StatisticsCollector(linears, kinds, stop_when_done=not keep)
                     try:
                         outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
                     finally:
@@ -410,20 +410,8 @@ class LayerwiseEngine:
                 report.sparsity[name] = 0.0
                 report.total_params += group.params
                 continue
-            weights = {p.name: _read_weight(p.linear, device) for p in group.producers}
-            weights[group.consumer_name] = _read_weight(group.consumer, device)
-            for p in group.producers:
-                if p.linear.bias is not None:
-                    weights[p.name + ".bias"] = _read_weight(p.linear, device, "bias")
-            problem = StructuredProblem(
-                kind=group.kind,
-                units=group.units,
-                producers=[weights[p.name] for p in group.producers],
-                rows_per_unit=[p.rows_per_unit for p in group.producers],
-                consumer=weights[group.consumer_name],
-                cols_per_unit=group.cols_per_unit,
-                producer_stats=stats.get(group.producers[0].name),
-                consumer_stats=stats.get(group.consumer_name),
+            problem, weights = read_group_problem(
+                group, device, stats.get(group.producers[0].name), stats.get(group.consumer_name)
             )
             before = group.params
             result = self.method.prune_structured(problem, remove)
@@ -436,6 +424,27 @@ class LayerwiseEngine:
             report.sparsity[name] = 1.0 - group.params / before
             report.pruned_params += before - group.params
             report.total_params += before
+
+
+def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_stats):
+    """The `StructuredProblem` of a channel group (float32 weights on ``device``), and the weights
+    by name (producers' biases as ``<name>.bias``) for `shrink_group`."""
+    weights = {p.name: _read_weight(p.linear, device) for p in group.producers}
+    weights[group.consumer_name] = _read_weight(group.consumer, device)
+    for p in group.producers:
+        if p.linear.bias is not None:
+            weights[p.name + ".bias"] = _read_weight(p.linear, device, "bias")
+    problem = StructuredProblem(
+        kind=group.kind,
+        units=group.units,
+        producers=[weights[p.name] for p in group.producers],
+        rows_per_unit=[p.rows_per_unit for p in group.producers],
+        consumer=weights[group.consumer_name],
+        cols_per_unit=group.cols_per_unit,
+        producer_stats=producer_stats,
+        consumer_stats=consumer_stats,
+    )
+    return problem, weights
 
 
 def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:

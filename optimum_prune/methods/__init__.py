@@ -4,6 +4,7 @@ from .alps import ALPS
 from .base import PruneResult, PruningMethod
 from .fasp import FASP
 from .magnitude import Magnitude
+from .policy_gradient import PolicyGradient
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
 from .sparsegpt import SparseGPT
 from .spap import SPAP
@@ -15,6 +16,7 @@ __all__ = [
     "ALPS",
     "FASP",
     "Magnitude",
+    "PolicyGradient",
     "PruneResult",
     "PruningMethod",
     "SPAP",

@@ -57,6 +57,12 @@ class PruningMethod:
         return cls.Options(**kwargs)
 
     @property
+    def producer_statistics(self) -> frozenset:
+        """Structured methods: statistics of the producers' input (the layer input) they use;
+        an empty set spares the engine hooking and accumulating them. Default: ``statistics``."""
+        return self.statistics
+
+    @property
     def needs_calibration(self) -> bool:
         return bool(self.statistics)
 

@@ -37,6 +37,8 @@ class FASP(PruningMethod):
     def statistics(self):
         return frozenset({"gram"}) if self.options.restore else frozenset({"sq_norm"})
 
+    producer_statistics = frozenset()  # the score and the restoration look at the consumer only
+
     def unit_scores(self, problem):
         return column_scores(problem, problem.consumer_stats.input_norm)
 

@@ -39,7 +39,8 @@ from ..errors import PruningError, check_choice, check_int, check_positive_numbe
 from ..registry import register_method
 from .base import PruningMethod
 from .linalg import prepare_hessian, restore_columns, robust_cholesky
-from .structured import StructuredResult, column_scores, keep_top, per_unit, row_scores, unit_indices
+from .structured import StructuredResult, column_scores, keep_top, per_unit, unit_indices
+from .wanda_sp import wanda_sp_scores
 
 
 @dataclass
@@ -82,14 +83,15 @@ class SPAP(PruningMethod):
         self.history: list[dict] = []
 
     def unit_scores(self, problem):
-        norm = problem.consumer_stats.input_norm
         if self.options.init == "wanda-sp":
-            return row_scores(problem, problem.producer_stats.input_norm) + column_scores(problem, norm)
-        return column_scores(problem, norm)
+            return wanda_sp_scores(problem)
+        return column_scores(problem, problem.consumer_stats.input_norm)
+
+    statistics = frozenset({"gram"})
 
     @property
-    def statistics(self):  # wanda-sp initialisation also needs the producers' input norms
-        return frozenset({"gram", "sq_norm"}) if self.options.init == "wanda-sp" else frozenset({"gram"})
+    def producer_statistics(self):  # wanda-sp initialisation also needs the layer input's norms
+        return frozenset({"sq_norm"}) if self.options.init == "wanda-sp" else frozenset()
 
     def _exact(self, problem, keep, W, H):
         cols = unit_indices(keep, problem.cols_per_unit)

@@ -12,12 +12,17 @@ from .base import PruningMethod
 from .structured import column_scores, row_scores
 
 
+def wanda_sp_scores(problem):
+    """Wanda scores summed over each unit's producer rows and consumer columns."""
+    return row_scores(problem, problem.producer_stats.input_norm) + column_scores(
+        problem, problem.consumer_stats.input_norm
+    )
+
+
 @register_method("wanda-sp")
 class WandaSP(PruningMethod):
     supported_patterns = ("structured",)
     statistics = frozenset({"sq_norm"})
 
     def unit_scores(self, problem):
-        return row_scores(problem, problem.producer_stats.input_norm) + column_scores(
-            problem, problem.consumer_stats.input_norm
-        )
+        return wanda_sp_scores(problem)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import PruningError
+from .layers import matches
 from ..methods.structured import unit_indices  # noqa: F401  (re-exported)
 
 
@@ -159,3 +160,12 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
         )
     )
     return groups
+
+
+def group_selected(group: ChannelGroup, targets, ignore) -> bool:
+    """Whether ``targets`` / ``ignore`` (patterns on module names) select a group: they may name
+    the group (``*.self_attn``, ``model.layers.3.mlp``) or any of its Linears."""
+    names = [group.name, *group.member_names]
+    if targets and not any(matches(n, targets) for n in names):
+        return False
+    return not any(matches(n, ignore) for n in names)

@@ -73,3 +73,12 @@ def select_target_linears(layer: nn.Module, layer_prefix: str, targets, ignore) 
             continue
         selected[full] = module
     return selected
+
+
+def linear_params(module: nn.Module) -> int:
+    """Weights and biases of every Linear inside ``module``."""
+    return sum(
+        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for m in module.modules()
+        if isinstance(m, nn.Linear)
+    )

@@ -1,0 +1,176 @@
+"""The engine of global structured methods (policy gradient): whole-model forward passes with masks.
+
+A global method does not walk the layers. It needs, for every channel group of the model:
+statistics of the dense model (for its initial scores and the consumers' restoration), and a way
+to evaluate the language-model loss of the model with some units masked. This engine provides both
+with hooks — a forward pre-hook on each group's consumer multiplies its input by the unit mask,
+which is exactly what removing those units computes — and then shrinks the model to the final
+mask with the same code as the layer-wise structured methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..configuration import PruningConfig
+from ..errors import PruningError
+from ..methods.policy_gradient import GlobalProblem
+from ..structure.groups import ChannelGroup, group_selected, layer_groups
+from ..structure.layers import find_decoder_layers, linear_params
+from ..structure.shrink import describe_widths, shrink_group
+from .engine import PruneReport, _input_device, _set_param, read_group_problem
+from .statistics import InputStatistics
+
+
+logger = logging.getLogger(__name__)
+
+
+class GlobalStructuredEngine:
+    def __init__(self, model: nn.Module, config: PruningConfig, method, device=None, progress: bool = True):
+        if config.overrides:
+            raise PruningError(
+                f"Method {method.name!r} allocates widths globally; per-module overrides do not apply. "
+                f"Use targets/ignore to exclude modules."
+            )
+        self.model, self.config, self.method, self.progress = model, config, method, progress
+        self.device = torch.device(device) if device is not None else None
+        self.prefix, self.layers = find_decoder_layers(model)
+        self.groups: list[ChannelGroup] = []
+        for index, layer in enumerate(self.layers):
+            self.groups += [
+                group
+                for group in layer_groups(model, layer, f"{self.prefix}.{index}", index)
+                if group_selected(group, config.targets, config.ignore)
+            ]
+        if not self.groups:
+            raise PruningError(f"No channel group matches targets={config.targets} ignore={config.ignore}.")
+
+    # ------------------------------------------------------------------ statistics of the dense model
+    def _collect_statistics(self, windows: torch.Tensor):
+        producer_stats, consumer_stats, handles = [], [], []
+
+        def hook(stats_list, index, kinds):
+            def pre_hook(module, args):
+                x = args[0]
+                if stats_list[index] is None:
+                    stats_list[index] = InputStatistics(x.shape[-1], kinds, device=x.device)
+                stats_list[index].update(x)
+            return pre_hook
+
+        for i, group in enumerate(self.groups):
+            producer_stats.append(None)
+            consumer_stats.append(None)
+            producer_hook = hook(producer_stats, i, self.method.producer_statistics)
+            handles.append(group.producers[0].linear.register_forward_pre_hook(producer_hook))
+            handles.append(group.consumer.register_forward_pre_hook(hook(consumer_stats, i, self.method.statistics)))
+        try:
+            device = _input_device(self.model)
+            for batch in tqdm(windows.split(self.config.batch_size), desc="statistics", disable=not self.progress):
+                self.model(input_ids=batch.to(device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for group, p, c in zip(self.groups, producer_stats, consumer_stats):
+            p.check_finite(group.producers[0].name)
+            c.check_finite(group.consumer_name)
+        return producer_stats, consumer_stats
+
+    # ------------------------------------------------------------------ masked forward passes
+    def _evaluator(self, windows: torch.Tensor):
+        per_step = self.method.options.windows_per_step
+        state = {"masks": None, "cursor": 0}
+
+        def make_hook(index, cols_per_unit):
+            def pre_hook(module, args):
+                mask = state["masks"][index].to(device=args[0].device, dtype=args[0].dtype)  # (K, units)
+                repeat = args[0].shape[0] // mask.shape[0]
+                cols = mask.repeat_interleave(cols_per_unit, dim=1).repeat_interleave(repeat, dim=0)
+                return (args[0] * cols[:, None, :], *args[1:])
+            return pre_hook
+
+        device = _input_device(self.model)
+
+        def evaluate(masks: list[torch.Tensor]) -> torch.Tensor:
+            samples = masks[0].shape[0]
+            start = state["cursor"] % windows.shape[0]
+            batch = windows[start:start + per_step]
+            state["cursor"] += per_step
+            state["masks"] = masks
+            ids = batch.repeat(samples, 1).to(device)  # rows of sample k: k * len(batch) ...
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
+                                  reduction="none").view(ids.shape[0], -1).mean(1)
+            return nll.view(samples, -1).mean(1).cpu()
+
+        handles = [g.consumer.register_forward_pre_hook(make_hook(i, g.cols_per_unit)) for i, g in enumerate(self.groups)]
+        return evaluate, handles
+
+    # ------------------------------------------------------------------ the prune
+    @torch.no_grad()
+    def run(self, windows: torch.Tensor | None) -> PruneReport:
+        if windows is None or windows.numel() == 0:
+            raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            producer_stats, consumer_stats = self._collect_statistics(windows)
+            problems = [
+                read_group_problem(g, self.device or _home_device(g), p, c)
+                for g, p, c in zip(self.groups, producer_stats, consumer_stats)
+            ]
+            evaluate, handles = self._evaluator(windows)
+            global_problem = GlobalProblem(
+                kinds=[g.kind for g in self.groups],
+                unit_params=[g.params_per_unit for g in self.groups],
+                scores=[self.method.unit_scores(problem).cpu() for problem, _ in problems],
+                sparsity=self._group_sparsity(),
+                evaluate=evaluate,
+                progress=self.progress,
+                seed=self.config.seed,
+            )
+            try:
+                keeps = self.method.optimise(global_problem)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        finally:
+            self.model.train(was_training)
+        self.history = global_problem.history
+        report = PruneReport()
+        total_layer_params = sum(linear_params(layer) for layer in self.layers)
+        for group, (problem, weights), keep_mask in zip(self.groups, problems, keeps):
+            keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
+            before = group.params
+            new_consumer = self.method.restore(problem, keep)
+            shrink_group(group, keep, weights, new_consumer, set_param=_set_param)
+            report.sparsity[group.name] = 1.0 - group.params / before
+            report.pruned_params += before - group.params
+        report.total_params = total_layer_params
+        describe_widths(self.model)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _group_sparsity(self) -> float:
+        """The groups' share of the removal so that ``sparsity`` of all decoder-layer Linear
+        parameters goes (Linears that cannot shrink, such as OPT's attention, count in the total)."""
+        layer_params = sum(linear_params(layer) for layer in self.layers)
+        group_params = sum(g.params for g in self.groups)
+        share = self.config.sparsity * layer_params / group_params
+        if share >= 1:
+            raise PruningError(
+                f"sparsity {self.config.sparsity:g} of the decoder layers is more than the prunable groups hold; lower it."
+            )
+        return share
+
+
+
+def _home_device(group: ChannelGroup) -> torch.device:
+    device = group.consumer.weight.device
+    return torch.device("cpu") if device.type == "meta" else device

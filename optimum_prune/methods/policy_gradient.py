@@ -1,0 +1,196 @@
+"""Global heterogeneous structural pruning by policy gradient over Bernoulli masks.
+
+Every prunable unit of the whole model (MLP channels, attention KV groups) gets a keep
+probability ``s_u``. Each step samples ``K`` masks ``m_k ~ Bernoulli(s)``, runs the masked model
+forward on a calibration batch (no backpropagation: the model's weights get no gradient) and
+moves ``s`` with the score-function estimator
+
+    g = 1/K sum_k (loss_k - b) (m_k - s) / (s (1 - s)),      b: moving average of the losses,
+
+by SGD with a cosine learning-rate schedule, then projects ``s`` back onto the parameter budget
+(a bisection on the shift ``lambda`` of ``clip(s - lambda c, eps, 1 - eps)``, ``c`` the parameters
+of each unit; one budget per module type, or one global budget) and clips it away from 0 and 1.
+``s`` starts from Wanda-sp scores (normalised within each group, mapped through a sigmoid and
+projected). The final mask keeps the units of highest probability under the exact budget, at
+least one per group; the consumers can then be re-fitted by least squares on the kept channels
+(FASP's restoration). Layers end up with different widths: the model is saved through
+``optimum_prune.modeling``.
+
+The method itself is pure optimisation: the engine (``calibration/global_engine.py``) gives it
+the units, their costs and initial scores, and a function that returns the loss of each sampled
+mask; it never sees hooks or the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PruningError, check_choice, check_int, check_positive_number
+from ..registry import register_method
+from .base import PruningMethod
+from .linalg import restore_columns
+from .structured import unit_indices
+from .wanda_sp import wanda_sp_scores
+
+
+@dataclass
+class PolicyGradientOptions:
+    #: SGD steps; each runs ``samples`` masked forward passes on ``windows_per_step`` windows.
+    steps: int = 200
+    samples: int = 2
+    windows_per_step: int = 1
+    #: Peak learning rate of the cosine schedule (probabilities live in [eps, 1 - eps]).
+    lr: float = 0.05
+    #: Moving-average factor of the loss baseline.
+    baseline_decay: float = 0.9
+    #: "separate": attention and MLP each lose ``sparsity`` of their parameters; "global": one budget.
+    budget: str = "separate"
+    #: Probabilities are kept in [eps, 1 - eps].
+    eps: float = 0.01
+    #: Initial probabilities: "wanda-sp" scores, or "uniform" (every unit the same probability).
+    init: str = "wanda-sp"
+    #: Sharpness of the initial mapping from Wanda-sp scores to probabilities (larger: closer to 0/1).
+    init_temperature: float = 1.0
+    #: Re-fit each consumer on its kept channels by least squares (FASP's restoration).
+    restore: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "samples", "windows_per_step"):
+            check_int(getattr(self, name), f"policy_gradient option {name}", 1 if name != "steps" else 0)
+        for name in ("lr", "init_temperature"):
+            check_positive_number(getattr(self, name), f"policy_gradient option {name}")
+        check_choice(self.budget, "policy_gradient option budget", ("separate", "global"))
+        check_choice(self.init, "policy_gradient option init", ("wanda-sp", "uniform"))
+        if not (isinstance(self.baseline_decay, (int, float)) and 0 <= self.baseline_decay < 1):
+            raise PruningError(f"policy_gradient option baseline_decay must be in [0, 1), got {self.baseline_decay!r}.")
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 0.5):
+            raise PruningError(f"policy_gradient option eps must be in (0, 0.5), got {self.eps!r}.")
+        if not isinstance(self.restore, bool):
+            raise PruningError(f"policy_gradient option restore must be true or false, got {self.restore!r}.")
+
+
+@dataclass
+class GlobalProblem:
+    """Every prunable unit of the model, grouped as the engine's channel groups."""
+
+    kinds: list[str]  # per group: "mlp" | "attention"
+    unit_params: list[int]  # per group: parameters removed with one unit
+    scores: list[torch.Tensor]  # per group: initial importance of each unit
+    sparsity: float  # fraction of the groups' parameters to remove
+    #: masks (one float tensor K x units per group) -> per-mask language-model loss (K,)
+    evaluate: Callable[[list[torch.Tensor]], torch.Tensor]
+    progress: bool = False
+    seed: int = 0
+    history: list = field(default_factory=list)
+
+
+def project_to_budget(y: torch.Tensor, cost: torch.Tensor, keep_params: float, eps: float) -> torch.Tensor:
+    """``clip(y - lambda * cost, eps, 1 - eps)`` with ``lambda`` found by bisection so that
+    ``sum(cost * s) = keep_params`` (the Euclidean projection onto the budget within the box)."""
+    def kept(lam):
+        return float((cost * (y - lam * cost).clamp(eps, 1 - eps)).sum())
+
+    scale = float(cost.max())
+    lo, hi = (-2.0 - float(y.abs().max())) / scale, (2.0 + float(y.abs().max())) / scale
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if kept(mid) > keep_params:
+            lo = mid
+        else:
+            hi = mid
+    return (y - 0.5 * (lo + hi) * cost).clamp(eps, 1 - eps)
+
+
+def final_keep(s: torch.Tensor, cost: torch.Tensor, keep_params: float) -> torch.Tensor:
+    """Highest probabilities first while they fit in ``keep_params`` (exactly ``k`` when costs are equal)."""
+    order = torch.argsort(s, descending=True, stable=True)
+    within = torch.cumsum(cost[order], 0) <= keep_params + 1e-6
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep[order[within]] = True
+    return keep
+
+
+@register_method("policy_gradient")
+class PolicyGradient(PruningMethod):
+    Options = PolicyGradientOptions
+    supported_patterns = ("structured",)
+    is_global = True
+
+    @property
+    def statistics(self):
+        return frozenset({"sq_norm", "gram"}) if self.options.restore else frozenset({"sq_norm"})
+
+    producer_statistics = frozenset({"sq_norm"})  # Wanda-sp scores of the producer rows
+
+    def unit_scores(self, problem):
+        return wanda_sp_scores(problem)
+
+    def restore(self, problem, keep):
+        if not self.options.restore:
+            return None
+        cols = unit_indices(keep, problem.cols_per_unit)
+        return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, self.dampening)
+
+    # ------------------------------------------------------------------ the optimisation
+    def _partitions(self, problem, group_of):
+        if self.options.budget == "global":
+            return [torch.ones_like(group_of, dtype=torch.bool)]
+        kind_ids = {kind: i for i, kind in enumerate(dict.fromkeys(problem.kinds))}
+        per_unit_kind = torch.tensor([kind_ids[kind] for kind in problem.kinds])[group_of]
+        return [per_unit_kind == i for i in kind_ids.values()]
+
+    @torch.no_grad()
+    def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
+        """Boolean keep mask per group."""
+        opts = self.options
+        sizes = [len(scores) for scores in problem.scores]
+        group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
+        # initial probabilities: log-scores centred within each group, through a sigmoid
+        logits = torch.cat([
+            (torch.log(scores.double().clamp_min(1e-12)) - torch.log(scores.double().clamp_min(1e-12)).median())
+            for scores in problem.scores
+        ]) * opts.init_temperature
+        y = torch.sigmoid(logits) if opts.init == "wanda-sp" else torch.full_like(logits, 0.5)
+        partitions = self._partitions(problem, group_of)
+        budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
+
+        def project(values):
+            out = values.clone()
+            for part, keep_params in zip(partitions, budgets):
+                out[part] = project_to_budget(values[part], cost[part], keep_params, opts.eps)
+            return out
+
+        s = project(y)
+        generator = torch.Generator().manual_seed(problem.seed)
+        baseline = None
+        bar = tqdm(range(opts.steps), desc="policy gradient", disable=not problem.progress)
+        for step in bar:
+            masks = torch.bernoulli(s.expand(opts.samples, -1), generator=generator)
+            losses = problem.evaluate([masks[:, group_of == g].float() for g in range(len(sizes))]).double()
+            mean = float(losses.mean())
+            baseline = mean if baseline is None else opts.baseline_decay * baseline + (1 - opts.baseline_decay) * mean
+            grad = ((losses - baseline)[:, None] * (masks - s) / (s * (1 - s))).mean(0)
+            lr = opts.lr * 0.5 * (1 + math.cos(math.pi * step / max(opts.steps, 1)))
+            s = project(s - lr * grad)
+            problem.history.append({"step": step, "loss": mean, "baseline": baseline, "lr": lr})
+            bar.set_postfix(loss=f"{mean:.4f}")
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        for part, keep_params in zip(partitions, budgets):
+            keep[part] = final_keep(s[part], cost[part], keep_params)
+        # every group keeps at least one unit: its most probable one, paid for by the least probable kept unit
+        for g in range(len(sizes)):
+            members = (group_of == g).nonzero().squeeze(1)
+            if not keep[members].any():
+                keep[members[s[members].argmax()]] = True
+                same_part = next(p for p in partitions if p[members[0]])
+                others = (keep & same_part & (group_of != g)).nonzero().squeeze(1)
+                if others.numel():
+                    keep[others[s[others].argmin()]] = False
+        self.probabilities = [s[group_of == g].float() for g in range(len(sizes))]
+        return [keep[group_of == g] for g in range(len(sizes))]

@@ -1,0 +1,82 @@
+"""Policy-gradient global structured pruning: exact budget, learning a planted redundancy, no weight
+gradients, heterogeneous widths that save and load."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import Pruner, PruningConfig, PruningError
+from optimum_prune.methods.policy_gradient import final_keep, project_to_budget
+
+
+def config(**kw):
+    options = kw.pop("method_kwargs", {})
+    base = dict(method="policy_gradient", pattern="structured", num_calibration_samples=8, seqlen=32, batch_size=4,
+                method_kwargs={"steps": 20, **options})
+    base.update(kw)
+    return PruningConfig(**base)
+
+
+def test_projection_meets_the_budget_inside_the_box():
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(200, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    cost = torch.cat([torch.full((150,), 3.0), torch.full((50,), 40.0)]).double()
+    budget = 0.6 * float(cost.sum())
+    s = project_to_budget(y, cost, budget, 0.01)
+    assert float((cost * s).sum()) == pytest.approx(budget, rel=1e-6)
+    assert float(s.min()) >= 0.01 and float(s.max()) <= 0.99
+    keep = final_keep(s, cost, budget)
+    assert float(cost[keep].sum()) <= budget and float(cost[keep].sum()) > budget - 40
+
+
+@pytest.mark.parametrize("budget", ["separate", "global"])
+def test_budget_met_and_widths_heterogeneous(budget, calib_ids, tmp_path):
+    model = tiny_model("llama", num_hidden_layers=3)
+    pruner = Pruner(config(sparsity=0.3, method_kwargs={"budget": budget}))
+    pruner.prune(model, calib_ids, progress=False)
+    mlp_units = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    if budget == "separate":
+        assert sum(mlp_units) == int(0.7 * 3 * 128 + 1e-6)  # the units of highest probability that fit
+        assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.02)
+    else:
+        assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.03)
+    assert all(p.grad is None for p in model.parameters())
+    history = pruner.engine.history
+    assert len(history) == 20 and all(h["loss"] > 0 for h in history)
+    if len(set(mlp_units)) > 1:
+        assert type(model).__name__ == "PrunedLlamaForCausalLM"
+    folder = tmp_path / "pg"
+    pruner.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = calib_ids[:16].unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_learns_to_drop_planted_dead_channels(calib_ids):
+    """Half of the MLP channels are dead (zero down_proj columns), the others matter; from a uniform
+    initialisation the policy learns which half to drop."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=1, intermediate_size=32)
+    mlp = model.model.layers[0].mlp
+    dead = torch.arange(0, 32, 2)
+    with torch.no_grad():
+        mlp.down_proj.weight[:, dead] = 0
+        mlp.down_proj.weight.mul_(8)
+    cfg = config(sparsity=1 / 6, ignore=["*.self_attn"], num_calibration_samples=16,
+                 method_kwargs={"steps": 150, "samples": 4, "lr": 0.2, "init": "uniform", "restore": False})
+    pruner = Pruner(cfg)
+    pruner.prune(model, calib_ids, progress=False)
+    probabilities = pruner.method.probabilities[0]
+    alive = torch.ones(32, dtype=torch.bool)
+    alive[dead] = False
+    assert float(probabilities[alive].mean()) > float(probabilities[~alive].mean()) + 0.2
+    assert mlp.down_proj.in_features == 32 - 16  # 1/6 of the layer's parameters = half of the MLP channels
+    assert bool((mlp.down_proj.weight.abs().sum(0) > 0).all()), "a dead channel was kept"
+
+
+def test_overrides_are_refused():
+    with pytest.raises(PruningError, match="allocates widths globally"):
+        Pruner(config(overrides={"*.layers.0": {"sparsity": 0.1}})).prune(tiny_model(), torch.zeros(200, dtype=torch.long),
+                                                                          progress=False)
