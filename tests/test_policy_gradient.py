@@ -54,26 +54,32 @@ def test_budget_met_and_widths_heterogeneous(budget, calib_ids, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_learns_to_drop_planted_dead_channels(calib_ids):
-    """Half of the MLP channels are dead (zero down_proj columns), the others matter; from a uniform
-    initialisation the policy learns which half to drop."""
+def test_learns_to_drop_planted_dead_channels():
+    """Half of the MLP channels are dead (zero down_proj columns); the others carry the model's
+    predictions (calibration text = its own greedy continuations). From a uniform initialisation,
+    forward passes alone teach the policy which half to drop."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=1, intermediate_size=32)
     mlp = model.model.layers[0].mlp
     dead = torch.arange(0, 32, 2)
     with torch.no_grad():
         mlp.down_proj.weight[:, dead] = 0
-        mlp.down_proj.weight.mul_(8)
+        mlp.down_proj.weight.mul_(8)  # the MLP dominates the residual stream
+        model.lm_head.weight.mul_(10)  # confident predictions: removing a live channel costs loss
+    starts = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(1))
+    windows = model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
     cfg = config(sparsity=1 / 6, ignore=["*.self_attn"], num_calibration_samples=16,
-                 method_kwargs={"steps": 150, "samples": 4, "lr": 0.2, "init": "uniform", "restore": False})
+                 method_kwargs={"steps": 100, "samples": 4, "lr": 0.5, "init": "uniform", "restore": False})
     pruner = Pruner(cfg)
-    pruner.prune(model, calib_ids, progress=False)
+    pruner.prune(model, windows, progress=False)
     probabilities = pruner.method.probabilities[0]
     alive = torch.ones(32, dtype=torch.bool)
     alive[dead] = False
-    assert float(probabilities[alive].mean()) > float(probabilities[~alive].mean()) + 0.2
+    assert float(probabilities[alive].mean()) > float(probabilities[~alive].mean()) + 0.3
     assert mlp.down_proj.in_features == 32 - 16  # 1/6 of the layer's parameters = half of the MLP channels
-    assert bool((mlp.down_proj.weight.abs().sum(0) > 0).all()), "a dead channel was kept"
+    dead_kept = int((mlp.down_proj.weight.abs().sum(0) == 0).sum())
+    assert dead_kept <= 4, f"{dead_kept} of the 16 dead channels kept (chance: 8)"
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_overrides_are_refused():

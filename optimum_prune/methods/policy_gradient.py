@@ -46,7 +46,10 @@ class PolicyGradientOptions:
     windows_per_step: int = 1
     #: Peak learning rate of the cosine schedule (probabilities live in [eps, 1 - eps]).
     lr: float = 0.05
-    #: Moving-average factor of the loss baseline.
+    #: Loss baseline: "moving" (moving average of the step losses, factor ``baseline_decay``) or
+    #: "leave-one-out" (for each sample, the mean loss of the other samples of the same step: they
+    #: share the calibration batch, so the batch's own difficulty cancels; needs samples >= 2).
+    baseline: str = "leave-one-out"
     baseline_decay: float = 0.9
     #: "separate": attention and MLP each lose ``sparsity`` of their parameters; "global": one budget.
     budget: str = "separate"
@@ -66,6 +69,9 @@ class PolicyGradientOptions:
             check_positive_number(getattr(self, name), f"policy_gradient option {name}")
         check_choice(self.budget, "policy_gradient option budget", ("separate", "global"))
         check_choice(self.init, "policy_gradient option init", ("wanda-sp", "uniform"))
+        check_choice(self.baseline, "policy_gradient option baseline", ("moving", "leave-one-out"))
+        if self.baseline == "leave-one-out" and self.samples < 2:
+            raise PruningError("policy_gradient baseline 'leave-one-out' needs samples >= 2; raise samples or use 'moving'.")
         if not (isinstance(self.baseline_decay, (int, float)) and 0 <= self.baseline_decay < 1):
             raise PruningError(f"policy_gradient option baseline_decay must be in [0, 1), got {self.baseline_decay!r}.")
         if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 0.5):
@@ -175,7 +181,11 @@ class PolicyGradient(PruningMethod):
             losses = problem.evaluate([masks[:, group_of == g].float() for g in range(len(sizes))]).double()
             mean = float(losses.mean())
             baseline = mean if baseline is None else opts.baseline_decay * baseline + (1 - opts.baseline_decay) * mean
-            grad = ((losses - baseline)[:, None] * (masks - s) / (s * (1 - s))).mean(0)
+            if opts.baseline == "leave-one-out":
+                advantage = (losses - mean) * opts.samples / (opts.samples - 1)  # loss_k - mean of the others
+            else:
+                advantage = losses - baseline
+            grad = (advantage[:, None] * (masks - s) / (s * (1 - s))).mean(0)
             lr = opts.lr * 0.5 * (1 + math.cos(math.pi * step / max(opts.steps, 1)))
             s = project(s - lr * grad)
             problem.history.append({"step": step, "loss": mean, "baseline": baseline, "lr": lr})
