@@ -46,7 +46,7 @@ STRUCTURED_RUNS = [
 ]
 
 
-GLOBAL_RUNS = [f"{method}:s{level}" for level in ("0.2", "0.3") for method in ("fasp", "spap", "policy_gradient")]
+GLOBAL_RUNS = [f"{method}:s{level}" for level in ("0.2", "0.3") for method in ("spap", "policy_gradient")]
 
 
 def parse_run(spec: str):
@@ -189,7 +189,7 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    reference_method = {"global": "fasp", "structured": "wanda-sp"}.get(preset, "sparsegpt")
+    reference_method = {"global": "spap", "structured": "wanda-sp"}.get(preset, "sparsegpt")
     header = (
         f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens (packaged Wikipedia leads, "
         f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
