@@ -125,7 +125,8 @@ def _prune(args, method, options, pattern, sparsity, queue):
 
     model, tokenizer = _load(args.checkpoint)
     config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
-                           seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options)
+                           seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options,
+                           **({} if args.channel_multiple is None else {"channel_multiple": args.channel_multiple}))
     pruner = Pruner(config)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     start = time.perf_counter()
@@ -169,6 +170,7 @@ def main():
     parser.add_argument("--global", dest="global_", action="store_true",
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
+    parser.add_argument("--channel-multiple", type=int, default=None, help="structured: PruningConfig.channel_multiple")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
     preset = "global" if args.global_ else "structured" if args.structured else None
@@ -222,7 +224,11 @@ def main():
         command = "python benchmarks/smollm2.py" + (f" --{preset}" if preset else "")
         if args.runs != default_runs:
             command += " --runs " + " ".join(args.runs)
-        handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}{' --one-pass' if args.one_pass else ''}`\n\n{table}")
+        if args.one_pass:
+            command += " --one-pass"
+        if args.channel_multiple is not None:
+            command += f" --channel-multiple {args.channel_multiple}"
+        handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}`\n\n{table}")
 
 
 def plot_widths(rows, path: str) -> None:

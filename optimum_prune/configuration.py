@@ -119,6 +119,8 @@ class PruningConfig:
         dampening: ``lambda`` in ``H + lambda * mean(diag H) * I`` before factorising.
         sequential: each layer sees the outputs of the already-pruned layers before it (default);
             ``False`` runs every layer once and feeds the next layer with dense outputs (faster).
+        channel_multiple: structured pruning keeps a multiple of this many MLP channels per layer
+            (hardware-friendly widths; 1 = the exact budget).
         dataset, dataset_config, dataset_split, text_column: default calibration data when
             ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
         method_kwargs: the method's own options, checked against its ``Options`` dataclass.
@@ -136,6 +138,7 @@ class PruningConfig:
     seed: int = 0
     dampening: float = 0.01
     sequential: bool = True
+    channel_multiple: int = 32
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
@@ -171,6 +174,7 @@ class PruningConfig:
         check_int(self.seqlen, "seqlen", 2)
         check_int(self.batch_size, "batch_size", 1)
         check_int(self.seed, "seed", 0)
+        check_int(self.channel_multiple, "channel_multiple", 1)
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
             0.0 <= self.dampening < 1e3
         ):

@@ -79,11 +79,12 @@ def test_structured_end_to_end(assets, method, extra):
     result = cli(
         "prune", "--model", str(assets / "tiny-llama"), "--method", method, "--pattern", "structured",
         "--sparsity", "0.2", "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
-        "--output", str(out), *extra,
+        "--channel-multiple", "1", "--output", str(out), *extra,
     )
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "pruning_results.json").read_text())
-    assert results["sparsity"] == pytest.approx(0.2, abs=0.01)
+    # the global method's budget counts whole KV groups across the model: a coarser total
+    assert results["sparsity"] == pytest.approx(0.2, abs=0.03 if method == "policy_gradient" else 0.01)
     assert results["parameters_after"] < results["parameters_before"]
     model = AutoModelForCausalLM.from_pretrained(out)  # optimum_prune is imported here: no remote code needed
     assert sum(p.numel() for p in model.parameters()) == results["parameters_after"]

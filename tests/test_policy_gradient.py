@@ -13,6 +13,7 @@ from optimum_prune.methods.policy_gradient import final_keep, project_to_budget
 def config(**kw):
     options = kw.pop("method_kwargs", {})
     base = dict(method="policy_gradient", pattern="structured", num_calibration_samples=8, seqlen=32, batch_size=4,
+                channel_multiple=1,
                 method_kwargs={"steps": 20, **options})
     base.update(kw)
     return PruningConfig(**base)

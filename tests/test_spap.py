@@ -71,7 +71,7 @@ def test_options_are_validated():
 def test_spap_prunes_a_tiny_model(init, calib_ids):
     model = tiny_model("llama", num_hidden_layers=2)
     config = PruningConfig(method="spap", pattern="structured", sparsity=0.3, num_calibration_samples=8, seqlen=32,
-                           method_kwargs={"init": init})
+                           channel_multiple=1, method_kwargs={"init": init})
     pruner = Pruner(config)
     pruner.prune(model, calib_ids, progress=False)
     assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.02)

@@ -16,13 +16,13 @@ from optimum_prune.methods.linalg import restore_columns
 from optimum_prune.methods.structured import StructuredProblem, column_scores, keep_top, unit_indices
 from optimum_prune.registry import get_method
 from optimum_prune.structure import find_decoder_layers
-from optimum_prune.structure.budget import plan_removals
+from optimum_prune.structure.budget import plan_removals, round_kept
 from optimum_prune.structure.groups import layer_groups
 from optimum_prune.structure.shrink import remove_layers, shrink_group
 
 
 def config(**kw):
-    base = dict(pattern="structured", num_calibration_samples=8, seqlen=32, batch_size=4)
+    base = dict(pattern="structured", num_calibration_samples=8, seqlen=32, batch_size=4, channel_multiple=1)
     base.update(kw)
     return PruningConfig(**base)
 
@@ -114,6 +114,16 @@ def test_budget_split():
     assert fixed[mlp.name] == 32  # the fixed group takes its own share; attention (now last free) the rest
     with pytest.raises(PruningError, match="would remove all"):
         plan_removals([attention, mlp], 0.95, {}, {attention.name})
+
+
+def test_channel_multiple_rounds_mlp_widths(calib_ids):
+    assert [round_kept(k, 1536, 32) for k in (1229, 922, 20, 1530)] == [1216, 928, 32, 1530]
+    assert round_kept(45, 60, 32) == 45  # too few channels to round
+    model = tiny_model("llama", intermediate_size=256)
+    pruner = Pruner(config(method="fasp", sparsity=0.3, channel_multiple=32))
+    pruner.prune(model, calib_ids, progress=False)
+    assert model.config.intermediate_size % 32 == 0 and model.config.intermediate_size < 256
+    assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.05)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -270,7 +270,7 @@ class LayerwiseEngine:
         sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
         layer_params = linear_params(layer)
         self._fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
-        removals = plan_removals(groups, sparsity, fixed, excluded, layer_params)
+        removals = plan_removals(groups, sparsity, fixed, excluded, layer_params, cfg.channel_multiple)
         return {g.name: (g, removals[g.name]) for g in groups}
 
     @staticmethod

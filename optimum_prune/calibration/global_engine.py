@@ -134,6 +134,7 @@ class GlobalStructuredEngine:
                 evaluate=evaluate,
                 progress=self.progress,
                 seed=self.config.seed,
+                channel_multiple=self.config.channel_multiple,
             )
             try:
                 keeps = self.method.optimise(global_problem)

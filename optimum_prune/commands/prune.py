@@ -29,6 +29,7 @@ _CONFIG_FLAGS = {
     "dampening": "dampening",
     "targets": "targets",
     "ignore": "ignore",
+    "channel_multiple": "channel_multiple",
 }
 
 
@@ -50,6 +51,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--targets", nargs="+", default=None, help="Module-name patterns to prune (glob or re:regex).")
     method.add_argument("--ignore", nargs="+", default=None, help="Module-name patterns to leave dense.")
     method.add_argument("--one-pass", action="store_true", help="Non-sequential: each layer runs once (faster).")
+    method.add_argument("--channel-multiple", type=int, default=None,
+                        help="Structured: MLP channels kept per layer rounded to a multiple of this (default 32; 1: exact).")
 
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", default=None, help="Hub dataset, local .txt/.json/.jsonl, or packaged:wiki-leads.")

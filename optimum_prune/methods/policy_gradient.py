@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from ..registry import register_method
 from .base import PruningMethod
+from ..structure.budget import round_kept
 from .linalg import restore_columns
 from .structured import unit_indices
 from .wanda_sp import wanda_sp_scores
@@ -92,6 +93,7 @@ class GlobalProblem:
     evaluate: Callable[[list[torch.Tensor]], torch.Tensor]
     progress: bool = False
     seed: int = 0
+    channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
     history: list = field(default_factory=list)
 
 
@@ -193,6 +195,16 @@ class PolicyGradient(PruningMethod):
         keep = torch.zeros_like(s, dtype=torch.bool)
         for part, keep_params in zip(partitions, budgets):
             keep[part] = final_keep(s[part], cost[part], keep_params)
+        # hardware-friendly widths: each MLP group keeps its most probable units, a multiple of channel_multiple
+        for g in range(len(sizes)):
+            if problem.kinds[g] != "mlp":
+                continue
+            members = (group_of == g).nonzero().squeeze(1)
+            kept = int(keep[members].sum())
+            target = round_kept(kept, len(members), problem.channel_multiple) if kept else 0
+            if target != kept:
+                keep[members] = False
+                keep[members[torch.argsort(s[members], descending=True, stable=True)[:target]]] = True
         # every group keeps at least one unit: its most probable one, paid for by the least probable kept unit
         for g in range(len(sizes)):
             members = (group_of == g).nonzero().squeeze(1)

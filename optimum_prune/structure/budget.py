@@ -11,7 +11,10 @@ share it like this, unless the config fixes a group's own fraction (``overrides`
 - the last free group (the MLP, one channel per unit) removes what makes the layer total the
   nearest whole number of its units to ``sparsity * layer parameters``.
 
-Every group keeps at least one unit.
+Every group keeps at least one unit. With ``channel_multiple`` > 1, MLP groups keep a multiple of
+that many channels (the nearest to the exact count): matrix widths such as 1229 or 922 run as
+slowly as much wider ones on CPU GEMM kernels (and GPU tensor cores want multiples of 8-64), so the
+default rounds to 32. Groups with fewer channels than twice the multiple are not rounded.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def plan_removals(
     fixed: dict[str, float],
     excluded: set[str],
     layer_params: int | None = None,
+    channel_multiple: int = 1,
 ) -> dict[str, int]:
     """Units to remove per group name; ``layer_params`` defaults to the groups' parameters."""
     removals: dict[str, int] = {}
@@ -50,4 +54,16 @@ def plan_removals(
                 f"lower the sparsity or let other modules share it."
             )
         removals[group.name] = count
+    for group in groups:
+        if group.kind == "mlp" and removals[group.name]:
+            removals[group.name] = group.units - round_kept(group.units - removals[group.name], group.units, channel_multiple)
     return removals
+
+
+def round_kept(kept: int, units: int, multiple: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, less than
+    ``units``); unchanged when ``multiple`` is 1 or the group has fewer than ``2 * multiple`` units."""
+    if multiple <= 1 or units < 2 * multiple:
+        return kept
+    rounded = max(multiple, int(math.floor(kept / multiple + 0.5)) * multiple)
+    return rounded if rounded < units else kept
