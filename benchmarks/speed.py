@@ -83,7 +83,7 @@ def main():
     lines = [
         f"SmolLM2-135M-Instruct fp32 on {args.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}). Prefill: batch {args.batch_size} x "
-        f"{args.prompt_length} tokens; decode: {args.new_tokens} greedy tokens after that prompt; median of "
+        f"{args.prompt_length} tokens; decode: {args.new_tokens} greedy one-token steps through the KV cache after that prompt; median of "
         f"{args.repeats} runs. Peak memory: {'CUDA max allocated' if args.device.startswith('cuda') else 'process max RSS'}, "
         "each model in its own process.\n",
         "| model | decoder params removed | parameters | params / dense | weight MB | weight / dense | safetensors MB | "

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -97,3 +99,11 @@ def synthetic_structured_problem(seed=0, units=48, out=24, inputs=32, tokens=400
     consumer = torch.randn(out, n, generator=g)
     problem = StructuredProblem("mlp", units, [producer], [1], consumer, cols_per_unit, consumer_stats=stats)
     return problem, Z
+
+
+def python_stdout(code: str, timeout: int = 240) -> str:
+    """Run ``code`` in a fresh interpreter (offline); its stdout, or a failure with its stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, synthetic_structured_problem, tiny_model
+from conftest import ARCHS, VOCAB, python_stdout, synthetic_structured_problem, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
@@ -31,13 +31,6 @@ def decoder_linear_params(model):
     _, layers = find_decoder_layers(model)
     return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
                for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
-
-
-def run_python(code, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 # A fresh interpreter that cannot import optimum_prune, as on a machine without it.
@@ -263,7 +256,7 @@ try:
 except Exception as err:
     print('refused:', type(err).__name__)
 """
-    assert "refused" in run_python(code)
+    assert "refused" in python_stdout(code)
 
 
 def test_remove_layers_keeps_generation_working(tmp_path, calib_ids):
@@ -305,3 +298,17 @@ def test_structured_prune_with_offloaded_layers_matches_in_memory(tmp_path, cali
     ids = calib_ids[:32].unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, producers_hooked", [("fasp", False), ("spap", False), ("wanda-sp", True)])
+def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooked):
+    from optimum_prune.calibration.engine import LayerwiseEngine
+    from optimum_prune.registry import get_method
+
+    model = tiny_model("llama")
+    cfg = config(method=method, sparsity=0.6)
+    engine = LayerwiseEngine(model, cfg, get_method(method)(cfg.method_options), progress=False)
+    hooked = engine._hooked_linears(engine.plan[0])
+    consumers = {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    assert consumers <= set(hooked)
+    assert (len(hooked) > len(consumers)) == producers_hooked

@@ -71,8 +71,8 @@ def measure_speed(
 
     - prefill: one forward pass over ``batch_size x prompt_length`` tokens that returns the last
       position's logits only (what ``generate`` does before decoding), in tokens per second;
-    - decode: ``generate`` of ``new_tokens`` greedy tokens after that prompt, minus the prefill
-      time, divided by ``new_tokens - 1``: milliseconds per generated token with the KV cache.
+    - decode: after a prefill that fills the KV cache (not timed), ``new_tokens`` greedy steps of
+      one token each through the cache (the loop ``generate`` runs), in milliseconds per token.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -83,18 +83,25 @@ def measure_speed(
     def prefill():
         model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
-    def generate():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+    def decode_seconds() -> float:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache, token, attention = out.past_key_values, out.logits[:, -1:].argmax(-1), mask
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
+            out = model(input_ids=token, attention_mask=attention, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return (time.perf_counter() - start) / new_tokens
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         prefill()
-        generate()
+        decode_seconds()
     prefill_s = _median_seconds(prefill, device, repeats)
-    generate_s = _median_seconds(generate, device, repeats)
-    decode_s = max(generate_s - prefill_s, 0.0) / max(new_tokens - 1, 1)
+    decode_s = statistics.median(decode_seconds() for _ in range(repeats))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
