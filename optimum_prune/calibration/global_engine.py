@@ -50,6 +50,7 @@ class GlobalStructuredEngine:
             ]
         if not self.groups:
             raise PruningError(f"No channel group matches targets={config.targets} ignore={config.ignore}.")
+        self.layer_params = sum(linear_params(layer) for layer in self.layers)  # every decoder-layer Linear
 
     # ------------------------------------------------------------------ statistics of the dense model
     def _collect_statistics(self, windows: torch.Tensor):
@@ -145,7 +146,6 @@ class GlobalStructuredEngine:
             self.model.train(was_training)
         self.history = global_problem.history
         report = PruneReport()
-        total_layer_params = sum(linear_params(layer) for layer in self.layers)
         for group, (problem, weights), keep_mask in zip(self.groups, problems, keeps):
             keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
             before = group.params
@@ -153,7 +153,7 @@ class GlobalStructuredEngine:
             shrink_group(group, keep, weights, new_consumer, set_param=_set_param)
             report.sparsity[group.name] = 1.0 - group.params / before
             report.pruned_params += before - group.params
-        report.total_params = total_layer_params
+        report.total_params = self.layer_params
         describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
@@ -161,9 +161,8 @@ class GlobalStructuredEngine:
     def _group_sparsity(self) -> float:
         """The groups' share of the removal so that ``sparsity`` of all decoder-layer Linear
         parameters goes (Linears that cannot shrink, such as OPT's attention, count in the total)."""
-        layer_params = sum(linear_params(layer) for layer in self.layers)
         group_params = sum(g.params for g in self.groups)
-        share = self.config.sparsity * layer_params / group_params
+        share = self.config.sparsity * self.layer_params / group_params
         if share >= 1:
             raise PruningError(
                 f"sparsity {self.config.sparsity:g} of the decoder layers is more than the prunable groups hold; lower it."
