@@ -312,8 +312,7 @@ class LayerwiseEngine:
                 if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
                     inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
                     if self.structured:  # count the layer's parameters in the report
-                        self._prune_structured(entry, {}, report, device)
-                        report.total_params += self._fixed_params[index]
+                        self._prune_structured(index, {}, report, device)
                     continue
                 stats = {}
                 if needs_data:
@@ -336,8 +335,7 @@ class LayerwiseEngine:
                     for i, names in enumerate(collector.groups):
                         collector.stats[i].check_finite(names[0])
                 if self.structured:
-                    self._prune_structured(entry, stats, report, device)
-                    report.total_params += self._fixed_params[index]
+                    self._prune_structured(index, stats, report, device)
                 else:
                     self._prune_linears(entry, stats, report, device)
                 if needs_data and self.config.sequential:
@@ -404,8 +402,9 @@ class LayerwiseEngine:
                 report.pruned_params += pruned
                 report.total_params += result.mask.numel()
 
-    def _prune_structured(self, entry, stats: dict, report: PruneReport, device: torch.device) -> None:
-        for name, (group, remove) in entry.items():
+    def _prune_structured(self, index: int, stats: dict, report: PruneReport, device: torch.device) -> None:
+        report.total_params += self._fixed_params[index]  # Linears of the layer that cannot shrink
+        for name, (group, remove) in self.plan[index].items():
             if remove == 0:
                 report.sparsity[name] = 0.0
                 report.total_params += group.params
@@ -413,17 +412,12 @@ class LayerwiseEngine:
             problem, weights = read_group_problem(
                 group, device, stats.get(group.producers[0].name), stats.get(group.consumer_name)
             )
-            before = group.params
             result = self.method.prune_structured(problem, remove)
             if result.keep.numel() != group.units - remove:
                 raise RuntimeError(f"{self.method.name} kept {result.keep.numel()} units of {name}, "
                                    f"expected {group.units - remove}")
-            if result.consumer_weight is not None:
-                _check_finite_result(self.method.name, group.consumer_name, result.consumer_weight)
-            shrink_group(group, result.keep, weights, result.consumer_weight, set_param=_set_param)
-            report.sparsity[name] = 1.0 - group.params / before
-            report.pruned_params += before - group.params
-            report.total_params += before
+            report.total_params += group.params
+            apply_to_group(group, result.keep, weights, result.consumer_weight, report, self.method.name)
 
 
 def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_stats):
@@ -445,6 +439,16 @@ def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_sta
         consumer_stats=consumer_stats,
     )
     return problem, weights
+
+
+def apply_to_group(group: ChannelGroup, keep, weights, consumer_weight, report: PruneReport, method: str) -> None:
+    """Shrink ``group`` to the units ``keep`` (a method's result) and record it in ``report``."""
+    if consumer_weight is not None:
+        _check_finite_result(method, group.consumer_name, consumer_weight)
+    before = group.params
+    shrink_group(group, keep, weights, consumer_weight, set_param=_set_param)
+    report.sparsity[group.name] = 1.0 - group.params / before
+    report.pruned_params += before - group.params
 
 
 def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:

@@ -23,8 +23,8 @@ from ..errors import PruningError
 from ..methods.policy_gradient import GlobalProblem
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
-from ..structure.shrink import describe_widths, shrink_group
-from .engine import PruneReport, _input_device, _set_param, read_group_problem
+from ..structure.shrink import describe_widths
+from .engine import PruneReport, _input_device, apply_to_group, read_group_problem
 from .statistics import InputStatistics
 
 
@@ -122,15 +122,12 @@ class GlobalStructuredEngine:
         self.model.eval()
         try:
             producer_stats, consumer_stats = self._collect_statistics(windows)
-            problems = [
-                read_group_problem(g, self.device or _home_device(g), p, c)
-                for g, p, c in zip(self.groups, producer_stats, consumer_stats)
-            ]
             evaluate, handles = self._evaluator(windows)
             global_problem = GlobalProblem(
                 kinds=[g.kind for g in self.groups],
                 unit_params=[g.params_per_unit for g in self.groups],
-                scores=[self.method.unit_scores(problem).cpu() for problem, _ in problems],
+                scores=[self.method.unit_scores(self._problem(i, producer_stats, consumer_stats)[0]).cpu()
+                        for i in range(len(self.groups))],
                 sparsity=self._group_sparsity(),
                 evaluate=evaluate,
                 progress=self.progress,
@@ -146,17 +143,19 @@ class GlobalStructuredEngine:
             self.model.train(was_training)
         self.history = global_problem.history
         report = PruneReport()
-        for group, (problem, weights), keep_mask in zip(self.groups, problems, keeps):
+        for i, (group, keep_mask) in enumerate(zip(self.groups, keeps)):
+            # weights are read again here rather than held as float32 copies through the optimisation
+            problem, weights = self._problem(i, producer_stats, consumer_stats)
             keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
-            before = group.params
-            new_consumer = self.method.restore(problem, keep)
-            shrink_group(group, keep, weights, new_consumer, set_param=_set_param)
-            report.sparsity[group.name] = 1.0 - group.params / before
-            report.pruned_params += before - group.params
+            apply_to_group(group, keep, weights, self.method.restore(problem, keep), report, self.method.name)
         report.total_params = self.layer_params
         describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _problem(self, index: int, producer_stats, consumer_stats):
+        group = self.groups[index]
+        return read_group_problem(group, self.device or _home_device(group), producer_stats[index], consumer_stats[index])
 
     def _group_sparsity(self) -> float:
         """The groups' share of the removal so that ``sparsity`` of all decoder-layer Linear

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from ..errors import PruningError
 from ..registry import register_method
 from .base import PruningMethod
-from .linalg import restore_columns
-from .structured import column_scores, unit_indices
+from .structured import column_scores, restore_units
 
 
 @dataclass
@@ -45,5 +44,4 @@ class FASP(PruningMethod):
     def restore(self, problem, keep):
         if not self.options.restore:
             return None
-        cols = unit_indices(keep, problem.cols_per_unit)
-        return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, self.dampening)
+        return restore_units(problem, keep, self.dampening)

@@ -34,8 +34,7 @@ from ..errors import PruningError, check_choice, check_int, check_positive_numbe
 from ..registry import register_method
 from .base import PruningMethod
 from ..structure.budget import round_kept
-from .linalg import restore_columns
-from .structured import unit_indices
+from .structured import restore_units
 from .wanda_sp import wanda_sp_scores
 
 
@@ -141,8 +140,7 @@ class PolicyGradient(PruningMethod):
     def restore(self, problem, keep):
         if not self.options.restore:
             return None
-        cols = unit_indices(keep, problem.cols_per_unit)
-        return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, self.dampening)
+        return restore_units(problem, keep, self.dampening)
 
     # ------------------------------------------------------------------ the optimisation
     def _partitions(self, problem, group_of):
@@ -180,7 +178,7 @@ class PolicyGradient(PruningMethod):
         bar = tqdm(range(opts.steps), desc="policy gradient", disable=not problem.progress)
         for step in bar:
             masks = torch.bernoulli(s.expand(opts.samples, -1), generator=generator)
-            losses = problem.evaluate([masks[:, group_of == g].float() for g in range(len(sizes))]).double()
+            losses = problem.evaluate([m.float() for m in masks.split(sizes, dim=1)]).double()
             mean = float(losses.mean())
             baseline = mean if baseline is None else opts.baseline_decay * baseline + (1 - opts.baseline_decay) * mean
             if opts.baseline == "leave-one-out":
@@ -214,5 +212,5 @@ class PolicyGradient(PruningMethod):
                 others = (keep & same_part & (group_of != g)).nonzero().squeeze(1)
                 if others.numel():
                     keep[others[s[others].argmin()]] = False
-        self.probabilities = [s[group_of == g].float() for g in range(len(sizes))]
-        return [keep[group_of == g] for g in range(len(sizes))]
+        self.probabilities = [p.float() for p in s.split(sizes)]
+        return list(keep.split(sizes))

@@ -38,8 +38,8 @@ import torch
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from ..registry import register_method
 from .base import PruningMethod
-from .linalg import prepare_hessian, restore_columns, robust_cholesky
-from .structured import StructuredResult, column_scores, keep_top, per_unit, unit_indices
+from .linalg import prepare_hessian, robust_cholesky
+from .structured import StructuredResult, column_scores, keep_top, per_unit, restore_units, unit_indices
 from .wanda_sp import wanda_sp_scores
 
 
@@ -94,9 +94,8 @@ class SPAP(PruningMethod):
         return frozenset({"sq_norm"}) if self.options.init == "wanda-sp" else frozenset()
 
     def _exact(self, problem, keep, W, H):
-        cols = unit_indices(keep, problem.cols_per_unit)
-        X = restore_columns(problem.consumer, problem.consumer_stats.gram, cols, self.dampening)
-        return layer_error(W, H, X, cols.to(W.device)), X
+        X = restore_units(problem, keep, self.dampening)
+        return layer_error(W, H, X, unit_indices(keep, problem.cols_per_unit).to(W.device)), X
 
     @torch.no_grad()
     def prune_structured(self, problem, remove):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import restore_columns
+
 
 
 @dataclass
@@ -66,3 +68,9 @@ def unit_indices(keep: torch.Tensor, per_unit: int) -> torch.Tensor:
     """Row (or column) indices of the kept units, ``per_unit`` consecutive ones per unit."""
     keep = keep.to(torch.long)
     return (keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)).reshape(-1)
+
+
+def restore_units(problem: StructuredProblem, keep: torch.Tensor, dampening: float) -> torch.Tensor:
+    """FASP's restoration: the consumer re-fitted by least squares on the kept units' columns."""
+    cols = unit_indices(keep, problem.cols_per_unit)
+    return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, dampening)

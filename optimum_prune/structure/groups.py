@@ -27,7 +27,6 @@ from torch import nn
 
 from ..errors import PruningError
 from .layers import matches
-from ..methods.structured import unit_indices  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import PruningError
 from ..modeling import PRUNED_CLASSES
-from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for, unit_indices
+from ..methods.structured import unit_indices
+from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for
 from .layers import find_decoder_layers
 
 
@@ -106,7 +107,6 @@ def _stock_config_accepts(config, values: dict) -> bool:
 def describe_widths(model: nn.Module) -> bool:
     """Write the model's per-layer widths into its config; returns True if it is heterogeneous."""
     config = model.config
-    layout = layout_for(model)
     widths = layer_widths(model)
     uniform = all(w == widths[0] for w in widths)
     head_dim = head_dim_of(config)
