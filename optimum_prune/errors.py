@@ -21,6 +21,11 @@ def check_choice(value, name: str, choices: tuple) -> None:
         raise PruningError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise PruningError(f"{name} must be true or false, got {value!r}.")
+
+
 def check_positive_int(value, name: str) -> None:
     check_int(value, name, minimum=1, what="a positive integer")
 

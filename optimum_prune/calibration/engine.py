@@ -201,6 +201,67 @@ class _StatisticsCollector:
         self._seen.clear()
 
 
+def _check_called(linears: dict, collector: _StatisticsCollector) -> None:
+    missing = set(linears) - set(collector.group_of)
+    if missing:
+        raise PruningError(
+            f"{', '.join(sorted(missing))} received no input during calibration (unused by the layer's "
+            f"forward); add them to ignore."
+        )
+
+
+def _input_of(linear: nn.Linear, layer: nn.Module, hidden, kw, device) -> torch.Tensor:
+    """The input ``linear`` receives when ``layer`` runs on one batch (the forward stops there)."""
+    captured = []
+
+    def hook(module, args):
+        captured.append(args[0])
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        layer(_to_device(hidden, device), **_to_device(kw, device))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise PruningError(f"{linear.__class__.__name__} received no input during calibration; add it to ignore.")
+    return captured[0]
+
+
+def _dense_snapshot(linear: nn.Linear) -> torch.Tensor:
+    """The weight tensor a forward of ``linear`` uses now, kept aside before it is pruned. For an
+    offloaded Linear the pruned weight replaces the store's tensor, so a reference suffices."""
+    hook = _offload_hook(linear)
+    return hook.weights_map["weight"] if hook is not None else linear.weight.data.clone()
+
+
+@contextlib.contextmanager
+def _swapped(weights: dict[nn.Linear, torch.Tensor]):
+    """Run the block with the given weight tensors in the Linears (pointer swaps, no copies)."""
+    saved = []
+    for linear, value in weights.items():
+        offloaded = _offload_store(linear)
+        if offloaded is not None:
+            store, prefix = offloaded
+            saved.append((linear, store[prefix + "weight"]))
+            store[prefix + "weight"] = value
+        else:
+            saved.append((linear, linear.weight.data))
+            linear.weight.data = value
+    try:
+        yield
+    finally:
+        for linear, value in saved:
+            offloaded = _offload_store(linear)
+            if offloaded is not None:
+                store, prefix = offloaded
+                store[prefix + "weight"] = value
+            else:
+                linear.weight.data = value
+
+
 def _first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -314,6 +375,13 @@ class LayerwiseEngine:
                     if self.structured:  # count the layer's parameters in the report
                         self._prune_structured(index, {}, report, device)
                     continue
+                if needs_data and self.method.error_correction and not self.structured:
+                    dense = self._prune_linears_staged(layer, entry, inputs, kwargs, device, report)
+                    # the next layer sees the pruned layer (sequential) or the dense one
+                    with contextlib.nullcontext() if self.config.sequential else _swapped(dense):
+                        inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+                    bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
+                    continue
                 stats = {}
                 if needs_data:
                     keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
@@ -325,12 +393,7 @@ class LayerwiseEngine:
                         outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
                     finally:
                         collector.remove()
-                    missing = set(linears) - set(collector.group_of)
-                    if missing:
-                        raise PruningError(
-                            f"{', '.join(sorted(missing))} received no input during calibration (unused by the layer's "
-                            f"forward); add them to ignore."
-                        )
+                    _check_called(linears, collector)
                     stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
                     for i, names in enumerate(collector.groups):
                         collector.stats[i].check_finite(names[0])
@@ -384,6 +447,42 @@ class LayerwiseEngine:
             if keep:
                 outputs.append(_first_output(out).to(hidden.device))
         return outputs
+
+    def _prune_linears_staged(self, layer, entry, inputs, kwargs, device, report: PruneReport) -> dict:
+        """Intra-layer error correction: prune the layer's Linears stage by stage in the order the
+        layer calls them (a stage = the Linears reading one tensor: q/k/v, then o, then gate/up,
+        then down). A stage's statistics pair, batch by batch, its input in the dense layer with its
+        input once the earlier stages are pruned (`InputStatistics.update_pair`), so that each
+        Linear compensates the error of those before it. Returns the dense weights of the layer's
+        pruned Linears (for `_swapped`)."""
+        linears = {name: linear for name, (linear, _) in entry.items()}
+        stages = self._call_order(layer, linears, inputs[0], kwargs[0], device)
+        dense: dict[nn.Linear, torch.Tensor] = {}
+        for stage in stages:
+            first = linears[stage[0]]
+            stats = InputStatistics(first.in_features, self.method.statistics, device=device)
+            for hidden, kw in zip(inputs, kwargs):
+                if not dense:  # nothing upstream is pruned yet: dense and pruned inputs coincide
+                    stats.update(_input_of(first, layer, hidden, kw, device))
+                    continue
+                with _swapped(dense):
+                    x = _input_of(first, layer, hidden, kw, device)
+                stats.update_pair(x, _input_of(first, layer, hidden, kw, device))
+            stats.check_finite(stage[0])
+            for name in stage:
+                dense[linears[name]] = _dense_snapshot(linears[name])
+            self._prune_linears({name: entry[name] for name in stage}, dict.fromkeys(stage, stats), report, device)
+        return dense
+
+    def _call_order(self, layer, linears: dict[str, nn.Linear], hidden, kw, device) -> list[list[str]]:
+        """The target Linears grouped by the tensor they read, groups in the order the layer calls them."""
+        collector = _StatisticsCollector(linears, dict.fromkeys(linears, frozenset()), stop_when_done=True)
+        try:
+            self._run_layer(layer, [hidden], [kw], device, collector, keep=False)
+        finally:
+            collector.remove()
+        _check_called(linears, collector)
+        return collector.groups
 
     def _prune_linears(self, entry, stats: dict, report: PruneReport, device: torch.device) -> None:
         # Linears that read the same tensor (same statistics object) and share a target are solved together

@@ -3,6 +3,7 @@
 from .alps import ALPS
 from .base import PruneResult, PruningMethod
 from .fasp import FASP
+from .fista import FISTAPruner
 from .magnitude import Magnitude
 from .policy_gradient import PolicyGradient
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
@@ -15,6 +16,7 @@ from .wanda_sp import WandaSP
 __all__ = [
     "ALPS",
     "FASP",
+    "FISTAPruner",
     "Magnitude",
     "PolicyGradient",
     "PruneResult",

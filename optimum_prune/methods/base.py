@@ -15,7 +15,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..errors import PruningError
-from .linalg import prepare_hessian
+from .linalg import corrected_target
 from .masks import Target
 from .structured import StructuredProblem, StructuredResult, keep_top
 
@@ -63,6 +63,12 @@ class PruningMethod:
         return self.statistics
 
     @property
+    def error_correction(self) -> bool:
+        """Whether the engine should prune a layer's Linears stage by stage with paired statistics
+        (dense inputs against the inputs of the partly pruned layer; see `InputStatistics.cross`)."""
+        return False
+
+    @property
     def needs_calibration(self) -> bool:
         return bool(self.statistics)
 
@@ -91,13 +97,14 @@ class PruningMethod:
 
 class GramSolverMethod(PruningMethod):
     """A method that solves Linears sharing an input as one tall matrix against the damped Gram
-    matrix ``H`` of that input (rows are independent given ``H``), each matrix keeping its budget."""
+    matrix ``H`` of that input (rows are independent given ``H``), each matrix keeping its budget.
+    With paired statistics (error correction) it solves for the corrected target (`corrected_target`)."""
 
     statistics = frozenset({"gram"})
 
     def prune_linears(self, weights, stats, target):
         row_sizes = [w.shape[0] for w in weights]
-        H, W = prepare_hessian(stats.gram, torch.cat(list(weights), 0), self.dampening)
+        H, W = corrected_target(stats, torch.cat(list(weights), 0), self.dampening)
         W, mask = self.solve(W, H, target, row_sizes)
         return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
 

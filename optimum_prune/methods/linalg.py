@@ -27,6 +27,24 @@ def prepare_hessian(gram: torch.Tensor, weight: torch.Tensor, dampening: float) 
     return H, W
 
 
+def corrected_target(stats, weight: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped Gram matrix ``H*`` of the pruned-path inputs and the target re-expressed on them.
+
+    With intra-layer error correction a Linear sees ``X*`` (inputs after the Linears before it in
+    the layer were pruned) but must reproduce ``W X`` (the dense layer). Since
+    ``||W' X* - W X||^2 = ||(W' - W~) X*||^2 + const`` with ``W~ = W C H*^-1`` (``C = X^T X* / n``,
+    the least-squares fit of the dense output on ``X*``), every solver of
+    ``min tr((W' - W) H (W' - W)^T)`` handles the corrected problem when given ``(H*, W~)``.
+    Without paired statistics this is `prepare_hessian`.
+    """
+    if getattr(stats, "cross", None) is None:
+        return prepare_hessian(stats.gram, weight, dampening)
+    H, _ = prepare_hessian(stats.gram, weight, dampening)
+    B = weight.to(torch.float32) @ stats.cross.to(torch.float32)
+    L = robust_cholesky(H, "Gram matrix of the corrected inputs")
+    return H, torch.cholesky_solve(B.T.contiguous(), L).T.contiguous()
+
+
 def robust_cholesky(H: torch.Tensor, what: str = "Gram matrix", max_tries: int = 6) -> torch.Tensor:
     """Lower Cholesky factor of ``H``; on failure adds escalating damping (x10 each try) and warns."""
     L, info = torch.linalg.cholesky_ex(H)

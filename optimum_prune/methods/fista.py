@@ -1,0 +1,180 @@
+"""FISTAPruner (Zhao et al., 2024): a convex l1 model per Linear, solved by FISTA, then rounded.
+
+For Linears sharing an input (stacked as one tall ``W``) and the damped Gram matrix ``H`` of that
+input, each output row ``i`` solves
+
+    min_Z  1/2 (Z_i - W_i) H (Z_i - W_i)^T + lambda_i ||Z_i D||_1
+
+with FISTA (gradient step ``1/L``, ``L = lambda_max(H)``, soft-thresholding, Nesterov momentum).
+``D`` is the identity (``weighted_l1=False``: the paper's plain l1) or ``diag(sqrt(H_jj))``
+(default): the l1 weight of an input is its calibration norm, the Wanda weighting, and FISTA then
+runs in the coordinates where ``H`` has a unit diagonal (a Jacobi preconditioning that makes the
+few large-activation inputs of an LLM stop dictating the step size).
+
+``lambda_i`` is found per row by bisection (geometric, between ``1e-4`` and ``1`` times the value
+that zeroes the row): more zeros than the target sparsity -> smaller lambda, fewer -> larger; each
+round continues FISTA from the previous round's point. Every round's solution is rounded to the
+exact pattern (largest ``|Z_ij D_jj|`` kept per row / per matrix / per N:M group), its kept weights
+refitted by the shared least-squares solver, and scored by the layer objective; each row (or each
+matrix, for a per-matrix budget) keeps its best candidate, the warm start (SparseGPT or Wanda)
+included.
+
+Intra-layer error correction (``error_correction=True``, default) is the engine's: it prunes a
+layer's Linears in call order and hands later Linears paired statistics, so that the ``W`` and ``H``
+above are the corrected target and the Gram matrix of the inputs of the partly pruned layer
+(`~optimum_prune.methods.linalg.corrected_target`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import check_bool, check_choice, check_int, check_positive_int
+from ..registry import register_method
+from .base import GramSolverMethod
+from .linalg import inverse_cholesky_upper, masked_least_squares
+from .masks import Target, stacked_prune_mask
+from .sparsegpt import sparsegpt_solve
+
+
+@dataclass
+class FISTAOptions:
+    #: FISTA iterations per lambda (each continues from the previous round's point)
+    iterations: int = 20
+    #: lambda bisection rounds (every round's rounded solution is a candidate)
+    rounds: int = 5
+    #: initial point and first candidate: "sparsegpt" or "wanda"
+    warm_start: str = "sparsegpt"
+    #: fit later Linears of a layer on the inputs of the partly pruned layer (engine feature)
+    error_correction: bool = True
+    #: l1 weighted by the input norms (FISTA in unit-diagonal coordinates); False: plain l1
+    weighted_l1: bool = True
+    #: conjugate-gradient iterations refitting each rounded candidate on its support (0: none)
+    refit_iters: int = 8
+    #: unstructured budget per output "row" or per "matrix"
+    scope: str = "row"
+
+    def __post_init__(self):
+        check_positive_int(self.iterations, "fista option iterations")
+        check_positive_int(self.rounds, "fista option rounds")
+        check_choice(self.warm_start, "fista option warm_start", ("sparsegpt", "wanda"))
+        check_bool(self.error_correction, "fista option error_correction")
+        check_bool(self.weighted_l1, "fista option weighted_l1")
+        check_int(self.refit_iters, "fista option refit_iters", minimum=0)
+        check_choice(self.scope, "fista option scope", ("row", "matrix"))
+
+
+def layer_objective(W: torch.Tensor, H: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row ``(W_i - T_i) H (W_i - T_i)^T``: the reconstruction error of every output row."""
+    D = W - target
+    return ((D @ H) * D).sum(1)
+
+
+def soft_threshold(Z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return Z.sign() * (Z.abs() - threshold).clamp_min_(0.0)
+
+
+def _row_groups(rows: int, target: Target, scope: str, row_sizes: Sequence[int] | None) -> torch.Tensor | None:
+    """Ids of the rows that share a budget (per-matrix scope), or None when every row has its own."""
+    if target.is_nm or scope == "row":
+        return None
+    sizes = list(row_sizes) if row_sizes is not None else [rows]
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+@torch.no_grad()
+def fista_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    target: Target,
+    options: FISTAOptions,
+    row_sizes: Sequence[int] | None = None,
+    history: list | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask).
+
+    ``history`` (optional) receives one dict per round: lambda range, natural sparsity of the l1
+    solution, mean objective of the rounded candidate and of the best so far.
+    """
+    rows, cols = W.shape
+    s = torch.diagonal(H).clamp_min(1e-12).sqrt() if options.weighted_l1 else torch.ones_like(W[0])
+    Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
+    Wn = W * s.unsqueeze(0)
+    WnHn = Wn @ Hn
+    L = float(torch.linalg.eigvalsh(Hn.double())[-1].clamp_min(1e-12))
+    natural_target = target.pattern.implied_sparsity if target.is_nm else target.sparsity
+    groups = _row_groups(rows, target, options.scope, row_sizes)
+
+    def candidate_error(Z):
+        err = layer_objective(Z, Hn, Wn)
+        if groups is None:
+            return err
+        per_group = torch.zeros(int(groups.max()) + 1, dtype=err.dtype, device=err.device)
+        per_group.index_add_(0, groups.to(err.device), err)
+        return per_group[groups.to(err.device)]  # every row carries its matrix's error
+
+    def round_and_refit(Z):
+        prune = stacked_prune_mask(Z.abs(), target, row_sizes, scope=options.scope)
+        Z = Z.masked_fill(prune, 0.0)
+        if options.refit_iters:
+            Z = masked_least_squares(Wn, Hn, ~prune, init=Z, iters=options.refit_iters).masked_fill_(prune, 0.0)
+        return Z, prune
+
+    # warm start: the first candidate and FISTA's starting point
+    if options.warm_start == "sparsegpt":
+        start, _ = sparsegpt_solve(W.clone(), inverse_cholesky_upper(H), target, row_sizes=row_sizes)
+        start = start * s.unsqueeze(0)
+    else:
+        start = Wn
+    # re-rounded to this method's own budget scope (SparseGPT balances its budget per matrix)
+    best, best_prune = round_and_refit(start)
+    best_err = candidate_error(best)
+
+    # lambda bounds per row: above max|grad at 0| = max|(Wn Hn)_ij| the solution is zero
+    hi = WnHn.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    log_lo, log_hi = torch.log(hi * 1e-4), torch.log(hi)
+    Z = best.clone()
+    for rnd in range(options.rounds):
+        lam = torch.exp((log_lo + log_hi) / 2)
+        threshold = lam / L
+        Y, t = Z.clone(), 1.0
+        for _ in range(options.iterations):
+            Z_next = soft_threshold(Y - (Y @ Hn - WnHn) / L, threshold)
+            t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            Y = Z_next + ((t - 1.0) / t_next) * (Z_next - Z)
+            Z, t = Z_next, t_next
+        natural = (Z == 0).float().mean(1, keepdim=True)
+        too_sparse = natural > natural_target
+        log_hi = torch.where(too_sparse, torch.log(lam), log_hi)
+        log_lo = torch.where(too_sparse, log_lo, torch.log(lam))
+        cand, cand_prune = round_and_refit(Z)
+        err = candidate_error(cand)
+        better = err < best_err
+        best = torch.where(better.unsqueeze(1), cand, best)
+        best_prune = torch.where(better.unsqueeze(1), cand_prune, best_prune)
+        best_err = torch.minimum(err, best_err)
+        if history is not None:
+            history.append({
+                "round": rnd,
+                "natural_sparsity": float(natural.mean()),
+                "candidate_error": float(err.sum()),
+                "best_error": float(best_err.sum()),
+                "rows_improved": int(better.sum()),
+            })
+    return (best / s.unsqueeze(0)).masked_fill_(best_prune, 0.0), best_prune
+
+
+@register_method("fista")
+class FISTAPruner(GramSolverMethod):
+    Options = FISTAOptions
+
+    @property
+    def error_correction(self) -> bool:
+        return self.options.error_correction
+
+    def solve(self, W, H, target, row_sizes):
+        return fista_solve(W, H, target, self.options, row_sizes)
