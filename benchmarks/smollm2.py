@@ -11,6 +11,7 @@ forward pass of the dense model over the same calibration tokens.
     python benchmarks/smollm2.py --runs wanda:0.5 sparsegpt:2:4 --output /tmp/t.md
     python benchmarks/smollm2.py --structured          # structured runs -> docs/results/structured.md
     python benchmarks/smollm2.py --global              # policy gradient vs uniform -> docs/results/global.md
+    python benchmarks/smollm2.py --convex              # fista, sparsefw vs wanda, sparsegpt -> docs/results/convex.md
 
 A run is ``method:SPARSITY`` (unstructured), ``method:N:M`` or ``method:sSPARSITY`` (structured,
 fraction of decoder-layer parameters); method options go in brackets: ``fasp[restore=false]:s0.2``.
@@ -43,6 +44,15 @@ STRUCTURED_RUNS = [
     f"{method}:s{level}"
     for level in ("0.1", "0.2", "0.3")
     for method in ("wanda-sp", "fasp[restore=false]", "fasp", "spap")
+]
+
+
+# FISTA and SparseFW next to Wanda and SparseGPT; the time-critical pairs first
+CONVEX_RUNS = [
+    "sparsegpt:0.5", "fista:0.5", "sparsegpt:0.6", "fista:0.6", "sparsegpt:2:4", "fista:2:4",
+    "wanda:0.5", "wanda:0.6", "wanda:0.7", "wanda:2:4", "sparsegpt:0.7",
+    "sparsefw:0.5", "sparsefw[refit=true]:0.5", "sparsefw:0.6", "sparsefw[refit=true]:0.6",
+    "sparsefw:0.7", "sparsefw[refit=true]:0.7",
 ]
 
 
@@ -167,14 +177,15 @@ def main():
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
     parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
+    parser.add_argument("--convex", action="store_true", help=f"FISTA and SparseFW vs the baselines: {' '.join(CONVEX_RUNS)}")
     parser.add_argument("--global", dest="global_", action="store_true",
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
     parser.add_argument("--channel-multiple", type=int, default=None, help="structured: PruningConfig.channel_multiple")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
-    preset = "global" if args.global_ else "structured" if args.structured else None
-    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS}.get(preset, RUNS)
+    preset = "global" if args.global_ else "structured" if args.structured else "convex" if args.convex else None
+    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS, "convex": CONVEX_RUNS}.get(preset, RUNS)
     args.runs = args.runs or default_runs
     if args.output is None:
         args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", f"{preset or 'smollm2'}.md")

@@ -205,3 +205,26 @@ def test_demo_defaults_and_overrides(monkeypatch):
     assert argv.count("--output") == 1 and argv[argv.index("--output") + 1] == "elsewhere"
     assert argv[argv.index("--method") + 1] == "wanda"
     assert argv[argv.index("--model") + 1] == "packaged:smollm2-135m" and "--eval" in argv
+
+
+@pytest.mark.parametrize("method, pattern_args, kwargs", [
+    ("fista", ["--pattern", "2:4"], '{"rounds": 2}'),
+    ("sparsefw", ["--sparsity", "0.6"], '{"iterations": 40}'),
+])
+def test_optimisation_methods_end_to_end(assets, method, pattern_args, kwargs):
+    out = assets / f"out-{method}"
+    result = cli(
+        "prune", "--model", str(assets / "tiny-llama"), "--method", method, *pattern_args,
+        "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32",
+        "--method-kwargs", kwargs, "--output", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    if method == "fista":
+        assert zeros == pytest.approx(0.5, abs=1e-6) and all(satisfies_nm(w, 2, 4) for w in weights)
+    else:
+        assert zeros == pytest.approx(0.6, abs=0.01)
+    saved = json.loads((out / "pruning_config.json").read_text())
+    assert saved["method"] == method and saved["method_kwargs"] == json.loads(kwargs)

@@ -87,3 +87,19 @@ def test_invalid_json_file(tmp_path):
 
 def test_registry_lists_baselines():
     assert {"magnitude", "wanda", "sparsegpt", "alps"} <= set(available_methods())
+
+
+def test_configuration_reference_lists_every_method_option():
+    """docs/configuration.md stays in sync with the methods' Options dataclasses."""
+    import dataclasses
+    import os
+
+    from optimum_prune import available_methods, get_method
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
+    rows = [line for line in open(path, encoding="utf-8") if line.startswith("| `")]
+    for name in available_methods():
+        fields = [f.name for f in dataclasses.fields(get_method(name).Options)]
+        documented = " ".join(row for row in rows if row.startswith(f"| `{name}` |"))
+        missing = [f for f in fields if f"`{f}`" not in documented]
+        assert not missing, f"docs/configuration.md lacks options {missing} of method {name!r}"

@@ -120,7 +120,7 @@ def test_channel_multiple_rounds_mlp_widths(calib_ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "fasp"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "fasp", "sparsefw"])
 def test_structured_methods_shrink_every_architecture(arch, method, calib_ids):
     model = tiny_model(arch)
     before = decoder_linear_params(model)
@@ -300,7 +300,7 @@ def test_structured_prune_with_offloaded_layers_matches_in_memory(tmp_path, cali
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method, producers_hooked", [("fasp", False), ("spap", False), ("wanda-sp", True)])
+@pytest.mark.parametrize("method, producers_hooked", [("fasp", False), ("spap", False), ("sparsefw", False), ("wanda-sp", True)])
 def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooked):
     from optimum_prune.calibration.engine import LayerwiseEngine
     from optimum_prune.registry import get_method

@@ -7,6 +7,7 @@ from .fista import FISTAPruner
 from .magnitude import Magnitude
 from .policy_gradient import PolicyGradient
 from .masks import Target, measured_sparsity, nm_prune_mask, prune_mask, satisfies_nm
+from .sparsefw import SparseFW
 from .sparsegpt import SparseGPT
 from .spap import SPAP
 from .wanda import Wanda
@@ -22,6 +23,7 @@ __all__ = [
     "PruneResult",
     "PruningMethod",
     "SPAP",
+    "SparseFW",
     "SparseGPT",
     "Target",
     "Wanda",

@@ -13,7 +13,7 @@ few large-activation inputs of an LLM stop dictating the step size).
 
 ``lambda_i`` is found per row by bisection (geometric, between ``1e-4`` and ``1`` times the value
 that zeroes the row): more zeros than the target sparsity -> smaller lambda, fewer -> larger; each
-round continues FISTA from the previous round's point. Every round's solution is rounded to the
+round restarts FISTA from the best rounded candidate so far (the warm start at first). Every round's solution is rounded to the
 exact pattern (largest ``|Z_ij D_jj|`` kept per row / per matrix / per N:M group), its kept weights
 refitted by the shared least-squares solver, and scored by the layer objective; each row (or each
 matrix, for a per-matrix budget) keeps its best candidate, the warm start (SparseGPT or Wanda)
@@ -36,8 +36,8 @@ import torch
 from ..errors import check_bool, check_choice, check_int, check_positive_int
 from ..registry import register_method
 from .base import GramSolverMethod
-from .linalg import inverse_cholesky_upper, masked_least_squares
-from .masks import Target, stacked_prune_mask
+from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares
+from .masks import Target, budget_groups, budget_totals, stacked_prune_mask
 from .sparsegpt import sparsegpt_solve
 
 
@@ -46,7 +46,7 @@ class FISTAOptions:
     #: FISTA iterations per lambda (each continues from the previous round's point)
     iterations: int = 20
     #: lambda bisection rounds (every round's rounded solution is a candidate)
-    rounds: int = 5
+    rounds: int = 4
     #: initial point and first candidate: "sparsegpt" or "wanda"
     warm_start: str = "sparsegpt"
     #: fit later Linears of a layer on the inputs of the partly pruned layer (engine feature)
@@ -68,22 +68,8 @@ class FISTAOptions:
         check_choice(self.scope, "fista option scope", ("row", "matrix"))
 
 
-def layer_objective(W: torch.Tensor, H: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row ``(W_i - T_i) H (W_i - T_i)^T``: the reconstruction error of every output row."""
-    D = W - target
-    return ((D @ H) * D).sum(1)
-
-
 def soft_threshold(Z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return Z.sign() * (Z.abs() - threshold).clamp_min_(0.0)
-
-
-def _row_groups(rows: int, target: Target, scope: str, row_sizes: Sequence[int] | None) -> torch.Tensor | None:
-    """Ids of the rows that share a budget (per-matrix scope), or None when every row has its own."""
-    if target.is_nm or scope == "row":
-        return None
-    sizes = list(row_sizes) if row_sizes is not None else [rows]
-    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
 
 
 @torch.no_grad()
@@ -107,15 +93,10 @@ def fista_solve(
     WnHn = Wn @ Hn
     L = float(torch.linalg.eigvalsh(Hn.double())[-1].clamp_min(1e-12))
     natural_target = target.pattern.implied_sparsity if target.is_nm else target.sparsity
-    groups = _row_groups(rows, target, options.scope, row_sizes)
+    groups = budget_groups(rows, target, options.scope, row_sizes)
 
-    def candidate_error(Z):
-        err = layer_objective(Z, Hn, Wn)
-        if groups is None:
-            return err
-        per_group = torch.zeros(int(groups.max()) + 1, dtype=err.dtype, device=err.device)
-        per_group.index_add_(0, groups.to(err.device), err)
-        return per_group[groups.to(err.device)]  # every row carries its matrix's error
+    def candidate_error(Z):  # every row carries the error of the rows sharing its budget
+        return budget_totals(layer_objective(Z, Hn, Wn), groups)
 
     def round_and_refit(Z):
         prune = stacked_prune_mask(Z.abs(), target, row_sizes, scope=options.scope)
@@ -141,6 +122,7 @@ def fista_solve(
     for rnd in range(options.rounds):
         lam = torch.exp((log_lo + log_hi) / 2)
         threshold = lam / L
+        Z = best.clone()  # every round restarts from the best rounded candidate so far
         Y, t = Z.clone(), 1.0
         for _ in range(options.iterations):
             Z_next = soft_threshold(Y - (Y @ Hn - WnHn) / L, threshold)
@@ -161,8 +143,8 @@ def fista_solve(
             history.append({
                 "round": rnd,
                 "natural_sparsity": float(natural.mean()),
-                "candidate_error": float(err.sum()),
-                "best_error": float(best_err.sum()),
+                "candidate_error": float(layer_objective(cand, Hn, Wn).sum()),
+                "best_error": float(layer_objective(best, Hn, Wn).sum()),
                 "rows_improved": int(better.sum()),
             })
     return (best / s.unsqueeze(0)).masked_fill_(best_prune, 0.0), best_prune

@@ -27,6 +27,12 @@ def prepare_hessian(gram: torch.Tensor, weight: torch.Tensor, dampening: float) 
     return H, W
 
 
+def layer_objective(W: torch.Tensor, H: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row ``(W_i - T_i) H (W_i - T_i)^T``: the reconstruction error of every output row."""
+    D = W - target
+    return ((D @ H) * D).sum(1)
+
+
 def corrected_target(stats, weight: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Damped Gram matrix ``H*`` of the pruned-path inputs and the target re-expressed on them.
 

@@ -38,7 +38,7 @@ class Target:
             )
 
 
-def _lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+def lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Exactly ``k`` True entries along ``dim``: the lowest scores, ties broken by position.
 
     A k-th value threshold plus a tie fix-up: several times faster than ``topk`` for large ``k``.
@@ -63,7 +63,7 @@ def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every group of ``m`` consecutive inputs of each row, remove the ``m - n`` lowest scores."""
     rows, cols = scores.shape
     grouped = scores.reshape(rows, cols // m, m)
-    return _lowest_k_mask(grouped, m - n, dim=2).reshape(rows, cols)
+    return lowest_k_mask(grouped, m - n, dim=2).reshape(rows, cols)
 
 
 def prune_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> torch.Tensor:
@@ -73,10 +73,10 @@ def prune_mask(scores: torch.Tensor, target: Target, scope: str = "row") -> torc
     if target.pattern.kind != "unstructured":
         raise PruningError(f"prune_mask handles unstructured and N:M targets, not {target.pattern}.")
     if scope == "row":
-        return _lowest_k_mask(scores, budget(scores.shape[1], target.sparsity), dim=1)
+        return lowest_k_mask(scores, budget(scores.shape[1], target.sparsity), dim=1)
     if scope == "matrix":
         flat = scores.reshape(-1)
-        return _lowest_k_mask(flat, budget(flat.numel(), target.sparsity), dim=0).reshape(scores.shape)
+        return lowest_k_mask(flat, budget(flat.numel(), target.sparsity), dim=0).reshape(scores.shape)
     raise PruningError(f"scope must be 'row' or 'matrix', got {scope!r}.")
 
 
@@ -88,6 +88,24 @@ def stacked_prune_mask(
     if row_sizes is None or len(row_sizes) == 1 or scope == "row" or target.is_nm:
         return prune_mask(scores, target, scope=scope)
     return torch.cat([prune_mask(part, target, scope=scope) for part in scores.split(list(row_sizes), 0)], 0)
+
+
+def budget_groups(rows: int, target: Target, scope: str, row_sizes: Sequence[int] | None) -> torch.Tensor | None:
+    """Which rows share one budget: None when every row has its own (per-row scope, N:M), else the
+    index of each row's matrix (per-matrix scope over stacked matrices)."""
+    if target.is_nm or scope == "row":
+        return None
+    sizes = list(row_sizes) if row_sizes is not None else [rows]
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+def budget_totals(values: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Per-row ``values`` summed over the rows sharing a budget, broadcast back to every row."""
+    if groups is None:
+        return values
+    groups = groups.to(values.device)
+    totals = torch.zeros(int(groups.max()) + 1, dtype=values.dtype, device=values.device)
+    return totals.index_add_(0, groups, values)[groups]
 
 
 def measured_sparsity(weight: torch.Tensor) -> float:
