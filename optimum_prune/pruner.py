@@ -137,12 +137,20 @@ class Pruner:
         model = model if model is not None else self.model
         if model is None:
             raise PruningError("Nothing to save: call prune() first or pass model=.")
+        if "results" not in kwargs and self.report is not None and model is self.model:
+            kwargs["results"] = {"sparsity": self.report.overall_sparsity, "prune_seconds": self.report.seconds}
         return save_pruned(model, save_directory, self.config, tokenizer or self.tokenizer, overwrite=overwrite, **kwargs)
 
 
-def save_pruned(model, save_directory, config: PruningConfig, tokenizer=None, overwrite: bool = False, extra_files=None, **kwargs) -> str:
-    """Write model, tokenizer and ``pruning_config.json`` atomically: into a temporary sibling folder,
-    renamed into place only when everything is written."""
+def save_pruned(
+    model, save_directory, config: PruningConfig, tokenizer=None, overwrite: bool = False, extra_files=None,
+    results: dict | None = None, command: str | None = None, base_model: str | None = None, **kwargs,
+) -> str:
+    """Write model, tokenizer, ``pruning_config.json`` and a model card (``README.md``, see
+    `optimum_prune.model_card`; ``results``, ``command`` and ``base_model`` go into it) atomically:
+    into a temporary sibling folder, renamed into place only when everything is written."""
+    from .model_card import build_model_card
+
     save_directory = os.path.abspath(os.fspath(save_directory))
     ensure_output_dir(save_directory, overwrite)
     parent = os.path.dirname(save_directory)
@@ -155,6 +163,8 @@ def save_pruned(model, save_directory, config: PruningConfig, tokenizer=None, ov
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
+        card = build_model_card(model, config, base_model=base_model, results=results, command=command)
+        card.save(os.path.join(tmp, "README.md"))
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
                 handle.write(content)

@@ -228,3 +228,8 @@ def test_optimisation_methods_end_to_end(assets, method, pattern_args, kwargs):
         assert zeros == pytest.approx(0.6, abs=0.01)
     saved = json.loads((out / "pruning_config.json").read_text())
     assert saved["method"] == method and saved["method_kwargs"] == json.loads(kwargs)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")  # the model card, with the command that made the model
+    assert "pruned" in card.data.tags and method in card.data.tags
+    assert f"prune --model {assets / 'tiny-llama'} --method {method}" in card.text

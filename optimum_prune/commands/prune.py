@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -116,6 +117,7 @@ def run_prune(args) -> int:
 
 
 def _run(args) -> int:
+    import shlex
     import time
 
     from optimum_prune.errors import PruningError
@@ -164,7 +166,9 @@ def _run(args) -> int:
         results["eval"] = {"dataset": eval_data, "seqlen": config.seqlen, "max_windows": args.eval_windows}
         print(f"perplexity after: {results['perplexity_after']:.3f}", flush=True)
     extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
-    out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra)
+    command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
+    out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra,
+                      results=results, command=command, base_model=args.model)
     print(f"saved to {out}", flush=True)
     return 0
 

@@ -1,0 +1,56 @@
+"""Every output folder gets a model card: valid Hub metadata, what was done, how to load it."""
+
+import os
+
+import pytest
+from conftest import tiny_model
+from huggingface_hub import ModelCard
+from test_engine import small_config
+
+from optimum_prune import Pruner
+from optimum_prune.model_card import build_model_card
+
+
+def test_saved_folder_has_a_card_with_valid_metadata(tmp_path, calib_ids):
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    ModelCard("---\nlicense: apache-2.0\n---\n# base\n").save(base / "README.md")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pruner = Pruner(small_config(method="sparsegpt", pattern="2:4"))
+    pruner.prune(model, calib_ids, progress=False)
+    out = pruner.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"pruned", "sparsegpt", "semi-structured-sparsity"} <= set(data["tags"])
+    assert data["license"] == "apache-2.0"  # copied from the base model's card
+    assert "base_model" not in data  # a local folder is not a Hub repo id
+    assert "`2:4`" in card.text and "measured sparsity | 0.5000" in card.text
+    assert "trust_remote_code" not in card.text
+
+
+def test_hub_base_heterogeneous_model_and_results():
+    model = tiny_model("llama")
+    model.config.layer_widths = [{"intermediate_size": 64}, {"intermediate_size": 96}]
+    config = small_config(method="fasp", pattern="structured", sparsity=0.3, dataset="packaged:wiki-leads")
+    results = {"sparsity": 0.3, "parameters_before": 1000, "parameters_after": 700, "perplexity_before": 16.5,
+               "perplexity_after": 21.25, "eval": {"dataset": "packaged:wiki-leads-eval", "seqlen": 512, "max_windows": 64}}
+    card = build_model_card(model, config, base_model="HuggingFaceTB/SmolLM2-135M", results=results,
+                            command="optimum-cli prune --model HuggingFaceTB/SmolLM2-135M --method fasp")
+    parsed = ModelCard(str(card))  # round trip through the YAML front matter
+    assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert {"pruned", "fasp", "structured-pruning"} <= set(parsed.data.tags)
+    text = parsed.text
+    assert "trust_remote_code=True" in text and "1,000 -> 700" in text
+    assert "| this model | 21.250 |" in text and "16.500" in text
+    assert "optimum-cli prune --model HuggingFaceTB/SmolLM2-135M --method fasp" in text
+    assert "8 windows x 32 tokens of `packaged:wiki-leads`" in text
+
+
+@pytest.mark.parametrize("pattern, fragment", [("unstructured", "unstructured-sparsity"), ("structured", "structured-pruning")])
+def test_python_snippet_when_no_command(pattern, fragment):
+    card = build_model_card(tiny_model("llama"), small_config(method="magnitude", pattern=pattern, sparsity=0.25))
+    assert fragment in card.data.tags
+    assert "PruningConfig.from_pretrained(" in card.text
