@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+from queue import Empty
 import os
 import platform
 import resource
@@ -149,7 +150,7 @@ def _prune(args, method, options, pattern, sparsity, queue):
         measured = pruner.report.overall_sparsity if pattern == "structured" else _saved_sparsity(out)
         disk = _disk_mb(out)
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
-    label = {"unstructured": f"{sparsity:.0%}", "structured": f"structured {sparsity:.0%}"}.get(pattern, pattern)
+    label = pattern if sparsity is None else f"{sparsity:.0%}" if pattern == "unstructured" else f"structured {sparsity:.0%}"
     widths = None
     if pattern == "structured":
         from optimum_prune.structure.shrink import layer_widths
@@ -165,7 +166,13 @@ def _in_process(target, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__}{args[1:]} died (exit code {proc.exitcode}); see its traceback above")
     proc.join()
     return result
 
@@ -182,6 +189,8 @@ def main():
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
     parser.add_argument("--channel-multiple", type=int, default=None, help="structured: PruningConfig.channel_multiple")
+    parser.add_argument("--resume", default=None, metavar="FILE.jsonl",
+                        help="rows of finished runs, one JSON object per line: read, not re-run; new rows appended")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
     preset = "global" if args.global_ else "structured" if args.structured else "convex" if args.convex else None
@@ -196,11 +205,22 @@ def main():
     dense = _in_process(_dense, args)
     print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
     rows = [dense]
-    for method, options, pattern, sparsity in map(parse_run, args.runs):
-        row = _in_process(_prune, args, method, options, pattern, sparsity)
+    done = {}
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume, encoding="utf-8") as handle:
+            done = {row["spec"]: row for row in map(json.loads, filter(str.strip, handle)) if "spec" in row}
+    for spec in args.runs:
+        if spec in done:
+            rows.append(done[spec])
+            continue
+        row = _in_process(_prune, args, *parse_run(spec))
         row["x_forward"] = row["prune_s"] / dense["forward_s"]
+        row["spec"] = spec
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if args.resume:
+            with open(args.resume, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
 
     reference_method = {"global": "spap", "structured": "wanda-sp"}.get(preset, "sparsegpt")
     header = (
@@ -217,7 +237,7 @@ def main():
     for row in rows:
         ref = reference.get(row["pattern"])
         prune_s = f"{row['prune_s']:.1f}" if "prune_s" in row else "-"
-        ratio = f"{row['x_forward']:.2f}" if "x_forward" in row else "-"
+        ratio = f"{row['prune_s'] / dense['forward_s']:.2f}" if "prune_s" in row else "-"
         ppl_ratio = f"{row['ppl'] / ref['ppl']:.2f}" if ref else "-"
         time_ratio = f"{row['prune_s'] / ref['prune_s']:.2f}" if ref and "prune_s" in row else "-"
         lines.append(

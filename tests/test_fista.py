@@ -9,27 +9,9 @@ from test_methods import TARGETS, layer_error, run, synthetic_problem
 
 from optimum_prune import Pruner, PruningConfig, PruningError
 from optimum_prune.calibration.statistics import InputStatistics
-from optimum_prune.methods import satisfies_nm
 from optimum_prune.methods.fista import FISTAOptions, fista_solve
 from optimum_prune.methods.linalg import corrected_target, prepare_hessian
 from optimum_prune.methods.masks import budget
-
-
-@pytest.mark.parametrize("name", list(TARGETS))
-@pytest.mark.parametrize("scope", ["row", "matrix"])
-def test_fista_meets_the_pattern_exactly(name, scope):
-    W, _, stats = synthetic_problem()
-    target = TARGETS[name]
-    result = run("fista", W, stats, target, scope=scope)
-    rows, cols = W.shape
-    per_row = scope == "row" or target.is_nm
-    expected = rows * budget(cols, target.sparsity) if per_row else budget(W.numel(), target.sparsity)
-    assert int(result.mask.sum()) == expected
-    assert bool((result.weight[result.mask] == 0).all())
-    if per_row:
-        assert (result.mask.sum(1) == budget(cols, target.sparsity)).all()
-    if target.is_nm:
-        assert satisfies_nm(result.weight, 2, 4)
 
 
 def test_fista_keeps_each_stacked_matrix_budget():

@@ -135,3 +135,21 @@ def test_masks_exact_with_ties():
     assert (prune_mask(scores, TARGETS["50%"]).sum(1) == 4).all()
     assert int(prune_mask(scores, TARGETS["70%"], scope="matrix").sum()) == budget(24, 0.7)
     assert satisfies_nm(torch.where(prune_mask(scores, TARGETS["2:4"]), 0.0, 1.0), 2, 4)
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+@pytest.mark.parametrize("scope", ["row", "matrix"])
+@pytest.mark.parametrize("method, options", [("alps", {}), ("fista", {"rounds": 2}), ("sparsefw", {"iterations": 30})])
+def test_optimisation_methods_meet_the_pattern_exactly(method, options, name, scope):
+    W, _, stats = synthetic_problem()
+    target = TARGETS[name]
+    result = run(method, W, stats, target, scope=scope, **options)
+    rows, cols = W.shape
+    per_row = scope == "row" or target.is_nm
+    expected = rows * budget(cols, target.sparsity) if per_row else budget(W.numel(), target.sparsity)
+    assert int(result.mask.sum()) == expected
+    assert bool((result.weight[result.mask] == 0).all())
+    if per_row:
+        assert (result.mask.sum(1) == budget(cols, target.sparsity)).all()
+    if target.is_nm:
+        assert satisfies_nm(result.weight, 2, 4)
