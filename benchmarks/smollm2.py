@@ -202,13 +202,16 @@ def main():
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    dense = _in_process(_dense, args)
-    print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
-    rows = [dense]
     done = {}
     if args.resume and os.path.exists(args.resume):
         with open(args.resume, encoding="utf-8") as handle:
             done = {row["spec"]: row for row in map(json.loads, filter(str.strip, handle)) if "spec" in row}
+    dense = done.get("dense") or {**_in_process(_dense, args), "spec": "dense"}
+    print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
+    if args.resume and "dense" not in done:
+        with open(args.resume, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dense) + "\n")
+    rows = [dense]
     for spec in args.runs:
         if spec in done:
             rows.append(done[spec])
