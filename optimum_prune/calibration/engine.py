@@ -237,29 +237,27 @@ def _dense_snapshot(linear: nn.Linear) -> torch.Tensor:
     return hook.weights_map["weight"] if hook is not None else linear.weight.data.clone()
 
 
+def _exchange_weight(linear: nn.Linear, value: torch.Tensor) -> torch.Tensor:
+    """Make ``value`` the weight tensor the next forward of ``linear`` uses (module or offload
+    store: a pointer swap, no copy); returns the tensor it replaces."""
+    offloaded = _offload_store(linear)
+    if offloaded is not None:
+        store, prefix = offloaded
+        old, store[prefix + "weight"] = store[prefix + "weight"], value
+    else:
+        old, linear.weight.data = linear.weight.data, value
+    return old
+
+
 @contextlib.contextmanager
 def _swapped(weights: dict[nn.Linear, torch.Tensor]):
-    """Run the block with the given weight tensors in the Linears (pointer swaps, no copies)."""
-    saved = []
-    for linear, value in weights.items():
-        offloaded = _offload_store(linear)
-        if offloaded is not None:
-            store, prefix = offloaded
-            saved.append((linear, store[prefix + "weight"]))
-            store[prefix + "weight"] = value
-        else:
-            saved.append((linear, linear.weight.data))
-            linear.weight.data = value
+    """Run the block with the given weight tensors in the Linears."""
+    saved = [(linear, _exchange_weight(linear, value)) for linear, value in weights.items()]
     try:
         yield
     finally:
         for linear, value in saved:
-            offloaded = _offload_store(linear)
-            if offloaded is not None:
-                store, prefix = offloaded
-                store[prefix + "weight"] = value
-            else:
-                linear.weight.data = value
+            _exchange_weight(linear, value)
 
 
 def _first_output(output):
