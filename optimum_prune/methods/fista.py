@@ -13,8 +13,8 @@ few large-activation inputs of an LLM stop dictating the step size).
 
 ``lambda_i`` is found per row by bisection (geometric, between ``1e-4`` and ``1`` times the value
 that zeroes the row): more zeros than the target sparsity -> smaller lambda, fewer -> larger; each
-round restarts FISTA from the best rounded candidate so far (the warm start at first). Every round's solution is rounded to the
-exact pattern (largest ``|Z_ij D_jj|`` kept per row / per matrix / per N:M group), its kept weights
+round restarts FISTA from the best rounded candidate so far (the warm start at first). Every
+round's solution is rounded to the exact pattern (largest ``|Z_ij D_jj|`` kept per row / per matrix / per N:M group), its kept weights
 refitted by the shared least-squares solver, and scored by the layer objective; each row (or each
 matrix, for a per-matrix budget) keeps its best candidate, the warm start (SparseGPT or Wanda)
 included.
@@ -43,7 +43,7 @@ from .sparsegpt import sparsegpt_solve
 
 @dataclass
 class FISTAOptions:
-    #: FISTA iterations per lambda (each continues from the previous round's point)
+    #: FISTA iterations per lambda (each round restarts from the best rounded candidate so far)
     iterations: int = 20
     #: lambda bisection rounds (every round's rounded solution is a candidate)
     rounds: int = 4
@@ -83,10 +83,10 @@ def fista_solve(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask).
 
-    ``history`` (optional) receives one dict per round: lambda range, natural sparsity of the l1
-    solution, mean objective of the rounded candidate and of the best so far.
+    ``history`` (optional) receives one dict per round: the natural sparsity of the l1 solution,
+    the total objective of the rounded candidate and of the best so far, and how many rows improved.
     """
-    rows, cols = W.shape
+    rows = W.shape[0]
     s = torch.diagonal(H).clamp_min(1e-12).sqrt() if options.weighted_l1 else torch.ones_like(W[0])
     Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
     Wn = W * s.unsqueeze(0)
@@ -118,7 +118,6 @@ def fista_solve(
     # lambda bounds per row: above max|grad at 0| = max|(Wn Hn)_ij| the solution is zero
     hi = WnHn.abs().amax(1, keepdim=True).clamp_min(1e-12)
     log_lo, log_hi = torch.log(hi * 1e-4), torch.log(hi)
-    Z = best.clone()
     for rnd in range(options.rounds):
         lam = torch.exp((log_lo + log_hi) / 2)
         threshold = lam / L
