@@ -10,8 +10,10 @@ import tempfile
 import torch
 from torch import nn
 
+from .calibration.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows
-from .calibration.engine import LayerwiseEngine, PruneReport
+from .calibration.engine import LayerwiseEngine, PruneReport, _input_device
+from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
 from .registry import get_method
@@ -29,10 +31,15 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
     model_id = os.fspath(model_id)
     if model_id.startswith(PACKAGED_PREFIX):
         model_id = resolve_packaged_model(model_id)
+    elif os.path.isabs(model_id) or model_id.startswith(("./", "../", "~")):
+        if not os.path.isdir(os.path.expanduser(model_id)):
+            raise PruningError(f"Model folder {model_id} does not exist; give a local folder or a Hub id (org/name).")
+        model_id = os.path.expanduser(model_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise PruningError(f"Could not load model {model_id!r}: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported as bad input, in one line
+        hint = "" if isinstance(err, OSError) else " (is config.json consistent with the weight files? re-download or re-save the model)"
+        raise PruningError(f"Could not load model {model_id!r}: {first_line(err)}{hint}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError):
@@ -74,6 +81,7 @@ class Pruner:
         self.model = None
         self.tokenizer = None
         self.report: PruneReport | None = None
+        self.checkpoint: LayerCheckpoint | None = None
 
     @classmethod
     def from_config(cls, config: PruningConfig | dict) -> "Pruner":
@@ -86,6 +94,9 @@ class Pruner:
         tokenizer=None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        check_memory: bool = True,
     ) -> nn.Module:
         """Prune ``model`` in place and return it.
 
@@ -95,6 +106,15 @@ class Pruner:
                 name; defaults to ``config.dataset``. Not needed by data-free methods (magnitude).
             tokenizer: needed for text data when ``model`` is an object; loaded with it otherwise.
             device: compute device for each layer (default: where the layer lives).
+            checkpoint_dir: commit every finished decoder layer there (`LayerCheckpoint`), so that
+                an interrupted prune can continue with ``resume=True``. The folder is left in place
+                (``self.checkpoint.clear()`` deletes it once the model is saved).
+            resume: continue the interrupted prune found in ``checkpoint_dir`` (same model, config
+                and calibration data, else a `PruningError`); gives the weights an uninterrupted
+                run gives.
+            check_memory: before touching the model, estimate the memory one layer needs
+                (`optimum_prune.calibration.resources`) and raise `PruningError` with the numbers
+                when a device cannot hold it.
         """
         cfg = self.config
         if isinstance(model, (str, os.PathLike)):
@@ -102,9 +122,15 @@ class Pruner:
             tokenizer = tokenizer or loaded_tokenizer
         if not isinstance(model, nn.Module):
             raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
+        if resume and checkpoint_dir is None:
+            raise PruningError("resume needs checkpoint_dir (--checkpoint-dir): the folder of the interrupted prune.")
+        self.checkpoint = None
         if getattr(self.method, "is_global", False):  # whole-model methods (policy gradient)
             from .calibration.global_engine import GlobalStructuredEngine
 
+            if checkpoint_dir is not None:
+                raise PruningError(f"Method {cfg.method!r} optimises the whole model at once and has no per-layer "
+                                   f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
             engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress)
         else:
             engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress)
@@ -125,7 +151,14 @@ class Pruner:
                 split=cfg.dataset_split,
                 text_column=cfg.text_column,
             )
-        self.report = engine.run(windows)
+        if check_memory and isinstance(engine, LayerwiseEngine):
+            samples = 0 if windows is None else windows.shape[0]
+            check_layer_memory(engine, samples, cfg.seqlen, _input_device(model))
+        if checkpoint_dir is not None:
+            self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
+            self.report = engine.run(windows, checkpoint=self.checkpoint)
+        else:
+            self.report = engine.run(windows)
         self.engine = engine
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = cfg.to_dict()
@@ -155,7 +188,12 @@ def save_pruned(
     ensure_output_dir(save_directory, overwrite)
     parent = os.path.dirname(save_directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(save_directory)}.tmp-"
+    for stray in os.listdir(parent):  # left by a save that was killed (SIGKILL, power loss) half-way
+        if stray.startswith(prefix) and os.path.isdir(os.path.join(parent, stray)):
+            logger.warning("Removing %s, the temporary folder of an interrupted save.", stray)
+            shutil.rmtree(os.path.join(parent, stray), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = config.to_dict()

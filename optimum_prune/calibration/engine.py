@@ -29,6 +29,7 @@ from ..structure.budget import plan_removals
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
+from .checkpoint import LayerCheckpoint, fingerprint
 from .statistics import InputStatistics
 
 
@@ -47,6 +48,13 @@ class PruneReport:
     @property
     def overall_sparsity(self) -> float:
         return self.pruned_params / max(self.total_params, 1)
+
+    def to_dict(self) -> dict:
+        return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params}
+
+    def load_dict(self, data: dict) -> None:
+        self.sparsity = dict(data["sparsity"])
+        self.pruned_params, self.total_params = int(data["pruned_params"]), int(data["total_params"])
 
 
 class _StopForward(Exception):
@@ -123,16 +131,20 @@ def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") 
     return weight.to(device=device, dtype=torch.float32)
 
 
-def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor) -> None:
+def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``new`` (zeroed where ``mask``) into ``linear`` in its dtype; returns what was written."""
     offloaded = _offload_store(linear)
     dtype = linear.weight.dtype if offloaded is None else _offload_hook(linear).weights_map["weight"].dtype
-    value = new.to(dtype=dtype).masked_fill(mask, 0)
+    value = new.to(dtype=dtype)
+    if mask is not None:
+        value = value.masked_fill(mask, 0)
     if offloaded is not None:  # the offload store is what the next forward loads
         store, prefix = offloaded
         store[prefix + "weight"] = value.to("cpu")
     if linear.weight.device.type != "meta":
         with torch.no_grad():
             linear.weight.data.copy_(value.to(linear.weight.device))
+    return value
 
 
 def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
@@ -284,6 +296,7 @@ class LayerwiseEngine:
         self.pattern = config.parsed_pattern
         self.structured = self.pattern.kind == "structured"
         self._fixed_params = [0] * len(self.layers)
+        self._changes: dict[str, torch.Tensor] = {}  # what the current layer changed, for checkpoints
         self.plan = self._build_plan()
 
     # ------------------------------------------------------------------ planning
@@ -354,60 +367,105 @@ class LayerwiseEngine:
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
-    def run(self, calibration: torch.Tensor | None) -> PruneReport:
+    def run(self, calibration: torch.Tensor | None, checkpoint: LayerCheckpoint | None = None) -> PruneReport:
+        """Prune every layer; with ``checkpoint``, commit each finished layer to it (and continue
+        from it when it holds an earlier, interrupted run of the same prune)."""
         start = time.perf_counter()
         report = PruneReport()
-        needs_data = self.method.needs_calibration
-        if needs_data:
+        inputs = kwargs = None
+        if self.method.needs_calibration:
             if calibration is None or calibration.numel() == 0:
                 raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
             inputs, kwargs = self._capture_first_layer_inputs(calibration)
-        bar = tqdm(range(len(self.layers)), desc=f"{self.method.name}", unit="layer", disable=not self.progress)
+        first = 0
+        if checkpoint is not None:
+            first, inputs, elapsed = self._resume(checkpoint, calibration, inputs, report)
+            start -= elapsed
+        last = len(self.layers) - 1
+        bar = tqdm(range(first, len(self.layers)), total=len(self.layers), initial=first, desc=f"{self.method.name}",
+                   unit="layer", disable=not self.progress)
         for index in bar:
-            layer = self.layers[index]
-            entry = self.plan[index]
-            device = self.device or _execution_device(layer, torch.device("cpu"))
-            with _onloaded(layer, device):
-                if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
-                    inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
-                    if self.structured:  # count the layer's parameters in the report
-                        self._prune_structured(index, {}, report, device)
-                    continue
-                if needs_data and self.method.error_correction and not self.structured:
-                    dense = self._prune_linears_staged(layer, entry, inputs, kwargs, device, report)
-                    # the next layer sees the pruned layer (sequential) or the dense one
-                    with contextlib.nullcontext() if self.config.sequential else _swapped(dense):
-                        inputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
-                    bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
-                    continue
-                stats = {}
-                if needs_data:
-                    keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
-                    hooked = self._hooked_linears(entry)
-                    linears = {name: linear for name, (linear, _) in hooked.items()}
-                    kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
-                    collector = _StatisticsCollector(linears, kinds, stop_when_done=not keep)
-                    try:
-                        outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
-                    finally:
-                        collector.remove()
-                    _check_called(linears, collector)
-                    stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
-                    for i, names in enumerate(collector.groups):
-                        collector.stats[i].check_finite(names[0])
-                if self.structured:
-                    self._prune_structured(index, stats, report, device)
-                else:
-                    self._prune_linears(entry, stats, report, device)
-                if needs_data and self.config.sequential:
-                    outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
-            if needs_data:
-                inputs = outputs
+            self._changes = {}
+            inputs = self._prune_layer(index, inputs, kwargs, report)
+            if checkpoint is not None:
+                checkpoint.commit(index, self._changes, inputs if index < last else None, report.to_dict(),
+                                  time.perf_counter() - start)
             bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
         if self.structured:
             describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _prune_layer(self, index: int, inputs, kwargs, report: PruneReport):
+        """Prune decoder layer ``index``; returns the inputs of the next layer (None without data)."""
+        layer = self.layers[index]
+        entry = self.plan[index]
+        needs_data = self.method.needs_calibration
+        device = self.device or _execution_device(layer, torch.device("cpu"))
+        with _onloaded(layer, device):
+            if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
+                if self.structured:  # count the layer's parameters in the report
+                    self._prune_structured(index, {}, report, device)
+                return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+            if needs_data and self.method.error_correction and not self.structured:
+                dense = self._prune_linears_staged(layer, entry, inputs, kwargs, device, report)
+                # the next layer sees the pruned layer (sequential) or the dense one
+                with contextlib.nullcontext() if self.config.sequential else _swapped(dense):
+                    return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+            stats, outputs = {}, None
+            if needs_data:
+                keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
+                hooked = self._hooked_linears(entry)
+                linears = {name: linear for name, (linear, _) in hooked.items()}
+                kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
+                collector = _StatisticsCollector(linears, kinds, stop_when_done=not keep)
+                try:
+                    outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
+                finally:
+                    collector.remove()
+                _check_called(linears, collector)
+                stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
+                for i, names in enumerate(collector.groups):
+                    collector.stats[i].check_finite(names[0])
+            if self.structured:
+                self._prune_structured(index, stats, report, device)
+            else:
+                self._prune_linears(entry, stats, report, device)
+            if needs_data and self.config.sequential:
+                outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+        return outputs
+
+    def _resume(self, checkpoint: LayerCheckpoint, calibration, inputs, report: PruneReport):
+        """Validate ``checkpoint`` and replay what it holds: (first layer to prune, its inputs, seconds spent)."""
+        state = checkpoint.begin(fingerprint(self.model, self.config, calibration), len(self.layers))
+        if state is None:
+            return 0, inputs, 0.0
+        done = state["next_layer"]
+        for index in range(done):
+            changes, rng = checkpoint.layer_changes(index)
+            layer = self.layers[index]
+            device = self.device or _execution_device(layer, torch.device("cpu"))
+            with _onloaded(layer, device):
+                self._replay(index, changes, device)
+            torch.set_rng_state(rng)
+        report.load_dict(state["report"])
+        if inputs is not None and done < len(self.layers):
+            saved = checkpoint.inputs()
+            if saved is None or len(saved) != len(inputs):
+                raise PruningError(f"The checkpoint in {checkpoint.directory} has no usable layer inputs; start over.")
+            inputs = [x.to(ref.device) for x, ref in zip(saved, inputs)]
+        return done, inputs, float(state.get("seconds", 0.0))
+
+    def _replay(self, index: int, changes: dict[str, torch.Tensor], device) -> None:
+        """Apply what a checkpoint recorded for layer ``index`` to the (unpruned) layer."""
+        for name, (item, _) in self.plan[index].items():
+            if isinstance(item, ChannelGroup):
+                if f"{name}.keep" in changes:
+                    _, weights = read_group_problem(item, device, None, None)
+                    shrink_group(item, changes[f"{name}.keep"], weights, changes.get(f"{name}.consumer"),
+                                 set_param=_set_param)
+            elif name in changes:
+                _write_weight(item, changes[name])
 
     def _capture_first_layer_inputs(self, calibration: torch.Tensor):
         inputs, kwargs = [], []
@@ -493,7 +551,7 @@ class LayerwiseEngine:
             results = self.method.prune_linears(weights, stats.get(members[0]), target)
             for name, linear, result in zip(members, linears, results):
                 _check_finite_result(self.method.name, name, result.weight)
-                _write_weight(linear, result.weight, result.mask)
+                self._changes[name] = _write_weight(linear, result.weight, result.mask)
                 pruned = int(result.mask.sum())
                 report.sparsity[name] = pruned / result.mask.numel()
                 report.pruned_params += pruned
@@ -515,6 +573,9 @@ class LayerwiseEngine:
                                    f"expected {group.units - remove}")
             report.total_params += group.params
             apply_to_group(group, result.keep, weights, result.consumer_weight, report, self.method.name)
+            self._changes[f"{name}.keep"] = result.keep
+            if result.consumer_weight is not None:
+                self._changes[f"{name}.consumer"] = result.consumer_weight
 
 
 def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_stats):

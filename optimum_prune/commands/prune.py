@@ -66,6 +66,14 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=None)
     data.add_argument("--dampening", type=float, default=None)
 
+    reliability = parser.add_argument_group("checkpoints and resources")
+    reliability.add_argument("--checkpoint-dir", default=None,
+                             help="Commit every finished decoder layer here; deleted once the output is saved.")
+    reliability.add_argument("--resume", action="store_true",
+                             help="Continue the interrupted prune in --checkpoint-dir (same model, config and data).")
+    reliability.add_argument("--skip-memory-check", action="store_true",
+                             help="Do not refuse a prune whose estimated per-layer memory exceeds the free memory.")
+
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval", action="store_true", help="Perplexity before and after pruning.")
     evaluation.add_argument(
@@ -134,6 +142,12 @@ def _run(args) -> int:
             eval_data = "packaged:wiki-leads-eval"
         else:
             raise PruningError("--eval needs --eval-dataset (held-out text: a local file, or packaged:wiki-leads-eval).")
+    if args.resume and not args.checkpoint_dir:
+        raise PruningError("--resume needs --checkpoint-dir: the folder of the interrupted prune.")
+    if args.checkpoint_dir:
+        from optimum_prune.calibration.checkpoint import LayerCheckpoint
+
+        LayerCheckpoint(args.checkpoint_dir, resume=args.resume).check_start()
     pruner = Pruner(config)
     if pruner.method.needs_calibration and config.dataset is None:
         raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
@@ -148,7 +162,8 @@ def _run(args) -> int:
         print(f"perplexity before: {results['perplexity_before']:.3f}", flush=True)
     results["parameters_before"] = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress)
+    pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress, checkpoint_dir=args.checkpoint_dir,
+                 resume=args.resume, check_memory=not args.skip_memory_check)
     results["prune_seconds"] = time.perf_counter() - start
     results["sparsity"] = pruner.report.overall_sparsity
     results["parameters_after"] = sum(p.numel() for p in model.parameters())
@@ -169,6 +184,8 @@ def _run(args) -> int:
     command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
     out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra,
                       results=results, command=command, base_model=args.model)
+    if pruner.checkpoint is not None:
+        pruner.checkpoint.clear()
     print(f"saved to {out}", flush=True)
     return 0
 

@@ -104,6 +104,7 @@ def alps_solve(
 @register_method("alps")
 class ALPS(GramSolverMethod):
     Options = ALPSOptions
+    workspace_copies = (4, 8)  # eigenvectors of H; W, Z, U, D and PCG vectors
 
     def solve(self, W, H, target, row_sizes):
         return alps_solve(W, H, target, self.options, row_sizes)

@@ -40,9 +40,18 @@ class PruningMethod:
     #: Input statistics the engine must collect: "sq_norm" (per-input sum of squares), "gram".
     statistics: ClassVar[frozenset[str]] = frozenset()
 
+    #: Working copies a solve holds, for the resource guard: (of the in x in Gram matrix, of the
+    #: out x in weight), in float32.
+    workspace_copies: ClassVar[tuple[int, int]] = (0, 3)
+
     def __init__(self, options=None, dampening: float = 0.01):
         self.options = options if options is not None else self.Options()
         self.dampening = dampening
+
+    def workspace_bytes(self, rows: int, cols: int) -> int:
+        """Estimated solver memory for ``rows`` x ``cols`` weights (see `workspace_copies`)."""
+        grams, weights = self.workspace_copies
+        return 4 * (grams * cols * cols + weights * rows * cols)
 
     @classmethod
     def parse_options(cls, kwargs: dict | None):
@@ -101,6 +110,7 @@ class GramSolverMethod(PruningMethod):
     With paired statistics (error correction) it solves for the corrected target (`corrected_target`)."""
 
     statistics = frozenset({"gram"})
+    workspace_copies = (3, 4)
 
     def prune_linears(self, weights, stats, target):
         row_sizes = [w.shape[0] for w in weights]

@@ -152,6 +152,7 @@ def fista_solve(
 @register_method("fista")
 class FISTAPruner(GramSolverMethod):
     Options = FISTAOptions
+    workspace_copies = (3, 10)  # FISTA iterates, momentum, best candidates, CG refit
 
     @property
     def error_correction(self) -> bool:

@@ -74,6 +74,7 @@ def layer_error(W: torch.Tensor, H: torch.Tensor, X: torch.Tensor, cols: torch.T
 @register_method("spap")
 class SPAP(PruningMethod):
     Options = SPAPOptions
+    workspace_copies = (3, 6)
     supported_patterns = ("structured",)
 
     def __init__(self, options=None, dampening: float = 0.01):

@@ -154,6 +154,7 @@ def sparsefw_solve(W, H, target, options: SparseFWOptions, row_sizes=None, input
 @register_method("sparsefw")
 class SparseFW(GramSolverMethod):
     Options = SparseFWOptions
+    workspace_copies = (3, 8)  # relaxed mask, gradient, E H, vertex, rounding
     supported_patterns = ("unstructured", "n:m", "structured")
 
     def solve(self, W, H, target, row_sizes):

@@ -1,0 +1,218 @@
+"""Checkpoint and resume of a layer-by-layer prune.
+
+After every finished decoder layer the engine hands `LayerCheckpoint.commit` what it changed in
+that layer (the pruned weights; for structured pruning the kept units and the restored consumer)
+and the inputs of the next layer. A resumed prune replays the saved changes onto the freshly
+loaded model, continues from the saved inputs and produces the weights an uninterrupted run
+would have produced.
+
+Layout of the folder (safetensors and JSON only: loading a checkpoint never unpickles)::
+
+    checkpoint.json          the commit point: fingerprint, next layer, report, file names
+    layer-00000.safetensors  what layer 0 changed (one file per finished layer), RNG state after it
+    inputs-00003.safetensors inputs of the next layer (only the latest is kept)
+
+Files are written under temporary names and renamed; ``checkpoint.json`` is replaced last, so a
+kill at any moment leaves either the previous or the new checkpoint, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+
+from ..errors import PruningError
+
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "checkpoint.json"
+CHECKPOINT_VERSION = 1
+_RNG_KEY = "__rng_state__"
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().to("cpu").contiguous()
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
+def fingerprint(model: nn.Module, config, calibration: torch.Tensor | None) -> dict[str, str]:
+    """Digests of what determines the result: the model (architecture and input embeddings), the
+    pruning config and the calibration token ids."""
+    model_config = getattr(model, "config", None)
+    arch = model_config.to_dict() if model_config is not None else {"class": type(model).__name__}
+    for key in ("pruning_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        arch.pop(key, None)
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    hook = getattr(embeddings, "_hf_hook", None)
+    if weight is not None and weight.device.type == "meta" and hook is not None and getattr(hook, "weights_map", None) is not None:
+        weight = hook.weights_map["weight"]
+    if weight is not None and weight.device.type != "meta":
+        digest.update(_tensor_bytes(weight))
+    settings = config.to_dict()
+    settings.pop("optimum_prune_version", None)
+    return {
+        "model": digest.hexdigest(),
+        "config": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "calibration": "none" if calibration is None else hashlib.sha256(_tensor_bytes(calibration)).hexdigest(),
+    }
+
+
+_WHAT = {
+    "model": "a different model (architecture or weights)",
+    "config": "a different pruning config",
+    "calibration": "different calibration data",
+}
+
+
+class LayerCheckpoint:
+    """A checkpoint folder for one prune.
+
+    Args:
+        directory: where checkpoints go (created if needed).
+        resume: continue from the checkpoint found there. Without it a folder that already holds
+            a checkpoint is refused (so that a typo cannot silently throw away hours of work).
+    """
+
+    def __init__(self, directory: str | os.PathLike, resume: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.resume = resume
+        self.state: dict | None = None
+        if os.path.isfile(self.directory):
+            raise PruningError(f"Checkpoint path {self.directory} is a file; choose a folder.")
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.directory, STATE_NAME)
+
+    # ------------------------------------------------------------------ start
+    def begin(self, fingerprints: dict[str, str], num_layers: int) -> dict | None:
+        """Validate the folder against this prune; returns the saved state when resuming, else None."""
+        existing = self._read_state()
+        if existing is None:
+            if self.resume:
+                logger.warning("No checkpoint in %s: starting from the first layer.", self.directory)
+            os.makedirs(self.directory, exist_ok=True)
+            self.state = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprints, "num_layers": num_layers,
+                          "next_layer": 0, "layers": [], "inputs": None, "report": None, "seconds": 0.0}
+            return None
+        self.check_start()
+        saved = existing.get("fingerprint", {})
+        for key, what in _WHAT.items():
+            if saved.get(key) != fingerprints[key]:
+                raise PruningError(
+                    f"The checkpoint in {self.directory} was written for {what} than this prune; resume with the "
+                    f"same model, config and data, or use another checkpoint folder (or delete this one) to start over."
+                )
+        if existing.get("num_layers") != num_layers:
+            raise PruningError(f"The checkpoint in {self.directory} is for a model with {existing.get('num_layers')} "
+                               f"layers, this one has {num_layers}; use another checkpoint folder.")
+        self.state = existing
+        logger.info("Resuming from %s: %d of %d layers done.", self.directory, existing["next_layer"], num_layers)
+        return existing
+
+    def check_start(self) -> None:
+        """Without ``resume``, refuse a folder that holds a checkpoint (cheap: call it before loading the model)."""
+        existing = self._read_state()
+        if existing is not None and not self.resume:
+            raise PruningError(
+                f"{self.directory} holds a checkpoint of a prune (layer {existing.get('next_layer')} of "
+                f"{existing.get('num_layers')} done); pass resume (--resume) to continue it, or choose an empty "
+                f"checkpoint folder."
+            )
+
+    def _read_state(self) -> dict | None:
+        if not os.path.isfile(self.state_path):
+            return None
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PruningError(f"{self.state_path} is unreadable ({err}); delete the checkpoint folder to start over.") from None
+        if not isinstance(state, dict) or not isinstance(state.get("version"), int):
+            raise PruningError(f"{self.state_path} is not an optimum-prune checkpoint; choose another folder.")
+        if state["version"] > CHECKPOINT_VERSION:
+            raise PruningError(f"{self.state_path} has checkpoint version {state['version']}; this optimum-prune "
+                               f"reads up to {CHECKPOINT_VERSION}: upgrade optimum-prune or start over.")
+        for name in state.get("layers", []) + ([state["inputs"]] if state.get("inputs") else []):
+            if not os.path.isfile(os.path.join(self.directory, name)):
+                raise PruningError(f"Checkpoint file {name} is missing from {self.directory}; delete the folder to start over.")
+        return state
+
+    # ------------------------------------------------------------------ reading
+    def layer_changes(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """What layer ``index`` changed, and the RNG state after it."""
+        from safetensors.torch import load_file
+
+        changes = load_file(os.path.join(self.directory, self.state["layers"][index]))
+        return changes, changes.pop(_RNG_KEY)
+
+    def inputs(self) -> list[torch.Tensor] | None:
+        """The saved inputs of the next layer, in batch order (None when the prune needs no data)."""
+        from safetensors.torch import load_file
+
+        if not self.state.get("inputs"):
+            return None
+        tensors = load_file(os.path.join(self.directory, self.state["inputs"]))
+        return [tensors[str(i)] for i in range(len(tensors))]
+
+    # ------------------------------------------------------------------ writing
+    def commit(self, index: int, changes: dict[str, torch.Tensor], inputs: list[torch.Tensor] | None,
+               report: dict, seconds: float) -> None:
+        """Record that layer ``index`` is finished."""
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
+        layer_name = f"layer-{index:05d}.safetensors"
+        if _RNG_KEY in changes:
+            raise ValueError(f"{_RNG_KEY} is reserved")
+        tensors = {**{k: _cpu(v) for k, v in changes.items()}, _RNG_KEY: torch.get_rng_state()}
+        self._atomic(layer_name, lambda path: save_file(tensors, path))
+        old_inputs = self.state.get("inputs")
+        inputs_name = None
+        if inputs is not None:
+            inputs_name = f"inputs-{index + 1:05d}.safetensors"
+            batches = {str(i): _cpu(x) for i, x in enumerate(inputs)}
+            self._atomic(inputs_name, lambda path: save_file(batches, path))
+        state = dict(self.state, next_layer=index + 1, layers=self.state["layers"][:index] + [layer_name],
+                     inputs=inputs_name, report=report, seconds=seconds)
+        self._atomic(STATE_NAME, lambda path: _write_json(state, path))
+        self.state = state
+        if old_inputs and old_inputs != inputs_name:
+            os.remove(os.path.join(self.directory, old_inputs))
+        logger.debug("Checkpointed layer %d in %.2fs", index, time.perf_counter() - start)
+
+    def _atomic(self, name: str, write) -> None:
+        final = os.path.join(self.directory, name)
+        tmp = final + ".tmp"
+        write(tmp)
+        os.replace(tmp, final)
+
+    def clear(self) -> None:
+        """Delete the checkpoint's files (after the pruned model was saved), and the folder if empty."""
+        if not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name == STATE_NAME or name.startswith(("layer-", "inputs-")):
+                os.remove(os.path.join(self.directory, name))
+        if not os.listdir(self.directory):
+            os.rmdir(self.directory)
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _write_json(data: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -1,0 +1,135 @@
+"""Resource guard: estimate what one layer of a prune needs, and refuse early if it cannot fit.
+
+Per decoder layer the engine holds, on the compute device: the calibration activations (the
+layer's inputs and outputs for every window), the input statistics of the layer's Linears (an
+``in x in`` float32 Gram matrix per Linear, twice with error correction), the solver's
+working copies of the largest batch of Linears it solves at once (`PruningMethod.workspace_bytes`),
+the transient tensors of one forward batch, and the layer's weights when they are brought in from
+elsewhere (CPU or disk offload). The estimate is deliberately simple (it ignores the allocator's
+fragmentation) and is compared with the memory free *now* on each device involved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import PruningError
+from ..structure.groups import ChannelGroup
+
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def format_bytes(nbytes: int) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a prune needs at its peak, by device and by what they hold."""
+
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> {what: bytes}
+
+    def add(self, device: torch.device | str, what: str, nbytes: int) -> None:
+        bucket = self.parts.setdefault(str(device), {})
+        bucket[what] = bucket.get(what, 0) + int(nbytes)
+
+    def total(self, device: str) -> int:
+        return sum(self.parts.get(device, {}).values())
+
+    def describe(self, device: str) -> str:
+        return ", ".join(f"{what} {format_bytes(nbytes)}" for what, nbytes in self.parts[device].items() if nbytes)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device`` (None: unknown, no check)."""
+    if device.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    return None
+
+
+def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.device) -> MemoryEstimate:
+    """Peak memory of ``engine`` (a `LayerwiseEngine`) pruning with ``num_windows`` x ``seqlen`` tokens."""
+    method, config = engine.method, engine.config
+    estimate = MemoryEstimate()
+    model_config = getattr(engine.model, "config", None)
+    first_linear = next(m for m in engine.layers[0].modules() if isinstance(m, nn.Linear))
+    hidden = getattr(model_config, "hidden_size", None) or first_linear.in_features
+    act_bytes = next(engine.layers[0].parameters()).element_size()
+    tokens = num_windows * seqlen
+    if method.needs_calibration:
+        # the layer's inputs and its outputs (the next layer's inputs) for every window
+        estimate.add(input_device, "activations", 2 * tokens * hidden * act_bytes)
+    worst: dict[str, dict[str, int]] = {}
+    for index, layer in enumerate(engine.layers):
+        device = engine.device or _layer_device(layer)
+        entry = engine.plan[index]
+        if not engine._active(entry):
+            continue
+        parts = {}
+        if method.needs_calibration:
+            hooked = {name: lin for name, (lin, _) in engine._hooked_linears(entry).items()}
+            per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
+            # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
+            # in the engine, but which do is only known once the layer has run
+            parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
+            batch = min(config.batch_size, num_windows)
+            widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
+            heads = getattr(model_config, "num_attention_heads", 1) or 1
+            parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
+        parts["solver"] = max((_solve_bytes(method, item) for item, _ in entry.values()), default=0)
+        if any(p.device != device for p in layer.parameters()):
+            parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
+        if sum(parts.values()) > sum(worst.get(str(device), {}).values()):
+            worst[str(device)] = parts
+    for device, parts in worst.items():
+        for what, nbytes in parts.items():
+            estimate.add(device, what, nbytes)
+    return estimate
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    from .engine import _execution_device
+
+    return _execution_device(layer, torch.device("cpu"))
+
+
+def _solve_bytes(method, item) -> int:
+    if isinstance(item, ChannelGroup):
+        rows = sum(p.linear.out_features for p in item.producers)
+        cols = item.consumer.in_features
+        return method.workspace_bytes(rows, cols) + method.workspace_bytes(item.consumer.out_features, cols)
+    return method.workspace_bytes(item.out_features, item.in_features)
+
+
+def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device) -> MemoryEstimate:
+    """Raise `PruningError` with the numbers when the estimate exceeds the free memory of a device."""
+    estimate = estimate_memory(engine, num_windows, seqlen, input_device)
+    for device, parts in estimate.parts.items():
+        need = estimate.total(device)
+        free = available_bytes(torch.device(device))
+        logger.info("Memory estimate on %s: %s (free: %s)", device, estimate.describe(device),
+                    "unknown" if free is None else format_bytes(free))
+        if free is not None and need > free:
+            raise PruningError(
+                f"This prune needs about {format_bytes(need)} on {device} ({estimate.describe(device)}) but only "
+                f"{format_bytes(free)} is free; use fewer calibration samples or a shorter seqlen (activations), "
+                f"offload layers with a device_map (weights), a lighter method, or skip this check "
+                f"(check_memory=False, --skip-memory-check) if you know better."
+            )
+    return estimate
