@@ -35,6 +35,62 @@ def _rows(pairs) -> str:
     return "\n".join(f"| {key} | {value} |" for key, value in pairs if value is not None)
 
 
+_STAGES = (("before", "{name} (dense)"), ("after", "pruned"), ("recovered", "pruned + LoRA recovery"))
+
+
+def _recovery_text(recovery: dict | None) -> str | None:
+    if not recovery:
+        return None
+    return (f"LoRA (rank {recovery['rank']}, alpha {recovery['alpha']}) trained {recovery['steps']} steps x "
+            f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens at lr {recovery['lr']:g} in "
+            f"{recovery['seconds']:.0f} s (training loss {recovery['loss_first']:.3f} -> {recovery['loss_last']:.3f}), "
+            f"merged; sparsity masks re-applied")
+
+
+def _evaluation_section(results: dict, name: str) -> str:
+    """Perplexity and zero-shot accuracy for each stage that was measured (dense, pruned, recovered)."""
+    stages = [(stage, label.format(name=name)) for stage, label in _STAGES
+              if f"perplexity_{stage}" in results or f"zero_shot_{stage}" in results]
+    if not stages:
+        return ""
+    columns = []  # (header, stage -> value text)
+    if any(f"perplexity_{stage}" in results for stage, _ in stages):
+        ev = results.get("eval", {})
+        header = f"perplexity ({ev.get('dataset', '?')}, {ev.get('max_windows', '?')} x {ev.get('seqlen', '?')} tokens)"
+        columns.append((header, lambda stage: f"{results[f'perplexity_{stage}']:.3f}" if f"perplexity_{stage}" in results else "-"))
+    tasks = sorted({task for stage, _ in stages for task in results.get(f"zero_shot_{stage}", {})})
+    for task in tasks:
+        def cell(stage, task=task):
+            metrics = results.get(f"zero_shot_{stage}", {}).get(task, {})
+            metric = next((m for m in ("acc_norm", "acc", "exact_match", "f1") if m in metrics), None)
+            return "-" if metric is None else f"{metrics[metric]:.4f} ({metric})"
+        columns.append((task, cell))
+    settings = results.get("zero_shot_settings")
+    note = (f"\nZero-shot accuracy with lm-eval ({settings.get('num_fewshot', 0)}-shot"
+            f"{', limit ' + str(settings['limit']) if settings.get('limit') else ''}).\n" if settings else "")
+    head = "| model | " + " | ".join(header for header, _ in columns) + " |\n"
+    rule = "|---|" + "---|" * len(columns) + "\n"
+    body = "".join(f"| {label} | " + " | ".join(cell(stage) for _, cell in columns) + " |\n" for stage, label in stages)
+    return "\n## Evaluation\n\n" + head + rule + body + note
+
+
+def _eval_results(results: dict, stage: str) -> list:
+    """``model-index`` entries (huggingface_hub ``EvalResult``) for the final model."""
+    from huggingface_hub import EvalResult
+
+    entries = []
+    if f"perplexity_{stage}" in results:
+        dataset = str(results.get("eval", {}).get("dataset", "text"))
+        entries.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
+                                  metric_type="perplexity", metric_value=round(results[f"perplexity_{stage}"], 4)))
+    for task, metrics in results.get(f"zero_shot_{stage}", {}).items():
+        for metric in ("acc", "acc_norm"):
+            if metric in metrics:
+                entries.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                          metric_type=metric, metric_value=round(metrics[metric], 4)))
+    return entries
+
+
 def build_model_card(
     model,
     config: PruningConfig,
@@ -44,8 +100,10 @@ def build_model_card(
 ):
     """A ``huggingface_hub.ModelCard`` describing ``model`` pruned with ``config``.
 
-    ``results`` may hold ``sparsity``, ``parameters_before/after``, ``perplexity_before/after``
-    (+ ``eval``: dataset, seqlen, max_windows) and ``prune_seconds``; ``command`` is the command
+    ``results`` may hold ``sparsity``, ``parameters_before/after``, ``prune_seconds``,
+    ``perplexity_{before,after,recovered}`` (+ ``eval``: dataset, seqlen, max_windows),
+    ``zero_shot_{before,after,recovered}`` (``{task: {metric: value}}``, + ``zero_shot_settings``)
+    and ``recovery`` (what `recover_lora` returned); ``command`` is the command
     line that produced the model (a Python snippet is shown otherwise).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -56,12 +114,15 @@ def build_model_card(
     tags = ["pruned", "optimum-prune", config.method, "structured-pruning" if pattern == "structured" else
             ("semi-structured-sparsity" if ":" in pattern else "unstructured-sparsity")]
     local_base = bool(base_model) and os.path.exists(base_model)
+    final = "recovered" if "recovery" in results else "after"
     data = ModelCardData(
+        model_name=f"{os.path.basename(os.path.normpath(base_model)) if base_model else 'model'}-{config.method}-pruned",
         base_model=base_model if base_model and not local_base else None,  # the Hub wants a repo id
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=tags,
+        tags=tags + (["lora-recovery"] if "recovery" in results else []),
         license=_base_license(base_model),
+        eval_results=_eval_results(results, final) or None,
     )
     heterogeneous = _is_heterogeneous(model)
     name = os.path.basename(os.path.normpath(base_model)) if base_model else "the base model"
@@ -85,18 +146,9 @@ def build_model_card(
         ("measured sparsity", f"{results['sparsity']:.4f}" if "sparsity" in results else None),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
+        ("recovery", _recovery_text(results.get("recovery"))),
     ])
-    evaluation = ""
-    if "perplexity_after" in results:
-        ev = results.get("eval", {})
-        before = results.get("perplexity_before")
-        evaluation = (
-            "\n## Evaluation\n\n"
-            f"Perplexity on `{ev.get('dataset', '?')}` ({ev.get('max_windows', '?')} windows x {ev.get('seqlen', '?')} tokens):\n\n"
-            "| model | perplexity |\n|---|---|\n"
-            + (f"| {name} (dense) | {before:.3f} |\n" if before is not None else "")
-            + f"| this model | {results['perplexity_after']:.3f} |\n"
-        )
+    evaluation = _evaluation_section(results, name)
     load_kwargs = ", trust_remote_code=True" if heterogeneous else ""
     loading = (
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

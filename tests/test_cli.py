@@ -233,3 +233,42 @@ def test_optimisation_methods_end_to_end(assets, method, pattern_args, kwargs):
     card = ModelCard.load(out / "README.md")  # the model card, with the command that made the model
     assert "pruned" in card.data.tags and method in card.data.tags
     assert f"prune --model {assets / 'tiny-llama'} --method {method}" in card.text
+
+
+def test_recovery_and_zero_shot_end_to_end(assets, tmp_path):
+    pytest.importorskip("lm_eval")
+    from test_evaluation import write_local_task
+
+    tasks = write_local_task(tmp_path / "tasks")
+    out = assets / "out-recovered"
+    result = cli(
+        "prune", "--model", str(assets / "tiny-llama"), "--method", "wanda", "--sparsity", "0.5",
+        "--dataset", str(assets / "calib.txt"), "--num-samples", "8", "--seqlen", "32", "--output", str(out),
+        "--eval", "--eval-dataset", str(assets / "heldout.txt"), "--eval-windows", "4",
+        "--tasks", "tiny_mc", "--tasks-include", tasks, "--recover", "lora", "--recover-steps", "5",
+        "--recover-samples", "16", "--recover-batch-size", "4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert {"perplexity_before", "perplexity_after", "perplexity_recovered"} <= set(results)
+    assert all(0 <= results[f"zero_shot_{s}"]["tiny_mc"]["acc"] <= 1 for s in ("before", "after", "recovered"))
+    assert results["recovery"]["steps"] == 5 and results["recovery"]["rank"] == 8
+    model = AutoModelForCausalLM.from_pretrained(out)  # no peft needed, still exactly 50% sparse
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert all(float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01) for w in weights)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert "lora-recovery" in card.data.tags and "pruned + LoRA recovery" in card.text and "tiny_mc" in card.text
+
+
+def test_tasks_without_lm_eval_fail_before_loading(assets, tmp_path):
+    code = (
+        "import sys, importlib.util; real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'lm_eval' else real(name, *a)\n"
+        "from optimum_prune.commands.prune import main\n"
+        f"sys.exit(main(['--model', '/nonexistent', '--output', {str(tmp_path / 'o')!r}, '--tasks', 'boolq', "
+        f"'--dataset', 'packaged:wiki-leads']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 2 and "pip install 'optimum-prune[eval]'" in result.stderr

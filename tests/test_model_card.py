@@ -44,9 +44,34 @@ def test_hub_base_heterogeneous_model_and_results():
     assert {"pruned", "fasp", "structured-pruning"} <= set(parsed.data.tags)
     text = parsed.text
     assert "trust_remote_code=True" in text and "1,000 -> 700" in text
-    assert "| this model | 21.250 |" in text and "16.500" in text
+    assert "| pruned | 21.250 |" in text and "| SmolLM2-135M (dense) | 16.500 |" in text
+    (entry,) = parsed.data.eval_results  # model-index: the pruned model's perplexity
+    assert (entry.metric_type, entry.metric_value, entry.dataset_name) == ("perplexity", 21.25, "packaged:wiki-leads-eval")
     assert "optimum-cli prune --model HuggingFaceTB/SmolLM2-135M --method fasp" in text
     assert "8 windows x 32 tokens of `packaged:wiki-leads`" in text
+
+
+def test_recovery_and_zero_shot_results_in_the_card():
+    results = {
+        "perplexity_before": 16.5, "perplexity_after": 41.0, "perplexity_recovered": 30.5,
+        "eval": {"dataset": "packaged:wiki-leads-eval", "seqlen": 512, "max_windows": 64},
+        "zero_shot_before": {"boolq": {"acc": 0.6, "acc_stderr": 0.01}},
+        "zero_shot_after": {"boolq": {"acc": 0.55}},
+        "zero_shot_recovered": {"boolq": {"acc": 0.58}},
+        "zero_shot_settings": {"tasks": ["boolq"], "num_fewshot": 0, "limit": 200},
+        "recovery": {"method": "lora", "steps": 100, "lr": 2e-4, "rank": 8, "alpha": 16, "batch_size": 4, "seed": 0,
+                     "weight_decay": 0.0, "loss_first": 3.2, "loss_last": 2.9, "windows": 256, "seqlen": 512,
+                     "seconds": 321.0},
+    }
+    card = build_model_card(tiny_model("llama"), small_config(method="wanda"), base_model="HuggingFaceTB/SmolLM2-135M",
+                            results=results)
+    parsed = ModelCard(str(card))
+    assert "lora-recovery" in parsed.data.tags
+    assert "| pruned + LoRA recovery | 30.500 | 0.5800 (acc) |" in parsed.text
+    assert "| pruned | 41.000 | 0.5500 (acc) |" in parsed.text
+    assert "trained 100 steps x 4 windows of 512 tokens" in parsed.text and "limit 200" in parsed.text
+    reported = {(e.metric_type, e.dataset_name): e.metric_value for e in parsed.data.eval_results}
+    assert reported == {("perplexity", "packaged:wiki-leads-eval"): 30.5, ("acc", "boolq"): 0.58}
 
 
 @pytest.mark.parametrize("pattern, fragment", [("unstructured", "unstructured-sparsity"), ("structured", "structured-pruning")])

@@ -83,6 +83,23 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "packaged:wiki-leads.",
     )
     evaluation.add_argument("--eval-windows", type=int, default=64, help="Evaluation windows of --seqlen tokens.")
+    evaluation.add_argument("--tasks", default=None,
+                            help="lm-eval tasks before and after pruning, comma-separated (boolq,arc_easy,...); needs lm-eval.")
+    evaluation.add_argument("--tasks-limit", type=float, default=None,
+                            help="At most this many documents per task (or this fraction, if < 1).")
+    evaluation.add_argument("--tasks-fewshot", type=int, default=0, help="Few-shot examples per task (default 0).")
+    evaluation.add_argument("--tasks-include", default=None, help="Folder of extra lm-eval task YAML files (local tasks).")
+    evaluation.add_argument("--tasks-batch-size", type=int, default=8, help="Batch size of the lm-eval runs.")
+
+    recovery = parser.add_argument_group("recovery (after pruning, before saving)")
+    recovery.add_argument("--recover", choices=["lora"], default=None,
+                          help="Short LoRA fine-tune on the calibration text, merged back; sparsity masks re-applied.")
+    recovery.add_argument("--recover-steps", type=int, default=100, help="Optimiser steps (default 100).")
+    recovery.add_argument("--recover-lr", type=float, default=2e-4, help="Peak learning rate (default 2e-4).")
+    recovery.add_argument("--recover-rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank).")
+    recovery.add_argument("--recover-batch-size", type=int, default=4, help="Windows of --seqlen tokens per step (default 4).")
+    recovery.add_argument("--recover-samples", type=int, default=256,
+                          help="Training windows drawn from --dataset (seed + 1, default 256).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
@@ -124,11 +141,25 @@ def run_prune(args) -> int:
         return 130
 
 
+def _limit(value):
+    """--tasks-limit: a document count (>= 1) or a fraction (< 1)."""
+    return None if value is None else (int(value) if value >= 1 else value)
+
+
+def _check_lm_eval() -> None:
+    import importlib.util
+
+    from optimum_prune.errors import PruningError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise PruningError("--tasks needs lm-eval: pip install 'optimum-prune[eval]' (or lm-eval).")
+
+
 def _run(args) -> int:
     import shlex
     import time
 
-    from optimum_prune.errors import PruningError
+    from optimum_prune.errors import PruningError, check_positive_int
     from optimum_prune.evaluation import perplexity
     from optimum_prune.pruner import Pruner, ensure_output_dir, load_model, save_pruned
 
@@ -136,6 +167,10 @@ def _run(args) -> int:
     ensure_output_dir(args.output, args.overwrite)
     if args.eval_windows < 1:
         raise PruningError("--eval-windows must be at least 1.")
+    if args.tasks_limit is not None and not args.tasks_limit > 0:
+        raise PruningError("--tasks-limit must be a positive count or fraction.")
+    if args.tasks_fewshot < 0 or args.tasks_batch_size < 1:
+        raise PruningError("--tasks-fewshot must be >= 0 and --tasks-batch-size >= 1.")
     eval_data = args.eval_dataset
     if args.eval and eval_data is None:
         if config.dataset == "packaged:wiki-leads":
@@ -153,13 +188,40 @@ def _run(args) -> int:
         raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
     progress = not args.no_progress
 
+    recovery = None
+    if args.recover:
+        from optimum_prune.recovery import LoraRecoveryConfig
+
+        recovery = LoraRecoveryConfig(steps=args.recover_steps, lr=args.recover_lr, rank=args.recover_rank,
+                                      alpha=2 * args.recover_rank, batch_size=args.recover_batch_size, seed=config.seed)
+        check_positive_int(args.recover_samples, "--recover-samples")
+        if config.dataset is None:
+            raise PruningError("--recover trains on text from --dataset; pass --dataset.")
+    tasks = None
+    if args.tasks:
+        from optimum_prune.evaluation.zero_shot import parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        _check_lm_eval()
+
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     results = {}
-    if args.eval:
-        results["perplexity_before"] = perplexity(
-            model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
-        )
-        print(f"perplexity before: {results['perplexity_before']:.3f}", flush=True)
+
+    def evaluate(stage: str) -> None:
+        if args.eval:
+            results[f"perplexity_{stage}"] = perplexity(
+                model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
+            )
+            print(f"perplexity {stage}: {results[f'perplexity_{stage}']:.3f}", flush=True)
+        if tasks:
+            from optimum_prune.evaluation.zero_shot import zero_shot
+
+            results[f"zero_shot_{stage}"] = zero_shot(
+                model, tokenizer, tasks, num_fewshot=args.tasks_fewshot, limit=_limit(args.tasks_limit),
+                batch_size=args.tasks_batch_size, include_path=args.tasks_include, seed=config.seed)
+            print(f"zero-shot {stage}: {json.dumps(results[f'zero_shot_{stage}'])}", flush=True)
+
+    evaluate("before")
     results["parameters_before"] = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress, checkpoint_dir=args.checkpoint_dir,
@@ -174,12 +236,22 @@ def _run(args) -> int:
         f"-> {results['parameters_after']:,}",
         flush=True,
     )
+    evaluate("after")
+    if recovery is not None:
+        from optimum_prune.calibration.data import calibration_windows
+        from optimum_prune.recovery import recover_lora
+
+        windows = calibration_windows(config.dataset, tokenizer, args.recover_samples, config.seqlen, config.seed + 1,
+                                      dataset_config=config.dataset_config, split=config.dataset_split,
+                                      text_column=config.text_column)
+        results["recovery"] = recover_lora(model, windows, recovery, progress=progress)
+        print(f"LoRA recovery: {recovery.steps} steps in {results['recovery']['seconds']:.1f}s, training loss "
+              f"{results['recovery']['loss_first']:.3f} -> {results['recovery']['loss_last']:.3f}", flush=True)
+        evaluate("recovered")
     if args.eval:
-        results["perplexity_after"] = perplexity(
-            model, tokenizer, eval_data, seqlen=config.seqlen, max_windows=args.eval_windows, progress=progress
-        )
         results["eval"] = {"dataset": eval_data, "seqlen": config.seqlen, "max_windows": args.eval_windows}
-        print(f"perplexity after: {results['perplexity_after']:.3f}", flush=True)
+    if tasks:
+        results["zero_shot_settings"] = {"tasks": tasks, "num_fewshot": args.tasks_fewshot, "limit": args.tasks_limit}
     extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
     command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
     out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra,

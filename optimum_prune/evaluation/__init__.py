@@ -1,6 +1,7 @@
-"""Evaluation of pruned models."""
+"""Evaluation of pruned models: perplexity, zero-shot accuracy (lm-eval), speed and size."""
 
 from .perplexity import evaluation_windows, perplexity
+from .zero_shot import zero_shot
 
 
-__all__ = ["evaluation_windows", "perplexity"]
+__all__ = ["evaluation_windows", "perplexity", "zero_shot"]

@@ -1,0 +1,148 @@
+"""Recovery after pruning: a short LoRA fine-tune with PEFT, merged back into the weights.
+
+One-shot pruning leaves a gap to the dense model that a few hundred steps of low-rank training on
+ordinary text close in part. `recover_lora` attaches LoRA adapters (``peft.LoraConfig``) to the
+Linears of the decoder layers, trains only them on next-token prediction over token windows,
+merges them (``merge_and_unload``) so the saved model needs no peft, and re-applies the sparsity
+masks: a merged low-rank update is dense, so the zeros of unstructured / N:M pruning are put
+back and the model stays exactly as sparse as before. Structured shapes are untouched (LoRA
+adapts the Linears at their pruned sizes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import PruningError, check_int, check_positive_int, check_positive_number
+from ..structure.layers import find_decoder_layers
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraRecoveryConfig:
+    """Settings of `recover_lora`.
+
+    Args:
+        steps: optimiser steps.
+        lr: peak learning rate of AdamW (linear warm-up over 10% of the steps, cosine decay).
+        rank, alpha: LoRA rank and scaling (``alpha / rank``).
+        batch_size: windows per step.
+        seed: order of the windows.
+        weight_decay: AdamW weight decay of the adapters.
+    """
+
+    steps: int = 100
+    lr: float = 2e-4
+    rank: int = 8
+    alpha: int = 16
+    batch_size: int = 4
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        check_positive_int(self.steps, "recovery steps")
+        check_positive_number(self.lr, "recovery lr")
+        check_positive_int(self.rank, "LoRA rank")
+        check_positive_int(self.alpha, "LoRA alpha")
+        check_positive_int(self.batch_size, "recovery batch_size")
+        check_int(self.seed, "recovery seed", 0)
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise PruningError(f"recovery weight_decay must be a non-negative number, got {self.weight_decay!r}.")
+
+
+def _layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    prefix, layers = find_decoder_layers(model)
+    return {f"{prefix}.{i}.{name}": module for i, layer in enumerate(layers)
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+def _lr_at(step: int, config: LoraRecoveryConfig) -> float:
+    warmup = max(1, config.steps // 10)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def recover_lora(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: LoraRecoveryConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune LoRA adapters on ``windows`` (n x seqlen token ids), merge them into ``model``
+    (in place) and restore its sparsity masks. Returns what was done: the settings, the mean
+    training loss of the first and last tenth of the steps, the seconds taken."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PruningError("LoRA recovery needs peft: pip install peft (or optimum-prune[recovery]).") from None
+    config = config or LoraRecoveryConfig()
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
+        raise PruningError("LoRA recovery needs token windows (n x seqlen, n >= 1); give it calibration text.")
+    if any(getattr(module, "_hf_hook", None) is not None and getattr(module._hf_hook, "offload", False)
+           for module in model.modules()):
+        raise PruningError("LoRA recovery cannot train a model whose weights are offloaded to CPU/disk by accelerate; "
+                           "load it on one device (or several GPUs without offload).")
+
+    linears = _layer_linears(model)
+    masks = {name: linear.weight.detach() == 0 for name, linear in linears.items()}
+    targets = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    start = time.perf_counter()
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+    was_training = model.training
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    peft_model = get_peft_model(model, lora)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    peft_model.train()
+    bar = tqdm(range(config.steps), desc="LoRA recovery", unit="step", disable=not progress)
+    try:
+        with torch.enable_grad():
+            for step in bar:
+                if order.numel() < config.batch_size:
+                    order = torch.cat([order, torch.randperm(windows.shape[0], generator=generator)])
+                batch, order = windows[order[: config.batch_size]].to(device), order[config.batch_size:]
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(step, config)
+                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise PruningError(f"LoRA recovery diverged at step {step} (loss {float(loss)}); lower the lr.")
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        merged = peft_model.merge_and_unload()
+        merged.train(was_training)
+    if merged is not model:
+        raise RuntimeError("peft returned a different model object after merging")
+    with torch.no_grad():
+        for name, linear in _layer_linears(model).items():
+            linear.weight.masked_fill_(masks[name].to(linear.weight.device), 0)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable.get(name, False))
+    tenth = max(1, len(losses) // 10)
+    return {
+        "method": "lora",
+        **asdict(config),
+        "loss_first": sum(losses[:tenth]) / tenth,
+        "loss_last": sum(losses[-tenth:]) / tenth,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "seconds": time.perf_counter() - start,
+    }
