@@ -252,6 +252,11 @@ def main():
         image = os.path.splitext(args.output)[0] + "-widths.png"
         plot_widths(rows, image)
         table += f"\n![per-layer widths]({os.path.basename(image)})\n"
+    else:
+        from plots import plot_perplexity
+
+        image = plot_perplexity(rows, os.path.splitext(args.output)[0] + "-ppl.png")
+        table += f"\n![perplexity against sparsity]({os.path.basename(image)})\n"
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:

@@ -272,3 +272,36 @@ def test_tasks_without_lm_eval_fail_before_loading(assets, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 2 and "pip install 'optimum-prune[eval]'" in result.stderr
+
+
+def test_cli_reference_documents_every_flag():
+    import argparse
+
+    from optimum_prune.commands.prune import add_prune_arguments
+
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    flags.discard("--help")
+    with open(os.path.join(REPO, "docs", "cli.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    missing = sorted(flag for flag in flags if f"`{flag}`" not in text)
+    assert not missing, f"docs/cli.md does not document {missing}"
+
+
+def test_examples_parse_their_arguments():
+    """Every example imports (the package API it uses exists) and answers --help."""
+    code = (
+        "import glob, os, runpy, sys\n"
+        f"os.chdir({os.path.join(REPO, 'examples')!r}); sys.path.insert(0, '.')\n"
+        "for script in sorted(glob.glob('[a-z]*.py')):\n"
+        "    sys.argv = [script, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "    except SystemExit as exit_:\n"
+        "        assert exit_.code == 0, script\n"
+        "    print('ok', script)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("ok ") == 6, result.stdout

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -103,3 +104,21 @@ def test_configuration_reference_lists_every_method_option():
         documented = " ".join(row for row in rows if row.startswith(f"| `{name}` |"))
         missing = [f for f in fields if f"`{f}`" not in documented]
         assert not missing, f"docs/configuration.md lacks options {missing} of method {name!r}"
+
+
+def test_every_method_has_a_docs_page_listing_its_options():
+    import dataclasses
+
+    from optimum_prune.registry import available_methods, get_method
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    index = open(os.path.join(root, "methods.md"), encoding="utf-8").read()
+    for name in available_methods():
+        path = os.path.join(root, "methods", f"{name}.md")
+        assert os.path.isfile(path), f"docs/methods/{name}.md is missing"
+        assert f"(methods/{name}.md)" in index, f"docs/methods.md does not link {name}"
+        page = open(path, encoding="utf-8").read()
+        for section in ("## What it solves", "## When to choose it", "## Options", "## Measured on SmolLM2-135M"):
+            assert section in page, (name, section)
+        for option in dataclasses.fields(get_method(name).Options):
+            assert f"`{option.name}`" in page, f"docs/methods/{name}.md does not document option {option.name}"
