@@ -12,6 +12,7 @@ from torch import nn
 
 from .calibration.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows
+from .calibration.distributed import is_distributed, is_main_process, shard_windows
 from .calibration.engine import LayerwiseEngine, PruneReport, _input_device
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
@@ -151,6 +152,12 @@ class Pruner:
                 split=cfg.dataset_split,
                 text_column=cfg.text_column,
             )
+        if is_distributed():
+            if not isinstance(engine, LayerwiseEngine):
+                raise PruningError(f"Method {cfg.method!r} does not run in several processes yet; run it in one.")
+            if checkpoint_dir is not None:
+                raise PruningError("checkpoint_dir (--checkpoint-dir) is not supported with several processes yet.")
+            windows = shard_windows(windows)  # each process calibrates on its share of the windows
         if check_memory and isinstance(engine, LayerwiseEngine):
             samples = 0 if windows is None else windows.shape[0]
             check_layer_memory(engine, samples, cfg.seqlen, _input_device(model))
@@ -181,10 +188,29 @@ def save_pruned(
 ) -> str:
     """Write model, tokenizer, ``pruning_config.json`` and a model card (``README.md``, see
     `optimum_prune.model_card`; ``results``, ``command`` and ``base_model`` go into it) atomically:
-    into a temporary sibling folder, renamed into place only when everything is written."""
-    from .model_card import build_model_card
+    into a temporary sibling folder, renamed into place only when everything is written. With
+    several processes only rank 0 writes."""
 
     save_directory = os.path.abspath(os.fspath(save_directory))
+    if is_distributed():  # one writer: rank 0; the others wait until the folder is complete
+        import torch.distributed
+
+        if is_main_process():
+            try:
+                _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model,
+                      **kwargs)
+            finally:
+                torch.distributed.barrier()
+        else:
+            torch.distributed.barrier()
+        return save_directory
+    _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, **kwargs)
+    return save_directory
+
+
+def _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, **kwargs):
+    from .model_card import build_model_card
+
     ensure_output_dir(save_directory, overwrite)
     parent = os.path.dirname(save_directory)
     os.makedirs(parent, exist_ok=True)

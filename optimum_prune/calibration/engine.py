@@ -30,6 +30,7 @@ from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .checkpoint import LayerCheckpoint, fingerprint
+from .distributed import broadcast_layer, reduce_statistics
 from .statistics import InputStatistics
 
 
@@ -424,6 +425,7 @@ class LayerwiseEngine:
                 finally:
                     collector.remove()
                 _check_called(linears, collector)
+                reduce_statistics(collector.stats)  # several processes: statistics of all their windows
                 stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
                 for i, names in enumerate(collector.groups):
                     collector.stats[i].check_finite(names[0])
@@ -431,6 +433,7 @@ class LayerwiseEngine:
                 self._prune_structured(index, stats, report, device)
             else:
                 self._prune_linears(entry, stats, report, device)
+            broadcast_layer(layer)  # several processes: rank 0's weights everywhere
             if needs_data and self.config.sequential:
                 outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
         return outputs
@@ -524,10 +527,12 @@ class LayerwiseEngine:
                 with _swapped(dense):
                     x = _input_of(first, layer, hidden, kw, device)
                 stats.update_pair(x, _input_of(first, layer, hidden, kw, device))
+            reduce_statistics([stats])
             stats.check_finite(stage[0])
             for name in stage:
                 dense[linears[name]] = _dense_snapshot(linears[name])
             self._prune_linears({name: entry[name] for name in stage}, dict.fromkeys(stage, stats), report, device)
+            broadcast_layer(layer)
         return dense
 
     def _call_order(self, layer, linears: dict[str, nn.Linear], hidden, kw, device) -> list[list[str]]:

@@ -42,6 +42,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add_argument("--device", default=None, help="Compute device for each layer, e.g. cuda:0 (default: where it lives).")
     model.add_argument("--device-map", default=None, help="accelerate device_map for loading, e.g. auto.")
+    model.add_argument("--max-memory", default=None,
+                       help="With --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB' (the rest is offloaded to disk).")
+    model.add_argument("--offload-folder", default=None, help="Where --device-map offloads weights to disk.")
 
     method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
     method.add_argument("--config", default=None, help="A pruning_config.json; the flags below override it.")
@@ -141,6 +144,20 @@ def run_prune(args) -> int:
         return 130
 
 
+def _max_memory(text: str) -> dict:
+    """'0=20GiB,cpu=60GiB' -> {0: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)."""
+    from optimum_prune.errors import PruningError
+
+    memory = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip():
+            raise PruningError(f"--max-memory takes DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB', got {text!r}.")
+        key = key.strip()
+        memory[int(key) if key.isdigit() else key] = value.strip()
+    return memory
+
+
 def _limit(value):
     """--tasks-limit: a document count (>= 1) or a fraction (< 1)."""
     return None if value is None else (int(value) if value >= 1 else value)
@@ -183,6 +200,12 @@ def _run(args) -> int:
         from optimum_prune.calibration.checkpoint import LayerCheckpoint
 
         LayerCheckpoint(args.checkpoint_dir, resume=args.resume).check_start()
+    from optimum_prune.calibration.distributed import init_from_env
+
+    if init_from_env(args.device):  # under torchrun / accelerate launch
+        if args.recover or args.tasks:
+            raise PruningError("--recover and --tasks run in one process only; evaluate or recover the saved model "
+                               "in a separate single-process run.")
     pruner = Pruner(config)
     if pruner.method.needs_calibration and config.dataset is None:
         raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
@@ -204,7 +227,14 @@ def _run(args) -> int:
         tasks = parse_tasks(args.tasks)
         _check_lm_eval()
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    load_kwargs = {}
+    if args.max_memory:
+        load_kwargs["max_memory"] = _max_memory(args.max_memory)
+    if args.offload_folder:
+        load_kwargs["offload_folder"] = args.offload_folder
+    if load_kwargs and not args.device_map:
+        raise PruningError("--max-memory and --offload-folder need --device-map (e.g. auto).")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map, **load_kwargs)
     results = {}
 
     def evaluate(stage: str) -> None:
