@@ -126,6 +126,25 @@ def _offload_store(module: nn.Module):
     return getattr(store, "state_dict", store), getattr(weights_map, "prefix", "")
 
 
+def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the offloaded parameter ``name`` of ``linear``. A parameter that the store
+    keeps on disk is written back to disk (accelerate's ``offload_weight``: a ``.dat`` file in the
+    offload folder, the index updated), so pruned weights do not pile up in CPU memory; the
+    original checkpoint files are never modified."""
+    hook = _offload_hook(linear)
+    weights_map = hook.weights_map
+    loader = getattr(weights_map, "dataset", weights_map)
+    key = getattr(weights_map, "prefix", "") + name
+    state = getattr(loader, "state_dict", loader)
+    folder, index = getattr(loader, "save_folder", None), getattr(loader, "index", None)
+    if folder is not None and index is not None and key in index and key not in state:
+        from accelerate.utils import offload_weight
+
+        offload_weight(value.detach().to("cpu").contiguous(), key, folder, index=index)
+    else:
+        state[key] = value.detach().to("cpu")
+
+
 def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
     hook = _offload_hook(linear)
     weight = hook.weights_map[name] if hook is not None else getattr(linear, name).detach()
@@ -140,8 +159,7 @@ def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | Non
     if mask is not None:
         value = value.masked_fill(mask, 0)
     if offloaded is not None:  # the offload store is what the next forward loads
-        store, prefix = offloaded
-        store[prefix + "weight"] = value.to("cpu")
+        _store_put(linear, "weight", value)
     if linear.weight.device.type != "meta":
         with torch.no_grad():
             linear.weight.data.copy_(value.to(linear.weight.device))
@@ -154,10 +172,9 @@ def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
     if offloaded is None:
         replace_param(linear, name, value)
         return
-    store, prefix = offloaded
     old = getattr(linear, name)
     dtype = _offload_hook(linear).weights_map[name].dtype
-    store[prefix + name] = value.to(device="cpu", dtype=dtype)
+    _store_put(linear, name, value.to(dtype=dtype))
     setattr(linear, name, nn.Parameter(torch.empty(value.shape, dtype=old.dtype, device=old.device), requires_grad=False))
 
 
@@ -250,13 +267,22 @@ def _dense_snapshot(linear: nn.Linear) -> torch.Tensor:
     return hook.weights_map["weight"] if hook is not None else linear.weight.data.clone()
 
 
-def _exchange_weight(linear: nn.Linear, value: torch.Tensor) -> torch.Tensor:
+_ON_DISK = object()  # `_exchange_weight`: the store had the weight on disk, not in its CPU dict
+
+
+def _exchange_weight(linear: nn.Linear, value):
     """Make ``value`` the weight tensor the next forward of ``linear`` uses (module or offload
-    store: a pointer swap, no copy); returns the tensor it replaces."""
+    store: a pointer swap, no copy); returns what it replaces, to be exchanged back. In an offload
+    store the swapped-in tensor goes to the CPU dict, which the store reads first."""
     offloaded = _offload_store(linear)
     if offloaded is not None:
         store, prefix = offloaded
-        old, store[prefix + "weight"] = store[prefix + "weight"], value
+        key = prefix + "weight"
+        old = store.get(key, _ON_DISK)
+        if value is _ON_DISK:
+            store.pop(key, None)
+        else:
+            store[key] = value
     else:
         old, linear.weight.data = linear.weight.data, value
     return old
