@@ -18,28 +18,9 @@ from _common import MODEL, parser, ppl
 import optimum_prune  # noqa: F401  (heterogeneous pruned models)
 from optimum_prune.assets import packaged_texts
 from optimum_prune.evaluation import zero_shot
+from optimum_prune.evaluation.zero_shot import local_multiple_choice_task
 from optimum_prune.evaluation.speed import measure_speed
 from optimum_prune.pruner import load_model
-
-
-TASK = """task: wiki_next_sentence
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def local_task(folder: str, count: int = 200, seed: int = 0) -> str:
@@ -56,9 +37,7 @@ def local_task(folder: str, count: int = 200, seed: int = 0) -> str:
             rng.shuffle(order)
             handle.write(json.dumps({"context": article[0], "choices": [choices[i] for i in order],
                                      "label": order.index(0)}) + "\n")
-    with open(os.path.join(folder, "wiki_next_sentence.yaml"), "w", encoding="utf-8") as handle:
-        handle.write(TASK.format(path=path))
-    return folder
+    return local_multiple_choice_task(folder, "wiki_next_sentence", path, text="context")
 
 
 def main():

@@ -19,29 +19,13 @@ from optimum_prune.recovery import LoraRecoveryConfig, recover_lora
 
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_mc.jsonl")
-TASK_YAML = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def write_local_task(folder) -> str:
     """A multiple-choice lm-eval task over tests/data/tiny_mc.jsonl (no hub access)."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "tiny_mc.yaml"), "w") as handle:
-        handle.write(TASK_YAML.format(path=DATA))
-    return str(folder)
+    from optimum_prune.evaluation.zero_shot import local_multiple_choice_task
+
+    return local_multiple_choice_task(str(folder), "tiny_mc", DATA)
 
 
 def manual_accuracy(model, tokenizer) -> float:

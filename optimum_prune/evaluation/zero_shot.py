@@ -18,6 +18,40 @@ logger = logging.getLogger(__name__)
 METRICS = ("acc", "acc_norm", "exact_match", "f1")
 
 
+_TASK_TEMPLATE = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{{text}}}}}"
+doc_to_choice: "{{{{{choices}}}}}"
+doc_to_target: {label}
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def local_multiple_choice_task(folder: str, name: str, data_file: str, text: str = "question",
+                               choices: str = "choices", label: str = "label") -> str:
+    """Define an lm-eval multiple-choice task over a local JSON-lines file (one object per line
+    with a prompt field, a list of choices and the index of the right one); returns ``folder``,
+    to pass as ``include_path``. No hub access is needed to run it."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.yaml"), "w", encoding="utf-8") as handle:
+        handle.write(_TASK_TEMPLATE.format(name=name, data_file=os.path.abspath(data_file), text=text,
+                                           choices=choices, label=label))
+    return folder
+
+
 def parse_tasks(tasks) -> list[str]:
     """``"boolq,arc_easy"`` or a list -> a list of task names."""
     if isinstance(tasks, str):
