@@ -7,6 +7,7 @@ seed 1, merges them, re-applies the sparsity masks and measures again. Each run 
 
     python benchmarks/recovery.py                                   # -> docs/results/recovery.md
     python benchmarks/recovery.py --runs wanda:0.5 --steps 20 --output /tmp/r.md
+    python benchmarks/recovery.py --runs dense          # the same LoRA run on the dense model
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ def _run(args, spec, queue):
     from optimum_prune.evaluation import perplexity
     from optimum_prune.recovery import LoraRecoveryConfig, recover_lora
 
-    method, options, pattern, sparsity = parse_run(spec)
     model, tokenizer = _load(args.checkpoint)
 
     def ppl():
         return perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
 
-    config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
-                           seqlen=args.seqlen, method_kwargs=options)
-    windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     start = time.perf_counter()
-    Pruner(config).prune(model, windows, progress=False)
+    if spec != "dense":  # "dense": the same LoRA run on the unpruned model, for reference
+        method, options, pattern, sparsity = parse_run(spec)
+        config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity,
+                               num_calibration_samples=args.num_samples, seqlen=args.seqlen, method_kwargs=options)
+        windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
+        Pruner(config).prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
     pruned = ppl()
     zeros_before = sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
@@ -85,8 +87,9 @@ def main():
         row = _in_process(_run, args, spec)
         rec = row["recovery"]
         print(row, flush=True)
-        method, _, pattern, sparsity = parse_run(spec)
-        label = f"{sparsity:.0%}" if pattern == "unstructured" else (f"structured {sparsity:.0%}" if sparsity else pattern)
+        method, _, pattern, sparsity = parse_run(spec) if spec != "dense" else ("dense", None, "-", None)
+        label = (f"{sparsity:.0%}" if pattern == "unstructured" else
+                 f"structured {sparsity:.0%}" if sparsity else pattern)
         lines.append(
             f"| {method} | {label} | {row['ppl_pruned']:.2f} | {row['ppl_recovered']:.2f} | "
             f"{row['ppl_recovered'] / row['ppl_pruned']:.2f} | {rec['loss_first']:.3f} -> {rec['loss_last']:.3f} | "
@@ -99,7 +102,7 @@ def main():
         f"{args.train_seqlen} tokens ({args.steps * args.batch_size * args.train_seqlen:,} tokens) from "
         f"{args.train_samples} windows of the calibration split (seed 1), AdamW lr {args.lr:g} (10% warm-up, cosine), "
         f"merged, masks re-applied. {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
-        "| method | sparsity | perplexity pruned | perplexity + LoRA | ratio | training loss (first -> last 10%) | "
+        "| method | sparsity | perplexity before LoRA | perplexity + LoRA | ratio | training loss (first -> last 10%) | "
         "prune time (s) | recovery time (s) | zeros kept | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(lines) + "\n"
     )
