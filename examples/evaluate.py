@@ -26,7 +26,7 @@ from optimum_prune.pruner import load_model
 def local_task(folder: str, count: int = 200, seed: int = 0) -> str:
     """A next-sentence multiple-choice task from the packaged held-out Wikipedia leads."""
     rng = random.Random(seed)
-    articles = [re.split(r"(?<=[.!?])\s+", text.strip()) for text in packaged_texts("wiki-leads-eval")]
+    articles = [re.split(r"(?<=[.!?])\s+", text.strip()) for text in packaged_texts("packaged:wiki-leads-eval")]
     articles = [a for a in articles if len(a) >= 2 and 20 < len(a[0]) < 400 and 20 < len(a[1]) < 400]
     others = [s for a in articles for s in a[1:] if 20 < len(s) < 400]
     path = os.path.join(folder, "wiki_next_sentence.jsonl")
