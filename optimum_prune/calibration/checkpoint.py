@@ -104,7 +104,7 @@ class LayerCheckpoint:
             self.state = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprints, "num_layers": num_layers,
                           "next_layer": 0, "layers": [], "inputs": None, "report": None, "seconds": 0.0}
             return None
-        self.check_start()
+        self.check_start(existing)
         saved = existing.get("fingerprint", {})
         for key, what in _WHAT.items():
             if saved.get(key) != fingerprints[key]:
@@ -119,9 +119,9 @@ class LayerCheckpoint:
         logger.info("Resuming from %s: %d of %d layers done.", self.directory, existing["next_layer"], num_layers)
         return existing
 
-    def check_start(self) -> None:
+    def check_start(self, existing: dict | None = None) -> None:
         """Without ``resume``, refuse a folder that holds a checkpoint (cheap: call it before loading the model)."""
-        existing = self._read_state()
+        existing = existing if existing is not None else self._read_state()
         if existing is not None and not self.resume:
             raise PruningError(
                 f"{self.directory} holds a checkpoint of a prune (layer {existing.get('next_layer')} of "

@@ -56,11 +56,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def _device_for_collectives(tensor: torch.Tensor) -> torch.device:
-    """NCCL needs CUDA tensors; gloo takes CPU ones."""
-    if torch.distributed.get_backend() == "nccl" and tensor.device.type != "cuda":
+def _device_for_collectives(device: torch.device) -> torch.device:
+    """Where a tensor living on ``device`` must be for a collective: NCCL needs CUDA, gloo takes CPU."""
+    if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
-    return tensor.device
+    return device
 
 
 def shard_windows(windows: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,25 +81,17 @@ def reduce_statistics(stats) -> None:
     if not is_distributed():
         return
     for stat in stats:
+        home = torch.device("cpu")
         for name in ("sq_sum", "gram_sum", "cross_sum"):
             tensor = getattr(stat, name)
             if tensor is not None:
-                device = _device_for_collectives(tensor)
-                reduced = tensor.to(device)
+                home = tensor.device
+                reduced = tensor.to(_device_for_collectives(home))
                 torch.distributed.all_reduce(reduced)
-                setattr(stat, name, reduced.to(tensor.device))
-        count = torch.tensor([stat.count], dtype=torch.float64,
-                             device=_device_for_collectives(torch.empty(0, device=_stat_device(stat))))
+                setattr(stat, name, reduced.to(home))
+        count = torch.tensor([stat.count], dtype=torch.float64, device=_device_for_collectives(home))
         torch.distributed.all_reduce(count)
         stat.count = int(count.item())
-
-
-def _stat_device(stat) -> torch.device:
-    for name in ("gram_sum", "sq_sum"):
-        tensor = getattr(stat, name)
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -111,8 +103,7 @@ def broadcast_layer(layer: nn.Module) -> None:
     for param in layer.parameters():
         if param.device.type == "meta":
             continue
-        device = _device_for_collectives(param.data)
-        value = param.data.to(device)
+        value = param.data.to(_device_for_collectives(param.device))
         torch.distributed.broadcast(value, src=0)
         if value.data_ptr() != param.data.data_ptr():
             param.data.copy_(value)
