@@ -117,13 +117,14 @@ def _onloaded(layer: nn.Module, device: torch.device):
 
 
 def _offload_store(module: nn.Module):
-    """(mapping, key prefix) of an accelerate-offloaded module's weights, or None."""
+    """(CPU dict, key prefix, loader) of an accelerate-offloaded module's weights, or None. The
+    loader (accelerate's ``OffloadedWeightsLoader``) reads the dict first, then its disk index."""
     hook = _offload_hook(module)
     if hook is None:
         return None
     weights_map = hook.weights_map
-    store = getattr(weights_map, "dataset", weights_map)
-    return getattr(store, "state_dict", store), getattr(weights_map, "prefix", "")
+    loader = getattr(weights_map, "dataset", weights_map)
+    return getattr(loader, "state_dict", loader), getattr(weights_map, "prefix", ""), loader
 
 
 def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
@@ -131,11 +132,8 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
     keeps on disk is written back to disk (accelerate's ``offload_weight``: a ``.dat`` file in the
     offload folder, the index updated), so pruned weights do not pile up in CPU memory; the
     original checkpoint files are never modified."""
-    hook = _offload_hook(linear)
-    weights_map = hook.weights_map
-    loader = getattr(weights_map, "dataset", weights_map)
-    key = getattr(weights_map, "prefix", "") + name
-    state = getattr(loader, "state_dict", loader)
+    state, prefix, loader = _offload_store(linear)
+    key = prefix + name
     folder, index = getattr(loader, "save_folder", None), getattr(loader, "index", None)
     if folder is not None and index is not None and key in index and key not in state:
         from accelerate.utils import offload_weight
@@ -276,7 +274,7 @@ def _exchange_weight(linear: nn.Linear, value):
     store the swapped-in tensor goes to the CPU dict, which the store reads first."""
     offloaded = _offload_store(linear)
     if offloaded is not None:
-        store, prefix = offloaded
+        store, prefix, _ = offloaded
         key = prefix + "weight"
         old = store.get(key, _ON_DISK)
         if value is _ON_DISK:
@@ -414,6 +412,10 @@ class LayerwiseEngine:
                 hooked[name] = (item, self.method.statistics)
         return hooked
 
+    def compute_device(self, layer: nn.Module) -> torch.device:
+        """Where ``layer`` is calibrated and solved: ``device`` if given, else where it executes."""
+        return self.device or _execution_device(layer, torch.device("cpu"))
+
     # ------------------------------------------------------------------ running
     @torch.no_grad()
     def run(self, calibration: torch.Tensor | None, checkpoint: LayerCheckpoint | None = None) -> PruneReport:
@@ -451,7 +453,7 @@ class LayerwiseEngine:
         layer = self.layers[index]
         entry = self.plan[index]
         needs_data = self.method.needs_calibration
-        device = self.device or _execution_device(layer, torch.device("cpu"))
+        device = self.compute_device(layer)
         with _onloaded(layer, device):
             if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
                 if self.structured:  # count the layer's parameters in the report
@@ -496,7 +498,7 @@ class LayerwiseEngine:
         for index in range(done):
             changes, rng = checkpoint.layer_changes(index)
             layer = self.layers[index]
-            device = self.device or _execution_device(layer, torch.device("cpu"))
+            device = self.compute_device(layer)
             with _onloaded(layer, device):
                 self._replay(index, changes, device)
             torch.set_rng_state(rng)

@@ -77,7 +77,7 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
         estimate.add(input_device, "activations", 2 * tokens * hidden * act_bytes)
     worst: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(engine.layers):
-        device = engine.device or _layer_device(layer)
+        device = engine.compute_device(layer)
         entry = engine.plan[index]
         if not engine._active(entry):
             continue
@@ -101,12 +101,6 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
         for what, nbytes in parts.items():
             estimate.add(device, what, nbytes)
     return estimate
-
-
-def _layer_device(layer: nn.Module) -> torch.device:
-    from .engine import _execution_device
-
-    return _execution_device(layer, torch.device("cpu"))
 
 
 def _solve_bytes(method, item) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, check_int, check_positive_int, check_positive_number
-from ..structure.layers import find_decoder_layers
+from ..structure.layers import find_decoder_layers, select_target_linears
 
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ class LoraRecoveryConfig:
 
 
 def _layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder layers, by full name."""
     prefix, layers = find_decoder_layers(model)
-    return {f"{prefix}.{i}.{name}": module for i, layer in enumerate(layers)
-            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    return {name: linear for i, layer in enumerate(layers)
+            for name, linear in select_target_linears(layer, f"{prefix}.{i}", None, None).items()}
 
 
 def _lr_at(step: int, config: LoraRecoveryConfig) -> float:
