@@ -45,7 +45,7 @@ def _run(args, folder, mode, output, queue):
 
     base = _rss_mb()
     kwargs = {}
-    if mode == "offload":
+    if mode != "memory":
         kwargs = {"device_map": "auto", "max_memory": {"cpu": args.cpu_budget}, "offload_folder": output + "-offload"}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -55,11 +55,13 @@ def _run(args, folder, mode, output, queue):
     pruner = Pruner(PruningConfig(method="sparsegpt", sparsity=0.5, num_calibration_samples=args.num_samples,
                                   seqlen=args.seqlen))
     start = time.perf_counter()
-    pruner.prune(model, windows, progress=False)
+    activations = "disk" if mode == "offload+activations" else "device"
+    folder = output + "-activations" if activations == "disk" else None
+    pruner.prune(model, windows, progress=False, activations=activations, activation_folder=folder)
     seconds = time.perf_counter() - start
     pruned = _rss_mb()
     pruner.save_pretrained(output)
-    queue.put({"mode": mode, "placement": placement, "rss_imports": base, "rss_loaded": loaded, "rss_pruned": pruned,
+    queue.put({"mode": mode, "placement": placement, "activations": activations, "rss_imports": base, "rss_loaded": loaded, "rss_pruned": pruned,
                "rss_saved": _rss_mb(), "seconds": seconds})
 
 
@@ -75,25 +77,30 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "smollm2-fp32")
         _in_process(_convert, folder)
-        rows = {mode: _in_process(_run, args, folder, mode, os.path.join(tmp, mode)) for mode in ("memory", "offload")}
+        modes = ("memory", "offload", "offload+activations")
+        rows = {mode: _in_process(_run, args, folder, mode, os.path.join(tmp, mode)) for mode in modes}
         a = load_file(os.path.join(tmp, "memory", "model.safetensors"))
-        b = load_file(os.path.join(tmp, "offload", "model.safetensors"))
-        max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    ratio = rows["offload"]["rss_pruned"] / rows["memory"]["rss_pruned"]
+        max_diff = 0.0
+        for mode in modes[1:]:
+            b = load_file(os.path.join(tmp, mode, "model.safetensors"))
+            max_diff = max(max_diff, max(float((a[k].float() - b[k].float()).abs().max()) for k in a))
+    base = rows["memory"]["rss_pruned"]
     lines = [
-        f"| {r['mode']} | {', '.join(r['placement'])} | {r['rss_imports']:.0f} | {r['rss_loaded']:.0f} | "
-        f"{r['rss_pruned']:.0f} | {r['rss_saved']:.0f} | {r['seconds']:.0f} |" for r in rows.values()
+        f"| {r['mode']} | {', '.join(r['placement'])} | {r['activations']} | {r['rss_imports']:.0f} | "
+        f"{r['rss_loaded']:.0f} | {r['rss_pruned']:.0f} | {r['rss_pruned'] / base:.2f}x | {r['rss_saved']:.0f} | "
+        f"{r['seconds']:.0f} |" for r in rows.values()
     ]
     table = (
         f"SmolLM2-135M-Instruct converted to fp32 safetensors; SparseGPT 50%, calibration {args.num_samples} x "
         f"{args.seqlen} tokens; each run in its own process; offload run: `device_map=\"auto\"`, "
-        f"`max_memory={{'cpu': '{args.cpu_budget}'}}`, the rest on disk. Peak RSS is the process's maximum resident "
+        f"`max_memory={{'cpu': '{args.cpu_budget}'}}`, the rest on disk; activations: where the calibration "
+        f"hidden states wait between layers (`Pruner.prune(activations=...)`, `--activations`). Peak RSS is the process's maximum resident "
         f"set so far (`ru_maxrss`), after importing, after loading, after pruning and after saving. "
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
-        "| run | weights on | peak RSS after imports (MB) | after load | after prune | after save | prune time (s) |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
-        f"Offloaded / in-memory peak RSS after the prune: **{ratio:.2f}x**. Largest difference between the two runs' "
-        f"saved weights: {max_diff:.3g}.\n"
+        "| run | weights on | activations | peak RSS after imports (MB) | after load | after prune | "
+        "/ in-memory | after save | prune time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+        f"Largest difference between an offloaded run's saved weights and the in-memory run's: {max_diff:.3g}.\n"
     )
     print(table)
     with open(args.output, "w", encoding="utf-8") as handle:

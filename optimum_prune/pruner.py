@@ -13,6 +13,7 @@ from torch import nn
 from .calibration.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows
 from .calibration.distributed import is_distributed, is_main_process, shard_windows
+from .calibration.activations import check_place
 from .calibration.engine import LayerwiseEngine, PruneReport, _input_device
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
@@ -98,6 +99,8 @@ class Pruner:
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         check_memory: bool = True,
+        activations: str = "device",
+        activation_folder: str | os.PathLike | None = None,
     ) -> nn.Module:
         """Prune ``model`` in place and return it.
 
@@ -116,8 +119,17 @@ class Pruner:
             check_memory: before touching the model, estimate the memory one layer needs
                 (`optimum_prune.calibration.resources`) and raise `PruningError` with the numbers
                 when a device cannot hold it.
+            activations: where the calibration activations wait between decoder layers:
+                ``"device"`` (where they were produced), ``"cpu"``, or ``"disk"`` (one file per
+                batch; only the batch in flight is in memory). Same result either way
+                (`optimum_prune.calibration.activations`).
+            activation_folder: with ``activations="disk"``, the folder for those files (default:
+                the system's temporary folder); they are deleted as the prune goes.
         """
         cfg = self.config
+        check_place(activations)
+        if activation_folder is not None and activations != "disk":
+            raise PruningError("activation_folder is where activations='disk' writes; pass activations='disk' too.")
         if isinstance(model, (str, os.PathLike)):
             model, loaded_tokenizer = load_model(model)
             tokenizer = tokenizer or loaded_tokenizer
@@ -134,7 +146,8 @@ class Pruner:
                                    f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
             engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress)
         else:
-            engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress)
+            engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress,
+                                     activations=activations, activation_folder=activation_folder)
         windows = None
         if self.method.needs_calibration:
             data = calibration_data if calibration_data is not None else cfg.dataset

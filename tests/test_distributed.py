@@ -85,7 +85,9 @@ def test_cli_offload_with_max_memory_matches_in_memory(tiny_folder):
 
     root = tiny_folder
     assert main(_cli_args(root, root / "offloaded", "--device-map", "auto", "--max-memory", "cpu=300KB",
-                          "--offload-folder", str(root / "offload"))) == 0
+                          "--offload-folder", str(root / "offload"), "--activations", "disk",
+                          "--activation-folder", str(root / "activations"))) == 0
+    assert not os.listdir(root / "activations")  # the batches' files are gone with the prune
     assert main(_cli_args(root, root / "in-memory")) == 0
     offloaded = load_file(root / "offloaded" / "model.safetensors")
     in_memory = load_file(root / "in-memory" / "model.safetensors")

@@ -87,3 +87,42 @@ def test_overrides_are_refused():
     with pytest.raises(PruningError, match="allocates widths globally"):
         Pruner(config(overrides={"*.layers.0": {"sparsity": 0.1}})).prune(tiny_model(), torch.zeros(200, dtype=torch.long),
                                                                           progress=False)
+
+
+def _widths(model):
+    return [(layer.mlp.down_proj.in_features, layer.self_attn.o_proj.in_features) for layer in model.model.layers]
+
+
+def test_local_method_keeps_the_learned_widths(calib_ids):
+    """``local_method`` lets a layer-wise method pick the units, at the widths the policy learned."""
+    models = {}
+    for local in (None, "fasp"):
+        model = tiny_model("llama", num_hidden_layers=3)
+        Pruner(config(sparsity=0.3, method_kwargs={"budget": "global", "local_method": local})).prune(
+            model, calib_ids, progress=False)
+        models[local] = model
+    assert _widths(models[None]) == _widths(models["fasp"])
+    kept_by_policy = [layer.mlp.down_proj.weight for layer in models[None].model.layers]
+    kept_by_fasp = [layer.mlp.down_proj.weight for layer in models["fasp"].model.layers]
+    assert any(not torch.equal(a, b) for a, b in zip(kept_by_policy, kept_by_fasp))
+
+
+def test_sequential_restoration_fits_the_pruned_inputs(calib_ids):
+    """The default restores layer by layer on the already-pruned layers' outputs; the one-pass
+    variant fits the dense model's inputs. Same units either way, different consumers."""
+    results = {}
+    for sequential in (True, False):
+        model = tiny_model("llama", num_hidden_layers=3)
+        Pruner(config(sparsity=0.3, method_kwargs={"sequential": sequential})).prune(model, calib_ids, progress=False)
+        results[sequential] = model
+    assert _widths(results[True]) == _widths(results[False])
+    first = [m.model.layers[0].mlp.down_proj.weight for m in (results[True], results[False])]
+    last = [m.model.layers[-1].mlp.down_proj.weight for m in (results[True], results[False])]
+    torch.testing.assert_close(first[0], first[1])  # layer 0 sees the same (dense) inputs either way
+    assert not torch.allclose(last[0], last[1])  # later layers see the pruned layers' outputs
+
+
+@pytest.mark.parametrize("local, match", [("sparsegpt", "layer-wise structured"), ("nope", "Unknown pruning method")])
+def test_bad_local_method_is_refused(local, match):
+    with pytest.raises(PruningError, match=match):
+        Pruner(config(method_kwargs={"local_method": local}))

@@ -312,3 +312,28 @@ def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooke
     consumers = {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
     assert consumers <= set(hooked)
     assert (len(hooked) > len(consumers)) == producers_hooked
+
+
+def test_engine_takes_given_widths_and_units(calib_ids):
+    """The layer-wise engine shrinks to widths (``removals``) or units (``kept_units``) decided by
+    the caller — how a global method hands its allocation to a layer-wise solver."""
+    from optimum_prune.calibration.engine import LayerwiseEngine
+    from optimum_prune.registry import get_method
+
+    cfg = PruningConfig(method="fasp", pattern="structured", sparsity=0.3, num_calibration_samples=8, seqlen=32,
+                        channel_multiple=1)
+    windows = calib_ids[: 8 * 32].view(8, 32)
+    model = tiny_model("llama", num_hidden_layers=2)
+    dense_gate = [layer.mlp.gate_proj.weight.clone() for layer in model.model.layers]
+    keep = torch.tensor([0, 5, 17, 90, 127])
+    kept = {"model.layers.0.mlp": keep}
+    engine = LayerwiseEngine(model, cfg, get_method("fasp")(), progress=False, kept_units=kept,
+                             removals={"model.layers.1.mlp": 100})
+    report = engine.run(windows)
+    layers = model.model.layers
+    assert torch.equal(layers[0].mlp.gate_proj.weight, dense_gate[0][keep])  # exactly the given units
+    assert layers[1].mlp.down_proj.in_features == 128 - 100
+    assert layers[0].self_attn.o_proj.in_features == 64  # groups not named keep every unit
+    assert report.sparsity["model.layers.1.mlp"] == pytest.approx(100 / 128)
+    with pytest.raises(PruningError, match="removals"):
+        LayerwiseEngine(tiny_model("llama"), cfg, get_method("fasp")(), removals={"model.layers.0.mlp": 128})

@@ -42,6 +42,27 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _save_batches(batches, path: str) -> None:
+    """Write the tensors of ``batches`` (a sequence; an `ActivationStore` reads them from disk one at
+    a time) as a safetensors file with keys "0", "1", ..., holding one batch in memory at a time."""
+    header, offset = {}, 0
+    for i, x in enumerate(batches):
+        nbytes = x.numel() * x.element_size()
+        header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[x.dtype], "shape": list(x.shape),
+                          "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for x in batches:
+            handle.write(_tensor_bytes(x))
+
+
 def fingerprint(model: nn.Module, config, calibration: torch.Tensor | None) -> dict[str, str]:
     """Digests of what determines the result: the model (architecture and input embeddings), the
     pruning config and the calibration token ids."""
@@ -155,14 +176,20 @@ class LayerCheckpoint:
         changes = load_file(os.path.join(self.directory, self.state["layers"][index]))
         return changes, changes.pop(_RNG_KEY)
 
-    def inputs(self) -> list[torch.Tensor] | None:
-        """The saved inputs of the next layer, in batch order (None when the prune needs no data)."""
-        from safetensors.torch import load_file
+    def inputs(self):
+        """The saved inputs of the next layer, one batch at a time in batch order (None when the
+        prune needs no data)."""
+        from safetensors import safe_open
 
         if not self.state.get("inputs"):
             return None
-        tensors = load_file(os.path.join(self.directory, self.state["inputs"]))
-        return [tensors[str(i)] for i in range(len(tensors))]
+
+        def batches():
+            with safe_open(os.path.join(self.directory, self.state["inputs"]), framework="pt") as handle:
+                for i in range(len(list(handle.keys()))):
+                    yield handle.get_tensor(str(i))
+
+        return batches()
 
     # ------------------------------------------------------------------ writing
     def commit(self, index: int, changes: dict[str, torch.Tensor], inputs: list[torch.Tensor] | None,
@@ -180,8 +207,7 @@ class LayerCheckpoint:
         inputs_name = None
         if inputs is not None:
             inputs_name = f"inputs-{index + 1:05d}.safetensors"
-            batches = {str(i): _cpu(x) for i, x in enumerate(inputs)}
-            self._atomic(inputs_name, lambda path: save_file(batches, path))
+            self._atomic(inputs_name, lambda path: _save_batches(inputs, path))
         state = dict(self.state, next_layer=index + 1, layers=self.state["layers"][:index] + [layer_name],
                      inputs=inputs_name, report=report, seconds=seconds)
         self._atomic(STATE_NAME, lambda path: _write_json(state, path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,11 +25,12 @@ from ..configuration import PruningConfig, SparsityPattern, resolve_sparsity
 from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..methods.masks import Target
-from ..methods.structured import StructuredProblem
+from ..methods.structured import StructuredProblem, StructuredResult
 from ..structure.budget import plan_removals
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
+from .activations import ActivationStore, check_place
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
 from .statistics import InputStatistics
@@ -333,8 +335,21 @@ class LayerwiseEngine:
         method: PruningMethod,
         device: str | torch.device | None = None,
         progress: bool = True,
+        activations: str = "device",
+        activation_folder: str | os.PathLike | None = None,
+        removals: dict[str, int] | None = None,
+        kept_units: dict[str, torch.Tensor] | None = None,
     ):
+        """``removals`` (channel group name -> units to remove) replaces the uniform structured plan
+        (widths decided elsewhere, e.g. by a global method); ``kept_units`` (group name -> indices
+        of the units to keep) fixes the units too, and the method only restores the consumers."""
         self.model = model
+        self.kept_units = kept_units
+        self.removals = removals
+        if kept_units is not None:
+            self.removals = {**(removals or {}), **{name: None for name in kept_units}}
+        self.activations = check_place(activations)  # where the hidden states wait between layers
+        self.activation_folder = activation_folder
         self.config = config
         self.method = method
         self.device = torch.device(device) if device is not None else None
@@ -389,8 +404,21 @@ class LayerwiseEngine:
         sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
         layer_params = linear_params(layer)
         self._fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
+        if self.removals is not None:  # widths decided by the caller
+            return {g.name: (g, self._given_removal(g)) for g in groups}
         removals = plan_removals(groups, sparsity, fixed, excluded, layer_params, cfg.channel_multiple)
         return {g.name: (g, removals[g.name]) for g in groups}
+
+    def _given_removal(self, group: ChannelGroup) -> int:
+        if self.kept_units is not None and group.name in self.kept_units:
+            keep = self.kept_units[group.name]
+            if keep.numel() < 1 or keep.numel() > group.units or int(keep.max()) >= group.units:
+                raise PruningError(f"kept_units[{group.name!r}] must index 1..{group.units} of its {group.units} units.")
+            return group.units - keep.numel()
+        remove = self.removals.get(group.name, 0)
+        if not 0 <= remove < group.units:
+            raise PruningError(f"removals[{group.name!r}] must be in [0, {group.units}), got {remove}.")
+        return remove
 
     @staticmethod
     def _active(entry) -> bool:
@@ -435,14 +463,21 @@ class LayerwiseEngine:
         last = len(self.layers) - 1
         bar = tqdm(range(first, len(self.layers)), total=len(self.layers), initial=first, desc=f"{self.method.name}",
                    unit="layer", disable=not self.progress)
-        for index in bar:
-            self._changes = {}
-            inputs = self._prune_layer(index, inputs, kwargs, report)
-            _release_freed_memory()
-            if checkpoint is not None:
-                checkpoint.commit(index, self._changes, inputs if index < last else None, report.to_dict(),
-                                  time.perf_counter() - start)
-            bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
+        try:
+            for index in bar:
+                self._changes = {}
+                outputs = self._prune_layer(index, inputs, kwargs, report)
+                if inputs is not None:
+                    inputs.close()
+                inputs = outputs
+                _release_freed_memory()
+                if checkpoint is not None:
+                    checkpoint.commit(index, self._changes, inputs if index < last else None, report.to_dict(),
+                                      time.perf_counter() - start)
+                bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
+        finally:
+            if inputs is not None:
+                inputs.close()
         if self.structured:
             describe_widths(self.model)
         report.seconds = time.perf_counter() - start
@@ -504,10 +539,14 @@ class LayerwiseEngine:
             torch.set_rng_state(rng)
         report.load_dict(state["report"])
         if inputs is not None and done < len(self.layers):
-            saved = checkpoint.inputs()
-            if saved is None or len(saved) != len(inputs):
+            restored, device = inputs.like(), inputs[0].device
+            for x in checkpoint.inputs() or ():
+                restored.append(x.to(device))
+            if len(restored) != len(inputs):
+                restored.close()
                 raise PruningError(f"The checkpoint in {checkpoint.directory} has no usable layer inputs; start over.")
-            inputs = [x.to(ref.device) for x, ref in zip(saved, inputs)]
+            inputs.close()
+            inputs = restored
         return done, inputs, float(state.get("seconds", 0.0))
 
     def _replay(self, index: int, changes: dict[str, torch.Tensor], device) -> None:
@@ -522,7 +561,7 @@ class LayerwiseEngine:
                 _write_weight(item, changes[name])
 
     def _capture_first_layer_inputs(self, calibration: torch.Tensor):
-        inputs, kwargs = [], []
+        inputs, kwargs = ActivationStore(self.activations, self.activation_folder), []
 
         def capture(module, args, kw):
             hidden = args[0] if args else kw.pop("hidden_states")
@@ -546,7 +585,8 @@ class LayerwiseEngine:
         return inputs, kwargs
 
     def _run_layer(self, layer, inputs, kwargs, device, collector, keep):
-        outputs = []
+        """Run ``layer`` on every batch; with ``keep``, its outputs (an `ActivationStore` like ``inputs``)."""
+        outputs = inputs.like() if keep else None
         for hidden, kw in zip(inputs, kwargs):
             try:
                 out = layer(_to_device(hidden, device), **_to_device(kw, device))
@@ -623,7 +663,11 @@ class LayerwiseEngine:
             problem, weights = read_group_problem(
                 group, device, stats.get(group.producers[0].name), stats.get(group.consumer_name)
             )
-            result = self.method.prune_structured(problem, remove)
+            if self.kept_units is not None and name in self.kept_units:  # units fixed: only restore
+                keep = self.kept_units[name].to(device=problem.consumer.device, dtype=torch.long).sort().values
+                result = StructuredResult(keep, self.method.restore(problem, keep))
+            else:
+                result = self.method.prune_structured(problem, remove)
             if result.keep.numel() != group.units - remove:
                 raise RuntimeError(f"{self.method.name} kept {result.keep.numel()} units of {name}, "
                                    f"expected {group.units - remove}")

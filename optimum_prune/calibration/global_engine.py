@@ -142,6 +142,10 @@ class GlobalStructuredEngine:
         finally:
             self.model.train(was_training)
         self.history = global_problem.history
+        if self.method.options.layerwise_finish:
+            report = self._finish_layerwise(windows, keeps)
+            report.seconds = time.perf_counter() - start
+            return report
         report = PruneReport()
         for i, (group, keep_mask) in enumerate(zip(self.groups, keeps)):
             # weights are read again here rather than held as float32 copies through the optimisation
@@ -152,6 +156,25 @@ class GlobalStructuredEngine:
         describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor]) -> PruneReport:
+        """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
+        already-pruned ones: the kept units restored by FASP's least squares, or (``local_method``)
+        the units chosen and restored by a layer-wise structured method."""
+        from ..registry import get_method
+        from .engine import LayerwiseEngine
+
+        opts = self.method.options
+        common = dict(device=self.device, progress=self.progress)
+        if opts.local_method is not None:
+            local = get_method(opts.local_method)(dampening=self.method.dampening)
+            removals = {g.name: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)}
+            engine = LayerwiseEngine(self.model, self.config, local, removals=removals, **common)
+        else:
+            fasp = get_method("fasp")(dampening=self.method.dampening)  # restore=True: least squares on the kept units
+            kept = {g.name: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)}
+            engine = LayerwiseEngine(self.model, self.config, fasp, kept_units=kept, **common)
+        return engine.run(windows)
 
     def _problem(self, index: int, producer_stats, consumer_stats):
         group = self.groups[index]

@@ -73,8 +73,11 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
     act_bytes = next(engine.layers[0].parameters()).element_size()
     tokens = num_windows * seqlen
     if method.needs_calibration:
-        # the layer's inputs and its outputs (the next layer's inputs) for every window
-        estimate.add(input_device, "activations", 2 * tokens * hidden * act_bytes)
+        # the layer's inputs and its outputs (the next layer's inputs) for every window, where the
+        # engine keeps them; on disk only the batch in flight (counted in "forward")
+        if engine.activations != "disk":
+            where = input_device if engine.activations == "device" else torch.device("cpu")
+            estimate.add(where, "activations", 2 * tokens * hidden * act_bytes)
     worst: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(engine.layers):
         device = engine.compute_device(layer)

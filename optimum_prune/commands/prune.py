@@ -45,6 +45,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-memory", default=None,
                        help="With --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB' (the rest is offloaded to disk).")
     model.add_argument("--offload-folder", default=None, help="Where --device-map offloads weights to disk.")
+    model.add_argument("--activations", choices=("device", "cpu", "disk"), default="device",
+                       help="Where the calibration activations wait between layers: where they were produced "
+                            "(default), in CPU memory, or on disk (one file per batch). Same result.")
+    model.add_argument("--activation-folder", default=None,
+                       help="With --activations disk: folder for those files (default: the system's temp folder).")
 
     method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
     method.add_argument("--config", default=None, help="A pruning_config.json; the flags below override it.")
@@ -182,6 +187,8 @@ def _run(args) -> int:
 
     config = build_config(args)
     ensure_output_dir(args.output, args.overwrite)
+    if args.activation_folder and args.activations != "disk":
+        raise PruningError("--activation-folder is where --activations disk writes; add --activations disk.")
     if args.eval_windows < 1:
         raise PruningError("--eval-windows must be at least 1.")
     if args.tasks_limit is not None and not args.tasks_limit > 0:
@@ -255,7 +262,8 @@ def _run(args) -> int:
     results["parameters_before"] = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     pruner.prune(model, tokenizer=tokenizer, device=args.device, progress=progress, checkpoint_dir=args.checkpoint_dir,
-                 resume=args.resume, check_memory=not args.skip_memory_check)
+                 resume=args.resume, check_memory=not args.skip_memory_check, activations=args.activations,
+                 activation_folder=args.activation_folder)
     results["prune_seconds"] = time.perf_counter() - start
     results["sparsity"] = pruner.report.overall_sparsity
     results["parameters_after"] = sum(p.numel() for p in model.parameters())

@@ -61,6 +61,13 @@ class PolicyGradientOptions:
     init_temperature: float = 1.0
     #: Re-fit each consumer on its kept channels by least squares (FASP's restoration).
     restore: bool = True
+    #: Restore layer by layer on the inputs of the already-pruned layers (as the layer-wise methods
+    #: calibrate; one more pass over the calibration data); false: on the dense model's statistics.
+    sequential: bool = True
+    #: None: keep the units of highest probability. A layer-wise structured method ("fasp", "spap",
+    #: "wanda-sp"): keep the width the policy learned for every channel group but let that method
+    #: choose the units and restore, layer by layer (global allocation, local solver).
+    local_method: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "samples", "windows_per_step"):
@@ -76,8 +83,21 @@ class PolicyGradientOptions:
             raise PruningError(f"policy_gradient option baseline_decay must be in [0, 1), got {self.baseline_decay!r}.")
         if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 0.5):
             raise PruningError(f"policy_gradient option eps must be in (0, 0.5), got {self.eps!r}.")
-        if not isinstance(self.restore, bool):
-            raise PruningError(f"policy_gradient option restore must be true or false, got {self.restore!r}.")
+        for name in ("restore", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
+        if self.local_method is not None:
+            from ..registry import get_method
+
+            method = get_method(self.local_method)  # unknown name: PruningError listing the methods
+            if "structured" not in method.supported_patterns or getattr(method, "is_global", False):
+                raise PruningError(f"policy_gradient option local_method must be a layer-wise structured method "
+                                   f"(fasp, spap, wanda-sp), got {self.local_method!r}.")
+
+    @property
+    def layerwise_finish(self) -> bool:
+        """Whether the final widths go through a layer-wise pass (sequential restoration or a local method)."""
+        return self.local_method is not None or (self.restore and self.sequential)
 
 
 @dataclass
@@ -97,20 +117,23 @@ class GlobalProblem:
 
 
 def project_to_budget(y: torch.Tensor, cost: torch.Tensor, keep_params: float, eps: float) -> torch.Tensor:
-    """``clip(y - lambda * cost, eps, 1 - eps)`` with ``lambda`` found by bisection so that
-    ``sum(cost * s) = keep_params`` (the Euclidean projection onto the budget within the box)."""
+    """``clip(y - lambda, eps, 1 - eps)`` with the shift ``lambda`` found by bisection so that
+    ``sum(cost * s) = keep_params``: the projection onto the budget within the box in the metric
+    ``sum_u cost_u (s_u - y_u)^2``. Every unit moves by the same shift, whatever it costs (the plain
+    Euclidean projection would shift a unit by ``lambda * cost``: with a global budget a KV group,
+    hundreds of times an MLP channel's parameters, would be pushed to ``eps`` before any step).
+    With equal costs (one budget per module type) both projections coincide."""
     def kept(lam):
-        return float((cost * (y - lam * cost).clamp(eps, 1 - eps)).sum())
+        return float((cost * (y - lam).clamp(eps, 1 - eps)).sum())
 
-    scale = float(cost.max())
-    lo, hi = (-2.0 - float(y.abs().max())) / scale, (2.0 + float(y.abs().max())) / scale
+    lo, hi = float(y.min()) - 1.0, float(y.max()) + 1.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         if kept(mid) > keep_params:
             lo = mid
         else:
             hi = mid
-    return (y - 0.5 * (lo + hi) * cost).clamp(eps, 1 - eps)
+    return (y - 0.5 * (lo + hi)).clamp(eps, 1 - eps)
 
 
 def final_keep(s: torch.Tensor, cost: torch.Tensor, keep_params: float) -> torch.Tensor:
@@ -130,7 +153,9 @@ class PolicyGradient(PruningMethod):
 
     @property
     def statistics(self):
-        return frozenset({"sq_norm", "gram"}) if self.options.restore else frozenset({"sq_norm"})
+        """Of the dense model's consumers: norms for the scores, Grams for a one-pass restoration."""
+        one_pass_restore = self.options.restore and not self.options.layerwise_finish
+        return frozenset({"sq_norm", "gram"}) if one_pass_restore else frozenset({"sq_norm"})
 
     producer_statistics = frozenset({"sq_norm"})  # Wanda-sp scores of the producer rows
 

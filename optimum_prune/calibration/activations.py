@@ -1,0 +1,104 @@
+"""Where the calibration activations wait between two decoder layers.
+
+The layer engine passes the hidden states of every calibration batch from one decoder layer to
+the next: the inputs of the layer being pruned and the outputs it produces for the next one. For
+a large model (or many calibration windows) these two sets are the largest thing the prune holds,
+so where they wait is a choice (``activations=`` of `Pruner.prune`, ``--activations`` of the CLI):
+
+``"device"`` (default)
+    on the device that produced them (the input embedding's device for the first layer);
+``"cpu"``
+    in CPU memory — frees the accelerator for the layer and its solver; each batch is copied to
+    the compute device when the layer runs;
+``"disk"``
+    one file per batch in a temporary folder (``activation_folder``, default: the system's temp
+    folder); only the batch being processed is in memory. Reading goes through ``read()`` into
+    freshly allocated memory (no memory map), so the file pages stay in the OS cache and out of
+    the process's resident set.
+
+All three give identical results: the tensors are stored bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..errors import PruningError
+
+
+PLACES = ("device", "cpu", "disk")
+
+
+def check_place(where: str) -> str:
+    if where not in PLACES:
+        raise PruningError(f"activations must be one of {', '.join(PLACES)} (where the calibration activations wait "
+                           f"between layers), got {where!r}.")
+    return where
+
+
+class ActivationStore(Sequence):
+    """The hidden states of the calibration batches, in batch order, kept as ``where`` says."""
+
+    def __init__(self, where: str = "device", folder: str | os.PathLike | None = None):
+        self.where = check_place(where)
+        self._tensors: list[torch.Tensor] = []
+        self._files: list[str] = []
+        self._folder = None
+        if self.where == "disk":
+            if folder is not None:
+                os.makedirs(folder, exist_ok=True)
+            self._folder = tempfile.mkdtemp(prefix="optimum-prune-activations-", dir=folder)
+
+    def like(self) -> "ActivationStore":
+        """An empty store kept the same way (in a sibling folder on disk)."""
+        return ActivationStore(self.where, None if self._folder is None else os.path.dirname(self._folder))
+
+    def append(self, tensor: torch.Tensor) -> None:
+        if self.where == "device":
+            self._tensors.append(tensor)
+        elif self.where == "cpu":
+            self._tensors.append(tensor.to("cpu"))
+        else:
+            path = os.path.join(self._folder, f"batch-{len(self._files):06d}.pt")
+            torch.save(tensor.detach().to("cpu").contiguous(), path)
+            self._files.append(path)
+
+    def __len__(self) -> int:
+        return len(self._files) if self.where == "disk" else len(self._tensors)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if self.where != "disk":
+            return self._tensors[index]
+        return torch.load(self._files[index], map_location="cpu", weights_only=True, mmap=False)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def nbytes(self) -> int:
+        """Bytes held in memory (0 on disk)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors)
+
+    def close(self) -> None:
+        """Drop the tensors (and delete the files)."""
+        self._tensors = []
+        self._files = []
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __del__(self):  # a store that was never closed (an exception) still removes its folder
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"ActivationStore(where={self.where!r}, batches={len(self)})"
