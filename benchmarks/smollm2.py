@@ -61,11 +61,22 @@ GLOBAL_RUNS = [f"{method}:s{level}" for level in ("0.2", "0.3") for method in ("
 
 
 def parse_run(spec: str):
-    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity)."""
+    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity).
+    Options are the method's, except ``targets`` / ``ignore`` (JSON lists), which go to `PruningConfig`."""
     head, _, rest = spec.partition(":")
     method, _, options_text = head.partition("[")
     options = {}
-    for item in filter(None, options_text.rstrip("]").split(",")):
+    if options_text.endswith("]"):
+        options_text = options_text[:-1]
+    items, depth, current = [], 0, ""
+    for char in options_text:  # commas inside JSON lists do not separate options
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    for item in filter(None, items + [current]):
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
     if ":" in rest:
@@ -135,8 +146,11 @@ def _prune(args, method, options, pattern, sparsity, queue):
     from optimum_prune.evaluation import perplexity
 
     model, tokenizer = _load(args.checkpoint)
+    label = _label(method, options)
+    options = dict(options)
+    selection = {key: options.pop(key) for key in ("targets", "ignore") if key in options}  # PruningConfig fields
     config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
-                           seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options,
+                           seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options, **selection,
                            **({} if args.channel_multiple is None else {"channel_multiple": args.channel_multiple}))
     pruner = Pruner(config)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
@@ -150,13 +164,13 @@ def _prune(args, method, options, pattern, sparsity, queue):
         measured = pruner.report.overall_sparsity if pattern == "structured" else _saved_sparsity(out)
         disk = _disk_mb(out)
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
-    label = pattern if sparsity is None else f"{sparsity:.0%}" if pattern == "unstructured" else f"structured {sparsity:.0%}"
+    pattern_label = pattern if sparsity is None else f"{sparsity:.0%}" if pattern == "unstructured" else f"structured {sparsity:.0%}"
     widths = None
     if pattern == "structured":
         from optimum_prune.structure.shrink import layer_widths
 
         widths = layer_widths(model)
-    queue.put({"method": _label(method, options), "pattern": label, "ppl": ppl, "prune_s": prune_s,
+    queue.put({"method": label, "pattern": pattern_label, "ppl": ppl, "prune_s": prune_s,
                "sparsity": measured, "peak_rss_mb": peak, "params": _model_size(model), "disk_mb": disk,
                "widths": widths})
 

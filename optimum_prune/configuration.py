@@ -151,6 +151,7 @@ class PruningConfig:
         if not isinstance(self.method, str):
             raise PruningError(f"method must be a registered method name, got {self.method!r}.")
         method_cls = get_method(self.method)
+        self.method = method_cls.name  # an alias ("pg") becomes the method's name
         parsed = SparsityPattern.parse(self.pattern)
         self.pattern = str(parsed)
         self._check_supported(method_cls, parsed, "")

@@ -21,20 +21,31 @@ if TYPE_CHECKING:
     from .methods.base import PruningMethod
 
 _METHODS: dict[str, type["PruningMethod"]] = {}
+_ALIASES: dict[str, str] = {}
 _BUILTINS_LOADED = False
 
 
-def register_method(name: str):
-    """Class decorator registering a `PruningMethod` subclass under `name`."""
+def register_method(name: str, aliases: tuple[str, ...] = ()):
+    """Class decorator registering a `PruningMethod` subclass under `name` (and shorter ``aliases``,
+    which configs accept and turn into ``name``)."""
 
     def wrapper(cls):
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"A pruning method named {name!r} is already registered ({_METHODS[name].__name__}).")
+        for key in (name, *aliases):
+            if key in _METHODS and _METHODS[key] is not cls:
+                raise ValueError(f"A pruning method named {key!r} is already registered ({_METHODS[key].__name__}).")
         cls.name = name
         _METHODS[name] = cls
+        for alias in aliases:
+            _ALIASES[alias] = name
         return cls
 
     return wrapper
+
+
+def canonical_name(name: str) -> str:
+    """``name``, or the method an alias stands for."""
+    _load_builtins()
+    return _ALIASES.get(name, name)
 
 
 def _load_builtins() -> None:
@@ -52,8 +63,8 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> type["PruningMethod"]:
     _load_builtins()
     try:
-        return _METHODS[name]
-    except KeyError:
+        return _METHODS[_ALIASES.get(name, name)]
+    except (KeyError, TypeError):
         raise PruningError(
             f"Unknown pruning method {name!r}; choose one of: {', '.join(available_methods())}."
         ) from None

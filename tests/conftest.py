@@ -107,3 +107,23 @@ def python_stdout(code: str, timeout: int = 240) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def prune_interrupted(cfg, model, calib_ids, at_layer, **prune_kwargs):
+    """``Pruner(cfg).prune(model, ...)`` that is interrupted (KeyboardInterrupt) when layer ``at_layer`` starts."""
+    from optimum_prune import Pruner
+    from optimum_prune.calibration import engine as engine_module
+
+    original = engine_module.LayerwiseEngine._prune_layer
+
+    def stop(self, index, *args):
+        if index == at_layer:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    engine_module.LayerwiseEngine._prune_layer = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Pruner(cfg).prune(model, calib_ids, progress=False, **prune_kwargs)
+    finally:
+        engine_module.LayerwiseEngine._prune_layer = original

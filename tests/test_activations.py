@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import prune_interrupted, tiny_model
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner, PruningConfig
@@ -108,20 +108,8 @@ def test_resume_with_disk_activations(tmp_path, calib_ids):
     cfg = config("sparsegpt", "unstructured")
     reference = fresh()
     Pruner(cfg).prune(reference, calib_ids, progress=False)
-    original = engine_module.LayerwiseEngine._prune_layer
-
-    def stop(self, index, *args):
-        if index == 2:
-            raise KeyboardInterrupt
-        return original(self, index, *args)
-
-    engine_module.LayerwiseEngine._prune_layer = stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            Pruner(cfg).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt",
-                              activations="disk", activation_folder=tmp_path / "act")
-    finally:
-        engine_module.LayerwiseEngine._prune_layer = original
+    prune_interrupted(cfg, fresh(), calib_ids, 2, checkpoint_dir=tmp_path / "ckpt", activations="disk",
+                      activation_folder=tmp_path / "act")
     assert not list((tmp_path / "act").iterdir())  # an interrupted prune still removes its batch files
     # the checkpoint's inputs file is written batch by batch; it is a valid safetensors file
     state = json.loads((tmp_path / "ckpt" / STATE_NAME).read_text())

@@ -90,6 +90,12 @@ def test_registry_lists_baselines():
     assert {"magnitude", "wanda", "sparsegpt", "alps"} <= set(available_methods())
 
 
+def test_method_alias_becomes_the_method_name():
+    cfg = PruningConfig(method="pg", pattern="structured", sparsity=0.2)
+    assert cfg.method == "policy_gradient" and "pg" not in available_methods()
+    assert PruningConfig.from_dict(cfg.to_dict()).method == "policy_gradient"
+
+
 def test_configuration_reference_lists_every_method_option():
     """docs/configuration.md stays in sync with the methods' Options dataclasses."""
     import dataclasses

@@ -126,3 +126,26 @@ def test_sequential_restoration_fits_the_pruned_inputs(calib_ids):
 def test_bad_local_method_is_refused(local, match):
     with pytest.raises(PruningError, match=match):
         Pruner(config(method_kwargs={"local_method": local}))
+
+
+def test_sensitivity_start_thins_the_layer_that_does_not_matter():
+    """``init_scope="sensitivity"`` measures with forward passes what losing its weakest units costs
+    each group: an MLP scaled to near nothing starts (and, without steps, ends) far thinner than
+    the MLP that carries the predictions, under the same global budget."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.05)
+        model.model.layers[2].mlp.down_proj.weight.mul_(6)
+        model.lm_head.weight.mul_(5)
+    starts = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(1))
+    windows = model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
+    cfg = config(sparsity=0.3, ignore=["*.self_attn"], num_calibration_samples=16,
+                 method_kwargs={"steps": 0, "budget": "global", "init_scope": "sensitivity", "windows_per_step": 4})
+    pruner = Pruner(cfg)
+    pruner.prune(model, windows, progress=False)
+    damage = pruner.method.sensitivity
+    assert float(damage[1]) < 0.1 * float(damage[0]) and float(damage[1]) < 0.1 * float(damage[2])
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert widths[1] < 0.25 * widths[0] and widths[1] < 0.25 * widths[2]
+    assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.01)

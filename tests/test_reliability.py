@@ -13,11 +13,10 @@ import time
 
 import pytest
 import torch
-from conftest import make_texts, make_tokenizer, tiny_model
+from conftest import make_texts, make_tokenizer, prune_interrupted, tiny_model
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.calibration import engine as engine_module
 from optimum_prune.calibration import resources
 from optimum_prune.calibration.checkpoint import STATE_NAME
 from optimum_prune.calibration.statistics import InputStatistics
@@ -50,19 +49,7 @@ def assert_same_weights(a, b):
 
 def interrupted(cfg, checkpoint_dir, calib_ids, at_layer=2, model=None):
     """Prune with checkpoints and raise KeyboardInterrupt when layer ``at_layer`` starts."""
-    original = engine_module.LayerwiseEngine._prune_layer
-
-    def stop(self, index, *args):
-        if index == at_layer:
-            raise KeyboardInterrupt
-        return original(self, index, *args)
-
-    engine_module.LayerwiseEngine._prune_layer = stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            Pruner(cfg).prune(model or fresh(), calib_ids, progress=False, checkpoint_dir=checkpoint_dir)
-    finally:
-        engine_module.LayerwiseEngine._prune_layer = original
+    prune_interrupted(cfg, model or fresh(), calib_ids, at_layer, checkpoint_dir=checkpoint_dir)
 
 
 @pytest.mark.parametrize(
