@@ -144,7 +144,8 @@ class Pruner:
             if checkpoint_dir is not None:
                 raise PruningError(f"Method {cfg.method!r} optimises the whole model at once and has no per-layer "
                                    f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
-            engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress)
+            engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress,
+                                            activations=activations, activation_folder=activation_folder)
         else:
             engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress,
                                      activations=activations, activation_folder=activation_folder)

@@ -149,3 +149,15 @@ def test_sensitivity_start_thins_the_layer_that_does_not_matter():
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     assert widths[1] < 0.25 * widths[0] and widths[1] < 0.25 * widths[2]
     assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.01)
+
+
+def test_layerwise_finish_takes_the_activation_place(calib_ids, tmp_path):
+    models = []
+    for where in ("device", "disk"):
+        model = tiny_model("llama", num_hidden_layers=2)
+        Pruner(config(sparsity=0.3, method_kwargs={"steps": 2})).prune(
+            model, calib_ids, progress=False, activations=where, activation_folder=tmp_path if where == "disk" else None)
+        models.append(model)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.iterdir())

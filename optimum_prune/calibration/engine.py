@@ -345,9 +345,7 @@ class LayerwiseEngine:
         of the units to keep) fixes the units too, and the method only restores the consumers."""
         self.model = model
         self.kept_units = kept_units
-        self.removals = removals
-        if kept_units is not None:
-            self.removals = {**(removals or {}), **{name: None for name in kept_units}}
+        self.removals = dict(removals or {}) if kept_units is not None else removals
         self.activations = check_place(activations)  # where the hidden states wait between layers
         self.activation_folder = activation_folder
         self.config = config

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class GlobalStructuredEngine:
-    def __init__(self, model: nn.Module, config: PruningConfig, method, device=None, progress: bool = True):
+    def __init__(self, model: nn.Module, config: PruningConfig, method, device=None, progress: bool = True,
+                 activations: str = "device", activation_folder=None):
         if config.overrides:
             raise PruningError(
                 f"Method {method.name!r} allocates widths globally; per-module overrides do not apply. "
@@ -40,6 +41,7 @@ class GlobalStructuredEngine:
             )
         self.model, self.config, self.method, self.progress = model, config, method, progress
         self.device = torch.device(device) if device is not None else None
+        self.activations, self.activation_folder = activations, activation_folder  # for the layer-wise finish
         self.prefix, self.layers = find_decoder_layers(model)
         self.groups: list[ChannelGroup] = []
         for index, layer in enumerate(self.layers):
@@ -165,7 +167,8 @@ class GlobalStructuredEngine:
         from .engine import LayerwiseEngine
 
         opts = self.method.options
-        common = dict(device=self.device, progress=self.progress)
+        common = dict(device=self.device, progress=self.progress, activations=self.activations,
+                      activation_folder=self.activation_folder)
         if opts.local_method is not None:
             local = get_method(opts.local_method)(dampening=self.method.dampening)
             removals = {g.name: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)}

@@ -45,7 +45,7 @@ class PolicyGradientOptions:
     samples: int = 2
     windows_per_step: int = 1
     #: Peak learning rate of the cosine schedule (probabilities live in [eps, 1 - eps]).
-    lr: float = 0.05
+    lr: float = 0.002
     #: Loss baseline: "moving" (moving average of the step losses, factor ``baseline_decay``) or
     #: "leave-one-out" (for each sample, the mean loss of the other samples of the same step: they
     #: share the calibration batch, so the batch's own difficulty cancels; needs samples >= 2).
