@@ -62,6 +62,7 @@ CONVEX_RUNS = [
 # SPAP picks the units at the learned widths
 GLOBAL_PG = ('policy_gradient[budget="global",local_method="spap",ignore=["*.self_attn"],init_scope="sensitivity",'
              'sensitivity_rounds=6]')
+GLOBAL_PG_LABEL = 'policy_gradient budget="global" local_method="spap" ignore=["*.self_attn"] init_scope="sensitivity"'
 GLOBAL_RUNS = ["spap:s0.2", "spap:s0.3", f"{GLOBAL_PG}:s0.3", f"{GLOBAL_PG}:s0.2"]
 
 
@@ -270,7 +271,7 @@ def main():
     if preset == "global":
         image = os.path.splitext(args.output)[0] + "-widths.png"
         plot_widths(rows, image)
-        table += f"\n![per-layer widths]({os.path.basename(image)})\n"
+        table += f"\n![per-layer widths]({os.path.basename(image)})\n\npg* in the plot: `{GLOBAL_PG_LABEL}`.\n"
     else:
         from plots import plot_perplexity
 
@@ -299,7 +300,8 @@ def plot_widths(rows, path: str) -> None:
     runs = [row for row in rows if row.get("widths")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for row in runs:
-        label = f"{row['method']} {row['pattern']} (ppl {row['ppl']:.1f})"
+        method = row["method"].replace(GLOBAL_PG_LABEL, "pg*")  # the table spells the options out
+        label = f"{method} {row['pattern']} (ppl {row['ppl']:.1f})"
         axes[0].plot([w["intermediate_size"] for w in row["widths"]], marker=".", label=label)
         axes[1].plot([w.get("num_key_value_heads", 0) for w in row["widths"]], marker=".", label=label)
     axes[0].set(xlabel="decoder layer", ylabel="MLP channels kept", title="MLP width per layer")
