@@ -245,7 +245,7 @@ class PolicyGradient(PruningMethod):
         log_scores = torch.cat([torch.log((scores.double() / params).clamp_min(1e-12))
                                 for scores, params in zip(problem.scores, problem.unit_params)])
         centre = torch.empty_like(log_scores)
-        if opts.init_scope == "sensitivity":
+        if opts.init_scope == "sensitivity" and opts.init == "wanda-sp":  # a uniform start ignores the centres
             shares = self._sensitivity_shares(problem, sizes, partitions, group_of)
             for g, share in enumerate(shares):
                 members = group_of == g
