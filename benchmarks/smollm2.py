@@ -60,8 +60,7 @@ CONVEX_RUNS = [
 # policy gradient as measured in docs/results/global.md: one global MLP budget (SmolLM2's 3 KV
 # groups per layer are too coarse to trade), start from the measured sensitivity of each layer,
 # SPAP picks the units at the learned widths
-GLOBAL_PG = ('policy_gradient[budget="global",local_method="spap",ignore=["*.self_attn"],init_scope="sensitivity",'
-             'sensitivity_rounds=6]')
+GLOBAL_PG = 'policy_gradient[budget="global",local_method="spap",ignore=["*.self_attn"],init_scope="sensitivity"]'
 GLOBAL_PG_LABEL = 'policy_gradient budget="global" local_method="spap" ignore=["*.self_attn"] init_scope="sensitivity"'
 GLOBAL_RUNS = ["spap:s0.2", "spap:s0.3", f"{GLOBAL_PG}:s0.3", f"{GLOBAL_PG}:s0.2"]
 

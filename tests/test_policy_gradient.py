@@ -1,13 +1,14 @@
 """Policy-gradient global structured pruning: exact budget, learning a planted redundancy, no weight
 gradients, heterogeneous widths that save and load."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
-from optimum_prune.methods.policy_gradient import final_keep, project_to_budget
+from optimum_prune.methods.policy_gradient import _allocate, final_keep, project_to_budget
 
 
 def config(**kw):
@@ -128,10 +129,42 @@ def test_bad_local_method_is_refused(local, match):
         Pruner(config(method_kwargs={"local_method": local}))
 
 
-def test_sensitivity_start_thins_the_layer_that_does_not_matter():
+def test_allocation_is_the_cheapest_under_the_budget():
+    """Convex damage curves (measured points joined linearly) are allocated at least as well as any
+    allocation on a fine grid that removes the same parameters."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.tensor([0.15, 0.3, 0.45, 0.6], dtype=torch.float64)
+    params = torch.tensor([100.0, 300.0, 200.0], dtype=torch.float64)
+    for _ in range(20):
+        curves = [(r, torch.cumsum(torch.rand(4, generator=g, dtype=torch.float64).sort().values, 0) * torch.rand(1, generator=g).item())
+                  for _ in range(3)]
+        target = 0.3 * float(params.sum())
+        shares = _allocate(curves, params, target)
+        assert sum(s * float(p) for s, p in zip(shares, params)) == pytest.approx(target)
+        assert all(0 <= s <= 0.6 + 1e-12 for s in shares)
+
+        def damage(allocation):  # linear interpolation of the raw points (the hull lies below it)
+            return sum(float(torch.tensor(np.interp(a, [0, *r.tolist()], [0, *d.tolist()])))
+                       for a, (r, d) in zip(allocation, curves))
+
+        best = min(damage((a, b, (target - a * 100 - b * 300) / 200))
+                   for a in np.linspace(0, 0.6, 61) for b in np.linspace(0, 0.6, 61)
+                   if 0 <= (target - a * 100 - b * 300) / 200 <= 0.6)
+        assert damage(shares) <= best + 1e-9
+
+
+def test_sensitivity_levels_are_checked():
+    for levels in ([], [0.5], [1, -1], "1"):
+        with pytest.raises(PruningError, match="sensitivity_levels"):
+            Pruner(config(method_kwargs={"init_scope": "sensitivity", "sensitivity_levels": levels}))
+
+
+@pytest.mark.parametrize("levels", [[1.0], [0.5, 1.0, 2.0]])
+def test_sensitivity_start_thins_the_layer_that_does_not_matter(levels):
     """``init_scope="sensitivity"`` measures with forward passes what losing its weakest units costs
     each group: an MLP scaled to near nothing starts (and, without steps, ends) far thinner than
-    the MLP that carries the predictions, under the same global budget."""
+    the MLP that carries the predictions, under the same global budget (one measured level and a
+    quadratic model, or several levels joined linearly)."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=3)
     with torch.no_grad():
@@ -141,7 +174,8 @@ def test_sensitivity_start_thins_the_layer_that_does_not_matter():
     starts = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(1))
     windows = model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
     cfg = config(sparsity=0.3, ignore=["*.self_attn"], num_calibration_samples=16,
-                 method_kwargs={"steps": 0, "budget": "global", "init_scope": "sensitivity", "windows_per_step": 4})
+                 method_kwargs={"steps": 0, "budget": "global", "init_scope": "sensitivity", "windows_per_step": 4,
+                                "sensitivity_levels": levels})
     pruner = Pruner(cfg)
     pruner.prune(model, windows, progress=False)
     damage = pruner.method.sensitivity

@@ -99,11 +99,14 @@ class GlobalStructuredEngine:
 
         device = _input_device(self.model)
 
-        def evaluate(masks: list[torch.Tensor]) -> torch.Tensor:
+        def evaluate(masks: list[torch.Tensor], batch_index: int | None = None) -> torch.Tensor:
             samples = masks[0].shape[0]
-            start = state["cursor"] % windows.shape[0]
+            if batch_index is None:  # the next batch in turn
+                start = state["cursor"] % windows.shape[0]
+                state["cursor"] += per_step
+            else:  # a given batch (the same windows for several calls)
+                start = (batch_index * per_step) % windows.shape[0]
             batch = windows[start:start + per_step]
-            state["cursor"] += per_step
             state["masks"] = masks
             ids = batch.repeat(samples, 1).to(device)  # rows of sample k: k * len(batch) ...
             logits = self.model(input_ids=ids, use_cache=False).logits

@@ -63,12 +63,17 @@ class PolicyGradientOptions:
     #: median: every layer starts at the same width), "budget" (scores per parameter against the
     #: median of all units sharing the budget: layers whose units score low start thinner) or
     #: "sensitivity" (measured with forward passes: each group in turn loses its lowest-scoring
-    #: ``sparsity`` share, the loss increase ``d_g`` over the unmasked model on the same batch is its
-    #: sensitivity, and group g starts removing a share proportional to its parameters / ``d_g``,
-    #: the minimiser of ``sum_g d_g (r_g / sparsity)^2`` under the budget, at most twice ``sparsity``).
+    #: ``level * sparsity`` share, for each of ``sensitivity_levels``; the loss increases over the
+    #: unmasked model on the same batch are its damage curve, and the groups start at the shares
+    #: that minimise the summed damage under the budget).
     init_scope: str = "group"
     #: Batches of ``windows_per_step`` windows the sensitivity of every group is averaged over.
     sensitivity_rounds: int = 4
+    #: Shares each group loses in the sensitivity probes, as multiples of ``sparsity``. Several: the
+    #: measured damage points are joined linearly (convexified) and no group starts beyond the
+    #: largest level. One (a quarter of the passes): the damage is taken as quadratic in the share,
+    #: up to twice it.
+    sensitivity_levels: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     #: Re-fit each consumer on its kept channels by least squares (FASP's restoration).
     restore: bool = True
     #: Restore layer by layer on the inputs of the already-pruned layers (as the layer-wise methods
@@ -88,6 +93,13 @@ class PolicyGradientOptions:
         check_choice(self.init, "policy_gradient option init", ("wanda-sp", "uniform"))
         check_choice(self.init_scope, "policy_gradient option init_scope", ("group", "budget", "sensitivity"))
         check_choice(self.baseline, "policy_gradient option baseline", ("moving", "leave-one-out"))
+        levels = self.sensitivity_levels
+        if (not isinstance(levels, (list, tuple)) or not levels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in levels)
+                or max(levels) < 1):
+            raise PruningError("policy_gradient option sensitivity_levels must be a list of positive multiples of the "
+                               f"sparsity, the largest at least 1 (e.g. [0.5, 1, 1.5, 2]); got {levels!r}.")
+        self.sensitivity_levels = [float(v) for v in levels]
         if self.baseline == "leave-one-out" and self.samples < 2:
             raise PruningError("policy_gradient baseline 'leave-one-out' needs samples >= 2; raise samples or use 'moving'.")
         if not (isinstance(self.baseline_decay, (int, float)) and 0 <= self.baseline_decay < 1):
@@ -119,8 +131,9 @@ class GlobalProblem:
     unit_params: list[int]  # per group: parameters removed with one unit
     scores: list[torch.Tensor]  # per group: initial importance of each unit
     sparsity: float  # fraction of the groups' parameters to remove
-    #: masks (one float tensor K x units per group) -> per-mask language-model loss (K,)
-    evaluate: Callable[[list[torch.Tensor]], torch.Tensor]
+    #: masks (one float tensor K x units per group), optional batch index -> per-mask language-model
+    #: loss (K,); without an index each call takes the next calibration batch in turn
+    evaluate: Callable[..., torch.Tensor]
     progress: bool = False
     seed: int = 0
     channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
@@ -156,6 +169,41 @@ def final_keep(s: torch.Tensor, cost: torch.Tensor, keep_params: float) -> torch
     return keep
 
 
+def _lower_hull(r: torch.Tensor, d: torch.Tensor) -> list[tuple[float, float]]:
+    """The lower convex hull of ``(0, 0)`` and the points ``(r_i, d_i)`` (``r`` increasing)."""
+    hull = [(0.0, 0.0)]
+    for point in zip(r.tolist(), d.tolist()):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):  # hull[-1] on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def _allocate(curves, params: torch.Tensor, target: float) -> list[float]:
+    """Removed share per group minimising the summed damage under ``sum(share * params) = target``,
+    each group's damage the piecewise-linear curve through its points (convexified): the segments
+    of all groups are taken cheapest damage per parameter first, the last one in part. Shares stop
+    at each group's last measured point."""
+    segments = []  # (damage per parameter, group, share length)
+    for g, (r, d) in enumerate(curves):
+        hull = _lower_hull(r, d)
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+            segments.append(((y1 - y0) / ((x1 - x0) * float(params[g])), g, x1 - x0))
+    shares = [0.0] * len(curves)
+    left = target
+    for _, g, length in sorted(segments, key=lambda seg: seg[0]):
+        if left <= 0:
+            break
+        take = min(length, left / float(params[g]))
+        shares[g] += take
+        left -= take * float(params[g])
+    return shares
+
+
 @register_method("policy_gradient", aliases=("pg",))
 class PolicyGradient(PruningMethod):
     Options = PolicyGradientOptions
@@ -187,50 +235,61 @@ class PolicyGradient(PruningMethod):
         return [per_unit_kind == i for i in kind_ids.values()]
 
     def _sensitivity_shares(self, problem: GlobalProblem, sizes, partitions, group_of, chunk: int = 7) -> list[float]:
-        """Per group, the share of its units to remove at the start (see ``init_scope``)."""
-        groups = len(sizes)
-        drops = []
-        for g, n in enumerate(sizes):  # group g without its lowest-scoring `sparsity` share
-            remove = min(n - 1, max(1, round(problem.sparsity * n)))
-            mask = torch.ones(n)
-            mask[torch.argsort(problem.scores[g].double(), stable=True)[:remove]] = 0
-            drops.append((mask, remove / n))
-        damage = torch.zeros(groups, dtype=torch.float64)
-        for _ in range(self.options.sensitivity_rounds):
-            for start in range(0, groups, chunk):
-                members = list(range(start, min(groups, start + chunk)))
-                # sample 0: the unmasked model; sample i: only group members[i - 1] masked (same batch)
-                masks = [torch.stack([torch.ones(n)] + [drops[h][0] if h == j else torch.ones(n) for j in members])
-                         for h, n in enumerate(sizes)]
-                losses = problem.evaluate(masks).double()
-                damage[members] += losses[1:] - losses[0]
-        damage /= self.options.sensitivity_rounds
-        floor = max(float(damage[damage > 0].median()) * 1e-2, 1e-9) if bool((damage > 0).any()) else 1e-9
-        damage = damage.clamp_min(floor)
+        """Per group, the share of its units to remove at the start (see ``init_scope``).
+
+        Each probe masks one group's lowest-scoring units (a measured level) and nothing else; a
+        round runs every probe on the same batch, ``chunk`` probes and the unmasked model per call,
+        so the damage (the loss increase) of every group is measured on the same windows. The
+        damage curves are then allocated by equal marginal damage per parameter (``_allocate``)."""
+        levels = sorted(set(self.options.sensitivity_levels))
+        probes, points = [], []  # probes: (group, point index); points[g]: removed shares measured
+        for g, n in enumerate(sizes):
+            counts = sorted({min(n - 1, max(1, round(level * problem.sparsity * n))) for level in levels})
+            points.append([count / n for count in counts])
+            probes += [(g, i) for i in range(len(counts))]
+        order = [torch.argsort(scores.double(), stable=True) for scores in problem.scores]
+        damage = [torch.zeros(len(p), dtype=torch.float64) for p in points]
+        calls = [(round_index, start) for round_index in range(self.options.sensitivity_rounds)
+                 for start in range(0, len(probes), chunk)]
+        for round_index, start in tqdm(calls, desc="sensitivity", disable=not problem.progress):
+            members = probes[start:start + chunk]
+            # sample 0: the unmasked model; sample i: only probe i's group masked (same batch)
+            masks = [torch.ones(len(members) + 1, n) for n in sizes]
+            for i, (g, p) in enumerate(members, start=1):
+                masks[g][i, order[g][:round(points[g][p] * sizes[g])]] = 0
+            losses = problem.evaluate(masks, batch_index=round_index).double()
+            for i, (g, p) in enumerate(members, start=1):
+                damage[g][p] += (losses[i] - losses[0]) / self.options.sensitivity_rounds
+        if len(levels) == 1:  # one measured share: damage assumed quadratic in the share, up to twice it
+            curves = self._quadratic_curves(points, damage, sizes)
+        else:  # the measured points, joined linearly
+            curves = [(torch.tensor(r, dtype=torch.float64), d) for r, d in zip(points, damage)]
         params = torch.tensor([n * c for n, c in zip(sizes, problem.unit_params)], dtype=torch.float64)
-        base = torch.tensor([share for _, share in drops], dtype=torch.float64)
-        # the quadratic model is trusted up to twice the measured share (beyond it the damage of a
-        # layer grows faster: measured on SmolLM2, uncapped shares emptied layers for nothing)
-        cap = torch.minimum(torch.tensor([1 - 1 / n for n in sizes], dtype=torch.float64), 2 * base)
-        shares = torch.zeros(groups, dtype=torch.float64)
-        group_ids = torch.arange(groups)
+        shares = torch.zeros(len(sizes), dtype=torch.float64)
         for part in partitions:
-            members = group_ids[torch.tensor([bool(part[group_of == g].any()) for g in range(groups)])]
+            members = [g for g in range(len(sizes)) if bool(part[group_of == g].any())]
             target = problem.sparsity * float(params[members].sum())
-            weight = base[members] ** 2 * params[members] / damage[members]  # r_g = a * weight_g, capped
-
-            def removed(a):
-                return float((torch.minimum(a * weight, cap[members]) * params[members]).sum())
-
-            lo, hi = 0.0, 1.0
-            while removed(hi) < target and hi < 1e30:
-                hi *= 2
-            for _ in range(100):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if removed(mid) < target else (lo, mid)
-            shares[members] = torch.minimum(hi * weight, cap[members])
-        self.sensitivity, self.initial_shares = damage.float(), shares.float()  # for inspection
+            for g, share in zip(members, _allocate([curves[g] for g in members], params[members], target)):
+                shares[g] = share
+        nearest = min(range(len(levels)), key=lambda i: abs(levels[i] - 1))  # for inspection: damage at `sparsity`
+        self.sensitivity = torch.stack([d[min(nearest, len(d) - 1)] for d in damage]).float()
+        self.sensitivity_curves = curves
+        self.initial_shares = shares.float()
         return shares.tolist()
+
+    @staticmethod
+    def _quadratic_curves(points, damage, sizes, steps: int = 8):
+        """``d(r) = d_1 (r / r_1)^2`` sampled up to ``2 r_1`` (beyond it a layer's damage grows faster:
+        measured on SmolLM2, an uncapped quadratic model emptied layers for nothing). Damage at or
+        below zero (noise on a group that does not matter) counts as 1% of the median positive one."""
+        measured = torch.stack([d[0] for d in damage])
+        positive = measured[measured > 0]
+        floor = max(float(positive.median()) * 1e-2, 1e-9) if positive.numel() else 1e-9
+        curves = []
+        for (r1,), d1, n in zip(points, measured.clamp_min(floor).tolist(), sizes):
+            r = torch.linspace(2 * r1 / steps, 2 * r1, steps, dtype=torch.float64).clamp_max(1 - 1 / n).unique()
+            curves.append((r, d1 * (r / r1) ** 2))
+        return curves
 
     @torch.no_grad()
     def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
