@@ -8,7 +8,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
-from optimum_prune.methods.policy_gradient import _allocate, final_keep, project_to_budget
+from optimum_prune.methods.policy_gradient import _allocate, final_keep, project_to_budget, round_widths
 
 
 def config(**kw):
@@ -159,12 +159,8 @@ def test_sensitivity_levels_are_checked():
             Pruner(config(method_kwargs={"init_scope": "sensitivity", "sensitivity_levels": levels}))
 
 
-@pytest.mark.parametrize("levels", [[1.0], [0.5, 1.0, 2.0]])
-def test_sensitivity_start_thins_the_layer_that_does_not_matter(levels):
-    """``init_scope="sensitivity"`` measures with forward passes what losing its weakest units costs
-    each group: an MLP scaled to near nothing starts (and, without steps, ends) far thinner than
-    the MLP that carries the predictions, under the same global budget (one measured level and a
-    quadratic model, or several levels joined linearly)."""
+def planted_weak_mlp():
+    """Three layers whose middle MLP is scaled to near nothing, and 16 windows the model wrote itself."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=3)
     with torch.no_grad():
@@ -172,7 +168,16 @@ def test_sensitivity_start_thins_the_layer_that_does_not_matter(levels):
         model.model.layers[2].mlp.down_proj.weight.mul_(6)
         model.lm_head.weight.mul_(5)
     starts = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(1))
-    windows = model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
+    return model, model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("levels", [[1.0], [0.5, 1.0, 2.0]])
+def test_sensitivity_start_thins_the_layer_that_does_not_matter(levels):
+    """``init_scope="sensitivity"`` measures with forward passes what losing its weakest units costs
+    each group: an MLP scaled to near nothing starts (and, without steps, ends) far thinner than
+    the MLP that carries the predictions, under the same global budget (one measured level and a
+    quadratic model, or several levels joined linearly)."""
+    model, windows = planted_weak_mlp()
     cfg = config(sparsity=0.3, ignore=["*.self_attn"], num_calibration_samples=16,
                  method_kwargs={"steps": 0, "budget": "global", "init_scope": "sensitivity", "windows_per_step": 4,
                                 "sensitivity_levels": levels})
@@ -183,6 +188,21 @@ def test_sensitivity_start_thins_the_layer_that_does_not_matter(levels):
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     assert widths[1] < 0.25 * widths[0] and widths[1] < 0.25 * widths[2]
     assert pruner.report.overall_sparsity == pytest.approx(0.3, abs=0.01)
+
+
+def test_widths_round_to_the_multiple_and_may_stay_whole():
+    """Each MLP group keeps its most probable units, a multiple of ``channel_multiple`` nearest the
+    allocated count; one the allocation leaves nearly whole keeps its whole width, not an odd one."""
+    group_of = torch.repeat_interleave(torch.arange(3), torch.tensor([128, 128, 8]))
+    s = torch.rand(264, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keep = torch.zeros(264, dtype=torch.bool)
+    for g, kept in enumerate([70, 124, 5]):  # group 2: too few units to round
+        members = (group_of == g).nonzero().squeeze(1)
+        keep[members[torch.argsort(s[members], descending=True)[:kept]]] = True
+    rounded = round_widths(keep, s, group_of, [0, 1, 2], 32)
+    assert [int(rounded[group_of == g].sum()) for g in range(3)] == [64, 128, 5]
+    first = (group_of == 0).nonzero().squeeze(1)
+    assert set(first[rounded[first]].tolist()) == set(first[torch.argsort(s[first], descending=True)[:64]].tolist())
 
 
 def test_layerwise_finish_takes_the_activation_place(calib_ids, tmp_path):

@@ -169,6 +169,21 @@ def final_keep(s: torch.Tensor, cost: torch.Tensor, keep_params: float) -> torch
     return keep
 
 
+def round_widths(keep: torch.Tensor, s: torch.Tensor, group_of: torch.Tensor, groups: list[int],
+                 multiple: int) -> torch.Tensor:
+    """Hardware-friendly widths: each of ``groups`` keeps its most probable units, a multiple of
+    ``multiple`` (its whole width included) nearest to the count ``keep`` gives it."""
+    keep = keep.clone()
+    for g in groups:
+        members = (group_of == g).nonzero().squeeze(1)
+        kept = int(keep[members].sum())
+        target = round_kept(kept, len(members), multiple, allow_full=True) if kept else 0
+        if target != kept:
+            keep[members] = False
+            keep[members[torch.argsort(s[members], descending=True, stable=True)[:target]]] = True
+    return keep
+
+
 def _lower_hull(r: torch.Tensor, d: torch.Tensor) -> list[tuple[float, float]]:
     """The lower convex hull of ``(0, 0)`` and the points ``(r_i, d_i)`` (``r`` increasing)."""
     hull = [(0.0, 0.0)]
@@ -344,16 +359,8 @@ class PolicyGradient(PruningMethod):
         keep = torch.zeros_like(s, dtype=torch.bool)
         for part, keep_params in zip(partitions, budgets):
             keep[part] = final_keep(s[part], cost[part], keep_params)
-        # hardware-friendly widths: each MLP group keeps its most probable units, a multiple of channel_multiple
-        for g in range(len(sizes)):
-            if problem.kinds[g] != "mlp":
-                continue
-            members = (group_of == g).nonzero().squeeze(1)
-            kept = int(keep[members].sum())
-            target = round_kept(kept, len(members), problem.channel_multiple) if kept else 0
-            if target != kept:
-                keep[members] = False
-                keep[members[torch.argsort(s[members], descending=True, stable=True)[:target]]] = True
+        mlp_groups = [g for g, kind in enumerate(problem.kinds) if kind == "mlp"]
+        keep = round_widths(keep, s, group_of, mlp_groups, problem.channel_multiple)
         # every group keeps at least one unit: its most probable one, paid for by the least probable kept unit
         for g in range(len(sizes)):
             members = (group_of == g).nonzero().squeeze(1)

@@ -60,10 +60,16 @@ def plan_removals(
     return removals
 
 
-def round_kept(kept: int, units: int, multiple: int) -> int:
-    """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, less than
-    ``units``); unchanged when ``multiple`` is 1 or the group has fewer than ``2 * multiple`` units."""
+def round_kept(kept: int, units: int, multiple: int, allow_full: bool = False) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple); unchanged
+    when ``multiple`` is 1 or the group has fewer than ``2 * multiple`` units.
+
+    A count that rounds up to the whole group stays as it is (a uniform prune must still remove
+    something from every layer), unless ``allow_full``: a global allocation may leave a layer whole.
+    """
     if multiple <= 1 or units < 2 * multiple:
         return kept
     rounded = max(multiple, int(math.floor(kept / multiple + 0.5)) * multiple)
-    return rounded if rounded < units else kept
+    if rounded < units:
+        return rounded
+    return units if allow_full else kept
