@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.calibration import engine as engine_module
 from optimum_prune.calibration.activations import ActivationStore
-from optimum_prune.calibration.checkpoint import STATE_NAME
+from optimum_prune.calibration.checkpoint import STATE_NAME, _save_batches
 from optimum_prune.errors import PruningError
 
 
@@ -53,6 +53,22 @@ def test_disk_store_round_trips_bit_for_bit(tmp_path, dtype):
     store.close()
     sibling.close()
     assert not folder.exists() and not list(tmp_path.iterdir())
+
+
+def test_checkpoint_writes_a_disk_store_reading_each_batch_once(tmp_path, monkeypatch):
+    store = ActivationStore("disk", tmp_path / "store")
+    batches = [torch.randn(3, 5, 7), torch.randn(1, 5, 7).to(torch.bfloat16)]
+    for x in batches:
+        store.append(x)
+    assert store.spec(1) == (torch.Size([1, 5, 7]), torch.bfloat16)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or load(*a, **kw))
+    _save_batches(store, str(tmp_path / "inputs.safetensors"))
+    assert len(reads) == len(batches)
+    saved = load_file(tmp_path / "inputs.safetensors")
+    assert all(torch.equal(saved[str(i)], x) for i, x in enumerate(batches))
+    store.close()
 
 
 def test_cpu_store_moves_to_cpu_and_device_store_keeps_the_tensor():

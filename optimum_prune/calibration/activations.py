@@ -48,6 +48,7 @@ class ActivationStore(Sequence):
         self.where = check_place(where)
         self._tensors: list[torch.Tensor] = []
         self._files: list[str] = []
+        self._specs: list[tuple[torch.Size, torch.dtype]] = []
         self._folder = None
         if self.where == "disk":
             if folder is not None:
@@ -59,6 +60,7 @@ class ActivationStore(Sequence):
         return ActivationStore(self.where, None if self._folder is None else os.path.dirname(self._folder))
 
     def append(self, tensor: torch.Tensor) -> None:
+        self._specs.append((tensor.shape, tensor.dtype))
         if self.where == "device":
             self._tensors.append(tensor)
         elif self.where == "cpu":
@@ -82,6 +84,10 @@ class ActivationStore(Sequence):
         for index in range(len(self)):
             yield self[index]
 
+    def spec(self, index: int) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of batch ``index``, without reading it from disk."""
+        return self._specs[index]
+
     def nbytes(self) -> int:
         """Bytes held in memory (0 on disk)."""
         return sum(t.numel() * t.element_size() for t in self._tensors)
@@ -90,6 +96,7 @@ class ActivationStore(Sequence):
         """Drop the tensors (and delete the files)."""
         self._tensors = []
         self._files = []
+        self._specs = []
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None

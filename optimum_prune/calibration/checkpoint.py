@@ -47,11 +47,13 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 
 def _save_batches(batches, path: str) -> None:
     """Write the tensors of ``batches`` (a sequence; an `ActivationStore` reads them from disk one at
-    a time) as a safetensors file with keys "0", "1", ..., holding one batch in memory at a time."""
+    a time) as a safetensors file with keys "0", "1", ..., holding one batch in memory at a time; the
+    header comes from the store's shapes and dtypes, so each batch is read once."""
     header, offset = {}, 0
-    for i, x in enumerate(batches):
-        nbytes = x.numel() * x.element_size()
-        header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[x.dtype], "shape": list(x.shape),
+    for i in range(len(batches)):
+        shape, dtype = batches.spec(i) if hasattr(batches, "spec") else (batches[i].shape, batches[i].dtype)
+        nbytes = shape.numel() * dtype.itemsize
+        header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                           "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
