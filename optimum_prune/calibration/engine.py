@@ -145,6 +145,27 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
         state[key] = value.detach().to("cpu")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
+    """Dtype of an offloaded parameter, from the store's index or file header when it can be had
+    without reading the tensor (a disk-offloaded weight is read once, to be pruned, not twice)."""
+    state, prefix, loader = _offload_store(linear)
+    key = prefix + name
+    info = None if key in state else getattr(loader, "index", {}).get(key)
+    if info is not None and isinstance(getattr(torch, str(info.get("dtype")), None), torch.dtype):
+        return getattr(torch, info["dtype"])
+    if info is not None and info.get("safetensors_file") and "dtype" not in info:
+        from safetensors import safe_open
+
+        with safe_open(info["safetensors_file"], framework="pt") as handle:
+            dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(info.get("weight_name", key)).get_dtype())
+        if dtype is not None:
+            return dtype
+    return _offload_hook(linear).weights_map[name].dtype
+
+
 def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
     hook = _offload_hook(linear)
     weight = hook.weights_map[name] if hook is not None else getattr(linear, name).detach()
@@ -154,7 +175,7 @@ def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") 
 def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``new`` (zeroed where ``mask``) into ``linear`` in its dtype; returns what was written."""
     offloaded = _offload_store(linear)
-    dtype = linear.weight.dtype if offloaded is None else _offload_hook(linear).weights_map["weight"].dtype
+    dtype = linear.weight.dtype if offloaded is None else _stored_dtype(linear, "weight")
     value = new.to(dtype=dtype)
     if mask is not None:
         value = value.masked_fill(mask, 0)
@@ -173,7 +194,7 @@ def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
         replace_param(linear, name, value)
         return
     old = getattr(linear, name)
-    dtype = _offload_hook(linear).weights_map[name].dtype
+    dtype = _stored_dtype(linear, name)
     _store_put(linear, name, value.to(dtype=dtype))
     setattr(linear, name, nn.Parameter(torch.empty(value.shape, dtype=old.dtype, device=old.device), requires_grad=False))
 
