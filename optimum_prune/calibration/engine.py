@@ -31,7 +31,7 @@ from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .activations import ActivationStore, check_place
-from .checkpoint import LayerCheckpoint, fingerprint
+from .checkpoint import _SAFETENSORS_DTYPES, LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
 from .statistics import InputStatistics
 
@@ -145,7 +145,7 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
         state[key] = value.detach().to("cpu")
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_OF_SAFETENSORS = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def _stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
@@ -160,7 +160,7 @@ def _stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
         from safetensors import safe_open
 
         with safe_open(info["safetensors_file"], framework="pt") as handle:
-            dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(info.get("weight_name", key)).get_dtype())
+            dtype = _DTYPE_OF_SAFETENSORS.get(handle.get_slice(info.get("weight_name", key)).get_dtype())
         if dtype is not None:
             return dtype
     return _offload_hook(linear).weights_map[name].dtype
