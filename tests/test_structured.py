@@ -309,7 +309,7 @@ def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooke
     model = tiny_model("llama")
     cfg = config(method=method, sparsity=0.6)
     engine = LayerwiseEngine(model, cfg, get_method(method)(cfg.method_options), progress=False)
-    hooked = engine._hooked_linears(engine.plan[0])
+    hooked = engine.hooked_linears(engine.plan[0])
     consumers = {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
     assert consumers <= set(hooked)
     assert (len(hooked) > len(consumers)) == producers_hooked

@@ -401,7 +401,7 @@ class LayerwiseEngine:
                 target.check_width(linear.in_features, name)
                 entry[name] = (linear, target)
             plan.append(entry)
-        if not any(self._active(entry) for entry in plan):
+        if not any(self.prunes_anything(entry) for entry in plan):
             raise PruningError(
                 f"No {'channel group' if self.structured else 'Linear'} inside the decoder layers ({self.prefix}.N) "
                 f"matches targets={self.config.targets} ignore={self.config.ignore} with a non-zero sparsity; "
@@ -440,11 +440,11 @@ class LayerwiseEngine:
         return remove
 
     @staticmethod
-    def _active(entry) -> bool:
+    def prunes_anything(entry) -> bool:
         """Whether a layer's plan prunes anything (structured groups may remove 0 units)."""
         return any(not isinstance(item, ChannelGroup) or remove > 0 for item, remove in entry.values())
 
-    def _hooked_linears(self, entry) -> dict[str, tuple[nn.Linear, frozenset]]:
+    def hooked_linears(self, entry) -> dict[str, tuple[nn.Linear, frozenset]]:
         """The Linears whose inputs the statistics pass must see, with the statistics to collect.
         Producers of channel groups are hooked only if the method uses their input statistics."""
         hooked = {}
@@ -509,7 +509,7 @@ class LayerwiseEngine:
         needs_data = self.method.needs_calibration
         device = self.compute_device(layer)
         with _onloaded(layer, device):
-            if needs_data and not self._active(entry):  # nothing to prune here: one pass for the next layer's inputs
+            if needs_data and not self.prunes_anything(entry):  # nothing to prune here: one pass for the next layer's inputs
                 if self.structured:  # count the layer's parameters in the report
                     self._prune_structured(index, {}, report, device)
                 return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
@@ -521,7 +521,7 @@ class LayerwiseEngine:
             stats, outputs = {}, None
             if needs_data:
                 keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
-                hooked = self._hooked_linears(entry)
+                hooked = self.hooked_linears(entry)
                 linears = {name: linear for name, (linear, _) in hooked.items()}
                 kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
                 collector = _StatisticsCollector(linears, kinds, stop_when_done=not keep)

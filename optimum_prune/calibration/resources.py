@@ -82,11 +82,11 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
     for index, layer in enumerate(engine.layers):
         device = engine.compute_device(layer)
         entry = engine.plan[index]
-        if not engine._active(entry):
+        if not engine.prunes_anything(entry):
             continue
         parts = {}
         if method.needs_calibration:
-            hooked = {name: lin for name, (lin, _) in engine._hooked_linears(entry).items()}
+            hooked = {name: lin for name, (lin, _) in engine.hooked_linears(entry).items()}
             per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
             # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
             # in the engine, but which do is only known once the layer has run
