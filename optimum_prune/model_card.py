@@ -10,8 +10,10 @@ what was done (method, pattern, sparsity, calibration data and size, seed), the 
 
 from __future__ import annotations
 
+import json
 import os
 
+from .assets import packaged_origin
 from .configuration import PruningConfig
 
 
@@ -29,6 +31,19 @@ def _base_license(base_model: str | None) -> str | None:
 
 def _is_heterogeneous(model) -> bool:
     return getattr(getattr(model, "config", None), "layer_widths", None) is not None
+
+
+def _what_was_done(config: PruningConfig, heterogeneous: bool) -> str:
+    pattern = config.pattern
+    if pattern == "structured" and heterogeneous:
+        return (f"{config.sparsity:.0%} of the parameters of the channel groups it prunes (MLP channels, KV groups) "
+                "removed, spread unevenly over the layers: every decoder layer has its own width")
+    if pattern == "structured":
+        return f"{config.sparsity:.0%} of every decoder layer's Linear parameters removed as whole channels / KV groups"
+    if ":" in pattern:
+        n, m = pattern.split(":")
+        return f"{pattern} sparsity (at most {n} non-zeros in every {m} consecutive weights of a row)"
+    return f"{config.sparsity:.0%} of the weights of every pruned Linear set to zero"
 
 
 def _rows(pairs) -> str:
@@ -113,11 +128,17 @@ def build_model_card(
     pattern = config.pattern
     tags = ["pruned", "optimum-prune", config.method, "structured-pruning" if pattern == "structured" else
             ("semi-structured-sparsity" if ":" in pattern else "unstructured-sparsity")]
-    local_base = bool(base_model) and os.path.exists(base_model)
+    origin = packaged_origin(base_model) if base_model else None
+    if origin is not None:  # a packaged model: the Hub repo it comes from is the base
+        hub_base, provenance = origin
+    else:  # the Hub wants a repo id, not a local folder
+        hub_base = base_model if base_model and not os.path.exists(base_model) else None
+        provenance = None
+    name = os.path.basename(os.path.normpath(hub_base or base_model)) if base_model else "the base model"
     final = "recovered" if "recovery" in results else "after"
     data = ModelCardData(
-        model_name=f"{os.path.basename(os.path.normpath(base_model)) if base_model else 'model'}-{config.method}-pruned",
-        base_model=base_model if base_model and not local_base else None,  # the Hub wants a repo id
+        model_name=f"{name if base_model else 'model'}-{config.method}-pruned",
+        base_model=hub_base,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags + (["lora-recovery"] if "recovery" in results else []),
@@ -125,15 +146,11 @@ def build_model_card(
         eval_results=_eval_results(results, final) or None,
     )
     heterogeneous = _is_heterogeneous(model)
-    name = os.path.basename(os.path.normpath(base_model)) if base_model else "the base model"
-    what = (f"{config.sparsity:.0%} of every decoder layer's Linear parameters removed as whole channels / KV groups"
-            if pattern == "structured" else f"{pattern} sparsity (at most {pattern.split(':')[0]} non-zeros in every "
-            f"{pattern.split(':')[1]} consecutive weights of a row)" if ":" in pattern else
-            f"{config.sparsity:.0%} of the weights of every pruned Linear set to zero")
+    what = _what_was_done(config, heterogeneous)
     calibration = (f"{config.num_calibration_samples} windows x {config.seqlen} tokens of `{config.dataset}`"
                    if config.dataset else f"{config.num_calibration_samples} windows x {config.seqlen} tokens (passed in code)")
     setup = _rows([
-        ("method", f"`{config.method}`" + (f" with options `{config.method_kwargs}`" if config.method_kwargs else "")),
+        ("method", f"`{config.method}`" + (f" with options `{json.dumps(config.method_kwargs)}`" if config.method_kwargs else "")),
         ("pattern", f"`{pattern}`"),
         ("sparsity (target)", f"{config.sparsity:g}" if config.sparsity is not None else None),
         ("calibration", calibration),
@@ -163,7 +180,9 @@ def build_model_card(
                  "```python\nfrom optimum_prune import Pruner, PruningConfig\n\n"
                  'config = PruningConfig.from_pretrained("path/to/this/folder")  # pruning_config.json\n'
                  f'model = Pruner.from_config(config).prune("{base_model or "BASE_MODEL"}")\n```\n')
-    intro = f"This model is [{name}](https://huggingface.co/{base_model})" if data.base_model else f"This model is {name}"
+    intro = f"This model is [{name}](https://huggingface.co/{hub_base})" if hub_base else f"This model is {name}"
+    if provenance:
+        intro += f" ({provenance})"
     content = (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# {name}, pruned with optimum-prune ({config.method}, {pattern})\n\n"

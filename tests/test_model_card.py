@@ -79,3 +79,19 @@ def test_python_snippet_when_no_command(pattern, fragment):
     card = build_model_card(tiny_model("llama"), small_config(method="magnitude", pattern=pattern, sparsity=0.25))
     assert fragment in card.data.tags
     assert "PruningConfig.from_pretrained(" in card.text
+
+
+def test_packaged_base_names_its_hub_origin_and_global_widths():
+    """A model pruned from ``packaged:smollm2-135m`` names the Hub repo it comes from (and how the
+    packaged copy was made); a heterogeneous structured prune does not claim a uniform share per layer."""
+    model = tiny_model("llama")
+    model.config.layer_widths = [{"intermediate_size": 64}, {"intermediate_size": 96}]
+    config = small_config(method="policy_gradient", pattern="structured", sparsity=0.3,
+                          method_kwargs={"budget": "global", "local_method": "spap"})
+    parsed = ModelCard(str(build_model_card(model, config, base_model="packaged:smollm2-135m")))
+    assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert parsed.data.model_name == "SmolLM2-135M-Instruct-policy_gradient-pruned"
+    text = parsed.text
+    assert "[SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) (as packaged" in text
+    assert "every decoder layer has its own width" in text and "of every decoder layer's" not in text
+    assert '`{"budget": "global", "local_method": "spap"}`' in text
