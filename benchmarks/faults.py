@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def outcome(fn) -> str:
 
 
 def row(fault: str, fn) -> None:
-    text = outcome(fn).replace("|", "\\|")
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/[^/\s;:)]+", "<tmp>", outcome(fn)).replace("|", "\\|")
     ROWS.append((fault, text))
     print(f"- {fault}: {text}", file=sys.stderr, flush=True)
 
@@ -203,9 +204,8 @@ def output_faults():
     row("not enough memory for one layer (4 MiB free)", memory)
 
 
-def checkpoint_faults():
-    root = tempfile.mkdtemp()
-    ckpt = os.path.join(root, "ckpt")
+def interrupted_checkpoint(folder: str) -> None:
+    """A checkpoint of a prune interrupted (KeyboardInterrupt) when layer 2 of 4 starts."""
     from optimum_prune.calibration import engine as engine_module
 
     original = engine_module.LayerwiseEngine._prune_layer
@@ -217,11 +217,17 @@ def checkpoint_faults():
 
     engine_module.LayerwiseEngine._prune_layer = stop
     try:
-        Pruner(config()).prune(tiny(), IDS, progress=False, checkpoint_dir=ckpt)
+        Pruner(config()).prune(tiny(), IDS, progress=False, checkpoint_dir=folder)
     except KeyboardInterrupt:
         pass
     finally:
         engine_module.LayerwiseEngine._prune_layer = original
+
+
+def checkpoint_faults():
+    root = tempfile.mkdtemp()
+    ckpt = os.path.join(root, "ckpt")
+    interrupted_checkpoint(ckpt)
     row("checkpoint folder in use, no --resume", lambda: Pruner(config()).prune(tiny(), IDS, progress=False, checkpoint_dir=ckpt))
     row("resume with another config", lambda: Pruner(config(sparsity=0.6)).prune(tiny(), IDS, progress=False, checkpoint_dir=ckpt, resume=True))
     row("resume with another model", lambda: Pruner(config()).prune(tiny(seed=1), IDS, progress=False, checkpoint_dir=ckpt, resume=True))
@@ -284,9 +290,243 @@ def signal_faults():
     row("SIGKILL during the prune, then --resume", kill_and_resume)
 
 
+def cli(*argv) -> str:
+    """``optimum-cli prune`` in this process: its exit code and the last line it printed (stderr on
+    failure, stdout on success)."""
+    import contextlib
+    import io
+
+    from optimum_prune.commands.prune import main as prune_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = prune_main([str(a) for a in argv])
+    lines = (err if code else out).getvalue().strip().splitlines()
+    return f"exit {code}; {lines[-1] if lines else ''}"
+
+
+def holder(code: str) -> subprocess.Popen:
+    """Another process that runs ``code`` (which takes a lock), prints 'held' and waits."""
+    proc = subprocess.Popen([sys.executable, "-c", code + "\nprint('held', flush=True)\nimport time; time.sleep(600)"],
+                            env=ENV, stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
+def safety_faults():
+    import shutil
+
+    from optimum_prune import output as output_module
+    from optimum_prune.calibration.activations import ActivationStore
+
+    root = tempfile.mkdtemp()
+    model_dir, calib = os.path.join(root, "model"), os.path.join(root, "calib.txt")
+    tiny().save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    with open(calib, "w") as handle:
+        handle.write(" ".join(["a"] * 2000))
+
+    def args(output, *extra, method="sparsegpt", model=model_dir):
+        return ["--model", model, "--method", method, "--sparsity", "0.5", "--dataset", calib, "--num-samples", "4",
+                "--seqlen", "32", "--no-progress", "--output", output, *extra]
+
+    def files(folder):
+        return sorted(os.listdir(folder))
+
+    def working_directory():
+        before, here = files(root), os.getcwd()
+        os.chdir(root)
+        try:
+            result = cli(*args(".", "--overwrite"))
+        finally:
+            os.chdir(here)
+        return f"{result}; files kept: {files(root) == before}"
+
+    row("`--output .` in the folder of the model and data, `--overwrite`", working_directory)
+    row("`--output` the model folder, `--overwrite`", lambda: cli(*args(model_dir, "--overwrite")))
+
+    def filesystem_root():
+        deleted, real = [], output_module.remove_tree
+        output_module.remove_tree = deleted.append
+        try:
+            return f"{cli(*args('/', '--overwrite'))}; folders deleted: {deleted}"
+        finally:
+            output_module.remove_tree = real
+
+    row("`--output /`, `--overwrite` (delete function recording instead of deleting)", filesystem_root)
+
+    def not_ours():
+        folder = os.path.join(root, "thesis")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "thesis.tex"), "w") as handle:
+            handle.write("years of work")
+        return f"{cli(*args(folder, '--overwrite'))}; thesis.tex kept: {os.path.isfile(os.path.join(folder, 'thesis.tex'))}"
+
+    row("`--overwrite` of a folder that is not an optimum-prune output", not_ours)
+
+    def in_use(code, argv):
+        proc = holder(code)
+        try:
+            return cli(*argv).replace(str(proc.pid), "<pid>")
+        finally:
+            proc.kill()
+            proc.wait()
+
+    busy = os.path.join(root, "busy")
+    row("second run on an output another run is writing",
+        lambda: in_use(f"from optimum_prune.output import OutputFolder\nOutputFolder({busy!r}).reserve()", args(busy)))
+    ckpt = os.path.join(root, "ckpt")
+    row("second run on a checkpoint folder in use",
+        lambda: in_use(f"from optimum_prune.calibration.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()",
+                       args(os.path.join(root, "o1"), "--checkpoint-dir", ckpt, "--resume")))
+
+    def stale_lock():
+        proc = holder(f"from optimum_prune.calibration.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return f"lock file left: {os.path.exists(os.path.join(ckpt, 'checkpoint.lock'))}; then {cli(*args(os.path.join(root, 'o2'), '--checkpoint-dir', ckpt))}"
+
+    row("lock of a run killed with SIGKILL", stale_lock)
+
+    def edited_checkpoint():
+        folder, victim = os.path.join(root, "ck-edit"), os.path.join(root, "victim.txt")
+        with open(victim, "w") as handle:
+            handle.write("precious")
+        interrupted_checkpoint(folder)
+        state = json.load(open(os.path.join(folder, STATE_NAME)))
+        json.dump({**state, "inputs": victim}, open(os.path.join(folder, STATE_NAME), "w"))
+        result = outcome(lambda: Pruner(config()).prune(tiny(), IDS, progress=False, checkpoint_dir=folder, resume=True))
+        return f"{result}; victim kept: {os.path.isfile(victim)}"
+
+    row("checkpoint.json edited to name a file elsewhere, then resume", edited_checkpoint)
+
+    def user_files():
+        folder = os.path.join(root, "ck-user")
+        os.makedirs(folder)
+        for name in ("layer-notes.txt", "inputs-2024.csv"):
+            open(os.path.join(folder, name), "w").close()
+        pruner = Pruner(config())
+        pruner.prune(tiny(), IDS, progress=False, checkpoint_dir=folder)
+        pruner.checkpoint.clear()
+        return f"after the checkpoint is cleared the folder holds: {files(folder)}"
+
+    row("user's files `layer-notes.txt`, `inputs-2024.csv` in the checkpoint folder", user_files)
+
+    def read_only(target_flag):
+        folder = os.path.join(root, "ro-" + target_flag)
+        os.makedirs(folder)
+        os.chmod(folder, 0o555)
+        real = os.access
+        os.access = lambda p, mode, **k: False if str(p).startswith(folder) and mode & os.W_OK else real(p, mode, **k)
+        try:
+            if target_flag == "output":
+                return cli(*args(os.path.join(folder, "out")))
+            return cli(*args(os.path.join(root, "o3"), "--checkpoint-dir", os.path.join(folder, "ck")))
+        finally:
+            os.access = real
+            os.chmod(folder, 0o755)
+
+    row("read-only parent of `--output` (checked before loading the model)", lambda: read_only("output"))
+    row("read-only `--checkpoint-dir`", lambda: read_only("checkpoint"))
+
+    def symlink():
+        os.makedirs(os.path.join(root, "real"))
+        os.symlink(os.path.join(root, "real"), os.path.join(root, "link"))
+        return cli(*args(os.path.join(root, "link")))
+
+    row("symlinked `--output`", symlink)
+    same = os.path.join(root, "same")
+    row("`--checkpoint-dir` equal to `--output`", lambda: cli(*args(same, "--checkpoint-dir", same)))
+
+    def permissions():
+        previous = os.umask(0o022)
+        try:
+            save_pruned(tiny(2), os.path.join(root, "perm"), config())
+        finally:
+            os.umask(previous)
+        return f"mode {oct(os.stat(os.path.join(root, 'perm')).st_mode & 0o777)}"
+
+    row("output folder permissions under umask 022", permissions)
+
+    def killed_overwrite():
+        out = os.path.join(root, "perm")
+        real = output_module.remove_tree
+        output_module.remove_tree = lambda path: (_ for _ in ()).throw(KeyboardInterrupt())
+        try:
+            save_pruned(tiny(2, seed=1), out, config(), overwrite=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            output_module.remove_tree = real
+        new = load_model(out)[0].model.embed_tokens.weight
+        return f"output afterwards is the new model: {bool(torch.equal(new, tiny(2, seed=1).model.embed_tokens.weight))}"
+
+    row("`--overwrite` killed after the swap, before the old folder is removed", killed_overwrite)
+
+    def nan_model():
+        folder = os.path.join(root, "nan-model")
+        model = tiny()
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        model.save_pretrained(folder)
+        return cli(*args(os.path.join(root, "o4"), method="magnitude", model=folder))
+
+    row("magnitude on a model with a NaN weight", nan_model)
+
+    def opt_positions():
+        folder = os.path.join(root, "opt")
+        transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+            word_embed_proj_dim=64, max_position_embeddings=64)).save_pretrained(folder)
+        _tokenizer().save_pretrained(folder)
+        argv = args(os.path.join(root, "o5"), model=folder)
+        argv[argv.index("--seqlen") + 1] = "80"
+        return cli(*argv)
+
+    row("OPT with `--seqlen 80` above its 64 positions", opt_positions)
+    empty = os.path.join(root, "empty-config")
+    os.makedirs(empty)
+    row("`--config` naming a folder without pruning_config.json", lambda: cli("--config", empty, *args(os.path.join(root, "o6"))))
+
+    def damaged_checkpoint():
+        folder = os.path.join(root, "ck-damaged")
+        interrupted_checkpoint(folder)
+        path = os.path.join(folder, "layer-00000.safetensors")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:100])
+        return cli(*args(os.path.join(root, "o7"), "--checkpoint-dir", folder, "--resume"))
+
+    row("checkpoint file truncated, then `--resume`", damaged_checkpoint)
+
+    def near_one():
+        stats = InputStatistics(64, get_method("wanda").statistics | {"sq_norm"})
+        stats.update(torch.randn(100, 64))
+        (result,) = get_method("wanda")().prune_linears([torch.randn(16, 64)], stats,
+                                                          Target(0.999, config().parsed_pattern))
+        return f"fewest weights kept in a row: {int((result.weight != 0).sum(1).min())} of 64"
+
+    row("wanda `--sparsity 0.999` (rows of 64 inputs)", near_one)
+
+    def killed_activations():
+        folder = os.path.join(root, "acts")
+        os.makedirs(folder)
+        subprocess.run([sys.executable, "-c", (
+            "import os, signal, torch\nfrom optimum_prune.calibration.activations import ActivationStore\n"
+            f"s = ActivationStore('disk', {folder!r})\ns.append(torch.ones(2, 3))\nos.kill(os.getpid(), signal.SIGKILL)")],
+            env=ENV)
+        left = len(os.listdir(folder))
+        store = ActivationStore("disk", folder)
+        store.close()
+        return f"folders left by the killed run: {left}; after the next run's store: {len(os.listdir(folder))}"
+
+    row("disk activations of a run killed with SIGKILL", killed_activations)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     logging.basicConfig(level=logging.ERROR)
-    for group in (config_faults, model_faults, numeric_faults, output_faults, checkpoint_faults, signal_faults):
+    for group in (config_faults, model_faults, numeric_faults, output_faults, checkpoint_faults, signal_faults,
+                  safety_faults):
         group()
     print("| fault or bad input | what happens |")
     print("|---|---|")

@@ -234,8 +234,9 @@ class PruningConfig:
         version = data.pop("format_version", FORMAT_VERSION)
         written_by = data.pop("optimum_prune_version", None)
         if not isinstance(version, int) or version > FORMAT_VERSION:
+            writer = f" (written by optimum-prune {written_by})" if written_by else ""
             raise PruningError(
-                f"This pruning config has format version {version!r} (written by optimum-prune {written_by}); "
+                f"This pruning config has format version {version!r}{writer}; "
                 f"this optimum-prune reads up to version {FORMAT_VERSION}: upgrade optimum-prune."
             )
         known = {f.name for f in dataclasses.fields(cls)}
@@ -256,6 +257,10 @@ class PruningConfig:
                 data = json.load(handle)
         except FileNotFoundError:
             raise PruningError(f"No pruning config at {path}.") from None
+        except IsADirectoryError:
+            raise PruningError(f"{path} is a folder; give its {CONFIG_NAME} (or use PruningConfig.from_pretrained).") from None
+        except OSError as err:
+            raise PruningError(f"Cannot read the pruning config {path} ({err.strerror or err}).") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PruningError(f"{path} is not valid JSON ({err}); fix or regenerate the file.") from None
         return cls.from_dict(data)
@@ -279,8 +284,11 @@ class PruningConfig:
             return cls.from_json_file(candidate)
         model_config = os.path.join(path, "config.json")
         if os.path.isfile(model_config):
-            with open(model_config, encoding="utf-8") as handle:
-                data = json.load(handle)
+            try:
+                with open(model_config, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise PruningError(f"{model_config} is not readable JSON ({err}); fix or regenerate the file.") from None
             if isinstance(data, dict) and "pruning_config" in data:
                 return cls.from_dict(data["pruning_config"])
         raise PruningError(f"No {CONFIG_NAME} (nor a config.json with 'pruning_config') in {path}.")

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
 from .calibration.checkpoint import LayerCheckpoint
-from .calibration.data import calibration_windows
+from .calibration.data import calibration_windows, check_seqlen
 from .calibration.distributed import is_distributed, is_main_process, shard_windows
 from .calibration.activations import check_place
 from .calibration.engine import LayerwiseEngine, PruneReport, _input_device
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
+from .output import OutputFolder, preflight
 from .registry import get_method
 
 
@@ -47,15 +46,6 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
-
-
-def ensure_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing non-empty output folder unless ``overwrite``; writes nothing."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        raise PruningError(f"Output path {path} is a file; choose a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise PruningError(f"Output folder {path} exists and is not empty; choose another or pass overwrite (--overwrite).")
 
 
 class Pruner:
@@ -130,6 +120,7 @@ class Pruner:
         check_place(activations)
         if activation_folder is not None and activations != "disk":
             raise PruningError("activation_folder is where activations='disk' writes; pass activations='disk' too.")
+        preflight(checkpoint_dir=checkpoint_dir, activation_folder=activation_folder)  # before loading the model
         if isinstance(model, (str, os.PathLike)):
             model, loaded_tokenizer = load_model(model)
             tokenizer = tokenizer or loaded_tokenizer
@@ -156,6 +147,7 @@ class Pruner:
                 raise PruningError(
                     f"Method {cfg.method!r} needs calibration data: pass calibration_data or set dataset in the config."
                 )
+            check_seqlen(getattr(model, "config", None), cfg.seqlen)
             windows = calibration_windows(
                 data,
                 tokenizer,
@@ -177,7 +169,10 @@ class Pruner:
             check_layer_memory(engine, samples, cfg.seqlen, _input_device(model))
         if checkpoint_dir is not None:
             self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
-            self.report = engine.run(windows, checkpoint=self.checkpoint)
+            try:
+                self.report = engine.run(windows, checkpoint=self.checkpoint)
+            finally:
+                self.checkpoint.release()
         else:
             self.report = engine.run(windows)
         self.engine = engine
@@ -193,63 +188,71 @@ class Pruner:
             raise PruningError("Nothing to save: call prune() first or pass model=.")
         if "results" not in kwargs and self.report is not None and model is self.model:
             kwargs["results"] = {"sparsity": self.report.overall_sparsity, "prune_seconds": self.report.seconds}
+        if self.checkpoint is not None:
+            kwargs.setdefault("protect", [("the checkpoint folder", self.checkpoint.directory)])
         return save_pruned(model, save_directory, self.config, tokenizer or self.tokenizer, overwrite=overwrite, **kwargs)
+
+
+def model_source(model) -> str | None:
+    """The local folder a model was loaded from (``config._name_or_path``), if it is one."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return source if isinstance(source, str) and source and os.path.isdir(source) else None
 
 
 def save_pruned(
     model, save_directory, config: PruningConfig, tokenizer=None, overwrite: bool = False, extra_files=None,
-    results: dict | None = None, command: str | None = None, base_model: str | None = None, **kwargs,
+    results: dict | None = None, command: str | None = None, base_model: str | None = None, protect=(), **kwargs,
 ) -> str:
     """Write model, tokenizer, ``pruning_config.json`` and a model card (``README.md``, see
     `optimum_prune.model_card`; ``results``, ``command`` and ``base_model`` go into it) atomically:
-    into a temporary sibling folder, renamed into place only when everything is written. With
-    several processes only rank 0 writes."""
+    into a temporary sibling folder, swapped into place only when everything is written
+    (`optimum_prune.output.OutputFolder`: ``overwrite`` replaces only a previous optimum-prune
+    output, never the folder the model was loaded from, the working or home directory).
+    ``save_directory`` is a path, or an `OutputFolder` reserved before the prune (the CLI does
+    that, so that its lock covers the whole run). ``protect``: more (description, path) pairs the
+    output may not replace. With several processes only rank 0 writes."""
 
-    save_directory = os.path.abspath(os.fspath(save_directory))
     if is_distributed():  # one writer: rank 0; the others wait until the folder is complete
         import torch.distributed
 
         if is_main_process():
             try:
-                _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model,
-                      **kwargs)
+                path = _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command,
+                             base_model, protect, **kwargs)
             finally:
                 torch.distributed.barrier()
-        else:
-            torch.distributed.barrier()
-        return save_directory
-    _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, **kwargs)
-    return save_directory
+            return path
+        torch.distributed.barrier()
+        return os.path.abspath(os.fspath(getattr(save_directory, "path", save_directory)))
+    return _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
+                 **kwargs)
 
 
-def _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, **kwargs):
+def _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
+          **kwargs):
     from .model_card import build_model_card
 
-    ensure_output_dir(save_directory, overwrite)
-    parent = os.path.dirname(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    prefix = f".{os.path.basename(save_directory)}.tmp-"
-    for stray in os.listdir(parent):  # left by a save that was killed (SIGKILL, power loss) half-way
-        if stray.startswith(prefix) and os.path.isdir(os.path.join(parent, stray)):
-            logger.warning("Removing %s, the temporary folder of an interrupted save.", stray)
-            shutil.rmtree(os.path.join(parent, stray), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
+    if isinstance(save_directory, OutputFolder):
+        output, owned = save_directory, False
+    else:
+        output = OutputFolder(save_directory, overwrite, inputs=[("the model's folder", model_source(model)), *protect])
+        owned = True
+
+    def write(folder: str) -> None:
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = config.to_dict()
-        model.save_pretrained(tmp, **kwargs)
+        model.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
+            tokenizer.save_pretrained(folder)
+        config.save_pretrained(folder)
         card = build_model_card(model, config, base_model=base_model, results=results, command=command)
-        card.save(os.path.join(tmp, "README.md"))
+        card.save(os.path.join(folder, "README.md"))
         for name, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as handle:
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
                 handle.write(content)
-        if os.path.isdir(save_directory):
-            shutil.rmtree(save_directory)
-        os.replace(tmp, save_directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return save_directory
+
+    try:
+        return output.write(write)
+    finally:
+        if owned:
+            output.release()

@@ -101,6 +101,21 @@ def synthetic_structured_problem(seed=0, units=48, out=24, inputs=32, tokens=400
     return problem, Z
 
 
+# ``optimum-prune`` run as ``python -c SLOW_CLI ARGS``, its SparseGPT solves slowed down: a run that
+# lasts long enough to be signalled or raced (a few seconds on a tiny model)
+SLOW_CLI = """
+import sys, time
+import optimum_prune.methods.sparsegpt as sparsegpt
+solve = sparsegpt.SparseGPT.solve
+def slow(*args, **kwargs):
+    time.sleep(0.4)
+    return solve(*args, **kwargs)
+sparsegpt.SparseGPT.solve = slow
+from optimum_prune.commands.prune import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def python_stdout(code: str, timeout: int = 240) -> str:
     """Run ``code`` in a fresh interpreter (offline); its stdout, or a failure with its stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

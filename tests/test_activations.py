@@ -49,7 +49,7 @@ def test_disk_store_round_trips_bit_for_bit(tmp_path, dtype):
     assert torch.equal(store[-1], batches[-1]) and len(store[0:2]) == 2
     sibling = store.like()
     assert sibling.where == "disk" and len(sibling) == 0
-    (folder,) = [p for p in tmp_path.iterdir() if any(p.iterdir())]
+    (folder,) = [p for p in tmp_path.iterdir() if any(f.name.startswith("batch-") for f in p.iterdir())]
     store.close()
     sibling.close()
     assert not folder.exists() and not list(tmp_path.iterdir())

@@ -94,9 +94,14 @@ def test_output_folder_rules(tmp_path):
     (target / "keep.txt").write_text("x")
     with pytest.raises(PruningError, match="exists and is not empty"):
         save_pruned(model, target, cfg)
+    with pytest.raises(PruningError, match="not an optimum-prune output"):  # overwrite replaces only our outputs
+        save_pruned(model, target, cfg, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
-    save_pruned(model, target, cfg, overwrite=True)
-    assert (target / CONFIG_NAME).is_file() and not (target / "keep.txt").exists()
+    previous = tmp_path / "previous"
+    save_pruned(model, previous, cfg)
+    (previous / "notes.txt").write_text("x")
+    save_pruned(model, previous, cfg, overwrite=True)
+    assert (previous / CONFIG_NAME).is_file() and not (previous / "notes.txt").exists()
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_texts, make_tokenizer, prune_interrupted, tiny_model
+from conftest import SLOW_CLI, make_texts, make_tokenizer, prune_interrupted, tiny_model
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner, PruningConfig
@@ -125,19 +125,6 @@ def test_policy_gradient_refuses_checkpoints(tmp_path, calib_ids):
 
 # ---------------------------------------------------------------------------------------------
 # the CLI killed with SIGKILL half-way, then resumed
-SLOW_CLI = """
-import sys, time
-import optimum_prune.methods.sparsegpt as sparsegpt
-solve = sparsegpt.SparseGPT.solve
-def slow(*args, **kwargs):
-    time.sleep(0.4)
-    return solve(*args, **kwargs)
-sparsegpt.SparseGPT.solve = slow
-from optimum_prune.commands.prune import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.fixture(scope="module")
 def cli_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")

@@ -17,21 +17,34 @@ so where they wait is a choice (``activations=`` of `Pruner.prune`, ``--activati
     the process's resident set.
 
 All three give identical results: the tensors are stored bit for bit.
+
+A disk store's folder (``optimum-prune-activations-XXXX``) is locked by its run
+(`optimum_prune.locks.RunLock`); the folders of runs that were killed (their lock is free) are
+removed by the next store created beside them, file by file: only the batch files a store writes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import PruningError
+from ..locks import RunLock, is_stale
+
+
+logger = logging.getLogger(__name__)
 
 
 PLACES = ("device", "cpu", "disk")
+FOLDER_PREFIX = "optimum-prune-activations-"
+_LOCK_NAME = "store.lock"
+_BATCH_NAMES = re.compile(r"batch-[0-9]{6}\.pt")
 
 
 def check_place(where: str) -> str:
@@ -50,10 +63,13 @@ class ActivationStore(Sequence):
         self._files: list[str] = []
         self._specs: list[tuple[torch.Size, torch.dtype]] = []
         self._folder = None
+        self._lock = None
         if self.where == "disk":
             if folder is not None:
                 os.makedirs(folder, exist_ok=True)
-            self._folder = tempfile.mkdtemp(prefix="optimum-prune-activations-", dir=folder)
+            remove_stale_folders(folder if folder is not None else tempfile.gettempdir())
+            self._folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=folder)
+            self._lock = RunLock(os.path.join(self._folder, _LOCK_NAME), f"Activation folder {self._folder}").acquire()
 
     def like(self) -> "ActivationStore":
         """An empty store kept the same way (in a sibling folder on disk)."""
@@ -98,7 +114,10 @@ class ActivationStore(Sequence):
         self._files = []
         self._specs = []
         if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            _remove_store_files(self._folder)
+            if self._lock is not None:
+                self._lock.release()
+            _remove_empty(self._folder)
             self._folder = None
 
     def __del__(self):  # a store that was never closed (an exception) still removes its folder
@@ -109,3 +128,51 @@ class ActivationStore(Sequence):
 
     def __repr__(self) -> str:
         return f"ActivationStore(where={self.where!r}, batches={len(self)})"
+
+
+def _remove_store_files(folder: str) -> None:
+    """Delete the batch files a store wrote in ``folder`` (nothing else)."""
+    for name in os.listdir(folder):
+        if _BATCH_NAMES.fullmatch(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _remove_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
+
+
+def remove_stale_folders(parent: str, grace_seconds: float = 60.0) -> list[str]:
+    """Remove the activation folders in ``parent`` left by killed runs: those whose lock no live
+    process holds (and empty ones older than ``grace_seconds``, killed before taking the lock).
+    Returns the folders removed."""
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        folder = os.path.join(parent, entry)
+        if not entry.startswith(FOLDER_PREFIX) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        lock = os.path.join(folder, _LOCK_NAME)
+        try:
+            if os.path.exists(lock):
+                if not is_stale(lock):
+                    continue
+                _remove_store_files(folder)
+                os.remove(lock)
+            elif os.listdir(folder) or time.time() - os.stat(folder).st_mtime < grace_seconds:
+                continue
+        except OSError:
+            continue
+        _remove_empty(folder)
+        if not os.path.exists(folder):
+            logger.warning("Removed %s, the activation files of an interrupted run.", folder)
+            removed.append(folder)
+    return removed

@@ -11,9 +11,15 @@ Layout of the folder (safetensors and JSON only: loading a checkpoint never unpi
     checkpoint.json          the commit point: fingerprint, next layer, report, file names
     layer-00000.safetensors  what layer 0 changed (one file per finished layer), RNG state after it
     inputs-00003.safetensors inputs of the next layer (only the latest is kept)
+    checkpoint.lock          held by the run using the folder (`optimum_prune.locks.RunLock`)
 
 Files are written under temporary names and renamed; ``checkpoint.json`` is replaced last, so a
 kill at any moment leaves either the previous or the new checkpoint, never a mix.
+
+The checkpoint owns only what it wrote: the names in ``checkpoint.json`` must be the checkpoint's
+own file names (anything else, a path elsewhere included, is refused as a corrupt checkpoint), and
+`LayerCheckpoint.clear` removes exactly the files ``checkpoint.json`` lists, then the folder if it
+is empty. A second run on a folder in use is refused at once.
 """
 
 from __future__ import annotations
@@ -22,17 +28,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 import torch
 from torch import nn
 
-from ..errors import PruningError
+from ..errors import PruningError, first_line
+from ..locks import RunLock
 
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "checkpoint.json"
+LOCK_NAME = "checkpoint.lock"
+_FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors")  # the names `commit` gives its files
 CHECKPOINT_VERSION = 1
 _RNG_KEY = "__rng_state__"
 
@@ -109,8 +119,25 @@ class LayerCheckpoint:
         self.directory = os.path.abspath(os.fspath(directory))
         self.resume = resume
         self.state: dict | None = None
-        if os.path.isfile(self.directory):
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
             raise PruningError(f"Checkpoint path {self.directory} is a file; choose a folder.")
+        self.lock = RunLock(os.path.join(self.directory, LOCK_NAME), f"Checkpoint folder {self.directory}")
+
+    def acquire(self) -> None:
+        """Create the folder if needed and lock it for this run (refused while another run holds it)."""
+        if self.lock.held:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as err:
+            raise PruningError(f"Cannot create the checkpoint folder {self.directory} ({err.strerror or err}); "
+                               f"choose a writable location.") from None
+        self.lock.acquire()
+
+    def release(self) -> None:
+        """Unlock the folder (and remove it if this run left nothing in it)."""
+        self.lock.release()
+        _remove_if_empty(self.directory)
 
     @property
     def state_path(self) -> str:
@@ -119,13 +146,13 @@ class LayerCheckpoint:
     # ------------------------------------------------------------------ start
     def begin(self, fingerprints: dict[str, str], num_layers: int) -> dict | None:
         """Validate the folder against this prune; returns the saved state when resuming, else None."""
+        self.acquire()
         existing = self._read_state()
         if existing is None:
             if self.resume:
                 logger.warning("No checkpoint in %s: starting from the first layer.", self.directory)
-            os.makedirs(self.directory, exist_ok=True)
             self.state = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprints, "num_layers": num_layers,
-                          "next_layer": 0, "layers": [], "inputs": None, "report": None, "seconds": 0.0}
+                          "next_layer": 0, "layers": [], "inputs": None, "stale": [], "report": None, "seconds": 0.0}
             return None
         self.check_start(existing)
         saved = existing.get("fingerprint", {})
@@ -139,12 +166,16 @@ class LayerCheckpoint:
             raise PruningError(f"The checkpoint in {self.directory} is for a model with {existing.get('num_layers')} "
                                f"layers, this one has {num_layers}; use another checkpoint folder.")
         self.state = existing
+        self._remove_stale()
         logger.info("Resuming from %s: %d of %d layers done.", self.directory, existing["next_layer"], num_layers)
         return existing
 
     def check_start(self, existing: dict | None = None) -> None:
-        """Without ``resume``, refuse a folder that holds a checkpoint (cheap: call it before loading the model)."""
-        existing = existing if existing is not None else self._read_state()
+        """Lock the folder; without ``resume``, refuse one that holds a checkpoint; with it, check the
+        checkpoint's files (cheap: call it before loading the model)."""
+        if existing is None:
+            self.acquire()
+            existing = self._read_state()
         if existing is not None and not self.resume:
             raise PruningError(
                 f"{self.directory} holds a checkpoint of a prune (layer {existing.get('next_layer')} of "
@@ -165,17 +196,37 @@ class LayerCheckpoint:
         if state["version"] > CHECKPOINT_VERSION:
             raise PruningError(f"{self.state_path} has checkpoint version {state['version']}; this optimum-prune "
                                f"reads up to {CHECKPOINT_VERSION}: upgrade optimum-prune or start over.")
-        for name in state.get("layers", []) + ([state["inputs"]] if state.get("inputs") else []):
-            if not os.path.isfile(os.path.join(self.directory, name)):
+        listed = _listed_files(state)
+        if listed is None:
+            raise PruningError(f"{self.state_path} is corrupt: it names files that are not this checkpoint's own; "
+                               f"delete the checkpoint folder to start over.")
+        for name in listed:
+            if name in state.get("stale", []):
+                continue
+            path = os.path.join(self.directory, name)
+            if not os.path.isfile(path):
                 raise PruningError(f"Checkpoint file {name} is missing from {self.directory}; delete the folder to start over.")
+            _check_safetensors(path)
         return state
+
+    def _remove_stale(self) -> None:
+        """Delete the files the state lists as replaced (a kill can come before `commit` removes them)."""
+        for name in self.state.get("stale", []):
+            path = os.path.join(self.directory, name)
+            if os.path.isfile(path):
+                os.remove(path)
 
     # ------------------------------------------------------------------ reading
     def layer_changes(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """What layer ``index`` changed, and the RNG state after it."""
         from safetensors.torch import load_file
 
-        changes = load_file(os.path.join(self.directory, self.state["layers"][index]))
+        path = os.path.join(self.directory, self.state["layers"][index])
+        try:
+            changes = load_file(path)
+        except Exception as err:  # noqa: BLE001 - a damaged file is the user's to delete, in one line
+            raise PruningError(f"Checkpoint file {path} is damaged ({first_line(err)}); delete the checkpoint "
+                               f"folder to start over.") from None
         return changes, changes.pop(_RNG_KEY)
 
     def inputs(self):
@@ -210,12 +261,13 @@ class LayerCheckpoint:
         if inputs is not None:
             inputs_name = f"inputs-{index + 1:05d}.safetensors"
             self._atomic(inputs_name, lambda path: _save_batches(inputs, path))
+        self._remove_stale()
+        stale = [old_inputs] if old_inputs and old_inputs != inputs_name else []
         state = dict(self.state, next_layer=index + 1, layers=self.state["layers"][:index] + [layer_name],
-                     inputs=inputs_name, report=report, seconds=seconds)
+                     inputs=inputs_name, stale=stale, report=report, seconds=seconds)
         self._atomic(STATE_NAME, lambda path: _write_json(state, path))
         self.state = state
-        if old_inputs and old_inputs != inputs_name:
-            os.remove(os.path.join(self.directory, old_inputs))
+        self._remove_stale()
         logger.debug("Checkpointed layer %d in %.2fs", index, time.perf_counter() - start)
 
     def _atomic(self, name: str, write) -> None:
@@ -225,14 +277,51 @@ class LayerCheckpoint:
         os.replace(tmp, final)
 
     def clear(self) -> None:
-        """Delete the checkpoint's files (after the pruned model was saved), and the folder if empty."""
-        if not os.path.isdir(self.directory):
+        """Delete the checkpoint's files (after the pruned model was saved): exactly those
+        ``checkpoint.json`` lists, and the folder if that leaves it empty."""
+        if not os.path.isfile(self.state_path):
+            self.release()
             return
-        for name in os.listdir(self.directory):
-            if name == STATE_NAME or name.startswith(("layer-", "inputs-")):
-                os.remove(os.path.join(self.directory, name))
-        if not os.listdir(self.directory):
-            os.rmdir(self.directory)
+        self.acquire()
+        try:
+            state = self._read_state() if self.state is None else self.state
+            for name in _listed_files(state) or []:
+                path = os.path.join(self.directory, name)
+                if os.path.isfile(path):
+                    os.remove(path)
+            os.remove(self.state_path)
+            self.state = None
+        finally:
+            self.release()
+
+
+def _listed_files(state: dict) -> list[str] | None:
+    """The files a checkpoint state names; None if one of them is not a name `commit` gives."""
+    names = list(state.get("layers") or []) + list(state.get("stale") or [])
+    if state.get("inputs"):
+        names.append(state["inputs"])
+    if not all(isinstance(name, str) and _FILE_NAMES.fullmatch(name) for name in names):
+        return None
+    return names
+
+
+def _check_safetensors(path: str) -> None:
+    """Refuse a damaged checkpoint file (its header is read; cheap) before any work starts."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise PruningError(f"Checkpoint file {path} is damaged ({first_line(err)}); delete the checkpoint folder "
+                           f"to start over.") from None
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,32 @@ def tokenize_joined(texts: list[str], tokenizer, max_chars: int | None = _MAX_CH
     return torch.cat(pieces)
 
 
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence a model's config declares (``max_position_embeddings`` or its
+    equivalent in the family), or None when it declares none."""
+    if model_config is None:
+        return None
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    for field in _POSITION_FIELDS:
+        value = getattr(model_config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model_config, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (learned position tables index past their
+    end; rotary models run, but outside the lengths they were trained on)."""
+    limit = max_positions(model_config)
+    if limit is not None and seqlen > limit:
+        raise PruningError(f"seqlen {seqlen} is longer than this model's {limit} positions (max_position_embeddings); "
+                           f"pass seqlen (--seqlen) {limit} or less.")
+
+
 def calibration_windows(
     data: Any,
     tokenizer,

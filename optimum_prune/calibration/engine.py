@@ -663,6 +663,8 @@ class LayerwiseEngine:
         for (_, target), members in batches.items():
             linears = [entry[name][0] for name in members]
             weights = [_read_weight(lin, device) for lin in linears]
+            for name, weight in zip(members, weights):
+                check_finite_weight(name, weight)
             results = self.method.prune_linears(weights, stats.get(members[0]), target)
             for name, linear, result in zip(members, linears, results):
                 _check_finite_result(self.method.name, name, result.weight)
@@ -705,6 +707,8 @@ def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_sta
     for p in group.producers:
         if p.linear.bias is not None:
             weights[p.name + ".bias"] = _read_weight(p.linear, device, "bias")
+    for name, weight in weights.items():
+        check_finite_weight(name, weight)
     problem = StructuredProblem(
         kind=group.kind,
         units=group.units,
@@ -728,9 +732,18 @@ def apply_to_group(group: ChannelGroup, keep, weights, consumer_weight, report: 
     report.pruned_params += before - group.params
 
 
+def check_finite_weight(name: str, weight: torch.Tensor) -> None:
+    """Refuse a model weight that holds NaN or inf before it is pruned (no method can fix it)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise PruningError(f"The model's weight {name} holds NaN or inf before pruning: the model file is damaged or "
+                           f"was saved in a dtype that overflowed; re-download or re-save the model, or leave "
+                           f"{name} out with ignore=[...] (--ignore).")
+
+
 def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:
     if not bool(torch.isfinite(weight).all()):
-        raise FloatingPointError(f"{method} produced non-finite weights for {name}; raise `dampening`.")
+        raise PruningError(f"{method} produced non-finite weights for {name} from finite ones: its linear systems are "
+                           f"too ill-conditioned; raise dampening (--dampening), e.g. to 0.1.")
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -38,7 +38,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and output")
     model.add_argument("--model", required=True, help="Hub id, local folder, or packaged:smollm2-135m.")
     model.add_argument("--output", required=True, help="Folder for the pruned checkpoint (must be new or empty).")
-    model.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
+    model.add_argument("--overwrite", action="store_true",
+                       help="Replace --output if it is a previous optimum-prune output (holds pruning_config.json).")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add_argument("--device", default=None, help="Compute device for each layer, e.g. cuda:0 (default: where it lives).")
     model.add_argument("--device-map", default=None, help="accelerate device_map for loading, e.g. auto.")
@@ -52,7 +53,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                        help="With --activations disk: folder for those files (default: the system's temp folder).")
 
     method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
-    method.add_argument("--config", default=None, help="A pruning_config.json; the flags below override it.")
+    method.add_argument("--config", default=None,
+                        help="A pruning_config.json, or a folder holding one; the flags below override it.")
     method.add_argument("--method", default=None, help="Registered method name (magnitude, wanda, sparsegpt, ...).")
     method.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1).")
     method.add_argument("--pattern", default=None, help="unstructured (default), N:M such as 2:4, or structured.")
@@ -116,7 +118,7 @@ def build_config(args):
     from optimum_prune.configuration import PruningConfig
     from optimum_prune.errors import PruningError
 
-    base = PruningConfig.from_json_file(args.config).to_dict() if args.config else {}
+    base = PruningConfig.from_pretrained(args.config).to_dict() if args.config else {}
     for key in ("format_version", "optimum_prune_version"):
         base.pop(key, None)
     for flag, field in _CONFIG_FLAGS.items():
@@ -145,8 +147,27 @@ def run_prune(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        print(f"interrupted: nothing was written to the output folder; {_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """How to go on after an interrupted run."""
+    from optimum_prune.calibration.checkpoint import STATE_NAME
+
+    state = os.path.join(args.checkpoint_dir, STATE_NAME) if args.checkpoint_dir else None
+    if state and os.path.isfile(state):
+        try:
+            with open(state, encoding="utf-8") as handle:
+                done = json.load(handle)
+            progress = f"{done['next_layer']} of {done['num_layers']} layers are"
+        except (OSError, ValueError, KeyError, TypeError):
+            progress = "the finished layers are"
+        return (f"{progress} saved in {args.checkpoint_dir}: run the same command with --resume to continue "
+                f"from there.")
+    if args.checkpoint_dir:
+        return "no layer was finished yet: run the same command again to start over."
+    return "run it again (add --checkpoint-dir DIR to be able to resume an interrupted prune)."
 
 
 def _max_memory(text: str) -> dict:
@@ -177,16 +198,52 @@ def _check_lm_eval() -> None:
         raise PruningError("--tasks needs lm-eval: pip install 'optimum-prune[eval]' (or lm-eval).")
 
 
-def _run(args) -> int:
-    import shlex
-    import time
+def _local_inputs(args, config) -> list[tuple[str, str | None]]:
+    """(description, path) of what the run reads, where it is a local path."""
+    return [("the model", args.model), ("the calibration data", config.dataset), ("--config", args.config),
+            ("--eval-dataset", args.eval_dataset), ("--tasks-include", args.tasks_include)]
 
+
+def check_paths(args, config):
+    """Every path the run writes, checked against each other and the inputs (seconds, nothing
+    written); returns the `OutputFolder` to reserve."""
+    from optimum_prune.output import preflight
+
+    return preflight(args.output, args.overwrite, checkpoint_dir=args.checkpoint_dir,
+                     activation_folder=args.activation_folder if args.activations == "disk" else None,
+                     offload_folder=args.offload_folder, inputs=_local_inputs(args, config))
+
+
+def reserve_paths(args, output):
+    """Lock the output target and the checkpoint folder for this run (refused at once if another run
+    holds either); returns the `LayerCheckpoint` (or None)."""
+    from optimum_prune.calibration.checkpoint import LayerCheckpoint
+    from optimum_prune.calibration.distributed import is_main_process
+
+    checkpoint = LayerCheckpoint(args.checkpoint_dir, resume=args.resume) if args.checkpoint_dir else None
+    if is_main_process():  # with several processes rank 0 writes the output
+        output.reserve()
+    try:
+        if checkpoint is not None:
+            checkpoint.check_start()
+    except BaseException:
+        output.release()
+        raise
+    return checkpoint
+
+
+def _run(args) -> int:
     from optimum_prune.errors import PruningError, check_positive_int
-    from optimum_prune.evaluation import perplexity
-    from optimum_prune.pruner import Pruner, ensure_output_dir, load_model, save_pruned
+    from optimum_prune.pruner import Pruner
 
     config = build_config(args)
-    ensure_output_dir(args.output, args.overwrite)
+    output = check_paths(args, config)
+    if args.no_progress:  # also the bars of transformers (loading, saving) and datasets (reading files)
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     if args.activation_folder and args.activations != "disk":
         raise PruningError("--activation-folder is where --activations disk writes; add --activations disk.")
     if args.eval_windows < 1:
@@ -203,10 +260,6 @@ def _run(args) -> int:
             raise PruningError("--eval needs --eval-dataset (held-out text: a local file, or packaged:wiki-leads-eval).")
     if args.resume and not args.checkpoint_dir:
         raise PruningError("--resume needs --checkpoint-dir: the folder of the interrupted prune.")
-    if args.checkpoint_dir:
-        from optimum_prune.calibration.checkpoint import LayerCheckpoint
-
-        LayerCheckpoint(args.checkpoint_dir, resume=args.resume).check_start()
     from optimum_prune.calibration.distributed import init_from_env
 
     if init_from_env(args.device):  # under torchrun / accelerate launch
@@ -216,7 +269,6 @@ def _run(args) -> int:
     pruner = Pruner(config)
     if pruner.method.needs_calibration and config.dataset is None:
         raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
-    progress = not args.no_progress
 
     recovery = None
     if args.recover:
@@ -241,7 +293,28 @@ def _run(args) -> int:
         load_kwargs["offload_folder"] = args.offload_folder
     if load_kwargs and not args.device_map:
         raise PruningError("--max-memory and --offload-folder need --device-map (e.g. auto).")
+    checkpoint = reserve_paths(args, output)
+    try:
+        return _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs)
+    finally:
+        if checkpoint is not None:
+            checkpoint.release()
+        output.release()
+
+
+def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs) -> int:
+    """Load, evaluate, prune, recover and save, once every input is checked and the paths are reserved."""
+    import shlex
+    import time
+
+    from optimum_prune.calibration.data import check_seqlen
+    from optimum_prune.evaluation import perplexity
+    from optimum_prune.pruner import load_model, save_pruned
+
+    progress = not args.no_progress
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map, **load_kwargs)
+    if pruner.method.needs_calibration or args.eval or recovery is not None:  # what runs windows of --seqlen
+        check_seqlen(getattr(model, "config", None), config.seqlen)
     results = {}
 
     def evaluate(stage: str) -> None:
@@ -292,8 +365,8 @@ def _run(args) -> int:
         results["zero_shot_settings"] = {"tasks": tasks, "num_fewshot": args.tasks_fewshot, "limit": args.tasks_limit}
     extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
     command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
-    out = save_pruned(model, args.output, config, tokenizer, overwrite=args.overwrite, extra_files=extra,
-                      results=results, command=command, base_model=args.model)
+    out = save_pruned(model, output, config, tokenizer, extra_files=extra, results=results, command=command,
+                      base_model=args.model)
     if pruner.checkpoint is not None:
         pruner.checkpoint.clear()
     print(f"saved to {out}", flush=True)

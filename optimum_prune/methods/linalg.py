@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from ..errors import PruningError
+
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ def robust_cholesky(H: torch.Tensor, what: str = "Gram matrix", max_tries: int =
             logger.warning("%s was not positive definite; added %.3g to its diagonal.", what, extra)
             return L
         extra *= 10.0
-    raise FloatingPointError(
-        f"{what} stays singular after damping; increase `dampening` or use more calibration samples."
+    raise PruningError(
+        f"{what} stays singular after damping; raise dampening (--dampening) or use more calibration samples."
     )
 
 

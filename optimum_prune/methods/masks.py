@@ -20,7 +20,8 @@ class Target:
     """What one Linear must reach: a sparsity fraction under a pattern.
 
     For unstructured targets, methods choose a scope: ``"row"`` removes ``round(in * sparsity)``
-    weights of every output row, ``"matrix"`` removes ``round(numel * sparsity)`` anywhere in it.
+    weights of every output row, ``"matrix"`` removes ``round(numel * sparsity)`` anywhere in it;
+    either keeps at least one weight (`budget`).
     """
 
     sparsity: float
@@ -55,8 +56,11 @@ def lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 def budget(count: int, sparsity: float) -> int:
-    """How many of ``count`` weights a ``sparsity`` removes: the nearest whole number."""
-    return int(round(count * sparsity))
+    """How many of ``count`` weights a ``sparsity`` removes: the nearest whole number, but never all
+    of them (a sparsity below 1 keeps at least one weight of every row, or of every matrix, that
+    shares a budget)."""
+    removed = int(round(count * sparsity))
+    return min(removed, count - 1) if sparsity < 1 else removed
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -82,3 +82,45 @@ def linear_params(module: nn.Module) -> int:
         for m in module.modules()
         if isinstance(m, nn.Linear)
     )
+
+
+def is_router(module: nn.Module) -> bool:
+    """Whether ``module`` is a mixture-of-experts router (kept dense by design: it decides where
+    tokens go, and it is a tiny share of the weights)."""
+    name = type(module).__name__.lower()
+    return name.endswith(("router", "moegate", "topkgate"))
+
+
+def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tuple[int, dict[str, int]]:
+    """The weights of one decoder layer as a prune sees them: (the number of weights in matrices,
+    routers left out; the matrices no pruning path handles — parameters of 2 or more dimensions
+    that are not the weight of an ``nn.Linear``, e.g. the 3-D expert banks of fused MoE layers —
+    that ``targets``/``ignore`` do not leave out on purpose: full name -> number of weights)."""
+    total, unhandled = 0, {}
+    for sub_name, module in layer.named_modules():
+        if is_router(module):
+            continue
+        full_module = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2:
+                continue
+            total += param.numel()
+            if isinstance(module, nn.Linear) and param_name == "weight":
+                continue
+            full = f"{full_module}.{param_name}"
+            if targets and not matches(full_module, targets) and not matches(full, targets):
+                continue
+            if ignore and (matches(full_module, ignore) or matches(full, ignore)):
+                continue
+            unhandled[full] = param.numel()
+    return total, unhandled
+
+
+def summarize_names(names, prefix: str) -> list[str]:
+    """Names of tensors across layers, the layer index replaced by ``*`` (``model.layers.*.mlp.x``),
+    in first-seen order."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.\d+\.")
+    seen = {}
+    for name in names:
+        seen.setdefault(pattern.sub(f"{prefix}.*.", name), None)
+    return list(seen)
