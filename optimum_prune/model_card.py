@@ -160,7 +160,10 @@ def build_model_card(
     ])
     params_before, params_after = results.get("parameters_before"), results.get("parameters_after")
     measured = _rows([
-        ("measured sparsity", f"{results['sparsity']:.4f}" if "sparsity" in results else None),
+        ("measured sparsity", f"{results['sparsity']:.4f} of the targeted weights" if "sparsity" in results else None),
+        ("coverage", f"the targeted weights are {results['coverage']:.1%} of the decoder layers' weights"
+         if "coverage" in results else None),
+        ("left dense", results.get("unhandled_note")),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
         ("recovery", _recovery_text(results.get("recovery"))),

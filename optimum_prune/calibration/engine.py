@@ -28,7 +28,7 @@ from ..methods.masks import Target
 from ..methods.structured import StructuredProblem, StructuredResult
 from ..structure.budget import plan_removals
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
-from ..structure.layers import find_decoder_layers, first_match, linear_params, select_target_linears
+from ..structure.layers import summarize_names, weight_inventory, find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .activations import ActivationStore, check_place
 from .checkpoint import _SAFETENSORS_DTYPES, LayerCheckpoint, fingerprint
@@ -47,17 +47,42 @@ class PruneReport:
     pruned_params: int = 0
     total_params: int = 0
     seconds: float = 0.0
+    layer_weights: int = 0  # weights in the decoder layers' matrices (routers left out); 0: not measured
+    covered_weights: int = 0  # of those, the ones in tensors the prune targeted
+    unhandled: dict[str, int] = field(default_factory=dict)  # matrices no pruning path handles: name -> weights
 
     @property
     def overall_sparsity(self) -> float:
+        """Zeros made among the weights the prune targeted (see `coverage` for how many those are)."""
         return self.pruned_params / max(self.total_params, 1)
 
+    @property
+    def coverage(self) -> float | None:
+        """Share of the decoder layers' matrix weights in tensors the prune targeted (None: not measured)."""
+        return self.covered_weights / self.layer_weights if self.layer_weights else None
+
+    def unhandled_note(self, prefix: str) -> str | None:
+        """One line naming the matrices that stayed dense because nothing can prune them, or None."""
+        if not self.unhandled or not self.layer_weights:
+            return None
+        count = sum(self.unhandled.values())
+        names = summarize_names(self.unhandled, prefix)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return (f"{count:,} weights ({count / self.layer_weights:.1%} of the decoder layers' weights) sit in tensors "
+                f"optimum-prune cannot prune yet and stay dense: {shown}; the sparsity counts only the targeted "
+                f"weights (leave them out with ignore=[...] / --ignore to silence this).")
+
     def to_dict(self) -> dict:
-        return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params}
+        return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
+                "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
+                "unhandled": dict(self.unhandled)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
         self.pruned_params, self.total_params = int(data["pruned_params"]), int(data["total_params"])
+        self.layer_weights = int(data.get("layer_weights", self.layer_weights))
+        self.covered_weights = int(data.get("covered_weights", self.covered_weights))
+        self.unhandled = dict(data.get("unhandled", self.unhandled))
 
 
 class _StopForward(Exception):
@@ -379,6 +404,10 @@ class LayerwiseEngine:
         self._fixed_params = [0] * len(self.layers)
         self._changes: dict[str, torch.Tensor] = {}  # what the current layer changed, for checkpoints
         self.plan = self._build_plan()
+        self.coverage = self._measure_coverage()
+        note = self.coverage.unhandled_note(self.prefix)
+        if note:
+            logger.warning(note)
 
     # ------------------------------------------------------------------ planning
     def _target_for(self, name: str) -> Target:
@@ -408,6 +437,21 @@ class LayerwiseEngine:
                 f"widen targets, shorten ignore or raise the sparsity."
             )
         return plan
+
+    def _measure_coverage(self) -> PruneReport:
+        """A report holding only what the plan covers of the decoder layers' weights."""
+        coverage = PruneReport()
+        for index, layer in enumerate(self.layers):
+            total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
+            coverage.layer_weights += total
+            coverage.unhandled.update(unhandled)
+            linears = {}
+            for item, _ in self.plan[index].values():
+                for linear in ([p.linear for p in item.producers] + [item.consumer]
+                               if isinstance(item, ChannelGroup) else [item]):
+                    linears[id(linear)] = linear.weight.numel()
+            coverage.covered_weights += sum(linears.values())
+        return coverage
 
     def _structured_entry(self, layer, layer_name: str, index: int) -> dict[str, tuple[ChannelGroup, int]]:
         """Channel groups of one layer with the number of units each removes (possibly 0)."""
@@ -469,7 +513,8 @@ class LayerwiseEngine:
         """Prune every layer; with ``checkpoint``, commit each finished layer to it (and continue
         from it when it holds an earlier, interrupted run of the same prune)."""
         start = time.perf_counter()
-        report = PruneReport()
+        report = PruneReport(layer_weights=self.coverage.layer_weights, covered_weights=self.coverage.covered_weights,
+                             unhandled=dict(self.coverage.unhandled))
         inputs = kwargs = None
         if self.method.needs_calibration:
             if calibration is None or calibration.numel() == 0:

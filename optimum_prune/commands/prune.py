@@ -338,15 +338,26 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
                  resume=args.resume, check_memory=not args.skip_memory_check, activations=args.activations,
                  activation_folder=args.activation_folder)
     results["prune_seconds"] = time.perf_counter() - start
-    results["sparsity"] = pruner.report.overall_sparsity
+    report = pruner.report
+    results["sparsity"] = report.overall_sparsity
     results["parameters_after"] = sum(p.numel() for p in model.parameters())
+    if report.coverage is not None:
+        results["coverage"] = report.coverage
+    if report.unhandled:
+        results["unhandled_weights"] = dict(report.unhandled)
     what = "channel groups" if config.pattern == "structured" else "Linears"
+    coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"
+                if report.coverage is not None else "")
     print(
-        f"pruned {len(pruner.report.sparsity)} {what} with {config.method} ({config.pattern}) to sparsity "
-        f"{results['sparsity']:.4f} in {results['prune_seconds']:.1f}s; parameters {results['parameters_before']:,} "
-        f"-> {results['parameters_after']:,}",
+        f"pruned {len(report.sparsity)} {what} with {config.method} ({config.pattern}) to sparsity "
+        f"{results['sparsity']:.4f}{coverage} in {results['prune_seconds']:.1f}s; parameters "
+        f"{results['parameters_before']:,} -> {results['parameters_after']:,}",
         flush=True,
     )
+    note = report.unhandled_note(pruner.engine.prefix) if report.unhandled else None
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+        results["unhandled_note"] = note
     evaluate("after")
     if recovery is not None:
         from optimum_prune.calibration.data import calibration_windows

@@ -93,7 +93,7 @@ def is_router(module: nn.Module) -> bool:
 
 def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tuple[int, dict[str, int]]:
     """The weights of one decoder layer as a prune sees them: (the number of weights in matrices,
-    routers left out; the matrices no pruning path handles — parameters of 2 or more dimensions
+    routers and biases left out; the matrices no pruning path handles — parameters of 2 or more dimensions
     that are not the weight of an ``nn.Linear``, e.g. the 3-D expert banks of fused MoE layers —
     that ``targets``/``ignore`` do not leave out on purpose: full name -> number of weights)."""
     total, unhandled = 0, {}
@@ -102,7 +102,7 @@ def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tu
             continue
         full_module = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() < 2:
+            if param.dim() < 2 or param_name.endswith("bias"):  # norms and biases (also per-expert ones)
                 continue
             total += param.numel()
             if isinstance(module, nn.Linear) and param_name == "weight":
