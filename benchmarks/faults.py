@@ -25,7 +25,7 @@ from optimum_prune import Pruner, PruningConfig
 from optimum_prune.calibration import resources
 from optimum_prune.calibration.checkpoint import STATE_NAME
 from optimum_prune.calibration.statistics import InputStatistics
-from optimum_prune.methods.masks import Target
+from optimum_prune.patterns import Target
 from optimum_prune.pruner import load_model, save_pruned
 from optimum_prune.registry import get_method
 

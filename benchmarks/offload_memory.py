@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import torch
-from smollm2 import _in_process
+from smollm2 import in_process
 
 
 def _rss_mb() -> float:
@@ -76,9 +76,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "smollm2-fp32")
-        _in_process(_convert, folder)
+        in_process(_convert, folder)
         modes = ("memory", "offload", "offload+activations")
-        rows = {mode: _in_process(_run, args, folder, mode, os.path.join(tmp, mode)) for mode in modes}
+        rows = {mode: in_process(_run, args, folder, mode, os.path.join(tmp, mode)) for mode in modes}
         a = load_file(os.path.join(tmp, "memory", "model.safetensors"))
         max_diff = 0.0
         for mode in modes[1:]:

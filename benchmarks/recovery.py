@@ -17,7 +17,7 @@ import os
 import platform
 
 import torch
-from smollm2 import _in_process, _load, _peak_rss_mb, parse_run
+from smollm2 import in_process, load_fp32, peak_rss_mb, parse_run
 
 
 RUNS = ["wanda:0.5", "fasp:s0.2"]
@@ -31,7 +31,7 @@ def _run(args, spec, queue):
     from optimum_prune.evaluation import perplexity
     from optimum_prune.recovery import LoraRecoveryConfig, recover_lora
 
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint)
 
     def ppl():
         return perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
@@ -52,13 +52,13 @@ def _run(args, spec, queue):
     info = recover_lora(model, train, settings, progress=False)
     zeros_after = sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
     queue.put({"spec": spec, "prune_s": prune_s, "ppl_pruned": pruned, "ppl_recovered": ppl(), "recovery": info,
-               "zeros_kept": zeros_after >= zeros_before, "peak_rss_mb": _peak_rss_mb()})
+               "zeros_kept": zeros_after >= zeros_before, "peak_rss_mb": peak_rss_mb()})
 
 
 def _dense(args, queue):
     from optimum_prune.evaluation import perplexity
 
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint)
     queue.put({"ppl": perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen,
                                  max_windows=args.eval_windows)})
 
@@ -80,11 +80,11 @@ def main():
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    dense = _in_process(_dense, args)["ppl"]
+    dense = in_process(_dense, args)["ppl"]
     print(f"dense perplexity {dense:.2f}", flush=True)
     lines = []
     for spec in args.runs:
-        row = _in_process(_run, args, spec)
+        row = in_process(_run, args, spec)
         rec = row["recovery"]
         print(row, flush=True)
         method, _, pattern, sparsity = parse_run(spec) if spec != "dense" else ("dense", None, "-", None)

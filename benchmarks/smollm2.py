@@ -99,17 +99,17 @@ def _model_size(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _disk_mb(folder: str) -> float:
+def disk_mb(folder: str) -> float:
     return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")) / 2**20
 
 
-def _load(checkpoint):
+def load_fp32(checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(checkpoint)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -130,7 +130,7 @@ def _dense(args, queue):
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.evaluation import perplexity
 
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     with torch.no_grad():
         start = time.perf_counter()
@@ -140,9 +140,9 @@ def _dense(args, queue):
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        disk = _disk_mb(tmp)
+        disk = disk_mb(tmp)
     queue.put({"method": "dense", "pattern": "-", "ppl": ppl, "forward_s": forward_s, "sparsity": 0.0,
-               "peak_rss_mb": _peak_rss_mb(), "params": _model_size(model), "disk_mb": disk})
+               "peak_rss_mb": peak_rss_mb(), "params": _model_size(model), "disk_mb": disk})
 
 
 def _prune(args, method, options, pattern, sparsity, queue):
@@ -150,7 +150,7 @@ def _prune(args, method, options, pattern, sparsity, queue):
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.evaluation import perplexity
 
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint)
     label = _label(method, options)
     options = dict(options)
     selection = {key: options.pop(key) for key in ("targets", "ignore") if key in options}  # PruningConfig fields
@@ -162,12 +162,12 @@ def _prune(args, method, options, pattern, sparsity, queue):
     start = time.perf_counter()
     pruner.prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "pruned")
         pruner.save_pretrained(out, tokenizer=tokenizer)
         measured = pruner.report.overall_sparsity if pattern == "structured" else _saved_sparsity(out)
-        disk = _disk_mb(out)
+        disk = disk_mb(out)
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
     pattern_label = pattern if sparsity is None else f"{sparsity:.0%}" if pattern == "unstructured" else f"structured {sparsity:.0%}"
     widths = None
@@ -180,7 +180,7 @@ def _prune(args, method, options, pattern, sparsity, queue):
                "widths": widths})
 
 
-def _in_process(target, *args):
+def in_process(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
@@ -225,7 +225,7 @@ def main():
     if args.resume and os.path.exists(args.resume):
         with open(args.resume, encoding="utf-8") as handle:
             done = {row["spec"]: row for row in map(json.loads, filter(str.strip, handle)) if "spec" in row}
-    dense = done.get("dense") or {**_in_process(_dense, args), "spec": "dense"}
+    dense = done.get("dense") or {**in_process(_dense, args), "spec": "dense"}
     print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
     if args.resume and "dense" not in done:
         with open(args.resume, "a", encoding="utf-8") as handle:
@@ -235,7 +235,7 @@ def main():
         if spec in done:
             rows.append(done[spec])
             continue
-        row = _in_process(_prune, args, *parse_run(spec))
+        row = in_process(_prune, args, *parse_run(spec))
         row["x_forward"] = row["prune_s"] / dense["forward_s"]
         row["spec"] = spec
         print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ import platform
 import tempfile
 
 import torch
-from smollm2 import _disk_mb, _in_process
+from smollm2 import disk_mb, in_process
 
 
 LEVELS = [0.2, 0.3, 0.38]  # 0.38 of the decoder-layer parameters is 30% of all parameters of SmolLM2-135M
@@ -50,7 +50,7 @@ def _measure(folder, args, queue):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device)
     report = measure_speed(model, batch_size=args.batch_size, prompt_length=args.prompt_length,
                            new_tokens=args.new_tokens, repeats=args.repeats)
-    queue.put({**report.to_dict(), "disk_mb": _disk_mb(folder)})
+    queue.put({**report.to_dict(), "disk_mb": disk_mb(folder)})
 
 
 def main():
@@ -72,10 +72,10 @@ def main():
         folders = [("dense", 0.0, checkpoint)]
         for level in args.levels:
             folder = os.path.join(tmp, f"fasp-{level}")
-            achieved = _in_process(_prune_and_save, checkpoint, level, folder)
+            achieved = in_process(_prune_and_save, checkpoint, level, folder)
             folders.append((f"fasp structured {level:.0%}", achieved, folder))
         for label, achieved, folder in folders:
-            row = {"model": label, "decoder_sparsity": achieved, **_in_process(_measure, folder, args)}
+            row = {"model": label, "decoder_sparsity": achieved, **in_process(_measure, folder, args)}
             print(json.dumps(row), flush=True)
             rows.append(row)
 

@@ -15,11 +15,11 @@ import sys
 from typing import TYPE_CHECKING
 
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "PruningConfig": "configuration",
-    "SparsityPattern": "configuration",
+    "SparsityPattern": "patterns",
     "PruningError": "errors",
     "Pruner": "pruner",
     "save_pruned": "pruner",
@@ -29,7 +29,7 @@ _LAZY = {
     "available_methods": "registry",
     "PruningMethod": "methods.base",
     "PruneResult": "methods.base",
-    "Target": "methods.masks",
+    "Target": "patterns",
     "perplexity": "evaluation.perplexity",
     "calibration_windows": "calibration.data",
     "PruneReport": "calibration.engine",
@@ -54,10 +54,10 @@ if "optimum.commands.register.register_prune" not in sys.modules:
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration.data import calibration_windows
     from .calibration.engine import PruneReport
-    from .configuration import PruningConfig, SparsityPattern
+    from .configuration import PruningConfig
     from .errors import PruningError
     from .evaluation.perplexity import perplexity
     from .methods.base import PruneResult, PruningMethod
-    from .methods.masks import Target
+    from .patterns import SparsityPattern, Target
     from .pruner import Pruner, load_model, save_pruned
     from .registry import available_methods, get_method, register_method

@@ -140,7 +140,7 @@ def preflight(output=None, overwrite: bool = False, checkpoint_dir=None, activat
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _exchange(a: str, b: str) -> bool:
+def exchange_paths(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -248,7 +248,7 @@ class OutputFolder:
         if not os.path.isdir(self.path) or not os.listdir(self.path):
             os.replace(staging, self.path)  # atomic over a missing or empty folder
             return
-        if _exchange(staging, self.path):  # staging now holds the previous output
+        if exchange_paths(staging, self.path):  # staging now holds the previous output
             remove_tree(staging)
             return
         aside = os.path.join(self.parent, f".{self.name}.old-{secrets.token_hex(4)}")

@@ -12,7 +12,7 @@ from .calibration.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows, check_seqlen
 from .calibration.distributed import is_distributed, is_main_process, shard_windows
 from .calibration.activations import check_place
-from .calibration.engine import LayerwiseEngine, PruneReport, _input_device
+from .calibration.engine import LayerwiseEngine, PruneReport, input_device
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
@@ -74,6 +74,7 @@ class Pruner:
         self.tokenizer = None
         self.report: PruneReport | None = None
         self.checkpoint: LayerCheckpoint | None = None
+        self.engine = None  # the engine of the last prune (its plan, its history for global methods)
 
     @classmethod
     def from_config(cls, config: PruningConfig | dict) -> "Pruner":
@@ -129,7 +130,7 @@ class Pruner:
         if resume and checkpoint_dir is None:
             raise PruningError("resume needs checkpoint_dir (--checkpoint-dir): the folder of the interrupted prune.")
         self.checkpoint = None
-        if getattr(self.method, "is_global", False):  # whole-model methods (policy gradient)
+        if self.method.is_global:  # whole-model methods (policy gradient)
             from .calibration.global_engine import GlobalStructuredEngine
 
             if checkpoint_dir is not None:
@@ -166,7 +167,7 @@ class Pruner:
             windows = shard_windows(windows)  # each process calibrates on its share of the windows
         if check_memory and isinstance(engine, LayerwiseEngine):
             samples = 0 if windows is None else windows.shape[0]
-            check_layer_memory(engine, samples, cfg.seqlen, _input_device(model))
+            check_layer_memory(engine, samples, cfg.seqlen, input_device(model))
         if checkpoint_dir is not None:
             self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
             try:

@@ -42,12 +42,6 @@ def register_method(name: str, aliases: tuple[str, ...] = ()):
     return wrapper
 
 
-def canonical_name(name: str) -> str:
-    """``name``, or the method an alias stands for."""
-    _load_builtins()
-    return _ALIASES.get(name, name)
-
-
 def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.calibration import engine as engine_module
 from optimum_prune.calibration.activations import ActivationStore
-from optimum_prune.calibration.checkpoint import STATE_NAME, _save_batches
+from optimum_prune.calibration.checkpoint import STATE_NAME, save_batches
 from optimum_prune.errors import PruningError
 
 
@@ -64,7 +64,7 @@ def test_checkpoint_writes_a_disk_store_reading_each_batch_once(tmp_path, monkey
     reads = []
     load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or load(*a, **kw))
-    _save_batches(store, str(tmp_path / "inputs.safetensors"))
+    save_batches(store, str(tmp_path / "inputs.safetensors"))
     assert len(reads) == len(batches)
     saved = load_file(tmp_path / "inputs.safetensors")
     assert all(torch.equal(saved[str(i)], x) for i, x in enumerate(batches))

@@ -172,14 +172,14 @@ def test_offloaded_dtype_is_read_from_the_index_not_the_tensor(tmp_path, monkeyp
     from accelerate.utils.offload import OffloadedWeightsLoader
     from safetensors.torch import save_file
 
-    from optimum_prune.calibration.engine import _offload_store, _stored_dtype
+    from optimum_prune.calibration.engine import offload_store, stored_dtype
 
     model = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
     model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "offload"), main_device="cpu")
     linear = model.model.layers[1].mlp.down_proj
-    _, prefix, loader = _offload_store(linear)
+    _, prefix, loader = offload_store(linear)
     save_file({"w": torch.zeros(2, 2, dtype=torch.float16)}, str(tmp_path / "w.safetensors"))
     loader.index[prefix + "weight"] = {"safetensors_file": str(tmp_path / "w.safetensors"), "weight_name": "w"}
 
@@ -187,5 +187,5 @@ def test_offloaded_dtype_is_read_from_the_index_not_the_tensor(tmp_path, monkeyp
         raise AssertionError(f"{key} was read to learn its dtype")
 
     monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", no_reads)
-    assert _stored_dtype(model.model.layers[1].self_attn.q_proj, "weight") == torch.bfloat16  # .dat index
-    assert _stored_dtype(linear, "weight") == torch.float16  # safetensors header
+    assert stored_dtype(model.model.layers[1].self_attn.q_proj, "weight") == torch.bfloat16  # .dat index
+    assert stored_dtype(linear, "weight") == torch.float16  # safetensors header

@@ -8,7 +8,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
-from optimum_prune.methods.policy_gradient import _allocate, final_keep, project_to_budget, round_widths
+from optimum_prune.methods.policy_gradient import allocate, final_keep, project_to_budget, round_widths
 
 
 def config(**kw):
@@ -139,7 +139,7 @@ def test_allocation_is_the_cheapest_under_the_budget():
         curves = [(r, torch.cumsum(torch.rand(4, generator=g, dtype=torch.float64).sort().values, 0) * torch.rand(1, generator=g).item())
                   for _ in range(3)]
         target = 0.3 * float(params.sum())
-        shares = _allocate(curves, params, target)
+        shares = allocate(curves, params, target)
         assert sum(s * float(p) for s, p in zip(shares, params)) == pytest.approx(target)
         assert all(0 <= s <= 0.6 + 1e-12 for s in shares)
 

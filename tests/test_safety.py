@@ -273,7 +273,7 @@ def test_8_a_kill_during_the_swap_leaves_the_old_or_the_new_output(tmp_path, mon
 
 def test_8_without_an_atomic_exchange_the_old_output_survives_a_kill(tmp_path, monkeypatch):
     old_files, new = two_outputs(tmp_path)
-    monkeypatch.setattr(output_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(output_module, "exchange_paths", lambda a, b: False)
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
@@ -300,7 +300,7 @@ def test_8_overwrite_uses_the_atomic_exchange_on_linux(tmp_path):
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    assert output_module._exchange(str(a), str(b))
+    assert output_module.exchange_paths(str(a), str(b))
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
 
@@ -366,7 +366,7 @@ def test_10_sparsity_close_to_one_never_empties_a_budget(method):
     """Per-row budgets (wanda, alps, fista, sparsefw) keep a weight in every row; per-matrix
     selections (magnitude, sparsegpt's column blocks) keep one in every matrix or block."""
     from optimum_prune.calibration.statistics import InputStatistics
-    from optimum_prune.methods.masks import Target
+    from optimum_prune.patterns import Target
 
     g = torch.Generator().manual_seed(0)
     W, X = torch.randn(16, 64, generator=g), torch.randn(300, 64, generator=g)

@@ -10,7 +10,8 @@ from optimum_prune import PruningConfig, PruningError, get_method
 from optimum_prune.methods.linalg import prepare_hessian
 from optimum_prune.methods.masks import budget
 from optimum_prune.methods.sparsefw import SparseFWOptions, fixed_keep_mask, frank_wolfe_mask
-from optimum_prune.methods.structured import keep_top, unit_indices
+from optimum_prune.methods.structured import keep_top
+from optimum_prune.structure.groups import unit_indices
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

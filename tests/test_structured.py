@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
 from optimum_prune.methods.linalg import restore_columns
-from optimum_prune.methods.structured import column_scores, keep_top, unit_indices
+from optimum_prune.methods.structured import column_scores, keep_top
+from optimum_prune.structure.groups import unit_indices
 from optimum_prune.registry import get_method
 from optimum_prune.structure import find_decoder_layers
 from optimum_prune.structure.budget import plan_removals, round_kept

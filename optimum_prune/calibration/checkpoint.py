@@ -52,10 +52,10 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _save_batches(batches, path: str) -> None:
+def save_batches(batches, path: str) -> None:
     """Write the tensors of ``batches`` (a sequence; an `ActivationStore` reads them from disk one at
     a time) as a safetensors file with keys "0", "1", ..., holding one batch in memory at a time; the
     header comes from the store's shapes and dtypes, so each batch is read once."""
@@ -63,7 +63,7 @@ def _save_batches(batches, path: str) -> None:
     for i in range(len(batches)):
         shape, dtype = batches.spec(i) if hasattr(batches, "spec") else (batches[i].shape, batches[i].dtype)
         nbytes = shape.numel() * dtype.itemsize
-        header[str(i)] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        header[str(i)] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                           "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -260,7 +260,7 @@ class LayerCheckpoint:
         inputs_name = None
         if inputs is not None:
             inputs_name = f"inputs-{index + 1:05d}.safetensors"
-            self._atomic(inputs_name, lambda path: _save_batches(inputs, path))
+            self._atomic(inputs_name, lambda path: save_batches(inputs, path))
         self._remove_stale()
         stale = [old_inputs] if old_inputs and old_inputs != inputs_name else []
         state = dict(self.state, next_layer=index + 1, layers=self.state["layers"][:index] + [layer_name],

@@ -21,17 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..configuration import PruningConfig, SparsityPattern, resolve_sparsity
+from ..configuration import PruningConfig
+from ..patterns import SparsityPattern, Target, resolve_sparsity
 from ..errors import PruningError
 from ..methods.base import PruningMethod
-from ..methods.masks import Target
 from ..methods.structured import StructuredProblem, StructuredResult
 from ..structure.budget import plan_removals
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import summarize_names, weight_inventory, find_decoder_layers, first_match, linear_params, select_target_linears
 from ..structure.shrink import describe_widths, replace_param, shrink_group
 from .activations import ActivationStore, check_place
-from .checkpoint import _SAFETENSORS_DTYPES, LayerCheckpoint, fingerprint
+from .checkpoint import SAFETENSORS_DTYPES, LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
 from .statistics import InputStatistics
 
@@ -143,7 +143,7 @@ def _onloaded(layer: nn.Module, device: torch.device):
             module.to(home)
 
 
-def _offload_store(module: nn.Module):
+def offload_store(module: nn.Module):
     """(CPU dict, key prefix, loader) of an accelerate-offloaded module's weights, or None. The
     loader (accelerate's ``OffloadedWeightsLoader``) reads the dict first, then its disk index."""
     hook = _offload_hook(module)
@@ -159,7 +159,7 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
     keeps on disk is written back to disk (accelerate's ``offload_weight``: a ``.dat`` file in the
     offload folder, the index updated), so pruned weights do not pile up in CPU memory; the
     original checkpoint files are never modified."""
-    state, prefix, loader = _offload_store(linear)
+    state, prefix, loader = offload_store(linear)
     key = prefix + name
     folder, index = getattr(loader, "save_folder", None), getattr(loader, "index", None)
     if folder is not None and index is not None and key in index and key not in state:
@@ -170,13 +170,13 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
         state[key] = value.detach().to("cpu")
 
 
-_DTYPE_OF_SAFETENSORS = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_DTYPE_OF_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
-def _stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
+def stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
     """Dtype of an offloaded parameter, from the store's index or file header when it can be had
     without reading the tensor (a disk-offloaded weight is read once, to be pruned, not twice)."""
-    state, prefix, loader = _offload_store(linear)
+    state, prefix, loader = offload_store(linear)
     key = prefix + name
     info = None if key in state else getattr(loader, "index", {}).get(key)
     if info is not None and isinstance(getattr(torch, str(info.get("dtype")), None), torch.dtype):
@@ -199,8 +199,8 @@ def _read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") 
 
 def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``new`` (zeroed where ``mask``) into ``linear`` in its dtype; returns what was written."""
-    offloaded = _offload_store(linear)
-    dtype = linear.weight.dtype if offloaded is None else _stored_dtype(linear, "weight")
+    offloaded = offload_store(linear)
+    dtype = linear.weight.dtype if offloaded is None else stored_dtype(linear, "weight")
     value = new.to(dtype=dtype)
     if mask is not None:
         value = value.masked_fill(mask, 0)
@@ -214,12 +214,12 @@ def _write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | Non
 
 def _set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
     """`replace_param` that also updates an accelerate offload store (structured shrinking)."""
-    offloaded = _offload_store(linear)
+    offloaded = offload_store(linear)
     if offloaded is None:
         replace_param(linear, name, value)
         return
     old = getattr(linear, name)
-    dtype = _stored_dtype(linear, name)
+    dtype = stored_dtype(linear, name)
     _store_put(linear, name, value.to(dtype=dtype))
     setattr(linear, name, nn.Parameter(torch.empty(value.shape, dtype=old.dtype, device=old.device), requires_grad=False))
 
@@ -320,7 +320,7 @@ def _exchange_weight(linear: nn.Linear, value):
     """Make ``value`` the weight tensor the next forward of ``linear`` uses (module or offload
     store: a pointer swap, no copy); returns what it replaces, to be exchanged back. In an offload
     store the swapped-in tensor goes to the CPU dict, which the store reads first."""
-    offloaded = _offload_store(linear)
+    offloaded = offload_store(linear)
     if offloaded is not None:
         store, prefix, _ = offloaded
         key = prefix + "weight"
@@ -637,7 +637,7 @@ class LayerwiseEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            first_device = _input_device(self.model)
+            first_device = input_device(self.model)
             for batch in calibration.split(self.config.batch_size):
                 try:
                     self.model(input_ids=batch.to(first_device), use_cache=False)
@@ -791,7 +791,7 @@ def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:
                            f"too ill-conditioned; raise dampening (--dampening), e.g. to 0.1.")
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None:
         hook = getattr(embeddings, "_hf_hook", None)

@@ -24,7 +24,7 @@ from ..methods.policy_gradient import GlobalProblem
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
-from .engine import PruneReport, _input_device, apply_to_group, read_group_problem
+from .engine import PruneReport, input_device, apply_to_group, read_group_problem
 from .statistics import InputStatistics
 
 
@@ -73,7 +73,7 @@ class GlobalStructuredEngine:
             handles.append(group.producers[0].linear.register_forward_pre_hook(producer_hook))
             handles.append(group.consumer.register_forward_pre_hook(hook(consumer_stats, i, self.method.statistics)))
         try:
-            device = _input_device(self.model)
+            device = input_device(self.model)
             for batch in tqdm(windows.split(self.config.batch_size), desc="statistics", disable=not self.progress):
                 self.model(input_ids=batch.to(device), use_cache=False)
         finally:
@@ -97,7 +97,7 @@ class GlobalStructuredEngine:
                 return (args[0] * cols[:, None, :], *args[1:])
             return pre_hook
 
-        device = _input_device(self.model)
+        device = input_device(self.model)
 
         def evaluate(masks: list[torch.Tensor], batch_index: int | None = None) -> torch.Tensor:
             samples = masks[0].shape[0]

@@ -26,7 +26,8 @@ from ..errors import check_choice, check_int, check_positive_int, check_positive
 from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import masked_least_squares
-from .masks import Target, stacked_prune_mask
+from ..patterns import Target
+from .masks import stacked_prune_mask
 
 
 @dataclass

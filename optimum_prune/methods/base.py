@@ -16,7 +16,7 @@ import torch
 
 from ..errors import PruningError
 from .linalg import corrected_target
-from .masks import Target
+from ..patterns import Target
 from .structured import StructuredProblem, StructuredResult, keep_top
 
 
@@ -43,6 +43,9 @@ class PruningMethod:
     #: Working copies a solve holds, for the resource guard: (of the in x in Gram matrix, of the
     #: out x in weight), in float32.
     workspace_copies: ClassVar[tuple[int, int]] = (0, 3)
+    #: True for methods that optimise the whole model at once (policy gradient): the pruner runs
+    #: them through `calibration.global_engine` instead of the layer-by-layer engine.
+    is_global: ClassVar[bool] = False
 
     def __init__(self, options=None, dampening: float = 0.01):
         self.options = options if options is not None else self.Options()

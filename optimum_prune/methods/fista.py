@@ -37,7 +37,8 @@ from ..errors import check_bool, check_choice, check_int, check_positive_int
 from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares
-from .masks import Target, budget_groups, budget_totals, stacked_prune_mask
+from ..patterns import Target
+from .masks import budget_groups, budget_totals, stacked_prune_mask
 from .sparsegpt import sparsegpt_solve
 
 

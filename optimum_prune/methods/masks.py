@@ -6,37 +6,12 @@ removed. Lower scores are removed first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..configuration import SparsityPattern
 from ..errors import PruningError
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one Linear must reach: a sparsity fraction under a pattern.
-
-    For unstructured targets, methods choose a scope: ``"row"`` removes ``round(in * sparsity)``
-    weights of every output row, ``"matrix"`` removes ``round(numel * sparsity)`` anywhere in it;
-    either keeps at least one weight (`budget`).
-    """
-
-    sparsity: float
-    pattern: SparsityPattern
-
-    @property
-    def is_nm(self) -> bool:
-        return self.pattern.kind == "nm"
-
-    def check_width(self, in_features: int, name: str = "") -> None:
-        if self.is_nm and in_features % self.pattern.m:
-            raise PruningError(
-                f"{name or 'a Linear'} has {in_features} inputs, not a multiple of M={self.pattern.m} for pattern "
-                f"{self.pattern}; exclude it with ignore=[...] or choose an M that divides {in_features}."
-            )
+from ..patterns import Target  # noqa: F401 - re-exported: the methods' unit of work
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:

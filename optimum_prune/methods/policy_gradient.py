@@ -113,7 +113,7 @@ class PolicyGradientOptions:
             from ..registry import get_method
 
             method = get_method(self.local_method)  # unknown name: PruningError listing the methods
-            if "structured" not in method.supported_patterns or getattr(method, "is_global", False):
+            if "structured" not in method.supported_patterns or method.is_global:
                 raise PruningError(f"policy_gradient option local_method must be a layer-wise structured method "
                                    f"(fasp, spap, wanda-sp), got {self.local_method!r}.")
 
@@ -198,7 +198,7 @@ def _lower_hull(r: torch.Tensor, d: torch.Tensor) -> list[tuple[float, float]]:
     return hull
 
 
-def _allocate(curves, params: torch.Tensor, target: float) -> list[float]:
+def allocate(curves, params: torch.Tensor, target: float) -> list[float]:
     """Removed share per group minimising the summed damage under ``sum(share * params) = target``,
     each group's damage the piecewise-linear curve through its points (convexified): the segments
     of all groups are taken cheapest damage per parameter first, the last one in part. Shares stop
@@ -255,7 +255,7 @@ class PolicyGradient(PruningMethod):
         Each probe masks one group's lowest-scoring units (a measured level) and nothing else; a
         round runs every probe on the same batch, ``chunk`` probes and the unmasked model per call,
         so the damage (the loss increase) of every group is measured on the same windows. The
-        damage curves are then allocated by equal marginal damage per parameter (``_allocate``)."""
+        damage curves are then allocated by equal marginal damage per parameter (``allocate``)."""
         levels = sorted(set(self.options.sensitivity_levels))
         probes, points = [], []  # probes: (group, point index); points[g]: removed shares measured
         for g, n in enumerate(sizes):
@@ -284,11 +284,10 @@ class PolicyGradient(PruningMethod):
         for part in partitions:
             members = [g for g in range(len(sizes)) if bool(part[group_of == g].any())]
             target = problem.sparsity * float(params[members].sum())
-            for g, share in zip(members, _allocate([curves[g] for g in members], params[members], target)):
+            for g, share in zip(members, allocate([curves[g] for g in members], params[members], target)):
                 shares[g] = share
         nearest = min(range(len(levels)), key=lambda i: abs(levels[i] - 1))  # for inspection: damage at `sparsity`
         self.sensitivity = torch.stack([d[min(nearest, len(d) - 1)] for d in damage]).float()
-        self.sensitivity_curves = curves
         self.initial_shares = shares.float()
         return shares.tolist()
 

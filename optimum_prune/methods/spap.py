@@ -39,7 +39,8 @@ from ..errors import PruningError, check_choice, check_int, check_positive_numbe
 from ..registry import register_method
 from .base import PruningMethod
 from .linalg import prepare_hessian, robust_cholesky
-from .structured import StructuredResult, column_scores, keep_top, per_unit, restore_units, unit_indices
+from ..structure.groups import unit_indices
+from .structured import StructuredResult, column_scores, keep_top, per_unit, restore_units
 from .wanda_sp import wanda_sp_scores
 
 

@@ -31,12 +31,13 @@ from typing import Sequence
 
 import torch
 
-from ..configuration import SparsityPattern
+from ..patterns import SparsityPattern
 from ..errors import PruningError, check_bool, check_choice, check_int, check_positive_int
 from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import masked_least_squares
-from .masks import Target, budget, budget_groups, budget_totals, lowest_k_mask, stacked_prune_mask
+from ..patterns import Target
+from .masks import budget, budget_groups, budget_totals, lowest_k_mask, stacked_prune_mask
 from .structured import StructuredResult, restore_units
 
 

@@ -21,7 +21,8 @@ from ..errors import check_positive_int
 from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import inverse_cholesky_upper
-from .masks import Target, nm_prune_mask, stacked_prune_mask
+from ..patterns import Target
+from .masks import nm_prune_mask, stacked_prune_mask
 
 
 @dataclass

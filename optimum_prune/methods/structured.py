@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..structure.groups import unit_indices
 from .linalg import restore_columns
 
 
@@ -62,12 +63,6 @@ def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
     keep = scores.numel() - remove
     order = torch.sort(scores, descending=True, stable=True).indices
     return order[:keep].sort().values
-
-
-def unit_indices(keep: torch.Tensor, per_unit: int) -> torch.Tensor:
-    """Row (or column) indices of the kept units, ``per_unit`` consecutive ones per unit."""
-    keep = keep.to(torch.long)
-    return (keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)).reshape(-1)
 
 
 def restore_units(problem: StructuredProblem, keep: torch.Tensor, dampening: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import PruningError
@@ -168,3 +169,9 @@ def group_selected(group: ChannelGroup, targets, ignore) -> bool:
     if targets and not any(matches(n, targets) for n in names):
         return False
     return not any(matches(n, ignore) for n in names)
+
+
+def unit_indices(keep: torch.Tensor, per_unit: int) -> torch.Tensor:
+    """Row (or column) indices of the kept units, ``per_unit`` consecutive ones per unit."""
+    keep = keep.to(torch.long)
+    return (keep[:, None] * per_unit + torch.arange(per_unit, device=keep.device)).reshape(-1)

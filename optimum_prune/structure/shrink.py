@@ -20,8 +20,7 @@ from torch import nn
 
 from ..errors import PruningError
 from ..modeling import PRUNED_CLASSES
-from ..methods.structured import unit_indices
-from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for
+from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for, unit_indices
 from .layers import find_decoder_layers
 
 

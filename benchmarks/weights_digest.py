@@ -1,0 +1,73 @@
+"""SHA-256 of the pruned weights for a few configurations: run it on two commits and compare, to show
+that a refactor leaves every weight bit-identical (issue #22).
+
+    python benchmarks/weights_digest.py > after.json             # tiny random LLaMA (seconds)
+    python benchmarks/weights_digest.py --model packaged:smollm2-135m --num-samples 16 > after.json
+    git stash; python benchmarks/weights_digest.py ... > before.json; git stash pop; diff before.json after.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+import torch
+import transformers
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.calibration.data import calibration_windows
+
+
+CONFIGS = {
+    "sparsegpt-50": dict(method="sparsegpt", sparsity=0.5),
+    "fista-50-error-correction": dict(method="fista", sparsity=0.5, method_kwargs={"iterations": 10, "rounds": 1}),
+    "fasp-30-structured": dict(method="fasp", pattern="structured", sparsity=0.3),
+    "wanda-50-one-pass": dict(method="wanda", sparsity=0.5, sequential=False),
+}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.AutoModelForCausalLM.from_config(config).eval(), None
+
+
+def digest(model) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(str(tuple(tensor.shape)).encode())
+        sha.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="A model to load (default: a tiny random LLaMA).")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=64)
+    parser.add_argument("--only", nargs="*", default=None, help="Names of CONFIGS to run.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # bit-exact across runs: one thread
+    results = {}
+    for name, options in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        if args.model:
+            from optimum_prune.pruner import load_model
+
+            model, tokenizer = load_model(args.model, dtype=torch.float32)
+            data = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
+        else:
+            model, tokenizer = tiny_model()
+            data = torch.randint(0, 256, (args.num_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
+        config = PruningConfig(num_calibration_samples=args.num_samples, seqlen=args.seqlen, **options)
+        Pruner(config).prune(model, data, progress=False)
+        results[name] = digest(model)
+    print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

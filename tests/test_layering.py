@@ -1,0 +1,127 @@
+"""The package's layering, checked on the source (docs/architecture.md): no module imports another
+module's ``_private`` names (tests and benchmarks included), no import cycle among the package's
+modules (function-level imports counted), and the lower layers never import the higher ones."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "optimum_prune"
+# a module of the left may not import one whose name starts with a prefix on the right
+LOWER_LAYERS = {
+    "optimum_prune.errors": ("optimum_prune.",),
+    "optimum_prune.patterns": ("optimum_prune.configuration", "optimum_prune.methods", "optimum_prune.structure",
+                               "optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands"),
+    "optimum_prune.structure": ("optimum_prune.methods", "optimum_prune.configuration", "optimum_prune.calibration",
+                                "optimum_prune.pruner", "optimum_prune.commands", "optimum_prune.output"),
+    "optimum_prune.methods": ("optimum_prune.configuration", "optimum_prune.calibration", "optimum_prune.pruner",
+                              "optimum_prune.commands", "optimum_prune.output"),
+    "optimum_prune.locks": ("optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands"),
+    "optimum_prune.output": ("optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands"),
+}
+
+
+def python_files(*folders):
+    for folder in folders:
+        for directory, _, files in os.walk(os.path.join(REPO, folder)):
+            if "__pycache__" in directory:
+                continue
+            yield from (os.path.join(directory, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def module_name(path: str) -> str:
+    name = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+MODULES = {module_name(p): p for p in python_files(PACKAGE)}
+
+
+def imports(path: str):
+    """(module imported from, names) for every ``from X import ...`` and ``import X`` in a file,
+    relative imports resolved."""
+    module = module_name(path)
+    package = module.split(".") if path.endswith("__init__.py") else module.split(".")[:-1]
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            yield source, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    local = {module_name(p).split(".")[-1] for p in python_files("benchmarks", "tests")}  # script-style imports
+    offenders = []
+    for path in python_files(PACKAGE, "tests", "benchmarks", "examples"):
+        for source, names in imports(path):
+            if not (source.startswith(PACKAGE) or source in local):
+                continue
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                offenders.append(f"{os.path.relpath(path, REPO)}: from {source} import {', '.join(private)}")
+    assert not offenders, offenders
+
+
+def dependency_graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in MODULES.items():
+        deps = set()
+        for source, names in imports(path):
+            if not source.startswith(PACKAGE):
+                continue
+            for name in names or [""]:
+                full = f"{source}.{name}" if name else source
+                deps.add(full if full in MODULES else source)
+        graph[module] = {d for d in deps if d in MODULES and d != module}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = dependency_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+@pytest.mark.parametrize("lower", sorted(LOWER_LAYERS))
+def test_lower_layers_do_not_import_higher_ones(lower):
+    forbidden = LOWER_LAYERS[lower]
+    graph = dependency_graph()
+    offenders = [f"{module} imports {dep}" for module, deps in graph.items()
+                 if module == lower or module.startswith(lower + ".")
+                 for dep in deps if dep.startswith(forbidden) and not dep.startswith(lower)]
+    assert not offenders, offenders
+
+
+def test_the_checks_see_the_package():  # guards against a walk that silently finds nothing
+    graph = dependency_graph()
+    assert len(graph) > 40
+    assert "optimum_prune.patterns" in graph["optimum_prune.methods.masks"]
+    assert "optimum_prune.configuration" in graph["optimum_prune.pruner"]
