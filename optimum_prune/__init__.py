@@ -32,7 +32,7 @@ _LAZY = {
     "Target": "patterns",
     "perplexity": "evaluation.perplexity",
     "calibration_windows": "calibration.data",
-    "PruneReport": "calibration.engine",
+    "PruneReport": "calibration.report",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -53,7 +53,7 @@ if "optimum.commands.register.register_prune" not in sys.modules:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration.data import calibration_windows
-    from .calibration.engine import PruneReport
+    from .calibration.report import PruneReport
     from .configuration import PruningConfig
     from .errors import PruningError
     from .evaluation.perplexity import perplexity

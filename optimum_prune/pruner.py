@@ -12,7 +12,9 @@ from .calibration.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows, check_seqlen
 from .calibration.distributed import is_distributed, is_main_process, shard_windows
 from .calibration.activations import check_place
-from .calibration.engine import LayerwiseEngine, PruneReport, input_device
+from .calibration.engine import LayerwiseEngine
+from .calibration.offload import input_device
+from .calibration.report import PruneReport
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line

@@ -1,7 +1,8 @@
 """Calibration: data windows, input statistics and the sequential layer engine."""
 
 from .data import calibration_windows, load_calibration_source
-from .engine import LayerwiseEngine, PruneReport
+from .engine import LayerwiseEngine
+from .report import PruneReport
 from .statistics import InputStatistics
 
 

@@ -24,7 +24,9 @@ from ..methods.policy_gradient import GlobalProblem
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
-from .engine import PruneReport, input_device, apply_to_group, read_group_problem
+from .engine import apply_to_group, read_group_problem
+from .offload import input_device
+from .report import PruneReport
 from .statistics import InputStatistics
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.offload import offload_hook
 from ..errors import PruningError, check_int, check_positive_int, check_positive_number
 from ..structure.layers import find_decoder_layers, select_target_linears
 
@@ -90,8 +91,7 @@ def recover_lora(
     config = config or LoraRecoveryConfig()
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
         raise PruningError("LoRA recovery needs token windows (n x seqlen, n >= 1); give it calibration text.")
-    if any(getattr(module, "_hf_hook", None) is not None and getattr(module._hf_hook, "offload", False)
-           for module in model.modules()):
+    if any(offload_hook(module) is not None for module in model.modules()):
         raise PruningError("LoRA recovery cannot train a model whose weights are offloaded to CPU/disk by accelerate; "
                            "load it on one device (or several GPUs without offload).")
 

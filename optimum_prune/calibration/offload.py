@@ -1,0 +1,226 @@
+"""Devices and accelerate offload: where a layer runs, and how its weights are read and written
+when accelerate keeps them in an offload store (CPU dict or disk) instead of the module.
+
+Everything the engines do to a weight goes through here, so that a pruned weight always lands
+where the next forward reads it: the module, or the offload store (accelerate's ``weights_map``;
+weights the store keeps on disk are written back to disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..structure.shrink import replace_param
+from .checkpoint import SAFETENSORS_DTYPES
+
+
+def to_device(obj, device):
+    """``obj`` (a tensor, or tuples, lists and dicts of them) moved to ``device``; anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def offload_hook(module: nn.Module):
+    """The accelerate hook that keeps ``module``'s weights in an offload store, or None."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook if hook is not None and getattr(hook, "offload", False) else None
+
+
+def execution_device(layer: nn.Module, fallback: torch.device) -> torch.device:
+    for module in layer.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    for param in layer.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return fallback
+
+
+@contextlib.contextmanager
+def onloaded(layer: nn.Module, device: torch.device):
+    """Weights of ``layer`` on ``device`` for the duration of the block.
+
+    Modules offloaded by accelerate (CPU or disk) are left to their hooks, which load the weights
+    from the offload store for every forward; everything else is moved and moved back.
+    """
+    moved = [
+        module
+        for module in layer.modules()
+        if offload_hook(module) is None
+        and any(p.device != device and p.device.type != "meta" for p in module.parameters(recurse=False))
+    ]
+    homes = [next(module.parameters(recurse=False)).device for module in moved]
+    for module in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(moved, homes):
+            module.to(home)
+
+
+def offload_store(module: nn.Module):
+    """(CPU dict, key prefix, loader) of an accelerate-offloaded module's weights, or None. The
+    loader (accelerate's ``OffloadedWeightsLoader``) reads the dict first, then its disk index."""
+    hook = offload_hook(module)
+    if hook is None:
+        return None
+    weights_map = hook.weights_map
+    loader = getattr(weights_map, "dataset", weights_map)
+    return getattr(loader, "state_dict", loader), getattr(weights_map, "prefix", ""), loader
+
+
+def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the offloaded parameter ``name`` of ``linear``. A parameter that the store
+    keeps on disk is written back to disk (accelerate's ``offload_weight``: a ``.dat`` file in the
+    offload folder, the index updated), so pruned weights do not pile up in CPU memory; the
+    original checkpoint files are never modified."""
+    state, prefix, loader = offload_store(linear)
+    key = prefix + name
+    folder, index = getattr(loader, "save_folder", None), getattr(loader, "index", None)
+    if folder is not None and index is not None and key in index and key not in state:
+        from accelerate.utils import offload_weight
+
+        offload_weight(value.detach().to("cpu").contiguous(), key, folder, index=index)
+    else:
+        state[key] = value.detach().to("cpu")
+
+
+_DTYPE_OF_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
+    """Dtype of an offloaded parameter, from the store's index or file header when it can be had
+    without reading the tensor (a disk-offloaded weight is read once, to be pruned, not twice)."""
+    state, prefix, loader = offload_store(linear)
+    key = prefix + name
+    info = None if key in state else getattr(loader, "index", {}).get(key)
+    if info is not None and isinstance(getattr(torch, str(info.get("dtype")), None), torch.dtype):
+        return getattr(torch, info["dtype"])
+    if info is not None and info.get("safetensors_file") and "dtype" not in info:
+        from safetensors import safe_open
+
+        with safe_open(info["safetensors_file"], framework="pt") as handle:
+            dtype = _DTYPE_OF_SAFETENSORS.get(handle.get_slice(info.get("weight_name", key)).get_dtype())
+        if dtype is not None:
+            return dtype
+    return offload_hook(linear).weights_map[name].dtype
+
+
+def read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
+    """A float32 copy of parameter ``name`` of ``linear`` on ``device`` (from the offload store if any)."""
+    hook = offload_hook(linear)
+    weight = hook.weights_map[name] if hook is not None else getattr(linear, name).detach()
+    return weight.to(device=device, dtype=torch.float32)
+
+
+def write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``new`` (zeroed where ``mask``) into ``linear`` in its dtype; returns what was written."""
+    offloaded = offload_store(linear)
+    dtype = linear.weight.dtype if offloaded is None else stored_dtype(linear, "weight")
+    value = new.to(dtype=dtype)
+    if mask is not None:
+        value = value.masked_fill(mask, 0)
+    if offloaded is not None:  # the offload store is what the next forward loads
+        _store_put(linear, "weight", value)
+    if linear.weight.device.type != "meta":
+        with torch.no_grad():
+            linear.weight.data.copy_(value.to(linear.weight.device))
+    return value
+
+
+def set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
+    """`replace_param` that also updates an accelerate offload store (structured shrinking)."""
+    offloaded = offload_store(linear)
+    if offloaded is None:
+        replace_param(linear, name, value)
+        return
+    old = getattr(linear, name)
+    dtype = stored_dtype(linear, name)
+    _store_put(linear, name, value.to(dtype=dtype))
+    setattr(linear, name, nn.Parameter(torch.empty(value.shape, dtype=old.dtype, device=old.device), requires_grad=False))
+
+
+def dense_snapshot(linear: nn.Linear) -> torch.Tensor:
+    """The weight tensor a forward of ``linear`` uses now, kept aside before it is pruned. For an
+    offloaded Linear the pruned weight replaces the store's tensor, so a reference suffices."""
+    hook = offload_hook(linear)
+    return hook.weights_map["weight"] if hook is not None else linear.weight.data.clone()
+
+
+_ON_DISK = object()  # `_exchange_weight`: the store had the weight on disk, not in its CPU dict
+
+
+def _exchange_weight(linear: nn.Linear, value):
+    """Make ``value`` the weight tensor the next forward of ``linear`` uses (module or offload
+    store: a pointer swap, no copy); returns what it replaces, to be exchanged back. In an offload
+    store the swapped-in tensor goes to the CPU dict, which the store reads first."""
+    offloaded = offload_store(linear)
+    if offloaded is not None:
+        store, prefix, _ = offloaded
+        key = prefix + "weight"
+        old = store.get(key, _ON_DISK)
+        if value is _ON_DISK:
+            store.pop(key, None)
+        else:
+            store[key] = value
+    else:
+        old, linear.weight.data = linear.weight.data, value
+    return old
+
+
+@contextlib.contextmanager
+def swapped(weights: dict[nn.Linear, torch.Tensor]):
+    """Run the block with the given weight tensors in the Linears."""
+    saved = [(linear, _exchange_weight(linear, value)) for linear, value in weights.items()]
+    try:
+        yield
+    finally:
+        for linear, value in saved:
+            _exchange_weight(linear, value)
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed during a layer back to the OS (glibc ``malloc_trim``). The per-forward
+    weight copies of offloaded layers and the solvers' temporaries are freed chunks of a few MB
+    that glibc otherwise keeps in its heap, so the process's memory grows with every layer
+    (measured: +20 MB per SmolLM2 layer with disk offload, flat with the trim). No-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import sys
+
+            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
+            _LIBC.malloc_trim  # noqa: B018 - musl and others lack it
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids go: the execution device of its input embeddings."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        hook = getattr(embeddings, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        weight = getattr(embeddings, "weight", None)
+        if weight is not None and weight.device.type != "meta":
+            return weight.device
+    return torch.device("cpu")

@@ -1,0 +1,146 @@
+"""The plan of a layer-by-layer prune: which Linear or channel group of every decoder layer gets
+which target, built once from the config before any weight changes (bad targets, widths that an
+N:M pattern cannot divide, a plan that prunes nothing: refused here), and what share of the
+decoder layers' weights it covers.
+
+An entry of the plan is one decoder layer's ``{name: (nn.Linear, Target)}`` for unstructured and
+N:M patterns, or ``{group name: (ChannelGroup, units to remove)}`` for structured pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..configuration import PruningConfig
+from ..errors import PruningError
+from ..methods.base import PruningMethod
+from ..patterns import SparsityPattern, Target, resolve_sparsity
+from ..structure.budget import plan_removals
+from ..structure.groups import ChannelGroup, group_selected, layer_groups
+from ..structure.layers import first_match, linear_params, select_target_linears, weight_inventory
+from .report import PruneReport
+
+
+logger = logging.getLogger(__name__)
+
+
+class LayerPlan:
+    """The targets of every decoder layer (``entries[i]``), the parameters of each layer that a
+    structured prune cannot shrink (``fixed_params[i]``) and the weights covered (``coverage``).
+
+    ``removals`` (channel group name -> units to remove) replaces the uniform structured plan
+    (widths decided elsewhere, e.g. by a global method); ``kept_units`` (group name -> indices of
+    the units to keep) fixes the units too."""
+
+    def __init__(self, model: nn.Module, prefix: str, layers: nn.ModuleList, config: PruningConfig,
+                 method: PruningMethod, removals: dict[str, int] | None = None,
+                 kept_units: dict[str, torch.Tensor] | None = None):
+        self.model, self.prefix, self.layers = model, prefix, layers
+        self.config, self.method = config, method
+        self.kept_units = kept_units
+        self.removals = dict(removals or {}) if kept_units is not None else removals
+        self.pattern = config.parsed_pattern
+        self.structured = self.pattern.kind == "structured"
+        self.fixed_params = [0] * len(layers)
+        self.entries = self._build_plan()
+        self.coverage = self._measure_coverage()
+        note = self.coverage.unhandled_note(prefix)
+        if note:
+            logger.warning(note)
+
+    def _target_for(self, name: str) -> Target:
+        override = first_match(name, self.config.overrides) or {}
+        pattern = SparsityPattern.parse(override.get("pattern", self.config.pattern))
+        sparsity = override.get("sparsity", self.config.sparsity if "pattern" not in override else None)
+        return Target(resolve_sparsity(sparsity, pattern, f"overrides for {name}: "), pattern)
+
+    def _build_plan(self) -> list[dict]:
+        plan = []
+        for index, layer in enumerate(self.layers):
+            layer_name = f"{self.prefix}.{index}"
+            if self.structured:
+                plan.append(self._structured_entry(layer, layer_name, index))
+                continue
+            linears = select_target_linears(layer, layer_name, self.config.targets, self.config.ignore)
+            entry = {}
+            for name, linear in linears.items():
+                target = self._target_for(name)
+                target.check_width(linear.in_features, name)
+                entry[name] = (linear, target)
+            plan.append(entry)
+        if not any(self.prunes_anything(entry) for entry in plan):
+            raise PruningError(
+                f"No {'channel group' if self.structured else 'Linear'} inside the decoder layers ({self.prefix}.N) "
+                f"matches targets={self.config.targets} ignore={self.config.ignore} with a non-zero sparsity; "
+                f"widen targets, shorten ignore or raise the sparsity."
+            )
+        return plan
+
+    def _measure_coverage(self) -> PruneReport:
+        """A report holding only what the plan covers of the decoder layers' weights."""
+        coverage = PruneReport()
+        for index, layer in enumerate(self.layers):
+            total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
+            coverage.layer_weights += total
+            coverage.unhandled.update(unhandled)
+            linears = {}
+            for item, _ in self.entries[index].values():
+                for linear in ([p.linear for p in item.producers] + [item.consumer]
+                               if isinstance(item, ChannelGroup) else [item]):
+                    linears[id(linear)] = linear.weight.numel()
+            coverage.covered_weights += sum(linears.values())
+        return coverage
+
+    def _structured_entry(self, layer, layer_name: str, index: int) -> dict[str, tuple[ChannelGroup, int]]:
+        """Channel groups of one layer with the number of units each removes (possibly 0)."""
+        groups = layer_groups(self.model, layer, layer_name, index)
+        cfg = self.config
+        excluded, fixed = set(), {}
+        for group in groups:
+            if not group_selected(group, cfg.targets, cfg.ignore):
+                excluded.add(group.name)
+            elif (override := first_match(group.name, cfg.overrides)) is not None:
+                fixed[group.name] = resolve_sparsity(override.get("sparsity"), self.pattern, f"overrides[{group.name}]: ")
+        layer_override = first_match(layer_name, cfg.overrides) or {}
+        sparsity = resolve_sparsity(layer_override.get("sparsity", cfg.sparsity), self.pattern, f"{layer_name}: ")
+        layer_params = linear_params(layer)
+        self.fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
+        if self.removals is not None:  # widths decided by the caller
+            return {g.name: (g, self._given_removal(g)) for g in groups}
+        removals = plan_removals(groups, sparsity, fixed, excluded, layer_params, cfg.channel_multiple)
+        return {g.name: (g, removals[g.name]) for g in groups}
+
+    def _given_removal(self, group: ChannelGroup) -> int:
+        if self.kept_units is not None and group.name in self.kept_units:
+            keep = self.kept_units[group.name]
+            if keep.numel() < 1 or keep.numel() > group.units or int(keep.max()) >= group.units:
+                raise PruningError(f"kept_units[{group.name!r}] must index 1..{group.units} of its {group.units} units.")
+            return group.units - keep.numel()
+        remove = self.removals.get(group.name, 0)
+        if not 0 <= remove < group.units:
+            raise PruningError(f"removals[{group.name!r}] must be in [0, {group.units}), got {remove}.")
+        return remove
+
+    @staticmethod
+    def prunes_anything(entry) -> bool:
+        """Whether a layer's plan prunes anything (structured groups may remove 0 units)."""
+        return any(not isinstance(item, ChannelGroup) or remove > 0 for item, remove in entry.values())
+
+    def hooked_linears(self, entry) -> dict[str, tuple[nn.Linear, frozenset]]:
+        """The Linears whose inputs the statistics pass must see, with the statistics to collect.
+        Producers of channel groups are hooked only if the method uses their input statistics."""
+        hooked = {}
+        for name, (item, remove) in entry.items():
+            if isinstance(item, ChannelGroup):
+                if remove == 0:
+                    continue
+                if self.method.producer_statistics:
+                    hooked.update({p.name: (p.linear, self.method.producer_statistics) for p in item.producers})
+                hooked[item.consumer_name] = (item.consumer, self.method.statistics)
+            else:
+                hooked[name] = (item, self.method.statistics)
+        return hooked
+

@@ -1,0 +1,53 @@
+"""`PruneReport`: what a prune did, as the engines measure it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..structure.layers import summarize_names
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: measured sparsity per Linear and overall, and how long it took."""
+
+    sparsity: dict[str, float] = field(default_factory=dict)
+    pruned_params: int = 0
+    total_params: int = 0
+    seconds: float = 0.0
+    layer_weights: int = 0  # weights in the decoder layers' matrices (routers left out); 0: not measured
+    covered_weights: int = 0  # of those, the ones in tensors the prune targeted
+    unhandled: dict[str, int] = field(default_factory=dict)  # matrices no pruning path handles: name -> weights
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros made among the weights the prune targeted (see `coverage` for how many those are)."""
+        return self.pruned_params / max(self.total_params, 1)
+
+    @property
+    def coverage(self) -> float | None:
+        """Share of the decoder layers' matrix weights in tensors the prune targeted (None: not measured)."""
+        return self.covered_weights / self.layer_weights if self.layer_weights else None
+
+    def unhandled_note(self, prefix: str) -> str | None:
+        """One line naming the matrices that stayed dense because nothing can prune them, or None."""
+        if not self.unhandled or not self.layer_weights:
+            return None
+        count = sum(self.unhandled.values())
+        names = summarize_names(self.unhandled, prefix)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return (f"{count:,} weights ({count / self.layer_weights:.1%} of the decoder layers' weights) sit in tensors "
+                f"optimum-prune cannot prune yet and stay dense: {shown}; the sparsity counts only the targeted "
+                f"weights (leave them out with ignore=[...] / --ignore to silence this).")
+
+    def to_dict(self) -> dict:
+        return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
+                "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
+                "unhandled": dict(self.unhandled)}
+
+    def load_dict(self, data: dict) -> None:
+        self.sparsity = dict(data["sparsity"])
+        self.pruned_params, self.total_params = int(data["pruned_params"]), int(data["total_params"])
+        self.layer_weights = int(data.get("layer_weights", self.layer_weights))
+        self.covered_weights = int(data.get("covered_weights", self.covered_weights))
+        self.unhandled = dict(data.get("unhandled", self.unhandled))
