@@ -25,6 +25,15 @@ CONFIGS = {
     "fasp-30-structured": dict(method="fasp", pattern="structured", sparsity=0.3),
     "wanda-50-one-pass": dict(method="wanda", sparsity=0.5, sequential=False),
 }
+# cheap on the tiny model; --all adds them on a real one
+MORE = {
+    "alps-50": dict(method="alps", sparsity=0.5, method_kwargs={"max_iter": 30}),
+    "spap-30-structured": dict(method="spap", pattern="structured", sparsity=0.3),
+    "policy-gradient-30": dict(method="policy_gradient", pattern="structured", sparsity=0.3,
+                               method_kwargs={"steps": 6, "samples": 2}),
+    "policy-gradient-30-spap-finish": dict(method="policy_gradient", pattern="structured", sparsity=0.3,
+                                           method_kwargs={"steps": 6, "samples": 2, "local_method": "spap"}),
+}
 
 
 def tiny_model():
@@ -48,11 +57,13 @@ def main():
     parser.add_argument("--model", default=None, help="A model to load (default: a tiny random LLaMA).")
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=64)
-    parser.add_argument("--only", nargs="*", default=None, help="Names of CONFIGS to run.")
+    parser.add_argument("--only", nargs="*", default=None, help="Names of the configurations to run.")
+    parser.add_argument("--all", action="store_true", help="Also the MORE configurations with --model.")
     args = parser.parse_args()
     torch.set_num_threads(1)  # bit-exact across runs: one thread
     results = {}
-    for name, options in CONFIGS.items():
+    configs = {**CONFIGS, **(MORE if args.all or not args.model else {})}
+    for name, options in configs.items():
         if args.only and name not in args.only:
             continue
         if args.model:

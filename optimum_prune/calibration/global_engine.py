@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..configuration import PruningConfig
 from ..errors import PruningError
-from ..methods.policy_gradient import GlobalProblem
+from ..methods.structured import GlobalProblem
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
@@ -166,22 +166,19 @@ class GlobalStructuredEngine:
 
     def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor]) -> PruneReport:
         """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
-        already-pruned ones: the kept units restored by FASP's least squares, or (``local_method``)
-        the units chosen and restored by a layer-wise structured method."""
-        from ..registry import get_method
+        already-pruned ones, with the method's `finishing_method` (policy gradient: the kept units
+        restored by FASP's least squares, or its ``local_method`` choosing the units itself)."""
         from .engine import LayerwiseEngine
 
-        opts = self.method.options
         common = dict(device=self.device, progress=self.progress, activations=self.activations,
                       activation_folder=self.activation_folder)
-        if opts.local_method is not None:
-            local = get_method(opts.local_method)(dampening=self.method.dampening)
+        local, keeps_units = self.method.finishing_method()
+        if keeps_units:
+            kept = {g.name: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)}
+            engine = LayerwiseEngine(self.model, self.config, local, kept_units=kept, **common)
+        else:
             removals = {g.name: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)}
             engine = LayerwiseEngine(self.model, self.config, local, removals=removals, **common)
-        else:
-            fasp = get_method("fasp")(dampening=self.method.dampening)  # restore=True: least squares on the kept units
-            kept = {g.name: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)}
-            engine = LayerwiseEngine(self.model, self.config, fasp, kept_units=kept, **common)
         return engine.run(windows)
 
     def _problem(self, index: int, producer_stats, consumer_stats):

@@ -17,7 +17,7 @@ import torch
 from ..errors import PruningError
 from .linalg import corrected_target
 from ..patterns import Target
-from .structured import StructuredProblem, StructuredResult, keep_top
+from .structured import GlobalProblem, StructuredProblem, StructuredResult, keep_top
 
 
 @dataclass
@@ -105,6 +105,17 @@ class PruningMethod:
     def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
         """New consumer weight on the kept units' columns, or None to keep the sliced weight."""
         return None
+
+    # ------------------------------------------------------------------ global methods (is_global)
+    def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
+        """The units every channel group keeps (one 0/1 mask per group), for the whole model at once."""
+        raise NotImplementedError(f"Method {self.name!r} is not a global method.")
+
+    def finishing_method(self) -> tuple["PruningMethod", bool]:
+        """The layer-wise structured method that shrinks the model to the widths `optimise` chose,
+        and whether it keeps the chosen units (True: it only restores the consumers) or picks the
+        units of each width itself (False)."""
+        raise NotImplementedError(f"Method {self.name!r} is not a global method.")
 
 
 class GramSolverMethod(PruningMethod):

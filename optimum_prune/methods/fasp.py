@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..errors import PruningError
 from ..registry import register_method
 from .base import PruningMethod
-from .structured import column_scores, restore_units
+from .structured import LeastSquaresRestore, column_scores
 
 
 @dataclass
@@ -28,7 +28,7 @@ class FASPOptions:
 
 
 @register_method("fasp")
-class FASP(PruningMethod):
+class FASP(LeastSquaresRestore, PruningMethod):
     Options = FASPOptions
     supported_patterns = ("structured",)
 
@@ -41,7 +41,3 @@ class FASP(PruningMethod):
     def unit_scores(self, problem):
         return column_scores(problem, problem.consumer_stats.input_norm)
 
-    def restore(self, problem, keep):
-        if not self.options.restore:
-            return None
-        return restore_units(problem, keep, self.dampening)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from ..errors import PruningError, check_choice, check_int, check_positive_numbe
 from ..registry import register_method
 from .base import PruningMethod
 from ..structure.budget import round_kept
-from .structured import restore_units
+from .structured import GlobalProblem, LeastSquaresRestore
 from .wanda_sp import wanda_sp_scores
 
 
@@ -123,23 +122,6 @@ class PolicyGradientOptions:
         return self.local_method is not None or (self.restore and self.sequential)
 
 
-@dataclass
-class GlobalProblem:
-    """Every prunable unit of the model, grouped as the engine's channel groups."""
-
-    kinds: list[str]  # per group: "mlp" | "attention"
-    unit_params: list[int]  # per group: parameters removed with one unit
-    scores: list[torch.Tensor]  # per group: initial importance of each unit
-    sparsity: float  # fraction of the groups' parameters to remove
-    #: masks (one float tensor K x units per group), optional batch index -> per-mask language-model
-    #: loss (K,); without an index each call takes the next calibration batch in turn
-    evaluate: Callable[..., torch.Tensor]
-    progress: bool = False
-    seed: int = 0
-    channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
-    history: list = field(default_factory=list)
-
-
 def project_to_budget(y: torch.Tensor, cost: torch.Tensor, keep_params: float, eps: float) -> torch.Tensor:
     """``clip(y - lambda, eps, 1 - eps)`` with the shift ``lambda`` found by bisection so that
     ``sum(cost * s) = keep_params``: the projection onto the budget within the box in the metric
@@ -220,7 +202,7 @@ def allocate(curves, params: torch.Tensor, target: float) -> list[float]:
 
 
 @register_method("policy_gradient", aliases=("pg",))
-class PolicyGradient(PruningMethod):
+class PolicyGradient(LeastSquaresRestore, PruningMethod):
     Options = PolicyGradientOptions
     supported_patterns = ("structured",)
     is_global = True
@@ -236,10 +218,14 @@ class PolicyGradient(PruningMethod):
     def unit_scores(self, problem):
         return wanda_sp_scores(problem)
 
-    def restore(self, problem, keep):
-        if not self.options.restore:
-            return None
-        return restore_units(problem, keep, self.dampening)
+    def finishing_method(self) -> tuple[PruningMethod, bool]:
+        """FASP's least squares on the learned units, or ``local_method`` choosing the units of the
+        learned widths itself."""
+        from ..registry import get_method
+
+        if self.options.local_method is not None:
+            return get_method(self.options.local_method)(dampening=self.dampening), False
+        return get_method("fasp")(dampening=self.dampening), True  # restore=True: least squares on the kept units
 
     # ------------------------------------------------------------------ the optimisation
     def _partitions(self, problem, group_of):

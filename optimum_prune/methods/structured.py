@@ -9,7 +9,8 @@ the kept columns (a restoration). It never sees modules, hooks or devices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -69,3 +70,30 @@ def restore_units(problem: StructuredProblem, keep: torch.Tensor, dampening: flo
     """FASP's restoration: the consumer re-fitted by least squares on the kept units' columns."""
     cols = unit_indices(keep, problem.cols_per_unit)
     return restore_columns(problem.consumer, problem.consumer_stats.gram, cols, dampening)
+
+
+class LeastSquaresRestore:
+    """`restore` as FASP does it (mixed into FASP and policy gradient): the consumer re-fitted by
+    least squares on the kept units' columns, unless the method's ``restore`` option is off."""
+
+    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
+        if not self.options.restore:
+            return None
+        return restore_units(problem, keep, self.dampening)
+
+
+@dataclass
+class GlobalProblem:
+    """Every prunable unit of the model, grouped as the engine's channel groups."""
+
+    kinds: list[str]  # per group: "mlp" | "attention"
+    unit_params: list[int]  # per group: parameters removed with one unit
+    scores: list[torch.Tensor]  # per group: initial importance of each unit
+    sparsity: float  # fraction of the groups' parameters to remove
+    #: masks (one float tensor K x units per group), optional batch index -> per-mask language-model
+    #: loss (K,); without an index each call takes the next calibration batch in turn
+    evaluate: Callable[..., torch.Tensor]
+    progress: bool = False
+    seed: int = 0
+    channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
+    history: list = field(default_factory=list)
