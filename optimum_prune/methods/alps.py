@@ -25,7 +25,7 @@ import torch
 from ..errors import check_choice, check_int, check_positive_int, check_positive_number
 from ..registry import register_method
 from .base import GramSolverMethod
-from .linalg import masked_least_squares
+from .linalg import masked_least_squares, unit_diagonal
 from ..patterns import Target
 from .masks import stacked_prune_mask
 
@@ -64,9 +64,7 @@ def alps_solve(
     history: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask)."""
-    s = torch.diagonal(H).clamp_min(1e-12).sqrt()
-    Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
-    Wn = W * s.unsqueeze(0)
+    Hn, Wn, s = unit_diagonal(H, W)
     evals, Q = torch.linalg.eigh(Hn.double())
     evals, Q = evals.clamp_min(0).to(W.dtype), Q.to(W.dtype)
     WHQ = (Wn @ Q) * evals  # Wn Hn Q, fixed

@@ -36,7 +36,7 @@ import torch
 from ..errors import check_bool, check_choice, check_int, check_positive_int
 from ..registry import register_method
 from .base import GramSolverMethod
-from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares
+from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares, unit_diagonal
 from ..patterns import Target
 from .masks import budget_groups, budget_totals, stacked_prune_mask
 from .sparsegpt import sparsegpt_solve
@@ -88,9 +88,7 @@ def fista_solve(
     the total objective of the rounded candidate and of the best so far, and how many rows improved.
     """
     rows = W.shape[0]
-    s = torch.diagonal(H).clamp_min(1e-12).sqrt() if options.weighted_l1 else torch.ones_like(W[0])
-    Hn = H / s.unsqueeze(0) / s.unsqueeze(1)
-    Wn = W * s.unsqueeze(0)
+    Hn, Wn, s = unit_diagonal(H, W, None if options.weighted_l1 else torch.ones_like(W[0]))
     WnHn = Wn @ Hn
     L = float(torch.linalg.eigvalsh(Hn.double())[-1].clamp_min(1e-12))
     natural_target = target.pattern.implied_sparsity if target.is_nm else target.sparsity

@@ -128,3 +128,12 @@ def restore_columns(W: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor
     L = robust_cholesky(H.index_select(0, keep_cols).index_select(1, keep_cols), "Gram matrix of the kept inputs")
     rhs = (W @ H.index_select(1, keep_cols)).T  # |S| x out
     return torch.cholesky_solve(rhs, L).T.contiguous()
+
+
+def unit_diagonal(H: torch.Tensor, W: torch.Tensor, s: torch.Tensor | None = None):
+    """The problem in the coordinates where ``H`` has a unit diagonal: ``Hn = diag(s)^-1 H diag(s)^-1``,
+    ``Wn = W diag(s)`` with ``s = sqrt(diag H)`` (or the given ``s``); returns ``(Hn, Wn, s)``.
+    A weight ``Zn`` found there is ``Zn / s`` in the original coordinates."""
+    if s is None:
+        s = torch.diagonal(H).clamp_min(1e-12).sqrt()
+    return H / s.unsqueeze(0) / s.unsqueeze(1), W * s.unsqueeze(0), s
