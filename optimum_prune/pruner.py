@@ -120,24 +120,16 @@ class Pruner:
                 the system's temporary folder); they are deleted as the prune goes.
         """
         cfg = self.config
-        check_place(activations)
-        if activation_folder is not None and activations != "disk":
-            raise PruningError("activation_folder is where activations='disk' writes; pass activations='disk' too.")
-        preflight(checkpoint_dir=checkpoint_dir, activation_folder=activation_folder)  # before loading the model
+        self.check_arguments(calibration_data, checkpoint_dir, resume, activations, activation_folder)
         if isinstance(model, (str, os.PathLike)):
             model, loaded_tokenizer = load_model(model)
             tokenizer = tokenizer or loaded_tokenizer
         if not isinstance(model, nn.Module):
             raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
-        if resume and checkpoint_dir is None:
-            raise PruningError("resume needs checkpoint_dir (--checkpoint-dir): the folder of the interrupted prune.")
         self.checkpoint = None
         if self.method.is_global:  # whole-model methods (policy gradient)
             from .calibration.global_engine import GlobalStructuredEngine
 
-            if checkpoint_dir is not None:
-                raise PruningError(f"Method {cfg.method!r} optimises the whole model at once and has no per-layer "
-                                   f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
             engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress,
                                             activations=activations, activation_folder=activation_folder)
         else:
@@ -146,10 +138,6 @@ class Pruner:
         windows = None
         if self.method.needs_calibration:
             data = calibration_data if calibration_data is not None else cfg.dataset
-            if data is None:
-                raise PruningError(
-                    f"Method {cfg.method!r} needs calibration data: pass calibration_data or set dataset in the config."
-                )
             check_seqlen(getattr(model, "config", None), cfg.seqlen)
             windows = calibration_windows(
                 data,
@@ -184,6 +172,24 @@ class Pruner:
         self.model, self.tokenizer = model, tokenizer
         logger.info("Pruned %d Linears to %.4f sparsity in %.1fs", len(self.report.sparsity), self.report.overall_sparsity, self.report.seconds)
         return model
+
+    def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
+                        activations: str = "device", activation_folder=None) -> None:
+        """The checks of `prune`'s arguments that need no model, in seconds (`PruningError` names the
+        fix): `prune` makes them first, and the CLI calls this before it loads the model."""
+        check_place(activations)
+        if activation_folder is not None and activations != "disk":
+            raise PruningError("activation_folder (--activation-folder) is where activations='disk' (--activations "
+                               "disk) writes; pass that too.")
+        if resume and checkpoint_dir is None:
+            raise PruningError("resume needs checkpoint_dir (--checkpoint-dir): the folder of the interrupted prune.")
+        if self.method.is_global and checkpoint_dir is not None:
+            raise PruningError(f"Method {self.config.method!r} optimises the whole model at once and has no per-layer "
+                               f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
+        if self.method.needs_calibration and calibration_data is None and self.config.dataset is None:
+            raise PruningError(f"Method {self.config.method!r} needs calibration data: pass --dataset "
+                               f"(from Python: calibration_data=, or dataset in the config).")
+        preflight(checkpoint_dir=checkpoint_dir, activation_folder=activation_folder)
 
     def save_pretrained(self, save_directory: str | os.PathLike, model: nn.Module | None = None, tokenizer=None, overwrite: bool = False, **kwargs) -> str:
         model = model if model is not None else self.model

@@ -244,8 +244,6 @@ def _run(args) -> int:
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    if args.activation_folder and args.activations != "disk":
-        raise PruningError("--activation-folder is where --activations disk writes; add --activations disk.")
     if args.eval_windows < 1:
         raise PruningError("--eval-windows must be at least 1.")
     if args.tasks_limit is not None and not args.tasks_limit > 0:
@@ -258,8 +256,6 @@ def _run(args) -> int:
             eval_data = "packaged:wiki-leads-eval"
         else:
             raise PruningError("--eval needs --eval-dataset (held-out text: a local file, or packaged:wiki-leads-eval).")
-    if args.resume and not args.checkpoint_dir:
-        raise PruningError("--resume needs --checkpoint-dir: the folder of the interrupted prune.")
     from optimum_prune.calibration.distributed import init_from_env
 
     if init_from_env(args.device):  # under torchrun / accelerate launch
@@ -267,8 +263,7 @@ def _run(args) -> int:
             raise PruningError("--recover and --tasks run in one process only; evaluate or recover the saved model "
                                "in a separate single-process run.")
     pruner = Pruner(config)
-    if pruner.method.needs_calibration and config.dataset is None:
-        raise PruningError(f"Method {config.method!r} needs calibration data: pass --dataset.")
+    pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
 
     recovery = None
     if args.recover:
