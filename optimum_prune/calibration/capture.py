@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from ..errors import PruningError
-from .offload import to_device
+from .offload import input_device, to_device
 from .statistics import InputStatistics
 
 
@@ -101,3 +103,21 @@ def input_of(linear: nn.Linear, layer: nn.Module, hidden, kw, device) -> torch.T
 def first_output(output):
     """The hidden states of a decoder layer's output (a tensor, or the first item of a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_windows(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool = False,
+                desc: str = "statistics") -> None:
+    """Run calibration ``windows`` (n x seqlen token ids) through ``model`` in eval mode,
+    ``batch_size`` windows per forward, for the hooks to see (a forward a hook ends with
+    `StopForward` counts as done); the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = input_device(model)
+        for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        model.train(was_training)

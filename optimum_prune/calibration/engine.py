@@ -30,11 +30,11 @@ from ..structure.groups import ChannelGroup
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import describe_widths, shrink_group
 from .activations import ActivationStore, check_place
-from .capture import StatisticsCollector, StopForward, check_called, first_output, input_of
+from .capture import StatisticsCollector, StopForward, check_called, first_output, input_of, run_windows
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
 from .plan import LayerPlan
-from .offload import (dense_snapshot, execution_device, input_device, onloaded, read_weight, release_freed_memory,
+from .offload import (dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
                       set_param, swapped, to_device, write_weight)
 from .report import PruneReport
 from .statistics import InputStatistics
@@ -209,18 +209,10 @@ class LayerwiseEngine:
             raise StopForward
 
         handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-        was_training = self.model.training
-        self.model.eval()
         try:
-            first_device = input_device(self.model)
-            for batch in calibration.split(self.config.batch_size):
-                try:
-                    self.model(input_ids=batch.to(first_device), use_cache=False)
-                except StopForward:
-                    pass
+            run_windows(self.model, calibration, self.config.batch_size)
         finally:
             handle.remove()
-            self.model.train(was_training)
         return inputs, kwargs
 
     def _run_layer(self, layer, inputs, kwargs, device, collector, keep):

@@ -16,7 +16,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..configuration import PruningConfig
 from ..errors import PruningError
@@ -25,6 +24,7 @@ from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
 from .engine import apply_to_group, read_group_problem
+from .capture import run_windows
 from .offload import input_device
 from .report import PruneReport
 from .statistics import InputStatistics
@@ -75,9 +75,7 @@ class GlobalStructuredEngine:
             handles.append(group.producers[0].linear.register_forward_pre_hook(producer_hook))
             handles.append(group.consumer.register_forward_pre_hook(hook(consumer_stats, i, self.method.statistics)))
         try:
-            device = input_device(self.model)
-            for batch in tqdm(windows.split(self.config.batch_size), desc="statistics", disable=not self.progress):
-                self.model(input_ids=batch.to(device), use_cache=False)
+            run_windows(self.model, windows, self.config.batch_size, progress=self.progress)
         finally:
             for handle in handles:
                 handle.remove()
