@@ -161,6 +161,15 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path)
 
 
+def remove_empty_folder(path: str) -> bool:
+    """Remove folder ``path`` if it is empty (a folder a run created and left nothing in); whether it went."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
 class OutputFolder:
     """The output target of one run: checked, locked (``.NAME.lock`` beside it) and written atomically.
 
@@ -199,9 +208,7 @@ class OutputFolder:
         """Drop the lock; remove the parent folders `reserve` created if nothing was written there."""
         self.lock.release()
         for folder in self._created:  # deepest first
-            try:
-                os.rmdir(folder)
-            except OSError:
+            if not remove_empty_folder(folder):
                 break
         self._created = []
 

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import PruningError
 from ..locks import RunLock, is_stale
+from ..output import remove_empty_folder
 
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def check_place(where: str) -> str:
 class ActivationStore(Sequence):
     """The hidden states of the calibration batches, in batch order, kept as ``where`` says."""
 
-    def __init__(self, where: str = "device", folder: str | os.PathLike | None = None):
+    def __init__(self, where: str = "device", folder: str | os.PathLike | None = None, sweep: bool = True):
+        """``sweep``: first remove the activation folders of killed runs beside the new one
+        (`remove_stale_folders`); `like` skips it, the first store of the prune did it."""
         self.where = check_place(where)
         self._tensors: list[torch.Tensor] = []
         self._files: list[str] = []
@@ -67,13 +70,14 @@ class ActivationStore(Sequence):
         if self.where == "disk":
             if folder is not None:
                 os.makedirs(folder, exist_ok=True)
-            remove_stale_folders(folder if folder is not None else tempfile.gettempdir())
+            if sweep:
+                remove_stale_folders(folder if folder is not None else tempfile.gettempdir())
             self._folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=folder)
             self._lock = RunLock(os.path.join(self._folder, _LOCK_NAME), f"Activation folder {self._folder}").acquire()
 
     def like(self) -> "ActivationStore":
         """An empty store kept the same way (in a sibling folder on disk)."""
-        return ActivationStore(self.where, None if self._folder is None else os.path.dirname(self._folder))
+        return ActivationStore(self.where, None if self._folder is None else os.path.dirname(self._folder), sweep=False)
 
     def append(self, tensor: torch.Tensor) -> None:
         self._specs.append((tensor.shape, tensor.dtype))
@@ -117,7 +121,7 @@ class ActivationStore(Sequence):
             _remove_store_files(self._folder)
             if self._lock is not None:
                 self._lock.release()
-            _remove_empty(self._folder)
+            remove_empty_folder(self._folder)
             self._folder = None
 
     def __del__(self):  # a store that was never closed (an exception) still removes its folder
@@ -138,13 +142,6 @@ def _remove_store_files(folder: str) -> None:
                 os.remove(os.path.join(folder, name))
             except OSError:
                 pass
-
-
-def _remove_empty(folder: str) -> None:
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
 
 
 def remove_stale_folders(parent: str, grace_seconds: float = 60.0) -> list[str]:
@@ -171,8 +168,7 @@ def remove_stale_folders(parent: str, grace_seconds: float = 60.0) -> list[str]:
                 continue
         except OSError:
             continue
-        _remove_empty(folder)
-        if not os.path.exists(folder):
+        if remove_empty_folder(folder):
             logger.warning("Removed %s, the activation files of an interrupted run.", folder)
             removed.append(folder)
     return removed

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import PruningError, first_line
 from ..locks import RunLock
+from ..output import remove_empty_folder
 
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class LayerCheckpoint:
     def release(self) -> None:
         """Unlock the folder (and remove it if this run left nothing in it)."""
         self.lock.release()
-        _remove_if_empty(self.directory)
+        remove_empty_folder(self.directory)
 
     @property
     def state_path(self) -> str:
@@ -316,12 +317,6 @@ def _check_safetensors(path: str) -> None:
         raise PruningError(f"Checkpoint file {path} is damaged ({first_line(err)}); delete the checkpoint folder "
                            f"to start over.") from None
 
-
-def _remove_if_empty(folder: str) -> None:
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ imports nothing heavy at module level: torch, transformers and the pruning code 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -142,13 +143,37 @@ def run_prune(args) -> int:
     from optimum_prune.errors import PruningError
 
     try:
-        return _run(args)
+        with _warnings_on_stderr():
+            return _run(args)
     except PruningError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to the output folder; {_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr():
+    """optimum-prune's log warnings as ``warning: ...`` lines on stderr, each once: through this
+    handler only, not also through the root logger's handlers (or Python's last-resort one)."""
+    import logging
+
+    class Prefix(logging.Formatter):
+        def format(self, record):
+            return f"{record.levelname.lower()}: {record.getMessage()}"
+
+    logger = logging.getLogger("optimum_prune")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(Prefix())
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _resume_hint(args) -> str:
@@ -349,9 +374,8 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
         f"{results['parameters_before']:,} -> {results['parameters_after']:,}",
         flush=True,
     )
-    note = report.unhandled_note(pruner.engine.prefix) if report.unhandled else None
+    note = report.unhandled_note(pruner.engine.prefix)  # logged as a warning when the plan was made
     if note:
-        print(f"warning: {note}", file=sys.stderr, flush=True)
         results["unhandled_note"] = note
     evaluate("after")
     if recovery is not None:
