@@ -15,8 +15,16 @@ CALIBRATION = "packaged:wiki-leads"  # Wikipedia leads from a PyPI package (cali
 HELDOUT = "packaged:wiki-leads-eval"  # ... and its held-out split
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, method: str | None = None, methods: str = "", sparsity: float | None = None,
+           pattern: str | None = None) -> argparse.ArgumentParser:
+    """The examples' common flags; ``--method``, ``--pattern``, ``--sparsity`` when given a default."""
     p = argparse.ArgumentParser(description=description)
+    if method is not None:
+        p.add_argument("--method", default=method, help=methods or None)
+    if pattern is not None:
+        p.add_argument("--pattern", default=pattern)
+    if sparsity is not None:
+        p.add_argument("--sparsity", type=float, default=sparsity)
     p.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity")

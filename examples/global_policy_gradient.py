@@ -18,8 +18,7 @@ from optimum_prune.structure.shrink import layer_widths
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--sparsity", type=float, default=0.2)
+    p = parser(__doc__, sparsity=0.2)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--budget", default="global", choices=["global", "separate"])
     p.add_argument("--init-scope", default="sensitivity", choices=["sensitivity", "budget", "group"],

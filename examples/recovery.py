@@ -14,10 +14,7 @@ from optimum_prune.recovery import LoraRecoveryConfig, recover_lora
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--method", default="wanda")
-    p.add_argument("--pattern", default="unstructured")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p = parser(__doc__, "wanda", pattern="unstructured", sparsity=0.5)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=5e-4)
     args = p.parse_args()

@@ -19,10 +19,7 @@ def size_mb(folder):
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--method", default="fasp", help="magnitude, wanda-sp, fasp, spap, sparsefw")
-    p.add_argument("--sparsity", type=float, default=0.2)
-    args = p.parse_args()
+    args = parser(__doc__, "fasp", "magnitude, wanda-sp, fasp, spap, sparsefw", sparsity=0.2).parse_args()
 
     model, tokenizer = load()
     before = {"params": sum(q.numel() for q in model.parameters()), "ppl": ppl(model, tokenizer, args),

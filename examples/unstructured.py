@@ -9,10 +9,7 @@ from optimum_prune import Pruner, PruningConfig
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt, alps, fista, sparsefw")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    args = p.parse_args()
+    args = parser(__doc__, "sparsegpt", "magnitude, wanda, sparsegpt, alps, fista, sparsefw", sparsity=0.5).parse_args()
 
     model, tokenizer = load()
     print(f"dense perplexity: {ppl(model, tokenizer, args):.2f}")

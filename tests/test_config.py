@@ -96,6 +96,31 @@ def test_method_alias_becomes_the_method_name():
     assert PruningConfig.from_dict(cfg.to_dict()).method == "policy_gradient"
 
 
+@pytest.mark.parametrize(
+    "method, kwargs, fragment",
+    [
+        ("alps", {"rho0": 0}, "rho0 must be a positive number"),
+        ("alps", {"max_iter": 0}, "max_iter must be a positive integer"),
+        ("alps", {"pcg_iters": -1}, "pcg_iters must be an integer >= 0"),
+        ("alps", {"warm_start": "sparsegpt"}, "warm_start must be one of"),
+        ("alps", {"lr": 1}, "options are: max_iter, pcg_iters, rho0, scope, update_every, warm_start"),
+        ("fista", {"error_correction": 1}, "fista option error_correction must be true or false"),
+        ("fista", {"warm_start": "alps"}, "fista option warm_start"),
+        ("fista", {"lambda": 0.1}, "has no option"),
+        ("sparsefw", {"alpha": 1.0}, "alpha must be a number in"),
+        ("sparsefw", {"step": "armijo"}, "sparsefw option step"),
+        ("sparsefw", {"tol": -1}, "tol must be a non-negative number"),
+        ("sparsefw", {"refit": "yes"}, "refit must be true or false"),
+        ("spap", {"growth": 1.0}, "growth must be > 1"),
+        ("spap", {"init": "random"}, "init must be one of"),
+    ],
+)
+def test_method_options_are_validated(method, kwargs, fragment):
+    pattern = "structured" if method == "spap" else "unstructured"
+    with pytest.raises(PruningError, match=fragment.replace("(", r"\(")):
+        PruningConfig(method=method, pattern=pattern, method_kwargs=kwargs)
+
+
 def test_configuration_reference_lists_every_method_option():
     """docs/configuration.md stays in sync with the methods' Options dataclasses."""
     import dataclasses

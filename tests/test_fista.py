@@ -7,7 +7,7 @@ from conftest import tiny_model
 from test_engine import small_config
 from test_methods import TARGETS, layer_error, run, synthetic_problem
 
-from optimum_prune import Pruner, PruningConfig, PruningError
+from optimum_prune import Pruner
 from optimum_prune.calibration.statistics import InputStatistics
 from optimum_prune.methods.fista import FISTAOptions, fista_solve
 from optimum_prune.methods.linalg import corrected_target, prepare_hessian
@@ -46,15 +46,6 @@ def test_lambda_bisection_brings_the_l1_solution_near_the_target():
     assert len(history) == 8
     assert gaps[-1] < 0.05 and gaps[-1] < gaps[0], gaps
     assert history[-1]["best_error"] <= history[0]["best_error"]
-
-
-def test_fista_options_are_validated():
-    with pytest.raises(PruningError, match="fista option error_correction must be true or false"):
-        PruningConfig(method="fista", method_kwargs={"error_correction": 1})
-    with pytest.raises(PruningError, match="fista option warm_start"):
-        PruningConfig(method="fista", method_kwargs={"warm_start": "alps"})
-    with pytest.raises(PruningError, match="has no option"):
-        PruningConfig(method="fista", method_kwargs={"lambda": 0.1})
 
 
 # ------------------------------------------------------------------ error correction

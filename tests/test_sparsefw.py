@@ -6,7 +6,7 @@ import torch
 from conftest import synthetic_structured_problem
 from test_methods import TARGETS, layer_error, run, synthetic_problem
 
-from optimum_prune import PruningConfig, PruningError, get_method
+from optimum_prune import get_method
 from optimum_prune.methods.linalg import prepare_hessian
 from optimum_prune.methods.masks import budget
 from optimum_prune.methods.sparsefw import SparseFWOptions, fixed_keep_mask, frank_wolfe_mask
@@ -86,14 +86,3 @@ def test_structured_variant_beats_the_single_unit_ranking():
     assert error(result.keep) < error(keep_top(single, remove))
     restored = get_method("sparsefw")(SparseFWOptions(refit=True)).prune_structured(problem, remove)
     assert restored.consumer_weight.shape == (problem.consumer.shape[0], (problem.units - remove) * 2)
-
-
-def test_sparsefw_options_are_validated():
-    with pytest.raises(PruningError, match="alpha must be a number in"):
-        PruningConfig(method="sparsefw", method_kwargs={"alpha": 1.0})
-    with pytest.raises(PruningError, match="sparsefw option step"):
-        PruningConfig(method="sparsefw", method_kwargs={"step": "armijo"})
-    with pytest.raises(PruningError, match="tol must be a non-negative number"):
-        PruningConfig(method="sparsefw", method_kwargs={"tol": -1})
-    with pytest.raises(PruningError, match="refit must be true or false"):
-        PruningConfig(method="sparsefw", method_kwargs={"refit": "yes"})

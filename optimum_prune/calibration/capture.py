@@ -20,9 +20,15 @@ class StopForward(Exception):
 
 
 class StatisticsCollector:
-    """Forward hooks on a layer's target Linears; Linears fed the same tensor share one accumulator."""
+    """Forward hooks on target Linears that accumulate their input statistics.
 
-    def __init__(self, linears: dict[str, nn.Linear], kinds: dict[str, frozenset], stop_when_done: bool = False):
+    With ``share_inputs`` (a decoder layer's statistics pass), Linears fed the same tensor share one
+    accumulator, found on the first batch by the identity of the tensor (the tensors of a batch are
+    held until `next_batch` so that their memory is not reused); call `next_batch` after each batch.
+    Without it (a whole-model pass), every Linear has its own accumulator and nothing is held."""
+
+    def __init__(self, linears: dict[str, nn.Linear], kinds: dict[str, frozenset], stop_when_done: bool = False,
+                 share_inputs: bool = True):
         self.kinds = kinds  # statistics to collect, per Linear name
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
@@ -32,6 +38,7 @@ class StatisticsCollector:
         self._called: set[str] = set()
         self._total = len(linears)
         self._stop_when_done = stop_when_done
+        self._share_inputs = share_inputs
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name):
@@ -40,18 +47,20 @@ class StatisticsCollector:
             if name in self.group_of:
                 index = self.group_of[name]
             else:  # first batch: group by the identity of the input tensor
-                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride())) if self._share_inputs else name
                 if key in self._seen:
                     index = self._seen[key][0]
                 else:
                     index = len(self.groups)
                     self.groups.append([])
                     self.stats.append(InputStatistics(x.shape[-1], self.kinds[name], device=x.device))
-                    self._seen[key] = (index, x)  # holding x keeps its memory from being reused
+                    if self._share_inputs:
+                        self._seen[key] = (index, x)  # holding x keeps its memory from being reused
                 self.group_of[name] = index
                 self.groups[index].append(name)
             if index not in self._updated:
-                self._updated.add(index)
+                if self._share_inputs:
+                    self._updated.add(index)
                 self.stats[index].update(x)
             self._called.add(name)
             if self._stop_when_done and len(self._called) == self._total:

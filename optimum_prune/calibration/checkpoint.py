@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import PruningError, first_line
 from ..locks import RunLock
 from ..output import remove_empty_folder
+from .offload import SAFETENSORS_DTYPES, current_value
 
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,6 @@ _RNG_KEY = "__rng_state__"
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     tensor = tensor.detach().to("cpu").contiguous()
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def save_batches(batches, path: str) -> None:
@@ -85,10 +83,7 @@ def fingerprint(model: nn.Module, config, calibration: torch.Tensor | None) -> d
         arch.pop(key, None)
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    hook = getattr(embeddings, "_hf_hook", None)
-    if weight is not None and weight.device.type == "meta" and hook is not None and getattr(hook, "weights_map", None) is not None:
-        weight = hook.weights_map["weight"]
+    weight = current_value(embeddings) if getattr(embeddings, "weight", None) is not None else None
     if weight is not None and weight.device.type != "meta":
         digest.update(_tensor_bytes(weight))
     settings = config.to_dict()

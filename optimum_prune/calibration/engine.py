@@ -33,7 +33,7 @@ from .activations import ActivationStore, check_place
 from .capture import StatisticsCollector, StopForward, check_called, first_output, input_of, run_windows
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
-from .plan import LayerPlan
+from .plan import LayerPlan, LinearTask
 from .offload import (dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
                       set_param, swapped, to_device, write_weight)
 from .report import PruneReport
@@ -75,8 +75,6 @@ class LayerwiseEngine:
         planned = LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units)
         self.plan, self.coverage, self._fixed_params = planned.entries, planned.coverage, planned.fixed_params
         self.hooked_linears = planned.hooked_linears
-
-    prunes_anything = staticmethod(LayerPlan.prunes_anything)
 
     def compute_device(self, layer: nn.Module) -> torch.device:
         """Where ``layer`` is calibrated and solved: ``device`` if given, else where it executes."""
@@ -125,23 +123,23 @@ class LayerwiseEngine:
     def _prune_layer(self, index: int, inputs, kwargs, report: PruneReport):
         """Prune decoder layer ``index``; returns the inputs of the next layer (None without data)."""
         layer = self.layers[index]
-        entry = self.plan[index]
+        tasks = self.plan[index]
         needs_data = self.method.needs_calibration
         device = self.compute_device(layer)
         with onloaded(layer, device):
-            if needs_data and not self.prunes_anything(entry):  # nothing to prune here: one pass for the next layer's inputs
+            if needs_data and not tasks.prunes_anything():  # nothing to prune here: one pass for the next layer's inputs
                 if self.structured:  # count the layer's parameters in the report
                     self._prune_structured(index, {}, report, device)
                 return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             if needs_data and self.method.error_correction and not self.structured:
-                dense = self._prune_linears_staged(layer, entry, inputs, kwargs, device, report)
+                dense = self._prune_linears_staged(layer, tasks.linears, inputs, kwargs, device, report)
                 # the next layer sees the pruned layer (sequential) or the dense one
                 with contextlib.nullcontext() if self.config.sequential else swapped(dense):
                     return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             stats, outputs = {}, None
             if needs_data:
                 keep = not self.config.sequential  # one-pass mode feeds the next layer from this pass
-                hooked = self.hooked_linears(entry)
+                hooked = self.hooked_linears(tasks)
                 linears = {name: linear for name, (linear, _) in hooked.items()}
                 kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
                 collector = StatisticsCollector(linears, kinds, stop_when_done=not keep)
@@ -157,7 +155,7 @@ class LayerwiseEngine:
             if self.structured:
                 self._prune_structured(index, stats, report, device)
             else:
-                self._prune_linears(entry, stats, report, device)
+                self._prune_linears(tasks.linears, stats, report, device)
             broadcast_layer(layer)  # several processes: rank 0's weights everywhere
             if needs_data and self.config.sequential:
                 outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
@@ -190,14 +188,15 @@ class LayerwiseEngine:
 
     def _replay(self, index: int, changes: dict[str, torch.Tensor], device) -> None:
         """Apply what a checkpoint recorded for layer ``index`` to the (unpruned) layer."""
-        for name, (item, _) in self.plan[index].items():
-            if isinstance(item, ChannelGroup):
-                if f"{name}.keep" in changes:
-                    _, weights = read_group_problem(item, device, None, None)
-                    shrink_group(item, changes[f"{name}.keep"], weights, changes.get(f"{name}.consumer"),
-                                 set_param=set_param)
-            elif name in changes:
-                write_weight(item, changes[name])
+        tasks = self.plan[index]
+        for task in tasks.groups:
+            if f"{task.name}.keep" in changes:
+                _, weights = read_group_problem(task.group, device, None, None)
+                shrink_group(task.group, changes[f"{task.name}.keep"], weights, changes.get(f"{task.name}.consumer"),
+                             set_param=set_param)
+        for task in tasks.linears:
+            if task.name in changes:
+                write_weight(task.linear, changes[task.name])
 
     def _capture_first_layer_inputs(self, calibration: torch.Tensor):
         inputs, kwargs = ActivationStore(self.activations, self.activation_folder), []
@@ -229,14 +228,16 @@ class LayerwiseEngine:
                 outputs.append(first_output(out).to(hidden.device))
         return outputs
 
-    def _prune_linears_staged(self, layer, entry, inputs, kwargs, device, report: PruneReport) -> dict:
+    def _prune_linears_staged(self, layer, tasks: list[LinearTask], inputs, kwargs, device,
+                              report: PruneReport) -> dict:
         """Intra-layer error correction: prune the layer's Linears stage by stage in the order the
         layer calls them (a stage = the Linears reading one tensor: q/k/v, then o, then gate/up,
         then down). A stage's statistics pair, batch by batch, its input in the dense layer with its
         input once the earlier stages are pruned (`InputStatistics.update_pair`), so that each
         Linear compensates the error of those before it. Returns the dense weights of the layer's
         pruned Linears (for `swapped`)."""
-        linears = {name: linear for name, (linear, _) in entry.items()}
+        by_name = {task.name: task for task in tasks}
+        linears = {task.name: task.linear for task in tasks}
         stages = self._call_order(layer, linears, inputs[0], kwargs[0], device)
         dense: dict[nn.Linear, torch.Tensor] = {}
         for stage in stages:
@@ -253,7 +254,7 @@ class LayerwiseEngine:
             stats.check_finite(stage[0])
             for name in stage:
                 dense[linears[name]] = dense_snapshot(linears[name])
-            self._prune_linears({name: entry[name] for name in stage}, dict.fromkeys(stage, stats), report, device)
+            self._prune_linears([by_name[name] for name in stage], dict.fromkeys(stage, stats), report, device)
             broadcast_layer(layer)
         return dense
 
@@ -267,28 +268,28 @@ class LayerwiseEngine:
         check_called(linears, collector)
         return collector.groups
 
-    def _prune_linears(self, entry, stats: dict, report: PruneReport, device: torch.device) -> None:
+    def _prune_linears(self, tasks: list[LinearTask], stats: dict, report: PruneReport, device: torch.device) -> None:
         # Linears that read the same tensor (same statistics object) and share a target are solved together
-        batches: dict[tuple[int, Target], list[str]] = {}
-        for name, (_, target) in entry.items():
-            batches.setdefault((id(stats.get(name, name)), target), []).append(name)
+        batches: dict[tuple[int, Target], list[LinearTask]] = {}
+        for task in tasks:
+            batches.setdefault((id(stats.get(task.name, task.name)), task.target), []).append(task)
         for (_, target), members in batches.items():
-            linears = [entry[name][0] for name in members]
-            weights = [read_weight(lin, device) for lin in linears]
-            for name, weight in zip(members, weights):
-                check_finite_weight(name, weight)
-            results = self.method.prune_linears(weights, stats.get(members[0]), target)
-            for name, linear, result in zip(members, linears, results):
-                _check_finite_result(self.method.name, name, result.weight)
-                self._changes[name] = write_weight(linear, result.weight, result.mask)
+            weights = [read_weight(task.linear, device) for task in members]
+            for task, weight in zip(members, weights):
+                check_finite_weight(task.name, weight)
+            results = self.method.prune_linears(weights, stats.get(members[0].name), target)
+            for task, result in zip(members, results):
+                _check_finite_result(self.method.name, task.name, result.weight)
+                self._changes[task.name] = write_weight(task.linear, result.weight, result.mask)
                 pruned = int(result.mask.sum())
-                report.sparsity[name] = pruned / result.mask.numel()
+                report.sparsity[task.name] = pruned / result.mask.numel()
                 report.pruned_params += pruned
                 report.total_params += result.mask.numel()
 
     def _prune_structured(self, index: int, stats: dict, report: PruneReport, device: torch.device) -> None:
         report.total_params += self._fixed_params[index]  # Linears of the layer that cannot shrink
-        for name, (group, remove) in self.plan[index].items():
+        for task in self.plan[index].groups:
+            name, group, remove = task.name, task.group, task.remove
             if remove == 0:
                 report.sparsity[name] = 0.0
                 report.total_params += group.params

@@ -24,10 +24,9 @@ from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
 from .engine import apply_to_group, read_group_problem
-from .capture import run_windows
+from .capture import StatisticsCollector, check_called, run_windows
 from .offload import input_device
 from .report import PruneReport
-from .statistics import InputStatistics
 
 
 logger = logging.getLogger(__name__)
@@ -58,27 +57,21 @@ class GlobalStructuredEngine:
 
     # ------------------------------------------------------------------ statistics of the dense model
     def _collect_statistics(self, windows: torch.Tensor):
-        producer_stats, consumer_stats, handles = [], [], []
-
-        def hook(stats_list, index, kinds):
-            def pre_hook(module, args):
-                x = args[0]
-                if stats_list[index] is None:
-                    stats_list[index] = InputStatistics(x.shape[-1], kinds, device=x.device)
-                stats_list[index].update(x)
-            return pre_hook
-
-        for i, group in enumerate(self.groups):
-            producer_stats.append(None)
-            consumer_stats.append(None)
-            producer_hook = hook(producer_stats, i, self.method.producer_statistics)
-            handles.append(group.producers[0].linear.register_forward_pre_hook(producer_hook))
-            handles.append(group.consumer.register_forward_pre_hook(hook(consumer_stats, i, self.method.statistics)))
+        """Input statistics of every group's first producer and of its consumer, over all windows."""
+        linears, kinds = {}, {}
+        for group in self.groups:
+            linears[group.producers[0].name] = group.producers[0].linear
+            kinds[group.producers[0].name] = self.method.producer_statistics
+            linears[group.consumer_name], kinds[group.consumer_name] = group.consumer, self.method.statistics
+        collector = StatisticsCollector(linears, kinds, share_inputs=False)
         try:
             run_windows(self.model, windows, self.config.batch_size, progress=self.progress)
         finally:
-            for handle in handles:
-                handle.remove()
+            collector.remove()
+        check_called(linears, collector)
+        stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
+        producer_stats = [stats[group.producers[0].name] for group in self.groups]
+        consumer_stats = [stats[group.consumer_name] for group in self.groups]
         for group, p, c in zip(self.groups, producer_stats, consumer_stats):
             p.check_finite(group.producers[0].name)
             c.check_finite(group.consumer_name)

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..structure.shrink import replace_param
-from .checkpoint import SAFETENSORS_DTYPES
 
 
 def to_device(obj, device):
@@ -97,6 +96,8 @@ def _store_put(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
         state[key] = value.detach().to("cpu")
 
 
+#: torch dtype -> dtype name in a safetensors header (checkpoints write them, offload stores read them)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _DTYPE_OF_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
@@ -118,11 +119,16 @@ def stored_dtype(linear: nn.Linear, name: str) -> torch.dtype:
     return offload_hook(linear).weights_map[name].dtype
 
 
+def current_value(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """Parameter ``name`` of ``module`` as its next forward reads it: from the offload store when
+    accelerate keeps it there, else the module's own tensor (not copied)."""
+    hook = offload_hook(module)
+    return hook.weights_map[name] if hook is not None else getattr(module, name).detach()
+
+
 def read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
     """A float32 copy of parameter ``name`` of ``linear`` on ``device`` (from the offload store if any)."""
-    hook = offload_hook(linear)
-    weight = hook.weights_map[name] if hook is not None else getattr(linear, name).detach()
-    return weight.to(device=device, dtype=torch.float32)
+    return current_value(linear, name).to(device=device, dtype=torch.float32)
 
 
 def write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

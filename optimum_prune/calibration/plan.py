@@ -3,13 +3,14 @@ which target, built once from the config before any weight changes (bad targets,
 N:M pattern cannot divide, a plan that prunes nothing: refused here), and what share of the
 decoder layers' weights it covers.
 
-An entry of the plan is one decoder layer's ``{name: (nn.Linear, Target)}`` for unstructured and
-N:M patterns, or ``{group name: (ChannelGroup, units to remove)}`` for structured pruning.
+An entry of the plan is one decoder layer's `LayerTasks`: a `LinearTask` per targeted Linear
+(unstructured and N:M patterns) or a `GroupTask` per channel group (structured pruning).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +26,50 @@ from .report import PruneReport
 
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearTask:
+    """Prune the weight of the Linear ``name`` to ``target`` (unstructured or N:M)."""
+
+    name: str
+    linear: nn.Linear
+    target: Target
+
+    def linears(self) -> list[nn.Linear]:
+        return [self.linear]
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """Remove ``remove`` units (possibly 0) of the channel group ``group`` (structured)."""
+
+    group: ChannelGroup
+    remove: int
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def linears(self) -> list[nn.Linear]:
+        return [p.linear for p in self.group.producers] + [self.group.consumer]
+
+
+@dataclass
+class LayerTasks:
+    """What one decoder layer gets: Linears to sparsify, or channel groups to shrink."""
+
+    linears: list[LinearTask] = field(default_factory=list)
+    groups: list[GroupTask] = field(default_factory=list)
+
+    def prunes_anything(self) -> bool:
+        """Whether the layer loses any weight (structured groups may remove 0 units)."""
+        return bool(self.linears) or any(task.remove > 0 for task in self.groups)
+
+    def covered_weights(self) -> int:
+        """Weights of the distinct Linears the tasks touch."""
+        linears = {id(linear): linear for task in [*self.linears, *self.groups] for linear in task.linears()}
+        return sum(linear.weight.numel() for linear in linears.values())
 
 
 class LayerPlan:
@@ -57,7 +102,7 @@ class LayerPlan:
         sparsity = override.get("sparsity", self.config.sparsity if "pattern" not in override else None)
         return Target(resolve_sparsity(sparsity, pattern, f"overrides for {name}: "), pattern)
 
-    def _build_plan(self) -> list[dict]:
+    def _build_plan(self) -> list[LayerTasks]:
         plan = []
         for index, layer in enumerate(self.layers):
             layer_name = f"{self.prefix}.{index}"
@@ -65,13 +110,13 @@ class LayerPlan:
                 plan.append(self._structured_entry(layer, layer_name, index))
                 continue
             linears = select_target_linears(layer, layer_name, self.config.targets, self.config.ignore)
-            entry = {}
+            tasks = LayerTasks()
             for name, linear in linears.items():
                 target = self._target_for(name)
                 target.check_width(linear.in_features, name)
-                entry[name] = (linear, target)
-            plan.append(entry)
-        if not any(self.prunes_anything(entry) for entry in plan):
+                tasks.linears.append(LinearTask(name, linear, target))
+            plan.append(tasks)
+        if not any(tasks.prunes_anything() for tasks in plan):
             raise PruningError(
                 f"No {'channel group' if self.structured else 'Linear'} inside the decoder layers ({self.prefix}.N) "
                 f"matches targets={self.config.targets} ignore={self.config.ignore} with a non-zero sparsity; "
@@ -86,15 +131,10 @@ class LayerPlan:
             total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
             coverage.layer_weights += total
             coverage.unhandled.update(unhandled)
-            linears = {}
-            for item, _ in self.entries[index].values():
-                for linear in ([p.linear for p in item.producers] + [item.consumer]
-                               if isinstance(item, ChannelGroup) else [item]):
-                    linears[id(linear)] = linear.weight.numel()
-            coverage.covered_weights += sum(linears.values())
+            coverage.covered_weights += self.entries[index].covered_weights()
         return coverage
 
-    def _structured_entry(self, layer, layer_name: str, index: int) -> dict[str, tuple[ChannelGroup, int]]:
+    def _structured_entry(self, layer, layer_name: str, index: int) -> LayerTasks:
         """Channel groups of one layer with the number of units each removes (possibly 0)."""
         groups = layer_groups(self.model, layer, layer_name, index)
         cfg = self.config
@@ -109,9 +149,9 @@ class LayerPlan:
         layer_params = linear_params(layer)
         self.fixed_params[index] = layer_params - sum(g.params for g in groups)  # Linears that cannot shrink
         if self.removals is not None:  # widths decided by the caller
-            return {g.name: (g, self._given_removal(g)) for g in groups}
+            return LayerTasks(groups=[GroupTask(g, self._given_removal(g)) for g in groups])
         removals = plan_removals(groups, sparsity, fixed, excluded, layer_params, cfg.channel_multiple)
-        return {g.name: (g, removals[g.name]) for g in groups}
+        return LayerTasks(groups=[GroupTask(g, removals[g.name]) for g in groups])
 
     def _given_removal(self, group: ChannelGroup) -> int:
         if self.kept_units is not None and group.name in self.kept_units:
@@ -124,23 +164,17 @@ class LayerPlan:
             raise PruningError(f"removals[{group.name!r}] must be in [0, {group.units}), got {remove}.")
         return remove
 
-    @staticmethod
-    def prunes_anything(entry) -> bool:
-        """Whether a layer's plan prunes anything (structured groups may remove 0 units)."""
-        return any(not isinstance(item, ChannelGroup) or remove > 0 for item, remove in entry.values())
-
-    def hooked_linears(self, entry) -> dict[str, tuple[nn.Linear, frozenset]]:
+    def hooked_linears(self, tasks: LayerTasks) -> dict[str, tuple[nn.Linear, frozenset]]:
         """The Linears whose inputs the statistics pass must see, with the statistics to collect.
         Producers of channel groups are hooked only if the method uses their input statistics."""
         hooked = {}
-        for name, (item, remove) in entry.items():
-            if isinstance(item, ChannelGroup):
-                if remove == 0:
-                    continue
-                if self.method.producer_statistics:
-                    hooked.update({p.name: (p.linear, self.method.producer_statistics) for p in item.producers})
-                hooked[item.consumer_name] = (item.consumer, self.method.statistics)
-            else:
-                hooked[name] = (item, self.method.statistics)
+        for task in tasks.groups:
+            if task.remove == 0:
+                continue
+            group = task.group
+            if self.method.producer_statistics:
+                hooked.update({p.name: (p.linear, self.method.producer_statistics) for p in group.producers})
+            hooked[group.consumer_name] = (group.consumer, self.method.statistics)
+        for task in tasks.linears:
+            hooked[task.name] = (task.linear, self.method.statistics)
         return hooked
-

@@ -81,12 +81,12 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
     worst: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(engine.layers):
         device = engine.compute_device(layer)
-        entry = engine.plan[index]
-        if not engine.prunes_anything(entry):
+        tasks = engine.plan[index]
+        if not tasks.prunes_anything():
             continue
         parts = {}
         if method.needs_calibration:
-            hooked = {name: lin for name, (lin, _) in engine.hooked_linears(entry).items()}
+            hooked = {name: lin for name, (lin, _) in engine.hooked_linears(tasks).items()}
             per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
             # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
             # in the engine, but which do is only known once the layer has run
@@ -95,7 +95,9 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
             heads = getattr(model_config, "num_attention_heads", 1) or 1
             parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
-        parts["solver"] = max((_solve_bytes(method, item) for item, _ in entry.values()), default=0)
+        parts["solver"] = max([_group_solve_bytes(method, task.group) for task in tasks.groups]
+                              + [method.workspace_bytes(t.linear.out_features, t.linear.in_features)
+                                 for t in tasks.linears], default=0)
         if any(p.device != device for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
         if sum(parts.values()) > sum(worst.get(str(device), {}).values()):
@@ -106,12 +108,10 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
     return estimate
 
 
-def _solve_bytes(method, item) -> int:
-    if isinstance(item, ChannelGroup):
-        rows = sum(p.linear.out_features for p in item.producers)
-        cols = item.consumer.in_features
-        return method.workspace_bytes(rows, cols) + method.workspace_bytes(item.consumer.out_features, cols)
-    return method.workspace_bytes(item.out_features, item.in_features)
+def _group_solve_bytes(method, group: ChannelGroup) -> int:
+    rows = sum(p.linear.out_features for p in group.producers)
+    cols = group.consumer.in_features
+    return method.workspace_bytes(rows, cols) + method.workspace_bytes(group.consumer.out_features, cols)
 
 
 def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device) -> MemoryEstimate:
