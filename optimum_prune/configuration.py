@@ -39,6 +39,10 @@ def _check_patterns(value: Any, name: str) -> list[str]:
     return list(value)
 
 
+#: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
+EXPERT_CALIBRATION = ("routed", "all")
+
+
 @dataclass
 class PruningConfig:
     """Configuration of one prune.
@@ -62,6 +66,11 @@ class PruningConfig:
             ``False`` runs every layer once and feeds the next layer with dense outputs (faster).
         channel_multiple: structured pruning keeps a multiple of this many MLP channels per layer
             (hardware-friendly widths; 1 = the exact budget).
+        expert_calibration: fused mixture-of-experts banks: each expert is solved with the statistics
+            of the tokens its router sends it (``"routed"``, default) or of every calibration token
+            (``"all"``: rare experts are not starved; the layer's output is unchanged).
+        min_expert_tokens: an expert that received fewer routed tokens than this is pruned by weight
+            magnitude instead, at the same target (counted in the report's ``expert_fallbacks``).
         dataset, dataset_config, dataset_split, text_column: default calibration data when
             ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
         method_kwargs: the method's own options, checked against its ``Options`` dataclass.
@@ -80,6 +89,8 @@ class PruningConfig:
     dampening: float = 0.01
     sequential: bool = True
     channel_multiple: int = 32
+    expert_calibration: str = "routed"
+    min_expert_tokens: int = 16
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
@@ -117,6 +128,10 @@ class PruningConfig:
         check_int(self.batch_size, "batch_size", 1)
         check_int(self.seed, "seed", 0)
         check_int(self.channel_multiple, "channel_multiple", 1)
+        check_int(self.min_expert_tokens, "min_expert_tokens", 0)
+        if self.expert_calibration not in EXPERT_CALIBRATION:
+            raise PruningError(f"expert_calibration must be one of {', '.join(EXPERT_CALIBRATION)}, "
+                               f"got {self.expert_calibration!r}.")
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
             0.0 <= self.dampening < 1e3
         ):

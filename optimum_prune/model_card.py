@@ -164,6 +164,7 @@ def build_model_card(
         ("coverage", f"the targeted weights are {results['coverage']:.1%} of the decoder layers' weights"
          if "coverage" in results else None),
         ("left dense", results.get("unhandled_note")),
+        ("MoE experts", _experts_text(results.get("experts"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
         ("recovery", _recovery_text(results.get("recovery"))),
@@ -197,3 +198,14 @@ def build_model_card(
         + "\nThe full pruning configuration is in `pruning_config.json` (also under `pruning_config` in `config.json`).\n"
     )
     return ModelCard(content)
+
+
+def _experts_text(experts: dict | None) -> str | None:
+    if not experts:
+        return None
+    tokens = "the tokens routed to each" if experts["calibration"] == "routed" else "every calibration token"
+    text = f"{experts['matrices']} expert matrices of fused banks, each solved on {tokens}"
+    if experts["magnitude_fallbacks"]:
+        text += (f"; {experts['magnitude_fallbacks']} of them received fewer than {experts['min_tokens']} tokens "
+                 f"and were pruned by magnitude")
+    return text

@@ -1,16 +1,22 @@
-"""Capturing what a decoder layer's Linears receive: forward hooks that accumulate input
-statistics (Linears fed the same tensor share one accumulator), the input of one Linear for one
-batch, and the exception that cuts a forward short once every hooked input is seen.
+"""Capturing what a decoder layer's Linears and experts receive: forward hooks that accumulate
+input statistics (Linears fed the same tensor share one accumulator), per-expert statistics of
+fused expert banks (`ExpertCollector`), the input of one Linear for one batch, and the exception
+that cuts a forward short once every hooked input is seen.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tqdm.auto import tqdm
 
 from ..errors import PruningError
+from ..structure.experts import ExpertBank
 from .offload import input_device, to_device
 from .statistics import InputStatistics
 
@@ -78,6 +84,145 @@ class StatisticsCollector:
         for handle in self._handles:
             handle.remove()
         self._seen.clear()
+
+
+class ExpertCollector:
+    """Per-expert input statistics of fused expert banks (`ExpertBank`), for the tokens routed to
+    each expert — or, with ``all_tokens``, for every token (the routing is widened so that every
+    expert runs on every token with a routing weight of 0 where the router did not choose it: the
+    layer's output is unchanged).
+
+    While an experts module runs (eager implementation, forced for the call), a torch-function mode
+    sees ``bank[e]`` and the ``linear`` / ``@`` that multiplies by that slice, and adds its input to
+    expert ``e``'s statistics: ``stats[bank name][e]``. ``routed[bank name][e]`` counts the tokens
+    the router sent to ``e`` (every token with ``all_tokens``); `check` compares them."""
+
+    def __init__(self, banks: list[ExpertBank], kinds: frozenset, device, all_tokens: bool = False):
+        self.banks = banks
+        self.all_tokens = all_tokens
+        # every expert has its accumulator from the start (several processes reduce the same list)
+        self.stats: dict[str, list[InputStatistics]] = {
+            b.name: [InputStatistics(b.in_features, kinds, device=device) for _ in range(b.num_experts)] for b in banks
+        }
+        self.routed: dict[str, torch.Tensor] = {b.name: torch.zeros(b.num_experts, dtype=torch.long) for b in banks}
+        self._handles = []
+        self._active: list = []
+        modules = {id(b.module): b.module for b in banks}
+        for module in modules.values():
+            own = [b for b in banks if b.module is module]
+            self._handles.append(module.register_forward_pre_hook(self._enter(module, own), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, module: nn.Module, banks: list[ExpertBank]):
+        names = list(inspect.signature(module.forward).parameters)[:3]  # hidden states, indices, weights
+
+        def pre_hook(mod, args, kwargs):
+            args, kwargs = list(args), dict(kwargs)
+            where = [("args", i) if i < len(args) else ("kwargs", name) for i, name in enumerate(names)]
+
+            def get(i):
+                kind, key = where[i]
+                return args[key] if kind == "args" else kwargs.get(key)
+
+            def put(i, value):
+                kind, key = where[i]
+                if kind == "args":
+                    args[key] = value
+                else:
+                    kwargs[key] = value
+
+            if len(names) < 3 or get(1) is None:
+                return None  # not the (hidden states, indices, weights) call this collector knows
+            index = get(1)
+            if self.all_tokens:
+                index, weights = widen_routing(index, get(2), banks[0].num_experts)
+                put(1, index)
+                put(2, weights)
+            valid = index[index < banks[0].num_experts].flatten().cpu()
+            counts = torch.bincount(valid, minlength=banks[0].num_experts)
+            for bank in banks:
+                self.routed[bank.name] += counts
+            config = getattr(mod, "config", None)
+            saved = getattr(config, "_experts_implementation", None)
+            if config is not None and saved not in (None, "eager"):
+                config._experts_implementation = "eager"  # the per-expert loop the mode can see
+            mode = _ExpertMode(self, banks)
+            mode.__enter__()
+            self._active.append((mode, config, saved))
+            return tuple(args), kwargs
+
+        return pre_hook
+
+    def _leave(self, module, args, output):
+        if self._active:
+            mode, config, saved = self._active.pop()
+            mode.__exit__(None, None, None)
+            if config is not None and saved not in (None, "eager"):
+                config._experts_implementation = saved
+        return None
+
+    def update(self, bank: ExpertBank, expert: int, x: torch.Tensor) -> None:
+        self.stats[bank.name][expert].update(x)
+
+    def next_batch(self):
+        pass
+
+    def check(self) -> None:
+        """Refuse when an expert received routed tokens its statistics did not see (an experts
+        module whose forward does not multiply by one expert's slice at a time)."""
+        for bank in self.banks:
+            seen = [s.count for s in self.stats[bank.name]]
+            if seen != self.routed[bank.name].tolist():
+                raise PruningError(
+                    f"The experts of {bank.family} ({bank.name}) are not computed one expert slice at a time, so "
+                    f"their inputs cannot be captured; leave them out with ignore=['{bank.name.rsplit('.', 1)[0]}'] "
+                    f"(--ignore) or prune them with magnitude, which needs no calibration."
+                )
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        while self._active:
+            self._leave(None, None, None)
+
+
+class _ExpertMode(TorchFunctionMode):
+    """Sees ``bank[e]`` and the products with that slice while an experts module runs."""
+
+    _PRODUCTS = frozenset({F.linear, torch._C._nn.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                           torch.mm, torch.Tensor.mm})
+
+    def __init__(self, collector: ExpertCollector, banks: list[ExpertBank]):
+        super().__init__()
+        self.collector, self.banks = collector, banks
+        self.slices: dict[int, tuple[torch.Tensor, ExpertBank, int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            bank = next((b for b in self.banks if args[0] is b.tensor), None)
+            index = args[1]
+            if bank is not None and (isinstance(index, int) or (torch.is_tensor(index) and index.dim() == 0
+                                                                 and not index.is_floating_point())):
+                self.slices[id(out)] = (out, bank, int(index))
+        elif func in self._PRODUCTS and len(args) >= 2:
+            found = self.slices.get(id(args[1]))
+            if found is not None and found[0] is args[1]:
+                self.collector.update(found[1], found[2], args[0].reshape(-1, args[0].shape[-1]))
+        return out
+
+
+def widen_routing(index: torch.Tensor, weights: torch.Tensor | None, num_experts: int):
+    """Routing of every token to every expert: indices ``0..E-1`` per token, the router's weights
+    where it chose the expert and 0 elsewhere."""
+    flat = index.reshape(-1, index.shape[-1])
+    wide_index = torch.arange(num_experts, device=index.device).expand(flat.shape[0], num_experts).contiguous()
+    if weights is None:
+        return wide_index, None
+    flat_weights = weights.reshape(-1, weights.shape[-1])
+    wide = torch.zeros(flat.shape[0], num_experts + 1, dtype=flat_weights.dtype, device=flat_weights.device)
+    wide.scatter_(1, flat.clamp(max=num_experts), flat_weights)  # index E (masked slots) lands in a spare column
+    return wide_index, wide[:, :num_experts].contiguous()
 
 
 def check_called(linears: dict, collector: StatisticsCollector) -> None:

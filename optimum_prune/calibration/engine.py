@@ -8,6 +8,10 @@ in `plan.py`, hooks live in `capture.py`, devices and offload stores in `offload
    of Linears that read the same tensor to the method; write the new weights back; run the layer
    again so that the next layer sees the outputs of the *pruned* layer (``sequential=True``), or
    keep the dense outputs of the statistics pass (``sequential=False``, one pass per layer).
+
+Fused mixture-of-experts banks are pruned expert by expert: the statistics pass also feeds an
+`ExpertCollector` (each expert's inputs, from the tokens routed to it), and every expert's matrix
+is handed to the method as its own 2-D problem (read and written one expert at a time).
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from ..configuration import PruningConfig
 from ..patterns import Target
 from ..errors import PruningError
 from ..methods.base import PruningMethod
+from ..methods.magnitude import Magnitude, MagnitudeOptions
 from ..methods.structured import StructuredProblem, StructuredResult
+from ..structure.experts import expert_matrix, set_expert_matrix
 from ..structure.groups import ChannelGroup
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import describe_widths, shrink_group
 from .activations import ActivationStore, check_place
-from .capture import StatisticsCollector, StopForward, check_called, first_output, input_of, run_windows
+from .capture import (ExpertCollector, StatisticsCollector, StopForward, check_called, first_output, input_of,
+                      run_windows)
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
-from .plan import LayerPlan, LinearTask
-from .offload import (dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
-                      set_param, swapped, to_device, write_weight)
+from .plan import ExpertTask, LayerPlan, LinearTask
+from .offload import (commit_value, dense_snapshot, editable_value, execution_device, onloaded, read_weight,
+                      release_freed_memory, set_param, swapped, to_device, write_weight)
 from .report import PruneReport
 from .statistics import InputStatistics
 
@@ -75,6 +82,9 @@ class LayerwiseEngine:
         planned = LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units)
         self.plan, self.coverage, self._fixed_params = planned.entries, planned.coverage, planned.fixed_params
         self.hooked_linears = planned.hooked_linears
+        if method.error_correction and not config.sequential and any(t.experts for t in self.plan):
+            raise PruningError(f"{method.name} with error correction prunes fused MoE experts only in sequential mode; "
+                               f"drop sequential=False (--one-pass) or set error_correction=false.")
 
     def compute_device(self, layer: nn.Module) -> torch.device:
         """Where ``layer`` is calibrated and solved: ``device`` if given, else where it executes."""
@@ -133,6 +143,13 @@ class LayerwiseEngine:
                 return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             if needs_data and self.method.error_correction and not self.structured:
                 dense = self._prune_linears_staged(layer, tasks.linears, inputs, kwargs, device, report)
+                if tasks.experts:  # experts last, on the inputs of the layer with its Linears pruned
+                    experts = self._expert_collector(tasks, device)
+                    try:
+                        self._run_layer(layer, inputs, kwargs, device, [experts], keep=False)
+                    finally:
+                        experts.remove()
+                    self._prune_experts(tasks.experts, experts, report, device)
                 # the next layer sees the pruned layer (sequential) or the dense one
                 with contextlib.nullcontext() if self.config.sequential else swapped(dense):
                     return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
@@ -142,11 +159,15 @@ class LayerwiseEngine:
                 hooked = self.hooked_linears(tasks)
                 linears = {name: linear for name, (linear, _) in hooked.items()}
                 kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
-                collector = StatisticsCollector(linears, kinds, stop_when_done=not keep)
+                # a pass that feeds experts runs to the end (they come after the Linears)
+                collector = StatisticsCollector(linears, kinds, stop_when_done=not keep and not tasks.experts)
+                experts = self._expert_collector(tasks, device)
                 try:
-                    outputs = self._run_layer(layer, inputs, kwargs, device, collector, keep=keep)
+                    outputs = self._run_layer(layer, inputs, kwargs, device, [collector, experts], keep=keep)
                 finally:
                     collector.remove()
+                    if experts is not None:
+                        experts.remove()
                 check_called(linears, collector)
                 reduce_statistics(collector.stats)  # several processes: statistics of all their windows
                 stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
@@ -156,6 +177,7 @@ class LayerwiseEngine:
                 self._prune_structured(index, stats, report, device)
             else:
                 self._prune_linears(tasks.linears, stats, report, device)
+                self._prune_experts(tasks.experts, experts if needs_data else None, report, device)
             broadcast_layer(layer)  # several processes: rank 0's weights everywhere
             if needs_data and self.config.sequential:
                 outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
@@ -197,6 +219,9 @@ class LayerwiseEngine:
         for task in tasks.linears:
             if task.name in changes:
                 write_weight(task.linear, changes[task.name])
+        for task in tasks.experts:
+            if task.name in changes:
+                commit_value(task.bank.module, task.bank.param, changes[task.name])
 
     def _capture_first_layer_inputs(self, calibration: torch.Tensor):
         inputs, kwargs = ActivationStore(self.activations, self.activation_folder), []
@@ -214,16 +239,18 @@ class LayerwiseEngine:
             handle.remove()
         return inputs, kwargs
 
-    def _run_layer(self, layer, inputs, kwargs, device, collector, keep):
-        """Run ``layer`` on every batch; with ``keep``, its outputs (an `ActivationStore` like ``inputs``)."""
+    def _run_layer(self, layer, inputs, kwargs, device, collectors, keep):
+        """Run ``layer`` on every batch (telling ``collectors`` when a batch ends); with ``keep``,
+        its outputs (an `ActivationStore` like ``inputs``)."""
         outputs = inputs.like() if keep else None
         for hidden, kw in zip(inputs, kwargs):
             try:
                 out = layer(to_device(hidden, device), **to_device(kw, device))
             except StopForward:
                 out = None  # statistics-only pass cut short after the last target Linear
-            if collector is not None:
-                collector.next_batch()
+            for collector in collectors or ():
+                if collector is not None:
+                    collector.next_batch()
             if keep:
                 outputs.append(first_output(out).to(hidden.device))
         return outputs
@@ -262,7 +289,7 @@ class LayerwiseEngine:
         """The target Linears grouped by the tensor they read, groups in the order the layer calls them."""
         collector = StatisticsCollector(linears, dict.fromkeys(linears, frozenset()), stop_when_done=True)
         try:
-            self._run_layer(layer, [hidden], [kw], device, collector, keep=False)
+            self._run_layer(layer, [hidden], [kw], device, [collector], keep=False)
         finally:
             collector.remove()
         check_called(linears, collector)
@@ -285,6 +312,51 @@ class LayerwiseEngine:
                 report.sparsity[task.name] = pruned / result.mask.numel()
                 report.pruned_params += pruned
                 report.total_params += result.mask.numel()
+
+    def _expert_collector(self, tasks, device) -> ExpertCollector | None:
+        if not tasks.experts:
+            return None
+        return ExpertCollector([task.bank for task in tasks.experts], self.method.statistics, device,
+                               all_tokens=self.config.expert_calibration == "all")
+
+    def _prune_experts(self, tasks: list[ExpertTask], collector: ExpertCollector | None, report: PruneReport,
+                       device: torch.device) -> None:
+        """Prune each expert of each bank as its own 2-D problem, with the statistics of its tokens
+        (none for a method without calibration). An expert with fewer than ``min_expert_tokens``
+        tokens is pruned by magnitude at the same target (counted in ``report.expert_fallbacks``)."""
+        if not tasks:
+            return
+        if collector is not None:
+            collector.check()
+            reduce_statistics([s for task in tasks for s in collector.stats[task.name]])
+        fallback = Magnitude(MagnitudeOptions())
+        for task in tasks:
+            bank = task.bank
+            stored = editable_value(bank.module, bank.param)  # the bank, edited one expert at a time
+            pruned = total = 0
+            for expert in range(bank.num_experts):
+                where = f"{bank.name}[{expert}]"
+                stats = None if collector is None else collector.stats[bank.name][expert]
+                method = self.method
+                if stats is not None and stats.count < self.config.min_expert_tokens:
+                    method, stats = fallback, None
+                    report.expert_fallbacks[bank.name] = report.expert_fallbacks.get(bank.name, 0) + 1
+                elif stats is not None:
+                    stats.check_finite(where)
+                weight = expert_matrix(bank, expert, stored).to(device=device, dtype=torch.float32)
+                check_finite_weight(where, weight)
+                result = method.prune_linears([weight], stats, task.target)[0]
+                _check_finite_result(self.method.name, where, result.weight)
+                value = result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)
+                set_expert_matrix(bank, stored, expert, value.to(stored.device))
+                pruned += int(result.mask.sum())
+                total += result.mask.numel()
+            commit_value(bank.module, bank.param, stored)
+            self._changes[bank.name] = stored
+            report.sparsity[bank.name] = pruned / total
+            report.pruned_params += pruned
+            report.total_params += total
+            report.expert_matrices += bank.num_experts
 
     def _prune_structured(self, index: int, stats: dict, report: PruneReport, device: torch.device) -> None:
         report.total_params += self._fixed_params[index]  # Linears of the layer that cannot shrink
@@ -325,7 +397,7 @@ def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_sta
     problem = StructuredProblem(
         kind=group.kind,
         units=group.units,
-        producers=[weights[p.name] for p in group.producers],
+        producers=[weights[p.name][p.rows(group.units)] for p in group.producers],
         rows_per_unit=[p.rows_per_unit for p in group.producers],
         consumer=weights[group.consumer_name],
         cols_per_unit=group.cols_per_unit,

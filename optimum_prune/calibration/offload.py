@@ -146,6 +146,26 @@ def write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None
     return value
 
 
+def editable_value(module: nn.Module, name: str) -> torch.Tensor:
+    """A tensor in which to edit parameter ``name`` of ``module`` in place, in its stored dtype:
+    the parameter's own data, or, when accelerate offloads the module, a CPU copy of what its store
+    holds (then `commit_value` puts it back)."""
+    if offload_hook(module) is None:
+        return getattr(module, name).data
+    return current_value(module, name).detach().to("cpu", copy=True)
+
+
+def commit_value(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` (from `editable_value`, or a checkpoint's record) parameter ``name`` of
+    ``module``: in the offload store when there is one, and in the module unless it is on meta."""
+    if offload_store(module) is not None:
+        _store_put(module, name, value)
+    param = getattr(module, name)
+    if param.device.type != "meta" and value is not param.data:
+        with torch.no_grad():
+            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
 def set_param(linear: nn.Linear, name: str, value: torch.Tensor) -> None:
     """`replace_param` that also updates an accelerate offload store (structured shrinking)."""
     offloaded = offload_store(linear)

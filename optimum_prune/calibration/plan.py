@@ -3,8 +3,9 @@ which target, built once from the config before any weight changes (bad targets,
 N:M pattern cannot divide, a plan that prunes nothing: refused here), and what share of the
 decoder layers' weights it covers.
 
-An entry of the plan is one decoder layer's `LayerTasks`: a `LinearTask` per targeted Linear
-(unstructured and N:M patterns) or a `GroupTask` per channel group (structured pruning).
+An entry of the plan is one decoder layer's `LayerTasks`: a `LinearTask` per targeted Linear and
+an `ExpertTask` per targeted fused expert bank (unstructured and N:M patterns), or a `GroupTask`
+per channel group (structured pruning).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..patterns import SparsityPattern, Target, resolve_sparsity
 from ..structure.budget import plan_removals
+from ..structure.experts import ExpertBank, expert_banks
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import first_match, linear_params, select_target_linears, weight_inventory
 from .report import PruneReport
@@ -38,6 +40,19 @@ class LinearTask:
 
     def linears(self) -> list[nn.Linear]:
         return [self.linear]
+
+
+@dataclass(frozen=True)
+class ExpertTask:
+    """Prune every expert's matrix of the fused bank ``bank`` to ``target``, each expert with the
+    statistics of its own tokens (one 2-D problem per expert)."""
+
+    bank: ExpertBank
+    target: Target
+
+    @property
+    def name(self) -> str:
+        return self.bank.name
 
 
 @dataclass(frozen=True)
@@ -61,15 +76,17 @@ class LayerTasks:
 
     linears: list[LinearTask] = field(default_factory=list)
     groups: list[GroupTask] = field(default_factory=list)
+    experts: list[ExpertTask] = field(default_factory=list)
 
     def prunes_anything(self) -> bool:
         """Whether the layer loses any weight (structured groups may remove 0 units)."""
-        return bool(self.linears) or any(task.remove > 0 for task in self.groups)
+        return bool(self.linears) or bool(self.experts) or any(task.remove > 0 for task in self.groups)
 
     def covered_weights(self) -> int:
-        """Weights of the distinct Linears the tasks touch."""
+        """Weights of the distinct Linears and expert banks the tasks touch."""
         linears = {id(linear): linear for task in [*self.linears, *self.groups] for linear in task.linears()}
-        return sum(linear.weight.numel() for linear in linears.values())
+        banks = sum(task.bank.tensor.numel() for task in self.experts)
+        return sum(linear.weight.numel() for linear in linears.values()) + banks
 
 
 class LayerPlan:
@@ -115,6 +132,10 @@ class LayerPlan:
                 target = self._target_for(name)
                 target.check_width(linear.in_features, name)
                 tasks.linears.append(LinearTask(name, linear, target))
+            for name, bank in expert_banks(layer, layer_name, self.config.targets, self.config.ignore).items():
+                target = self._target_for(name)
+                target.check_width(bank.in_features, name)
+                tasks.experts.append(ExpertTask(bank, target))
             plan.append(tasks)
         if not any(tasks.prunes_anything() for tasks in plan):
             raise PruningError(
@@ -130,7 +151,8 @@ class LayerPlan:
         for index, layer in enumerate(self.layers):
             total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
             coverage.layer_weights += total
-            coverage.unhandled.update(unhandled)
+            covered = {task.name for task in self.entries[index].experts}
+            coverage.unhandled.update({name: n for name, n in unhandled.items() if name not in covered})
             coverage.covered_weights += self.entries[index].covered_weights()
         return coverage
 

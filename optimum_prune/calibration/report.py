@@ -18,6 +18,8 @@ class PruneReport:
     layer_weights: int = 0  # weights in the decoder layers' matrices (routers left out); 0: not measured
     covered_weights: int = 0  # of those, the ones in tensors the prune targeted
     unhandled: dict[str, int] = field(default_factory=dict)  # matrices no pruning path handles: name -> weights
+    expert_matrices: int = 0  # expert matrices of fused MoE banks pruned (each its own problem)
+    expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
 
     @property
     def overall_sparsity(self) -> float:
@@ -43,7 +45,8 @@ class PruneReport:
     def to_dict(self) -> dict:
         return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
-                "unhandled": dict(self.unhandled)}
+                "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
+                "expert_fallbacks": dict(self.expert_fallbacks)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -51,3 +54,5 @@ class PruneReport:
         self.layer_weights = int(data.get("layer_weights", self.layer_weights))
         self.covered_weights = int(data.get("covered_weights", self.covered_weights))
         self.unhandled = dict(data.get("unhandled", self.unhandled))
+        self.expert_matrices = int(data.get("expert_matrices", self.expert_matrices))
+        self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))

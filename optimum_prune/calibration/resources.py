@@ -91,13 +91,18 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
             # in the engine, but which do is only known once the layer has run
             parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
+            # fused MoE banks: one accumulator per expert and matrix, all alive during the pass
+            parts["statistics"] += sum(t.bank.num_experts * (per_input * t.bank.in_features**2 + 4 * t.bank.in_features)
+                                       for t in tasks.experts)
             batch = min(config.batch_size, num_windows)
             widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
             heads = getattr(model_config, "num_attention_heads", 1) or 1
             parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
         parts["solver"] = max([_group_solve_bytes(method, task.group) for task in tasks.groups]
                               + [method.workspace_bytes(t.linear.out_features, t.linear.in_features)
-                                 for t in tasks.linears], default=0)
+                                 for t in tasks.linears]
+                              + [method.workspace_bytes(t.bank.out_features, t.bank.in_features)
+                                 for t in tasks.experts], default=0)
         if any(p.device != device for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
         if sum(parts.values()) > sum(worst.get(str(device), {}).values()):
@@ -109,7 +114,7 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
 
 
 def _group_solve_bytes(method, group: ChannelGroup) -> int:
-    rows = sum(p.linear.out_features for p in group.producers)
+    rows = sum(p.rows_per_unit for p in group.producers) * group.units
     cols = group.consumer.in_features
     return method.workspace_bytes(rows, cols) + method.workspace_bytes(group.consumer.out_features, cols)
 

@@ -32,6 +32,8 @@ _CONFIG_FLAGS = {
     "targets": "targets",
     "ignore": "ignore",
     "channel_multiple": "channel_multiple",
+    "expert_calibration": "expert_calibration",
+    "min_expert_tokens": "min_expert_tokens",
 }
 
 
@@ -65,6 +67,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--one-pass", action="store_true", help="Non-sequential: each layer runs once (faster).")
     method.add_argument("--channel-multiple", type=int, default=None,
                         help="Structured: MLP channels kept per layer rounded to a multiple of this (default 32; 1: exact).")
+    method.add_argument("--expert-calibration", choices=("routed", "all"), default=None,
+                        help="MoE experts: statistics of the tokens routed to each expert (default) or of every token.")
+    method.add_argument("--min-expert-tokens", type=int, default=None,
+                        help="MoE experts with fewer routed tokens are pruned by magnitude instead (default 16).")
 
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", default=None, help="Hub dataset, local .txt/.json/.jsonl, or packaged:wiki-leads.")
@@ -365,7 +371,15 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
         results["coverage"] = report.coverage
     if report.unhandled:
         results["unhandled_weights"] = dict(report.unhandled)
+    if report.expert_matrices:
+        results["experts"] = {"matrices": report.expert_matrices, "calibration": config.expert_calibration,
+                              "min_tokens": config.min_expert_tokens,
+                              "magnitude_fallbacks": sum(report.expert_fallbacks.values())}
+        if report.expert_fallbacks:
+            results["experts"]["fallbacks_per_bank"] = dict(report.expert_fallbacks)
     what = "channel groups" if config.pattern == "structured" else "Linears"
+    if report.expert_matrices:
+        what = f"Linears and expert banks ({report.expert_matrices} expert matrices)"
     coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"
                 if report.coverage is not None else "")
     print(

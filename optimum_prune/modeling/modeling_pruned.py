@@ -2,7 +2,7 @@
 
 A structured prune that removes a different number of MLP channels or attention heads in every
 layer cannot be described by a stock config (one ``intermediate_size``, one head count). These
-classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / OPT classes plus one config entry,
+classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 / Phi-3 / OPT classes plus one config entry,
 ``layer_widths``: a list with, for every decoder layer, the values that differ from the global
 config (``intermediate_size`` or ``ffn_dim``, ``num_attention_heads``, ``num_key_value_heads``).
 Each layer is built from a copy of the config with its own widths; everything else (attention
@@ -19,12 +19,18 @@ from __future__ import annotations
 import copy
 
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -89,12 +95,18 @@ PrunedMistralConfig = _pruned_config(MistralConfig, "optimum_pruned_mistral")
 PrunedQwen2Config = _pruned_config(Qwen2Config, "optimum_pruned_qwen2")
 PrunedQwen3Config = _pruned_config(Qwen3Config, "optimum_pruned_qwen3")
 PrunedOPTConfig = _pruned_config(OPTConfig, "optimum_pruned_opt")
+PrunedGemma2Config = _pruned_config(Gemma2Config, "optimum_pruned_gemma2")
+PrunedGemma3TextConfig = _pruned_config(Gemma3TextConfig, "optimum_pruned_gemma3_text")
+PrunedPhi3Config = _pruned_config(Phi3Config, "optimum_pruned_phi3")
 
 PrunedLlamaForCausalLM = _pruned_model(LlamaForCausalLM, PrunedLlamaConfig)
 PrunedMistralForCausalLM = _pruned_model(MistralForCausalLM, PrunedMistralConfig)
 PrunedQwen2ForCausalLM = _pruned_model(Qwen2ForCausalLM, PrunedQwen2Config)
 PrunedQwen3ForCausalLM = _pruned_model(Qwen3ForCausalLM, PrunedQwen3Config)
 PrunedOPTForCausalLM = _pruned_model(OPTForCausalLM, PrunedOPTConfig)
+PrunedGemma2ForCausalLM = _pruned_model(Gemma2ForCausalLM, PrunedGemma2Config)
+PrunedGemma3ForCausalLM = _pruned_model(Gemma3ForCausalLM, PrunedGemma3TextConfig)
+PrunedPhi3ForCausalLM = _pruned_model(Phi3ForCausalLM, PrunedPhi3Config)
 
 #: stock model_type -> (config class, model class)
 PRUNED_CLASSES = {
@@ -103,6 +115,9 @@ PRUNED_CLASSES = {
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
     "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
     "opt": (PrunedOPTConfig, PrunedOPTForCausalLM),
+    "gemma2": (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
+    "phi3": (PrunedPhi3Config, PrunedPhi3ForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_CLASSES.values():

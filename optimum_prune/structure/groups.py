@@ -15,6 +15,10 @@ Units:
   pruned model still loads as a stock model. Without grouped-query attention a unit is one head.
   Each layer keeps at least one unit of every group.
 
+Fused Linears (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are several producers of one Linear,
+each owning consecutive rows from its ``offset`` on (queries, keys, values; gates, ups): a unit is
+then a set of row slices, one in each.
+
 Value/output channels alone (FASP's pairing for OPT) would give values a different head size from
 queries and keys, which neither the stock classes nor ours express; they are not offered.
 """
@@ -35,6 +39,19 @@ class Producer:
     name: str  # full module name
     linear: nn.Linear
     rows_per_unit: int
+    offset: int = 0  # first row of this producer's slice when several producers share one fused Linear
+
+    def rows(self, units: int) -> slice:
+        """This producer's rows of its Linear when the group has ``units`` units."""
+        return slice(self.offset, self.offset + units * self.rows_per_unit)
+
+
+def assign_offsets(producers: list[Producer], units: int) -> None:
+    """Producers of one fused Linear own consecutive slices, in the order listed."""
+    ends: dict[int, int] = {}
+    for producer in producers:
+        producer.offset = ends.get(id(producer.linear), 0)
+        ends[id(producer.linear)] = producer.offset + units * producer.rows_per_unit
 
 
 @dataclass
@@ -72,32 +89,30 @@ class Layout:
 
     attention: tuple[str, str, str, str] | None  # q, k, v, o
     mlp_producers: tuple[str, ...]
-    mlp_consumer: str
-    mlp_width_key: str  # config field of the MLP width
-    attention_name: str
-    mlp_name: str
+    mlp_consumer: str = "mlp.down_proj"
+    mlp_width_key: str = "intermediate_size"  # config field of the MLP width
+    attention_name: str = "self_attn"
+    mlp_name: str = "mlp"
 
 
 _LLAMA = Layout(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp_producers=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_consumer="mlp.down_proj",
-    mlp_width_key="intermediate_size",
-    attention_name="self_attn",
-    mlp_name="mlp",
 )
 # OPT derives its head size from hidden_size / num_heads, so fewer heads cannot be expressed:
 # only the MLP (fc1 -> fc2, named "<layer>.mlp" like everywhere else) is made narrower.
-_OPT = Layout(
-    attention=None,
-    mlp_producers=("fc1",),
-    mlp_consumer="fc2",
-    mlp_width_key="ffn_dim",
-    attention_name="self_attn",
-    mlp_name="mlp",
+_OPT = Layout(attention=None, mlp_producers=("fc1",), mlp_consumer="fc2", mlp_width_key="ffn_dim")
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the same Linear named for each
+# producer, sliced by offsets (see `assign_offsets`).
+_PHI3 = Layout(
+    attention=("self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+    mlp_producers=("mlp.gate_up_proj", "mlp.gate_up_proj"),
 )
-
-LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "opt": _OPT}
+# Gemma-2/3 share LLaMA's module names; their q/k norms act on one head (head_dim, unchanged),
+# head_dim is explicit and attention scaling comes from query_pre_attn_scalar, so removing KV
+# groups or MLP channels needs nothing more.
+LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma2": _LLAMA,
+           "gemma3_text": _LLAMA, "phi3": _PHI3, "opt": _OPT}
 
 
 def base_model_type(config) -> str:
@@ -127,18 +142,21 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
     if layout.attention is not None:
         q, k, v, o = (layer.get_submodule(n) for n in layout.attention)
         head_dim = head_dim_of(model.config)
-        kv_heads = k.out_features // head_dim
-        rep = q.out_features // k.out_features
+        query_rows, kv_rows = attention_rows(q, k, o)
+        kv_heads = kv_rows // head_dim
+        rep = query_rows // kv_rows
+        producers = [
+            Producer(f"{layer_name}.{layout.attention[0]}", q, rep * head_dim),
+            Producer(f"{layer_name}.{layout.attention[1]}", k, head_dim),
+            Producer(f"{layer_name}.{layout.attention[2]}", v, head_dim),
+        ]
+        assign_offsets(producers, kv_heads)
         groups.append(
             ChannelGroup(
                 kind="attention",
                 name=f"{layer_name}.{layout.attention_name}",
                 layer_index=index,
-                producers=[
-                    Producer(f"{layer_name}.{layout.attention[0]}", q, rep * head_dim),
-                    Producer(f"{layer_name}.{layout.attention[1]}", k, head_dim),
-                    Producer(f"{layer_name}.{layout.attention[2]}", v, head_dim),
-                ],
+                producers=producers,
                 consumer_name=f"{layer_name}.{layout.attention[3]}",
                 consumer=o,
                 cols_per_unit=rep * head_dim,
@@ -147,6 +165,7 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
         )
     producers = [Producer(f"{layer_name}.{n}", layer.get_submodule(n), 1) for n in layout.mlp_producers]
     consumer = layer.get_submodule(layout.mlp_consumer)
+    assign_offsets(producers, consumer.in_features)
     groups.append(
         ChannelGroup(
             kind="mlp",
@@ -160,6 +179,13 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
         )
     )
     return groups
+
+
+def attention_rows(q: nn.Linear, k: nn.Linear, o: nn.Linear) -> tuple[int, int]:
+    """(query rows, key rows) of an attention block: the output projection reads the query heads;
+    a fused q/k/v Linear holds the keys and values, equally many, after them."""
+    query_rows = o.in_features
+    return query_rows, ((q.out_features - query_rows) // 2 if k is q else k.out_features)
 
 
 def group_selected(group: ChannelGroup, targets, ignore) -> bool:

@@ -64,7 +64,7 @@ def select_target_linears(layer: nn.Module, layer_prefix: str, targets, ignore) 
     """Full-name -> Linear for the Linears of one decoder layer selected by ``targets``/``ignore``."""
     selected = {}
     for sub_name, module in layer.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or is_router(module, sub_name):
             continue
         full = f"{layer_prefix}.{sub_name}"
         if targets and not matches(full, targets):
@@ -84,11 +84,15 @@ def linear_params(module: nn.Module) -> int:
     )
 
 
-def is_router(module: nn.Module) -> bool:
-    """Whether ``module`` is a mixture-of-experts router (kept dense by design: it decides where
-    tokens go, and it is a tiny share of the weights)."""
-    name = type(module).__name__.lower()
-    return name.endswith(("router", "moegate", "topkgate"))
+def is_router(module: nn.Module, name: str = "") -> bool:
+    """Whether ``module`` (named ``name`` in its layer) is a mixture-of-experts router or gate
+    (kept dense by design: it decides where tokens go, and it is a tiny share of the weights): a
+    router class (``*Router``, ``*MoeGate``, ``*TopKGate``) or a Linear named ``gate`` /
+    ``*_gate`` (Qwen2-MoE's ``shared_expert_gate``; not ``gate_proj``)."""
+    cls = type(module).__name__.lower()
+    if cls.endswith(("router", "moegate", "topkgate")):
+        return True
+    return isinstance(module, nn.Linear) and re.fullmatch(r"(.*_)?gate", name.rsplit(".", 1)[-1]) is not None
 
 
 def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tuple[int, dict[str, int]]:
@@ -98,7 +102,7 @@ def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tu
     that ``targets``/``ignore`` do not leave out on purpose: full name -> number of weights)."""
     total, unhandled = 0, {}
     for sub_name, module in layer.named_modules():
-        if is_router(module):
+        if is_router(module, sub_name):
             continue
         full_module = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
         for param_name, param in module.named_parameters(recurse=False):
@@ -108,12 +112,17 @@ def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tu
             if isinstance(module, nn.Linear) and param_name == "weight":
                 continue
             full = f"{full_module}.{param_name}"
-            if targets and not matches(full_module, targets) and not matches(full, targets):
-                continue
-            if ignore and (matches(full_module, ignore) or matches(full, ignore)):
-                continue
-            unhandled[full] = param.numel()
+            if parameter_selected(full_module, full, targets, ignore):
+                unhandled[full] = param.numel()
     return total, unhandled
+
+
+def parameter_selected(module_name: str, full_name: str, targets, ignore) -> bool:
+    """Whether ``targets`` / ``ignore`` select a parameter that is not a Linear's weight: the
+    patterns may name its module or the parameter itself."""
+    if targets and not matches(module_name, targets) and not matches(full_name, targets):
+        return False
+    return not (ignore and (matches(module_name, ignore) or matches(full_name, ignore)))
 
 
 def summarize_names(names, prefix: str) -> list[str]:

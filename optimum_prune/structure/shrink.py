@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..modeling import PRUNED_CLASSES
-from .groups import ChannelGroup, base_model_type, head_dim_of, layout_for, unit_indices
+from ..modeling import PRUNED_CLASSES, layer_config
+from .groups import ChannelGroup, assign_offsets, attention_rows, base_model_type, head_dim_of, layout_for, unit_indices
 from .layers import find_decoder_layers
 
 
@@ -56,12 +56,17 @@ def shrink_group(
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     if keep.numel() < 1:
         raise PruningError(f"{group.name}: a structured prune must keep at least one unit.")
+    kept_rows: dict[int, tuple] = {}  # Linear -> (a producer naming it, its kept rows per producer)
     for producer in group.producers:
         rows = unit_indices(keep, producer.rows_per_unit).to(weights[producer.name].device)
+        kept_rows.setdefault(id(producer.linear), (producer, []))[1].append(rows + producer.offset)
+    for producer, parts in kept_rows.values():  # a fused Linear keeps its slices' rows, in order
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
         set_param(producer.linear, "weight", weights[producer.name].index_select(0, rows))
         if producer.linear.bias is not None:
             set_param(producer.linear, "bias", weights[producer.name + ".bias"].index_select(0, rows))
         _sync_features(producer.linear)
+    assign_offsets(group.producers, keep.numel())
     if consumer_weight is None:
         cols = unit_indices(keep, group.cols_per_unit).to(weights[group.consumer_name].device)
         consumer_weight = weights[group.consumer_name].index_select(1, cols)
@@ -84,8 +89,10 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
     for layer in layers:
         entry = {layout.mlp_width_key: layer.get_submodule(layout.mlp_consumer).in_features}
         if layout.attention is not None:
-            entry["num_attention_heads"] = layer.get_submodule(layout.attention[0]).out_features // head_dim
-            entry["num_key_value_heads"] = layer.get_submodule(layout.attention[1]).out_features // head_dim
+            q, k, o = (layer.get_submodule(layout.attention[i]) for i in (0, 1, 3))
+            query_rows, kv_rows = attention_rows(q, k, o)
+            entry["num_attention_heads"] = query_rows // head_dim
+            entry["num_key_value_heads"] = kv_rows // head_dim
         widths.append(entry)
     return widths
 
@@ -114,6 +121,7 @@ def describe_widths(model: nn.Module) -> bool:
         for key, value in widths[0].items():
             setattr(config, key, value)
         config.head_dim = head_dim  # explicit: hidden_size / num_heads no longer gives it
+        _sync_modules(model, widths, heterogeneous=False)
         return False
     config_class, model_class = PRUNED_CLASSES[base_model_type(config)]
     if not already_pruned_class:
@@ -124,7 +132,28 @@ def describe_widths(model: nn.Module) -> bool:
         {k: v for k, v in w.items() if v != getattr(config, k, None)} for w in widths
     ]
     config.architectures = [model_class.__name__]
+    _sync_modules(model, widths, heterogeneous=True)
     return True
+
+
+_COUNTS = ("num_attention_heads", "num_key_value_heads")
+
+
+def _sync_modules(model: nn.Module, widths: list[dict[str, int]], heterogeneous: bool) -> None:
+    """Modules that copied a width when they were built (Phi-3's attention keeps
+    ``num_key_value_heads`` and reads ``num_attention_heads`` from its config to split ``qkv_proj``)
+    see their layer's new widths, as they would after a reload: each layer's modules get the layer's
+    own config (`layer_config`) when the widths differ per layer."""
+    config = model.config
+    _, layers = find_decoder_layers(model)
+    for index, layer in enumerate(layers):
+        own = layer_config(config, index) if heterogeneous else config
+        for module in layer.modules():
+            if heterogeneous and getattr(module, "config", None) is config:
+                module.config = own
+            for key in _COUNTS:
+                if key in widths[index] and isinstance(getattr(module, key, None), int):
+                    setattr(module, key, widths[index][key])
 
 
 def remove_layers(model: nn.Module, drop) -> None:
