@@ -19,7 +19,17 @@ def calibration_ids():
     return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
+def model_for(method: str):
+    """``sparsegpt-moe``: a tiny Mixtral (fused expert banks); otherwise a tiny LLaMA."""
+    if method.endswith("-moe"):
+        from families import build
+
+        return build("mixtral")
+    return tiny_model("llama", num_hidden_layers=3)
+
+
 def config(method: str) -> PruningConfig:
+    method = method.removesuffix("-moe")
     pattern = "structured" if method in ("fasp", "spap") else "unstructured"
     return PruningConfig(method=method, pattern=pattern, sparsity=0.4, num_calibration_samples=8, seqlen=32,
                          batch_size=2, channel_multiple=1)
@@ -27,7 +37,7 @@ def config(method: str) -> PruningConfig:
 
 def main(out: str, method: str) -> None:
     dist.init_process_group("gloo")
-    model = tiny_model("llama", num_hidden_layers=3)
+    model = model_for(method)
     pruner = Pruner(config(method))
     pruner.prune(model, calibration_ids(), progress=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "rotary" not in k}

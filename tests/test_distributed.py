@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from distributed_worker import calibration_ids, config
 from conftest import tiny_model
+from distributed_worker import calibration_ids, config, model_for
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "fasp"])
+@pytest.mark.parametrize("method", ["sparsegpt", "fasp", "sparsegpt-moe"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -30,7 +30,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, method):
     rank1 = load_file(tmp_path / f"{method}-rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
 
-    reference = tiny_model("llama", num_hidden_layers=3)
+    reference = model_for(method)
     Pruner(config(method)).prune(reference, calibration_ids(), progress=False)
     expected = reference.state_dict()
     for key, value in rank0.items():
