@@ -29,10 +29,7 @@ from ..configuration import PruningConfig
 from ..patterns import Target
 from ..errors import PruningError
 from ..methods.base import PruningMethod
-from ..methods.magnitude import Magnitude, MagnitudeOptions
-from ..methods.structured import StructuredProblem, StructuredResult
-from ..structure.experts import expert_matrix, set_expert_matrix
-from ..structure.groups import ChannelGroup
+from ..methods.structured import StructuredResult
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import describe_widths, shrink_group
 from .activations import ActivationStore, check_place
@@ -41,8 +38,10 @@ from .capture import (ExpertCollector, StatisticsCollector, StopForward, check_c
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics
 from .plan import ExpertTask, LayerPlan, LinearTask
-from .offload import (commit_value, dense_snapshot, editable_value, execution_device, onloaded, read_weight,
-                      release_freed_memory, set_param, swapped, to_device, write_weight)
+from .offload import (commit_value, dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
+                      set_param, swapped, to_device, write_weight)
+from .problems import (apply_to_group, check_finite_result, check_finite_weight, read_group_problem,
+                       solve_expert_bank)
 from .report import PruneReport
 from .statistics import InputStatistics
 
@@ -306,7 +305,7 @@ class LayerwiseEngine:
                 check_finite_weight(task.name, weight)
             results = self.method.prune_linears(weights, stats.get(members[0].name), target)
             for task, result in zip(members, results):
-                _check_finite_result(self.method.name, task.name, result.weight)
+                check_finite_result(self.method.name, task.name, result.weight)
                 self._changes[task.name] = write_weight(task.linear, result.weight, result.mask)
                 pruned = int(result.mask.sum())
                 report.sparsity[task.name] = pruned / result.mask.numel()
@@ -321,42 +320,23 @@ class LayerwiseEngine:
 
     def _prune_experts(self, tasks: list[ExpertTask], collector: ExpertCollector | None, report: PruneReport,
                        device: torch.device) -> None:
-        """Prune each expert of each bank as its own 2-D problem, with the statistics of its tokens
-        (none for a method without calibration). An expert with fewer than ``min_expert_tokens``
-        tokens is pruned by magnitude at the same target (counted in ``report.expert_fallbacks``)."""
+        """Prune each expert of each bank as its own 2-D problem (`solve_expert_bank`), with the
+        statistics of its tokens (none for a method without calibration)."""
         if not tasks:
             return
         if collector is not None:
             collector.check()
             reduce_statistics([s for task in tasks for s in collector.stats[task.name]])
-        fallback = Magnitude(MagnitudeOptions())
         for task in tasks:
-            bank = task.bank
-            stored = editable_value(bank.module, bank.param)  # the bank, edited one expert at a time
-            pruned = total = 0
-            for expert in range(bank.num_experts):
-                where = f"{bank.name}[{expert}]"
-                stats = None if collector is None else collector.stats[bank.name][expert]
-                method = self.method
-                if stats is not None and stats.count < self.config.min_expert_tokens:
-                    method, stats = fallback, None
-                    report.expert_fallbacks[bank.name] = report.expert_fallbacks.get(bank.name, 0) + 1
-                elif stats is not None:
-                    stats.check_finite(where)
-                weight = expert_matrix(bank, expert, stored).to(device=device, dtype=torch.float32)
-                check_finite_weight(where, weight)
-                result = method.prune_linears([weight], stats, task.target)[0]
-                _check_finite_result(self.method.name, where, result.weight)
-                value = result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)
-                set_expert_matrix(bank, stored, expert, value.to(stored.device))
-                pruned += int(result.mask.sum())
-                total += result.mask.numel()
-            commit_value(bank.module, bank.param, stored)
-            self._changes[bank.name] = stored
-            report.sparsity[bank.name] = pruned / total
-            report.pruned_params += pruned
-            report.total_params += total
-            report.expert_matrices += bank.num_experts
+            stats = None if collector is None else collector.stats[task.name]
+            solved = solve_expert_bank(self.method, task.bank, task.target, stats, self.config.min_expert_tokens, device)
+            self._changes[task.name] = solved.stored
+            report.sparsity[task.name] = solved.pruned / solved.total
+            report.pruned_params += solved.pruned
+            report.total_params += solved.total
+            report.expert_matrices += task.bank.num_experts
+            if solved.fallbacks:
+                report.expert_fallbacks[task.name] = solved.fallbacks
 
     def _prune_structured(self, index: int, stats: dict, report: PruneReport, device: torch.device) -> None:
         report.total_params += self._fixed_params[index]  # Linears of the layer that cannot shrink
@@ -383,49 +363,3 @@ class LayerwiseEngine:
             if result.consumer_weight is not None:
                 self._changes[f"{name}.consumer"] = result.consumer_weight
 
-
-def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_stats):
-    """The `StructuredProblem` of a channel group (float32 weights on ``device``), and the weights
-    by name (producers' biases as ``<name>.bias``) for `shrink_group`."""
-    weights = {p.name: read_weight(p.linear, device) for p in group.producers}
-    weights[group.consumer_name] = read_weight(group.consumer, device)
-    for p in group.producers:
-        if p.linear.bias is not None:
-            weights[p.name + ".bias"] = read_weight(p.linear, device, "bias")
-    for name, weight in weights.items():
-        check_finite_weight(name, weight)
-    problem = StructuredProblem(
-        kind=group.kind,
-        units=group.units,
-        producers=[weights[p.name][p.rows(group.units)] for p in group.producers],
-        rows_per_unit=[p.rows_per_unit for p in group.producers],
-        consumer=weights[group.consumer_name],
-        cols_per_unit=group.cols_per_unit,
-        producer_stats=producer_stats,
-        consumer_stats=consumer_stats,
-    )
-    return problem, weights
-
-
-def apply_to_group(group: ChannelGroup, keep, weights, consumer_weight, report: PruneReport, method: str) -> None:
-    """Shrink ``group`` to the units ``keep`` (a method's result) and record it in ``report``."""
-    if consumer_weight is not None:
-        _check_finite_result(method, group.consumer_name, consumer_weight)
-    before = group.params
-    shrink_group(group, keep, weights, consumer_weight, set_param=set_param)
-    report.sparsity[group.name] = 1.0 - group.params / before
-    report.pruned_params += before - group.params
-
-
-def check_finite_weight(name: str, weight: torch.Tensor) -> None:
-    """Refuse a model weight that holds NaN or inf before it is pruned (no method can fix it)."""
-    if not bool(torch.isfinite(weight).all()):
-        raise PruningError(f"The model's weight {name} holds NaN or inf before pruning: the model file is damaged or "
-                           f"was saved in a dtype that overflowed; re-download or re-save the model, or leave "
-                           f"{name} out with ignore=[...] (--ignore).")
-
-
-def _check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:
-    if not bool(torch.isfinite(weight).all()):
-        raise PruningError(f"{method} produced non-finite weights for {name} from finite ones: its linear systems are "
-                           f"too ill-conditioned; raise dampening (--dampening), e.g. to 0.1.")

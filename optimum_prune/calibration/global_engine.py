@@ -23,7 +23,7 @@ from ..methods.structured import GlobalProblem
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
-from .engine import apply_to_group, read_group_problem
+from .problems import apply_to_group, read_group_problem
 from .capture import StatisticsCollector, check_called, run_windows
 from .offload import input_device
 from .report import PruneReport
