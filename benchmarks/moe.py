@@ -1,21 +1,23 @@
 """Pruning the experts of a mixture-of-experts model with real weights (issue #23).
 
 No MoE ships in the packages reachable here, so this script builds one from SmolLM2-135M
-(MoEfication): in every decoder layer the MLP's 1536 channels are split into ``--experts`` experts
-of co-activating channels (balanced k-means on the channels' activation patterns over calibration
-tokens), and a router is fit by least squares to predict the norm of each expert's contribution
-from the MLP input. The result is a stock transformers ``MixtralForCausalLM`` — SmolLM2's
-attention, norms and embeddings, 8 fused experts per layer, top-``--top-k`` routing — which
-computes SmolLM2's MLP restricted to the channels of the chosen experts. The router's logits are
-scaled by a small temperature so that Mixtral's renormalised top-k weights are ~1/k, and each
-expert's down projection is multiplied by k to compensate. It is cached (``--cache``) and built
-from calibration windows of seed 1, apart from the pruning calibration (seed 0 onwards).
+(MoEfication). In every decoder layer the MLP's 1536 channels are split: the ``--shared`` most
+important ones (mean |activation| x norm of their down-projection column) become an always-on
+shared expert, the rest ``--experts`` routed experts of co-activating channels (balanced k-means on
+the channels' activation patterns over calibration tokens), and a router is fit by least squares
+to predict the norm of each routed expert's contribution from the MLP input. The result is a stock
+transformers ``Qwen2MoeForCausalLM`` with SmolLM2's attention, norms and embeddings, which computes
+SmolLM2's MLP restricted to the shared channels and those of the top-``--top-k`` experts: the
+router's logits are scaled to at most 1e-3 so that the renormalised top-k weights are ~1/k (each
+expert's down projection is multiplied by k), the shared expert's gate is 0 (sigmoid 1/2, its down
+projection doubled). With every expert selected it reproduces SmolLM2 (checked: same perplexity).
+It is cached and built from calibration windows of seed 1; the pruning calibration uses seeds 0-2.
 
 Then, each configuration in its own process: perplexity of the dense MoE and after pruning 50% of
-the experts' weights (attention left dense) with magnitude, Wanda, SparseGPT and ALPS, each expert
-solved on the tokens routed to it (and SparseGPT with ``expert_calibration="all"``), on two
-held-out texts: the evaluation split of the packaged Wikipedia leads and the Python reference
-(stdlib ``pydoc_data.topics``).
+the MoE's weights (routed experts and shared expert; attention and routers left dense) with
+magnitude, Wanda, SparseGPT and ALPS, each routed expert solved on the tokens routed to it (and
+SparseGPT with ``expert_calibration="all"``), on two held-out texts: the evaluation split of the
+packaged Wikipedia leads and the Python reference (stdlib ``pydoc_data.topics``).
 
     python benchmarks/moe.py                                   # -> docs/results/moe.md
     python benchmarks/moe.py --runs sparsegpt wanda --seeds 0   # a subset
@@ -36,7 +38,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from smollm2 import in_process, peak_rss_mb  # noqa: E402
 
 
-RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps"]
+RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sparsegpt"]
+# runs compared over several calibration seeds (the routed / all difference is small); the others
+# differ by far more than the seed-to-seed spread and run with the first seed only
+SEEDED = ["sparsegpt", "sparsegpt[all]"]
 TEXTS = {"wiki": "packaged:wiki-leads-eval", "python": "pydoc"}
 TEMPERATURE = 1e-3
 
@@ -74,8 +79,9 @@ def _balanced_kmeans(features: torch.Tensor, clusters: int, iterations: int = 20
 
 
 @torch.no_grad()
-def build_moe(checkpoint: str, folder: str, experts: int, top_k: int, samples: int, seqlen: int, tokens: int) -> dict:
-    """MoEfy SmolLM2 into ``folder`` (a Mixtral checkpoint); returns what was built."""
+def build_moe(checkpoint: str, folder: str, experts: int, top_k: int, shared: int, samples: int, seqlen: int,
+              tokens: int) -> dict:
+    """MoEfy SmolLM2 into ``folder`` (a Qwen2-MoE checkpoint); returns what was built."""
     import transformers
 
     from optimum_prune.calibration.data import calibration_windows
@@ -84,59 +90,68 @@ def build_moe(checkpoint: str, folder: str, experts: int, top_k: int, samples: i
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     cfg = model.config
     windows = calibration_windows("packaged:wiki-leads", tokenizer, samples, seqlen, seed=1)
-    inputs = {i: [] for i in range(cfg.num_hidden_layers)}
-    handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, a[0].shape[-1])))
-               for i, layer in enumerate(model.model.layers)]
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.randperm(samples * seqlen, generator=generator)[:tokens]  # the same tokens in every layer
+    inputs = {}
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(
+        a[0].reshape(-1, a[0].shape[-1]))) for i, layer in enumerate(model.model.layers)]
     for batch in windows.split(8):
         model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
-    width = cfg.intermediate_size // experts
-    moe_config = transformers.MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=width,
+    routed = cfg.intermediate_size - shared
+    width = routed // experts
+    moe_config = transformers.Qwen2MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
-        num_local_experts=experts, num_experts_per_tok=top_k, router_jitter_noise=0.0, sliding_window=None,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+        tie_word_embeddings=cfg.tie_word_embeddings, qkv_bias=False, num_experts=experts,
+        num_experts_per_tok=top_k, norm_topk_prob=True, moe_intermediate_size=width,
+        shared_expert_intermediate_size=shared, decoder_sparse_step=1, mlp_only_layers=[],
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
     )
     state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
-    generator = torch.Generator().manual_seed(0)
     router_fit = []
     for i, layer in enumerate(model.model.layers):
-        x = torch.cat(inputs[i])
-        x = x[torch.randperm(x.shape[0], generator=generator)[:tokens]]
+        x = torch.cat(inputs.pop(i))[keep]
         mlp = layer.mlp
         act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # tokens x 1536
-        features = act.abs().T
+        importance = act.abs().mean(0) * mlp.down_proj.weight.norm(dim=0)
+        order = importance.argsort(descending=True)
+        shared_channels, rest = order[:shared].sort().values, order[shared:]
+        features = act[:, rest].abs().T
         features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
         groups = _balanced_kmeans(features, experts, seed=i)
-        channels = [torch.nonzero(groups == e).squeeze(1) for e in range(experts)]
+        channels = [rest[groups == e].sort().values for e in range(experts)]
         # what each expert adds to the MLP output, per token: the router learns to predict its norm
         scores = torch.stack([(act[:, ch] @ mlp.down_proj.weight[:, ch].T).norm(dim=1) for ch in channels], dim=1)
         xb = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
         ridge = 1e-3 * xb.square().mean() * torch.eye(xb.shape[1])
         weight = torch.linalg.solve(xb.T @ xb + ridge, xb.T @ scores).T[:, :-1]  # experts x hidden (bias dropped)
-        chosen = (x @ weight.T).topk(top_k, dim=1).indices
-        best = scores.topk(top_k, dim=1).indices
+        logits = x @ weight.T
+        chosen, best = logits.topk(top_k, dim=1).indices, scores.topk(top_k, dim=1).indices
         router_fit.append(float((chosen.unsqueeze(2) == best.unsqueeze(1)).any(2).float().mean()))
         prefix = f"model.layers.{i}.mlp"
-        state[f"{prefix}.gate.weight"] = TEMPERATURE * weight
+        # logits of at most TEMPERATURE: the softmax is ~uniform, the renormalised top-k weights ~1/k
+        state[f"{prefix}.gate.weight"] = weight * (TEMPERATURE / float(logits.abs().max()))
         state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
             [torch.cat([mlp.gate_proj.weight[ch], mlp.up_proj.weight[ch]]) for ch in channels])
         state[f"{prefix}.experts.down_proj"] = torch.stack([top_k * mlp.down_proj.weight[:, ch] for ch in channels])
-        inputs[i] = None
-    moe = transformers.MixtralForCausalLM(moe_config).eval()
+        state[f"{prefix}.shared_expert.gate_proj.weight"] = mlp.gate_proj.weight[shared_channels]
+        state[f"{prefix}.shared_expert.up_proj.weight"] = mlp.up_proj.weight[shared_channels]
+        state[f"{prefix}.shared_expert.down_proj.weight"] = 2 * mlp.down_proj.weight[:, shared_channels]
+        state[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, cfg.hidden_size)  # sigmoid(0) = 1/2
+    moe = transformers.AutoModelForCausalLM.from_config(moe_config).eval()
     missing, unexpected = moe.load_state_dict(state, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     moe.tie_weights()
     os.makedirs(folder, exist_ok=True)
     moe.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    info = {"experts": experts, "top_k": top_k, "expert_width": width, "build_windows": samples, "build_seqlen": seqlen,
-            "tokens_per_layer": tokens, "router_top_k_overlap": sum(router_fit) / len(router_fit),
-            "temperature": TEMPERATURE}
+    info = {"experts": experts, "top_k": top_k, "expert_width": width, "shared_width": shared,
+            "build_windows": samples, "build_seqlen": seqlen, "tokens_per_layer": tokens,
+            "router_top_k_overlap": sum(router_fit) / len(router_fit), "temperature": TEMPERATURE}
     with open(os.path.join(folder, "moefication.json"), "w") as handle:
         json.dump(info, handle, indent=1)
     return info
@@ -164,9 +179,11 @@ def _prune(args, run, seed, queue):
     from optimum_prune import Pruner, PruningConfig
     from optimum_prune.calibration.data import calibration_windows
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.moe, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.moe)
-    method, _, mode = run.partition("[")
+    source, _, spec = run.rpartition(":")  # "smollm2:sparsegpt": the dense source model, same MLP-only prune
+    folder = args.checkpoint if source == "smollm2" else args.moe
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    method, _, mode = spec.partition("[")
     config = PruningConfig(method=method, sparsity=0.5, num_calibration_samples=args.num_samples, seqlen=args.seqlen,
                            seed=seed, ignore=["*self_attn*"], expert_calibration=mode.rstrip("]") or "routed",
                            method_kwargs={"max_iter": 100} if method == "alps" else {})
@@ -175,17 +192,19 @@ def _prune(args, run, seed, queue):
     start = time.perf_counter()
     pruner.prune(model, windows, progress=False)
     seconds = time.perf_counter() - start
-    banks = [p for n, p in model.named_parameters() if ".experts." in n]
-    zeros = sum(int((p == 0).sum()) for p in banks) / sum(p.numel() for p in banks)
+    mlp = [p for n, p in model.named_parameters()  # the MLP's matrices, routers left out
+           if ".mlp." in n and p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    zeros = sum(int((p == 0).sum()) for p in mlp) / sum(p.numel() for p in mlp)
     report = pruner.report
     queue.put({"run": run, "seed": seed, "ppl": _evaluate(model, tokenizer, args), "prune_s": seconds,
-               "expert_sparsity": zeros, "expert_matrices": report.expert_matrices,
+               "mlp_sparsity": zeros, "expert_matrices": report.expert_matrices,
                "fallbacks": sum(report.expert_fallbacks.values()), "peak_rss_mb": peak_rss_mb()})
 
 
-def _mean_spread(values):
+def _mean_spread(values) -> str:
+    """``mean ± half the range`` over seeds, or the one value."""
     mean = sum(values) / len(values)
-    return mean, (max(values) - min(values)) / 2
+    return f"{mean:.2f}" + (f" ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else "")
 
 
 def write_results(path, args, info, dense, rows):
@@ -200,11 +219,14 @@ def write_results(path, args, info, dense, rows):
         "process, nothing else running).",
         "",
         f"**The model.** No MoE ships in the packages reachable here; this one is built from SmolLM2-135M-Instruct "
-        f"(MoEfication, see the script's docstring): every layer's 1536 MLP channels split into {info['experts']} "
-        f"experts of {info['expert_width']} co-activating channels, a least-squares router, top-{info['top_k']} "
-        f"routing — a stock `MixtralForCausalLM` with real weights. The router picks, on average over the layers, "
+        f"(MoEfication, see the script's docstring): every layer's 1536 MLP channels split into a shared expert of "
+        f"{info['shared_width']} channels and {info['experts']} routed experts of {info['expert_width']} "
+        f"co-activating channels, a least-squares router, top-{info['top_k']} routing — a stock "
+        f"`Qwen2MoeForCausalLM` with real weights. The router picks, on average over the layers, "
         f"{info['router_top_k_overlap']:.0%} of the top-{info['top_k']} experts by actual contribution (on its "
-        f"build tokens). Built from {info['build_windows']} x {info['build_seqlen']} calibration tokens of seed 1.",
+        f"build tokens). Built from {info['build_windows']} x {info['build_seqlen']} calibration tokens of seed 1. "
+        "With all experts selected it computes SmolLM2 exactly; top-4 of 8 loses the rest of the MLP, hence its "
+        "higher perplexity: the pruning results below are relative to the dense MoE.",
         "",
         f"Perplexity over the first {args.eval_windows} windows x {args.seqlen} tokens of each held-out text: "
         "`wiki` = the evaluation split of the packaged Wikipedia leads, `python` = the Python reference "
@@ -215,23 +237,29 @@ def write_results(path, args, info, dense, rows):
         f"| SmolLM2-135M (dense, the source) | {dense['smollm2']['wiki']:.2f} | {dense['smollm2']['python']:.2f} |",
         f"| MoE (dense) | {dense['moe']['wiki']:.2f} | {dense['moe']['python']:.2f} |",
         "",
-        f"**Unstructured 50% of the experts' weights** (attention left dense, routers never pruned), "
+        f"**Unstructured 50% of the MoE weights** (routed experts and the shared expert; attention and routers left "
+        f"dense), "
         f"{args.num_samples} calibration windows x {args.seqlen} tokens of the Wikipedia calibration split; "
-        f"calibration seeds {', '.join(map(str, args.seeds))}: mean ± half the range over seeds. Each expert is "
-        f"solved as its own problem on the tokens routed to it; `[all]` = `expert_calibration=\"all\"` (every token).",
+        f"calibration seed 0, and for {' and '.join(SEEDED)} seeds {', '.join(map(str, args.seeds))} (mean ± half the "
+        f"range). `smollm2: sparsegpt` is the same MLP-only prune of the dense source model, for scale. Each expert is "
+        f"solved as its own problem on the tokens routed to it; `[all]` = `expert_calibration=\"all\"` (every token). "
+        "ALPS runs with `max_iter=100` (default 300) to fit the time.",
         "",
-        "| method | wiki | x dense MoE | python | x dense MoE | expert sparsity | prune s | peak RSS MB |",
+        "| model: method | wiki | x its dense | python | x its dense | MLP sparsity | prune s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for run, items in by_run.items():
-        wiki = _mean_spread([r["ppl"]["wiki"] for r in items])
-        python = _mean_spread([r["ppl"]["python"] for r in items])
+        base = dense["smollm2"] if run.startswith("smollm2:") else dense["moe"]
+        label = run if run.startswith("smollm2:") else f"MoE: {run}"
+        seeds = f" ({len(items)} seeds)" if len(items) > 1 else " (seed 0)"
+        wiki = [r["ppl"]["wiki"] for r in items]
+        python = [r["ppl"]["python"] for r in items]
         seconds = sum(r["prune_s"] for r in items) / len(items)
         rss = max(r["peak_rss_mb"] for r in items)
         lines.append(
-            f"| {run} | {wiki[0]:.2f} ± {wiki[1]:.2f} | {wiki[0] / dense['moe']['wiki']:.2f} | "
-            f"{python[0]:.2f} ± {python[1]:.2f} | {python[0] / dense['moe']['python']:.2f} | "
-            f"{items[0]['expert_sparsity']:.4f} | {seconds:.0f} | {rss:.0f} |")
+            f"| {label}{seeds} | {_mean_spread(wiki)} | {sum(wiki) / len(wiki) / base['wiki']:.2f} | "
+            f"{_mean_spread(python)} | {sum(python) / len(python) / base['python']:.2f} | "
+            f"{items[0]['mlp_sparsity']:.4f} | {seconds:.0f} | {rss:.0f} |")
     lines += ["", "Raw rows:", "", "```json", *(json.dumps(r) for r in rows), "```", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
@@ -243,6 +271,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--shared", type=int, default=512, help="MLP channels of the shared expert (always on)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
@@ -253,22 +282,32 @@ def main():
     from optimum_prune.assets import cache_dir, smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    args.moe = args.cache or os.path.join(cache_dir(), f"smollm2-moe-{args.experts}x-top{args.top_k}")
+    args.moe = args.cache or os.path.join(cache_dir(), f"smollm2-moe-s{args.shared}-{args.experts}x-top{args.top_k}")
     if not os.path.isfile(os.path.join(args.moe, "moefication.json")):
         print(f"building the MoE in {args.moe}", flush=True)
-        build_moe(args.checkpoint, args.moe, args.experts, args.top_k, 64, args.seqlen, args.build_tokens)
+        build_moe(args.checkpoint, args.moe, args.experts, args.top_k, args.shared, 64, args.seqlen, args.build_tokens)
     with open(os.path.join(args.moe, "moefication.json")) as handle:
         info = json.load(handle)
     print(json.dumps(info), flush=True)
-    dense = in_process(_dense, args)
+    dense_path = os.path.join(args.moe, f"dense-eval{args.eval_windows}x{args.seqlen}.json")
+    if not os.path.isfile(dense_path):
+        with open(dense_path, "w") as handle:
+            json.dump(in_process(_dense, args), handle)
+    dense = json.load(open(dense_path))
     print(json.dumps(dense), flush=True)
-    rows = []
+    # finished rows are kept next to the model: a rerun with the same settings only adds what is missing
+    done_path = os.path.join(args.moe, f"rows-{args.num_samples}x{args.seqlen}-eval{args.eval_windows}.json")
+    done = json.load(open(done_path)) if os.path.isfile(done_path) else []
     for seed in args.seeds:
         for run in args.runs:
-            rows.append(in_process(_prune, args, run, seed))
-            print(json.dumps(rows[-1]), flush=True)
-            write_results(args.output, args, info, dense, rows)
-    write_results(args.output, args, info, dense, rows)
+            if (seed != args.seeds[0] and run not in SEEDED) or any(r["run"] == run and r["seed"] == seed for r in done):
+                continue
+            done.append(in_process(_prune, args, run, seed))
+            print(json.dumps(done[-1]), flush=True)
+            with open(done_path, "w") as handle:
+                json.dump(done, handle, indent=1)
+            write_results(args.output, args, info, dense, done)
+    write_results(args.output, args, info, dense, done)
 
 
 if __name__ == "__main__":
