@@ -150,35 +150,20 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
             Producer(f"{layer_name}.{layout.attention[1]}", k, head_dim),
             Producer(f"{layer_name}.{layout.attention[2]}", v, head_dim),
         ]
-        assign_offsets(producers, kv_heads)
-        groups.append(
-            ChannelGroup(
-                kind="attention",
-                name=f"{layer_name}.{layout.attention_name}",
-                layer_index=index,
-                producers=producers,
-                consumer_name=f"{layer_name}.{layout.attention[3]}",
-                consumer=o,
-                cols_per_unit=rep * head_dim,
-                units=kv_heads,
-            )
-        )
+        groups.append(_group("attention", f"{layer_name}.{layout.attention_name}", index, producers,
+                             f"{layer_name}.{layout.attention[3]}", o, rep * head_dim, kv_heads))
     producers = [Producer(f"{layer_name}.{n}", layer.get_submodule(n), 1) for n in layout.mlp_producers]
     consumer = layer.get_submodule(layout.mlp_consumer)
-    assign_offsets(producers, consumer.in_features)
-    groups.append(
-        ChannelGroup(
-            kind="mlp",
-            name=f"{layer_name}.{layout.mlp_name}",
-            layer_index=index,
-            producers=producers,
-            consumer_name=f"{layer_name}.{layout.mlp_consumer}",
-            consumer=consumer,
-            cols_per_unit=1,
-            units=consumer.in_features,
-        )
-    )
+    groups.append(_group("mlp", f"{layer_name}.{layout.mlp_name}", index, producers,
+                         f"{layer_name}.{layout.mlp_consumer}", consumer, 1, consumer.in_features))
     return groups
+
+
+def _group(kind: str, name: str, index: int, producers: list[Producer], consumer_name: str, consumer: nn.Linear,
+           cols_per_unit: int, units: int) -> ChannelGroup:
+    assign_offsets(producers, units)
+    return ChannelGroup(kind=kind, name=name, layer_index=index, producers=producers, consumer_name=consumer_name,
+                        consumer=consumer, cols_per_unit=cols_per_unit, units=units)
 
 
 def attention_rows(q: nn.Linear, k: nn.Linear, o: nn.Linear) -> tuple[int, int]:
