@@ -114,30 +114,20 @@ class ExpertCollector:
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def _enter(self, module: nn.Module, banks: list[ExpertBank]):
-        names = list(inspect.signature(module.forward).parameters)[:3]  # hidden states, indices, weights
+        signature = inspect.signature(module.forward)
+        names = list(signature.parameters)[:3]  # hidden states, indices, weights
 
         def pre_hook(mod, args, kwargs):
-            args, kwargs = list(args), dict(kwargs)
-            where = [("args", i) if i < len(args) else ("kwargs", name) for i, name in enumerate(names)]
-
-            def get(i):
-                kind, key = where[i]
-                return args[key] if kind == "args" else kwargs.get(key)
-
-            def put(i, value):
-                kind, key = where[i]
-                if kind == "args":
-                    args[key] = value
-                else:
-                    kwargs[key] = value
-
-            if len(names) < 3 or get(1) is None:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return None
+            if len(names) < 3 or bound.arguments.get(names[1]) is None:
                 return None  # not the (hidden states, indices, weights) call this collector knows
-            index = get(1)
+            index = bound.arguments[names[1]]
             if self.all_tokens:
-                index, weights = widen_routing(index, get(2), banks[0].num_experts)
-                put(1, index)
-                put(2, weights)
+                index, weights = widen_routing(index, bound.arguments.get(names[2]), banks[0].num_experts)
+                bound.arguments[names[1]], bound.arguments[names[2]] = index, weights
             valid = index[index < banks[0].num_experts].flatten().cpu()
             counts = torch.bincount(valid, minlength=banks[0].num_experts)
             for bank in banks:
@@ -149,7 +139,7 @@ class ExpertCollector:
             mode = _ExpertMode(self, banks)
             mode.__enter__()
             self._active.append((mode, config, saved))
-            return tuple(args), kwargs
+            return bound.args, bound.kwargs
 
         return pre_hook
 

@@ -307,10 +307,7 @@ class LayerwiseEngine:
             for task, result in zip(members, results):
                 check_finite_result(self.method.name, task.name, result.weight)
                 self._changes[task.name] = write_weight(task.linear, result.weight, result.mask)
-                pruned = int(result.mask.sum())
-                report.sparsity[task.name] = pruned / result.mask.numel()
-                report.pruned_params += pruned
-                report.total_params += result.mask.numel()
+                report.record(task.name, int(result.mask.sum()), result.mask.numel())
 
     def _expert_collector(self, tasks, device) -> ExpertCollector | None:
         if not tasks.experts:
@@ -331,9 +328,7 @@ class LayerwiseEngine:
             stats = None if collector is None else collector.stats[task.name]
             solved = solve_expert_bank(self.method, task.bank, task.target, stats, self.config.min_expert_tokens, device)
             self._changes[task.name] = solved.stored
-            report.sparsity[task.name] = solved.pruned / solved.total
-            report.pruned_params += solved.pruned
-            report.total_params += solved.total
+            report.record(task.name, solved.pruned, solved.total)
             report.expert_matrices += task.bank.num_experts
             if solved.fallbacks:
                 report.expert_fallbacks[task.name] = solved.fallbacks

@@ -138,11 +138,7 @@ def write_weight(linear: nn.Linear, new: torch.Tensor, mask: torch.Tensor | None
     value = new.to(dtype=dtype)
     if mask is not None:
         value = value.masked_fill(mask, 0)
-    if offloaded is not None:  # the offload store is what the next forward loads
-        _store_put(linear, "weight", value)
-    if linear.weight.device.type != "meta":
-        with torch.no_grad():
-            linear.weight.data.copy_(value.to(linear.weight.device))
+    commit_value(linear, "weight", value)
     return value
 
 
@@ -161,7 +157,7 @@ def commit_value(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if offload_store(module) is not None:
         _store_put(module, name, value)
     param = getattr(module, name)
-    if param.device.type != "meta" and value is not param.data:
+    if param.device.type != "meta" and value.data_ptr() != param.data_ptr():  # not edited in place
         with torch.no_grad():
             param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 

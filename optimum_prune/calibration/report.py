@@ -21,6 +21,12 @@ class PruneReport:
     expert_matrices: int = 0  # expert matrices of fused MoE banks pruned (each its own problem)
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
 
+    def record(self, name: str, pruned: int, total: int) -> None:
+        """``pruned`` of the ``total`` weights of tensor ``name`` were zeroed."""
+        self.sparsity[name] = pruned / total
+        self.pruned_params += pruned
+        self.total_params += total
+
     @property
     def overall_sparsity(self) -> float:
         """Zeros made among the weights the prune targeted (see `coverage` for how many those are)."""

@@ -61,7 +61,7 @@ def shrink_group(
         rows = unit_indices(keep, producer.rows_per_unit).to(weights[producer.name].device)
         kept_rows.setdefault(id(producer.linear), (producer, []))[1].append(rows + producer.offset)
     for producer, parts in kept_rows.values():  # a fused Linear keeps its slices' rows, in order
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        rows = torch.cat(parts)
         set_param(producer.linear, "weight", weights[producer.name].index_select(0, rows))
         if producer.linear.bias is not None:
             set_param(producer.linear, "bias", weights[producer.name + ".bias"].index_select(0, rows))
