@@ -38,10 +38,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from smollm2 import in_process, peak_rss_mb  # noqa: E402
 
 
-RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sparsegpt"]
-# runs compared over several calibration seeds (the routed / all difference is small); the others
-# differ by far more than the seed-to-seed spread and run with the first seed only
-SEEDED = ["sparsegpt", "sparsegpt[all]"]
+#: whole-expert removal: "drop-<score>-<percent of the routed experts removed>"
+DROPS = [f"drop-{score}-{level}" for level in (25, 50) for score in ("reap", "frequency", "random")]
+RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sparsegpt", *DROPS]
+# runs compared over several calibration seeds (the routed / all difference is small; the expert
+# scores are compared with each other); the others differ by far more than the seed-to-seed spread
+# and run with the first seed only. A random removal uses the calibration seed as its own seed.
+SEEDED = ["sparsegpt", "sparsegpt[all]", *DROPS]
 TEXTS = {"wiki": "packaged:wiki-leads-eval", "python": "pydoc"}
 TEMPERATURE = 1e-3
 
@@ -184,9 +187,16 @@ def _prune(args, run, seed, queue):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     method, _, mode = spec.partition("[")
-    config = PruningConfig(method=method, sparsity=0.5, num_calibration_samples=args.num_samples, seqlen=args.seqlen,
-                           seed=seed, ignore=["*self_attn*"], expert_calibration=mode.rstrip("]") or "routed",
-                           method_kwargs={"max_iter": 100} if method == "alps" else {})
+    if method.startswith("drop-"):  # whole experts of every MoE block (router rows with them)
+        _, score, level = method.split("-")
+        config = PruningConfig(method="expert-drop", pattern="structured", sparsity=int(level) / 100,
+                               num_calibration_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
+                               method_kwargs={"score": score, "seed": seed})
+    else:
+        config = PruningConfig(method=method, sparsity=0.5, num_calibration_samples=args.num_samples,
+                               seqlen=args.seqlen, seed=seed, ignore=["*self_attn*"],
+                               expert_calibration=mode.rstrip("]") or "routed",
+                               method_kwargs={"max_iter": 100} if method == "alps" else {})
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, seed)
     pruner = Pruner(config)
     start = time.perf_counter()
@@ -198,7 +208,9 @@ def _prune(args, run, seed, queue):
     report = pruner.report
     queue.put({"run": run, "seed": seed, "ppl": _evaluate(model, tokenizer, args), "prune_s": seconds,
                "mlp_sparsity": zeros, "expert_matrices": report.expert_matrices,
-               "fallbacks": sum(report.expert_fallbacks.values()), "peak_rss_mb": peak_rss_mb()})
+               "fallbacks": sum(report.expert_fallbacks.values()), "peak_rss_mb": peak_rss_mb(),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "removed_experts": report.removed_experts})
 
 
 def _mean_spread(values) -> str:
@@ -249,6 +261,8 @@ def write_results(path, args, info, dense, rows):
         "|---|---|---|---|---|---|---|---|",
     ]
     for run, items in by_run.items():
+        if run.startswith("drop-"):
+            continue
         base = dense["smollm2"] if run.startswith("smollm2:") else dense["moe"]
         label = run if run.startswith("smollm2:") else f"MoE: {run}"
         seeds = f" ({len(items)} seeds)" if len(items) > 1 else " (seed 0)"
@@ -260,9 +274,41 @@ def write_results(path, args, info, dense, rows):
             f"| {label}{seeds} | {_mean_spread(wiki)} | {sum(wiki) / len(wiki) / base['wiki']:.2f} | "
             f"{_mean_spread(python)} | {sum(python) / len(python) / base['python']:.2f} | "
             f"{items[0]['mlp_sparsity']:.4f} | {seconds:.0f} | {rss:.0f} |")
+    lines += _drop_table(by_run, dense, args, info)
     lines += ["", "Raw rows:", "", "```json", *(json.dumps(r) for r in rows), "```", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
+
+
+def _drop_table(by_run, dense, args, info) -> list[str]:
+    """Whole-expert removal: one row per score and level, mean ± half the range over the seeds."""
+    drops = [run for run in DROPS if run in by_run]
+    if not drops:
+        return []
+    lines = [
+        "",
+        f"**Whole experts removed** (`expert-drop`, structured): 25% and 50% of the {info['experts']} routed experts "
+        f"of every layer ({info['experts'] // 4} and {info['experts'] // 2}) with their router rows; top-{info['top_k']} "
+        "routing among the experts left (at 50% every token uses all four). Scores from the calibration tokens routed "
+        "to each expert: `reap` = mean over them of routing weight x ||expert output|| (REAP), `frequency` = how many, "
+        f"`random` = a seeded random choice (the calibration seed). Calibration seeds "
+        f"{', '.join(map(str, args.seeds))}, {args.num_samples} windows x {args.seqlen} tokens; mean ± half the range.",
+        "",
+        "| experts removed | score | wiki | x dense MoE | python | x dense MoE | parameters | prune s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in drops:
+        items = by_run[run]
+        _, score, level = run.split("-")
+        wiki = [r["ppl"]["wiki"] for r in items]
+        python = [r["ppl"]["python"] for r in items]
+        seconds = sum(r["prune_s"] for r in items) / len(items)
+        lines.append(
+            f"| {level}% | {score} ({len(items)} seeds) | {_mean_spread(wiki)} | "
+            f"{sum(wiki) / len(wiki) / dense['moe']['wiki']:.2f} | {_mean_spread(python)} | "
+            f"{sum(python) / len(python) / dense['moe']['python']:.2f} | {items[0]['parameters'] / 1e6:.1f} M | "
+            f"{seconds:.0f} |")
+    return lines
 
 
 def main():

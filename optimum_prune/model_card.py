@@ -165,6 +165,7 @@ def build_model_card(
          if "coverage" in results else None),
         ("left dense", results.get("unhandled_note")),
         ("MoE experts", _experts_text(results.get("experts"))),
+        ("experts removed", _removed_experts_text(results.get("removed_experts"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
         ("recovery", _recovery_text(results.get("recovery"))),
@@ -198,6 +199,15 @@ def build_model_card(
         + "\nThe full pruning configuration is in `pruning_config.json` (also under `pruning_config` in `config.json`).\n"
     )
     return ModelCard(content)
+
+
+def _removed_experts_text(removed: dict | None) -> str | None:
+    if not removed:
+        return None
+    counts = sorted({len(v) for v in removed.values()})
+    per_block = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (f"{sum(map(len, removed.values()))} routed experts removed from {len(removed)} MoE blocks ({per_block} "
+            f"per block, with their router rows; which ones: `removed_experts` in pruning_results.json)")
 
 
 def _experts_text(experts: dict | None) -> str | None:

@@ -20,7 +20,7 @@ def calibration_ids():
 
 
 def model_for(method: str):
-    """``sparsegpt-moe``: a tiny Mixtral (fused expert banks); otherwise a tiny LLaMA."""
+    """``*-moe``: a tiny Mixtral (fused expert banks); otherwise a tiny LLaMA."""
     if method.endswith("-moe"):
         from families import build
 
@@ -30,7 +30,7 @@ def model_for(method: str):
 
 def config(method: str) -> PruningConfig:
     method = method.removesuffix("-moe")
-    pattern = "structured" if method in ("fasp", "spap") else "unstructured"
+    pattern = "structured" if method in ("fasp", "spap", "expert-drop") else "unstructured"
     return PruningConfig(method=method, pattern=pattern, sparsity=0.4, num_calibration_samples=8, seqlen=32,
                          batch_size=2, channel_multiple=1)
 

@@ -69,6 +69,7 @@ def support_row(family: str) -> dict[str, str]:
     from optimum_prune.structure.experts import expert_banks, is_fused_experts
     from optimum_prune.structure.groups import layer_groups
     from optimum_prune.structure.layers import find_decoder_layers
+    from optimum_prune.structure.moe import moe_blocks
 
     model = build(family)
     prefix, layers = find_decoder_layers(model)
@@ -76,7 +77,7 @@ def support_row(family: str) -> dict[str, str]:
         layer_groups(model, layers[0], f"{prefix}.0", 0)
         structured = "yes"
     except PruningError:
-        structured = "no"
+        structured = "whole experts (`expert-drop`)" if moe_blocks(layers[0], f"{prefix}.0") else "no"
     banks = [b for i, layer in enumerate(layers) for b in expert_banks(layer, f"{prefix}.{i}", None, []).values()]
     if banks:
         experts = f"yes ({banks[0].family}{', transposed' if banks[0].transposed else ''})"

@@ -96,7 +96,7 @@ def test_architectures_page_matches_the_models():
     assert table == support_table(), "docs/architectures.md is stale: run `python tests/families.py`"
 
 
-STRUCTURED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt"]
+STRUCTURED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox"]
 
 
 @pytest.mark.parametrize("family", STRUCTURED)
@@ -130,10 +130,10 @@ def test_structured_families_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("widths", ["uniform", "heterogeneous"])
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "gpt_neox"])
 def test_structured_saves_and_loads_in_a_fresh_process(family, widths, tmp_path):
     """Gemma-2/3 (explicit head_dim, q/k norms, sliding-window layers, tied embeddings) and Phi-3
-    (fused qkv_proj and gate_up_proj): fewer parameters, and a fresh interpreter without
+    (fused qkv_proj and gate_up_proj), GPT-NeoX (MLP only): fewer parameters, and a fresh interpreter without
     optimum-prune loads the folder and computes the same logits and greedy generation (stock classes
     when every layer has the same widths)."""
     from conftest import make_tokenizer

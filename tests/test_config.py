@@ -46,7 +46,7 @@ def test_reads_pruning_config_from_model_config(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"method": "nope"}, "choose one of: alps, fasp, fista, magnitude, policy_gradient, spap, sparsefw, sparsegpt, wanda, wanda-sp"),
+        ({"method": "nope"}, "choose one of: alps, expert-drop, fasp, fista, magnitude, policy_gradient, spap, sparsefw, sparsegpt, wanda, wanda-sp"),
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"sparsity": "half"}, "must be a number"),
@@ -113,10 +113,12 @@ def test_method_alias_becomes_the_method_name():
         ("sparsefw", {"refit": "yes"}, "refit must be true or false"),
         ("spap", {"growth": 1.0}, "growth must be > 1"),
         ("spap", {"init": "random"}, "init must be one of"),
+        ("expert-drop", {"score": "usage"}, "score must be one of reap, frequency, random"),
+        ("expert-drop", {"seed": "0"}, "seed must be an integer"),
     ],
 )
 def test_method_options_are_validated(method, kwargs, fragment):
-    pattern = "structured" if method == "spap" else "unstructured"
+    pattern = "structured" if method in ("spap", "expert-drop") else "unstructured"
     with pytest.raises(PruningError, match=fragment.replace("(", r"\(")):
         PruningConfig(method=method, pattern=pattern, method_kwargs=kwargs)
 

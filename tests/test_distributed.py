@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "fasp", "sparsegpt-moe"])
+@pytest.mark.parametrize("method", ["sparsegpt", "fasp", "sparsegpt-moe", "expert-drop-moe"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -16,7 +16,9 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..errors import PruningError
+from ..methods.structured import ExpertUsage
 from ..structure.experts import ExpertBank
+from ..structure.moe import MoEBlock
 from .offload import input_device, to_device
 from .statistics import InputStatistics
 
@@ -174,6 +176,67 @@ class ExpertCollector:
             handle.remove()
         while self._active:
             self._leave(None, None, None)
+
+
+class ExpertUsageCollector:
+    """What each routed expert of MoE blocks (`MoEBlock`) contributes on the calibration tokens:
+    how many tokens the router sent to it and the sum over them of ``routing weight * ||expert
+    output||`` (REAP's saliency before the mean), in float64: ``usage[block name]`` (`ExpertUsage`).
+
+    A hook on each experts module sees its call ``(hidden states, indices, weights)`` and runs the
+    module once more on every (token, chosen expert) pair with weight 1, which gives each expert's
+    own output for its tokens whatever the family's expert function is."""
+
+    def __init__(self, blocks: list[MoEBlock]):
+        self.blocks = blocks
+        self.tokens = {b.name: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+        self.weighted_norm = {b.name: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+        self._inside = False
+        self._handles = [b.experts.register_forward_hook(self._hook(b), with_kwargs=True) for b in blocks]
+
+    def _hook(self, block: MoEBlock):
+        signature = inspect.signature(block.experts.forward)
+        names = list(signature.parameters)[:3]  # hidden states, indices, weights
+
+        def hook(module, args, kwargs, output):
+            if self._inside:
+                return None
+            try:
+                bound = signature.bind(*args, **kwargs).arguments
+            except TypeError:
+                bound = {}
+            if len(names) < 3 or bound.get(names[1]) is None or bound.get(names[2]) is None:
+                raise PruningError(f"The experts of {block.family} ({block.experts_name}) are not called with "
+                                   f"(hidden states, expert indices, routing weights); expert-drop cannot score them.")
+            hidden, index, weights = bound[names[0]], bound[names[1]], bound[names[2]]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+            routed = index < block.num_experts  # slots the router left empty carry index >= E
+            tokens = torch.arange(hidden.shape[0], device=index.device)[:, None].expand_as(index)[routed]
+            chosen = index[routed]
+            self._inside = True
+            try:  # every (token, expert) pair once, routing weight 1: the expert's own output
+                out = module(hidden[tokens], chosen[:, None], torch.ones(chosen.shape[0], 1, dtype=weights.dtype,
+                                                                           device=weights.device))
+            finally:
+                self._inside = False
+            score = out.to(torch.float64).norm(dim=-1) * weights[routed].to(torch.float64)
+            self.tokens[block.name] += torch.bincount(chosen.cpu(), minlength=block.num_experts).to(torch.float64)
+            self.weighted_norm[block.name] += torch.bincount(chosen.cpu(), weights=score.cpu(),
+                                                             minlength=block.num_experts)
+            return None
+
+        return hook
+
+    def usage(self, block: MoEBlock) -> ExpertUsage:
+        return ExpertUsage(self.tokens[block.name], self.weighted_norm[block.name], block.groups)
+
+    def next_batch(self):
+        pass
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
 
 
 class _ExpertMode(TorchFunctionMode):

@@ -95,6 +95,17 @@ def reduce_statistics(stats) -> None:
 
 
 @torch.no_grad()
+def reduce_sums(tensors) -> None:
+    """Sum tensors (counts, scores) over all ranks, in place."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        reduced = tensor.to(_device_for_collectives(tensor.device))
+        torch.distributed.all_reduce(reduced)
+        tensor.copy_(reduced.to(tensor.device))
+
+
+@torch.no_grad()
 def broadcast_layer(layer: nn.Module) -> None:
     """Overwrite every rank's parameters of ``layer`` with rank 0's (shapes agree: budgets are
     deterministic). Parameters held by an accelerate offload store (meta tensors) are skipped."""

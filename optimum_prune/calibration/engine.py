@@ -29,16 +29,17 @@ from ..configuration import PruningConfig
 from ..patterns import Target
 from ..errors import PruningError
 from ..methods.base import PruningMethod
-from ..methods.structured import StructuredResult
+from ..methods.structured import ExpertUsage, StructuredResult
 from ..structure.layers import find_decoder_layers
+from ..structure.moe import remove_experts
 from ..structure.shrink import describe_widths, shrink_group
 from .activations import ActivationStore, check_place
-from .capture import (ExpertCollector, StatisticsCollector, StopForward, check_called, first_output, input_of,
+from .capture import (ExpertCollector, ExpertUsageCollector, StatisticsCollector, StopForward, check_called, first_output, input_of,
                       run_windows)
 from .checkpoint import LayerCheckpoint, fingerprint
-from .distributed import broadcast_layer, reduce_statistics
-from .plan import ExpertTask, LayerPlan, LinearTask
-from .offload import (commit_value, dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
+from .distributed import broadcast_layer, reduce_statistics, reduce_sums
+from .plan import ExpertDropTask, ExpertTask, LayerPlan, LinearTask
+from .offload import (commit_value, current_value, dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
                       set_param, swapped, to_device, write_weight)
 from .problems import (apply_to_group, check_finite_result, check_finite_weight, read_group_problem,
                        solve_expert_bank)
@@ -136,6 +137,8 @@ class LayerwiseEngine:
         needs_data = self.method.needs_calibration
         device = self.compute_device(layer)
         with onloaded(layer, device):
+            if tasks.drops:
+                return self._drop_experts(layer, tasks.drops, inputs, kwargs, device, report)
             if needs_data and not tasks.prunes_anything():  # nothing to prune here: one pass for the next layer's inputs
                 if self.structured:  # count the layer's parameters in the report
                     self._prune_structured(index, {}, report, device)
@@ -215,6 +218,9 @@ class LayerwiseEngine:
                 _, weights = read_group_problem(task.group, device, None, None)
                 shrink_group(task.group, changes[f"{task.name}.keep"], weights, changes.get(f"{task.name}.consumer"),
                              set_param=set_param)
+        for task in tasks.drops:
+            if f"{task.name}.keep_experts" in changes:
+                remove_experts(task.block, changes[f"{task.name}.keep_experts"], set_param, read=current_value)
         for task in tasks.linears:
             if task.name in changes:
                 write_weight(task.linear, changes[task.name])
@@ -332,6 +338,40 @@ class LayerwiseEngine:
             report.expert_matrices += task.bank.num_experts
             if solved.fallbacks:
                 report.expert_fallbacks[task.name] = solved.fallbacks
+
+    def _drop_experts(self, layer, tasks: list[ExpertDropTask], inputs, kwargs, device, report: PruneReport):
+        """Remove whole experts of the layer's MoE blocks, chosen by the method from what the
+        calibration tokens routed to them (`ExpertUsageCollector`); returns the next layer's inputs."""
+        usage, outputs = None, None
+        if self.method.needs_calibration:
+            usage = ExpertUsageCollector([task.block for task in tasks])
+            try:
+                outputs = self._run_layer(layer, inputs, kwargs, device, [usage], keep=not self.config.sequential)
+            finally:
+                usage.remove()
+            reduce_sums([*usage.tokens.values(), *usage.weighted_norm.values()])
+        for task in tasks:
+            block = task.block
+            before, count = block.params, block.num_experts
+            report.total_params += before
+            if task.remove == 0:
+                report.sparsity[task.name] = 0.0
+                continue
+            found = usage.usage(block) if usage is not None else ExpertUsage(
+                torch.zeros(count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64), block.groups)
+            keep = self.method.select_experts(found, task.remove).to(torch.long).sort().values
+            if keep.numel() != count - task.remove or keep.unique().numel() != keep.numel():
+                raise RuntimeError(f"{self.method.name} kept {keep.numel()} distinct experts of {task.name}, "
+                                   f"expected {count - task.remove}")
+            remove_experts(block, keep, set_param, read=current_value)
+            report.sparsity[task.name] = 1.0 - block.params / before
+            report.pruned_params += before - block.params
+            report.removed_experts[task.name] = sorted(set(range(count)) - set(keep.tolist()))
+            self._changes[f"{task.name}.keep_experts"] = keep
+        broadcast_layer(layer)
+        if inputs is not None and (outputs is None or self.config.sequential):
+            outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+        return outputs
 
     def _prune_structured(self, index: int, stats: dict, report: PruneReport, device: torch.device) -> None:
         report.total_params += self._fixed_params[index]  # Linears of the layer that cannot shrink

@@ -11,6 +11,7 @@ per channel group (structured pruning).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from ..patterns import SparsityPattern, Target, resolve_sparsity
 from ..structure.budget import plan_removals
 from ..structure.experts import ExpertBank, expert_banks
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
+from ..structure.moe import MoEBlock, check_removal, moe_blocks
 from ..structure.layers import first_match, linear_params, select_target_linears, weight_inventory
 from .report import PruneReport
 
@@ -70,6 +72,18 @@ class GroupTask:
         return [p.linear for p in self.group.producers] + [self.group.consumer]
 
 
+@dataclass(frozen=True)
+class ExpertDropTask:
+    """Remove ``remove`` whole experts (possibly 0) of the MoE block ``block`` (structured)."""
+
+    block: MoEBlock
+    remove: int
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+
 @dataclass
 class LayerTasks:
     """What one decoder layer gets: Linears to sparsify, or channel groups to shrink."""
@@ -77,15 +91,19 @@ class LayerTasks:
     linears: list[LinearTask] = field(default_factory=list)
     groups: list[GroupTask] = field(default_factory=list)
     experts: list[ExpertTask] = field(default_factory=list)
+    drops: list[ExpertDropTask] = field(default_factory=list)
 
     def prunes_anything(self) -> bool:
         """Whether the layer loses any weight (structured groups may remove 0 units)."""
-        return bool(self.linears) or bool(self.experts) or any(task.remove > 0 for task in self.groups)
+        return (bool(self.linears) or bool(self.experts) or any(task.remove > 0 for task in self.groups)
+                or any(task.remove > 0 for task in self.drops))
 
     def covered_weights(self) -> int:
         """Weights of the distinct Linears and expert banks the tasks touch."""
         linears = {id(linear): linear for task in [*self.linears, *self.groups] for linear in task.linears()}
         banks = sum(task.bank.tensor.numel() for task in self.experts)
+        banks += sum(p.numel() for task in self.drops for p in task.block.experts.parameters(recurse=False)
+                     if p.dim() == 3)
         return sum(linear.weight.numel() for linear in linears.values()) + banks
 
 
@@ -123,6 +141,9 @@ class LayerPlan:
         plan = []
         for index, layer in enumerate(self.layers):
             layer_name = f"{self.prefix}.{index}"
+            if self.structured and self.method.removes_experts:
+                plan.append(self._expert_drop_entry(layer, layer_name))
+                continue
             if self.structured:
                 plan.append(self._structured_entry(layer, layer_name, index))
                 continue
@@ -137,6 +158,12 @@ class LayerPlan:
                 target.check_width(bank.in_features, name)
                 tasks.experts.append(ExpertTask(bank, target))
             plan.append(tasks)
+        if self.structured and self.method.removes_experts and not any(tasks.drops for tasks in plan):
+            raise PruningError(
+                f"{self.method.name} removes experts of mixture-of-experts blocks, and no decoder layer of this "
+                f"{getattr(self.model.config, 'model_type', type(self.model).__name__)} model has one (matching "
+                f"targets={self.config.targets} ignore={self.config.ignore}); use a channel method such as fasp."
+            )
         if not any(tasks.prunes_anything() for tasks in plan):
             raise PruningError(
                 f"No {'channel group' if self.structured else 'Linear'} inside the decoder layers ({self.prefix}.N) "
@@ -152,9 +179,23 @@ class LayerPlan:
             total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
             coverage.layer_weights += total
             covered = {task.name for task in self.entries[index].experts}
+            covered |= {f"{task.block.experts_name}.{name}" for task in self.entries[index].drops
+                        for name, p in task.block.experts.named_parameters(recurse=False) if p.dim() == 3}
             coverage.unhandled.update({name: n for name, n in unhandled.items() if name not in covered})
             coverage.covered_weights += self.entries[index].covered_weights()
         return coverage
+
+    def _expert_drop_entry(self, layer, layer_name: str) -> LayerTasks:
+        """The MoE blocks of one layer with the number of experts each loses: ``sparsity`` (or the
+        block's or layer's override) is the fraction of the block's routed experts removed."""
+        tasks = LayerTasks()
+        for block in moe_blocks(layer, layer_name, self.config.targets, self.config.ignore):
+            override = first_match(block.name, self.config.overrides) or first_match(layer_name, self.config.overrides) or {}
+            sparsity = resolve_sparsity(override.get("sparsity", self.config.sparsity), self.pattern, f"{block.name}: ")
+            remove = math.floor(sparsity * block.num_experts / block.groups + 0.5) * block.groups
+            check_removal(block, remove)
+            tasks.drops.append(ExpertDropTask(block, remove))
+        return tasks
 
     def _structured_entry(self, layer, layer_name: str, index: int) -> LayerTasks:
         """Channel groups of one layer with the number of units each removes (possibly 0)."""

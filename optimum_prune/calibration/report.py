@@ -20,6 +20,7 @@ class PruneReport:
     unhandled: dict[str, int] = field(default_factory=dict)  # matrices no pruning path handles: name -> weights
     expert_matrices: int = 0  # expert matrices of fused MoE banks pruned (each its own problem)
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
+    removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
 
     def record(self, name: str, pruned: int, total: int) -> None:
         """``pruned`` of the ``total`` weights of tensor ``name`` were zeroed."""
@@ -52,7 +53,7 @@ class PruneReport:
         return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
                 "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
-                "expert_fallbacks": dict(self.expert_fallbacks)}
+                "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -62,3 +63,4 @@ class PruneReport:
         self.unhandled = dict(data.get("unhandled", self.unhandled))
         self.expert_matrices = int(data.get("expert_matrices", self.expert_matrices))
         self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))
+        self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}

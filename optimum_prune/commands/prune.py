@@ -377,7 +377,11 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
                               "magnitude_fallbacks": sum(report.expert_fallbacks.values())}
         if report.expert_fallbacks:
             results["experts"]["fallbacks_per_bank"] = dict(report.expert_fallbacks)
+    if report.removed_experts:
+        results["removed_experts"] = dict(report.removed_experts)
     what = "channel groups" if config.pattern == "structured" else "Linears"
+    if pruner.method.removes_experts:
+        what = f"MoE blocks ({sum(map(len, report.removed_experts.values()))} experts removed)"
     if report.expert_matrices:
         what = f"Linears and expert banks ({report.expert_matrices} expert matrices)"
     coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"

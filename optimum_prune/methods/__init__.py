@@ -2,6 +2,7 @@
 
 from .alps import ALPS
 from .base import PruneResult, PruningMethod
+from .expert_drop import ExpertDrop
 from .fasp import FASP
 from .fista import FISTAPruner
 from .magnitude import Magnitude
@@ -16,6 +17,7 @@ from .wanda_sp import WandaSP
 
 __all__ = [
     "ALPS",
+    "ExpertDrop",
     "FASP",
     "FISTAPruner",
     "Magnitude",

@@ -17,7 +17,7 @@ import torch
 from ..errors import PruningError
 from .linalg import corrected_target
 from ..patterns import Target
-from .structured import GlobalProblem, StructuredProblem, StructuredResult, keep_top
+from .structured import ExpertUsage, GlobalProblem, StructuredProblem, StructuredResult, keep_top, keep_top_per_group
 
 
 @dataclass
@@ -46,6 +46,9 @@ class PruningMethod:
     #: True for methods that optimise the whole model at once (policy gradient): the pruner runs
     #: them through `calibration.global_engine` instead of the layer-by-layer engine.
     is_global: ClassVar[bool] = False
+    #: True for methods that remove whole experts of MoE blocks (``structured`` pattern): the plan
+    #: holds MoE blocks instead of channel groups and the engine hands the method `ExpertUsage`.
+    removes_experts: ClassVar[bool] = False
 
     def __init__(self, options=None, dampening: float = 0.01):
         self.options = options if options is not None else self.Options()
@@ -105,6 +108,16 @@ class PruningMethod:
     def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
         """New consumer weight on the kept units' columns, or None to keep the sliced weight."""
         return None
+
+    # ------------------------------------------------------------------ whole experts (removes_experts)
+    def select_experts(self, usage: ExpertUsage, remove: int) -> torch.Tensor:
+        """Sorted indices of the experts one MoE block keeps when it loses ``remove`` of them
+        (equally many from each routing group). Default: drop the lowest `expert_scores`."""
+        return keep_top_per_group(self.expert_scores(usage), remove, usage.groups)
+
+    def expert_scores(self, usage: ExpertUsage) -> torch.Tensor:
+        """Importance of every expert (higher is kept)."""
+        raise NotImplementedError(f"Method {self.name!r} does not remove experts.")
 
     # ------------------------------------------------------------------ global methods (is_global)
     def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:

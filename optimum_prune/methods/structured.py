@@ -66,6 +66,26 @@ def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
     return order[:keep].sort().values
 
 
+def keep_top_per_group(scores: torch.Tensor, remove: int, groups: int = 1) -> torch.Tensor:
+    """`keep_top` within each of ``groups`` equal consecutive groups, ``remove / groups`` from each."""
+    size = scores.numel() // groups
+    kept = [keep_top(scores[g * size:(g + 1) * size], remove // groups) + g * size for g in range(groups)]
+    return torch.cat(kept)
+
+
+@dataclass
+class ExpertUsage:
+    """What calibration saw of the routed experts of one MoE block (one entry per expert)."""
+
+    tokens: torch.Tensor  # tokens the router sent to each expert
+    weighted_norm: torch.Tensor  # sum over those tokens of routing weight * ||expert output||
+    groups: int = 1  # the router picks among this many equal, consecutive groups of experts first
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens.numel()
+
+
 def restore_units(problem: StructuredProblem, keep: torch.Tensor, dampening: float) -> torch.Tensor:
     """FASP's restoration: the consumer re-fitted by least squares on the kept units' columns."""
     cols = unit_indices(keep, problem.cols_per_unit)

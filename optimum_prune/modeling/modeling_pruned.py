@@ -2,9 +2,11 @@
 
 A structured prune that removes a different number of MLP channels or attention heads in every
 layer cannot be described by a stock config (one ``intermediate_size``, one head count). These
-classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 / Phi-3 / OPT classes plus one config entry,
-``layer_widths``: a list with, for every decoder layer, the values that differ from the global
-config (``intermediate_size`` or ``ffn_dim``, ``num_attention_heads``, ``num_key_value_heads``).
+classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 / Phi-3 / OPT / GPT-NeoX classes (and, for
+MoE models whose layers keep different numbers of experts, Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+DeepSeek-V3 / gpt-oss) plus one config entry, ``layer_widths``: a list with, for every decoder
+layer, the values that differ from the global config (``intermediate_size`` or ``ffn_dim``,
+``num_attention_heads``, ``num_key_value_heads``, the number of routed experts).
 Each layer is built from a copy of the config with its own widths; everything else (attention
 kernels, KV cache, generation) is the stock code.
 
@@ -19,27 +21,42 @@ from __future__ import annotations
 import copy
 
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
 )
 
 
 #: The per-layer entries ``layer_widths`` may set.
-LAYER_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads")
+LAYER_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads",
+                    "num_local_experts", "num_experts", "n_routed_experts")
 
 
 def layer_config(config, index: int):
@@ -99,6 +116,14 @@ PrunedGemma2Config = _pruned_config(Gemma2Config, "optimum_pruned_gemma2")
 PrunedGemma3TextConfig = _pruned_config(Gemma3TextConfig, "optimum_pruned_gemma3_text")
 PrunedPhi3Config = _pruned_config(Phi3Config, "optimum_pruned_phi3")
 
+PrunedGPTNeoXConfig = _pruned_config(GPTNeoXConfig, "optimum_pruned_gpt_neox")
+PrunedMixtralConfig = _pruned_config(MixtralConfig, "optimum_pruned_mixtral")
+PrunedQwen2MoeConfig = _pruned_config(Qwen2MoeConfig, "optimum_pruned_qwen2_moe")
+PrunedQwen3MoeConfig = _pruned_config(Qwen3MoeConfig, "optimum_pruned_qwen3_moe")
+PrunedOlmoeConfig = _pruned_config(OlmoeConfig, "optimum_pruned_olmoe")
+PrunedDeepseekV3Config = _pruned_config(DeepseekV3Config, "optimum_pruned_deepseek_v3")
+PrunedGptOssConfig = _pruned_config(GptOssConfig, "optimum_pruned_gpt_oss")
+
 PrunedLlamaForCausalLM = _pruned_model(LlamaForCausalLM, PrunedLlamaConfig)
 PrunedMistralForCausalLM = _pruned_model(MistralForCausalLM, PrunedMistralConfig)
 PrunedQwen2ForCausalLM = _pruned_model(Qwen2ForCausalLM, PrunedQwen2Config)
@@ -107,6 +132,13 @@ PrunedOPTForCausalLM = _pruned_model(OPTForCausalLM, PrunedOPTConfig)
 PrunedGemma2ForCausalLM = _pruned_model(Gemma2ForCausalLM, PrunedGemma2Config)
 PrunedGemma3ForCausalLM = _pruned_model(Gemma3ForCausalLM, PrunedGemma3TextConfig)
 PrunedPhi3ForCausalLM = _pruned_model(Phi3ForCausalLM, PrunedPhi3Config)
+PrunedGPTNeoXForCausalLM = _pruned_model(GPTNeoXForCausalLM, PrunedGPTNeoXConfig)
+PrunedMixtralForCausalLM = _pruned_model(MixtralForCausalLM, PrunedMixtralConfig)
+PrunedQwen2MoeForCausalLM = _pruned_model(Qwen2MoeForCausalLM, PrunedQwen2MoeConfig)
+PrunedQwen3MoeForCausalLM = _pruned_model(Qwen3MoeForCausalLM, PrunedQwen3MoeConfig)
+PrunedOlmoeForCausalLM = _pruned_model(OlmoeForCausalLM, PrunedOlmoeConfig)
+PrunedDeepseekV3ForCausalLM = _pruned_model(DeepseekV3ForCausalLM, PrunedDeepseekV3Config)
+PrunedGptOssForCausalLM = _pruned_model(GptOssForCausalLM, PrunedGptOssConfig)
 
 #: stock model_type -> (config class, model class)
 PRUNED_CLASSES = {
@@ -118,6 +150,13 @@ PRUNED_CLASSES = {
     "gemma2": (PrunedGemma2Config, PrunedGemma2ForCausalLM),
     "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
     "phi3": (PrunedPhi3Config, PrunedPhi3ForCausalLM),
+    "gpt_neox": (PrunedGPTNeoXConfig, PrunedGPTNeoXForCausalLM),
+    "mixtral": (PrunedMixtralConfig, PrunedMixtralForCausalLM),
+    "qwen2_moe": (PrunedQwen2MoeConfig, PrunedQwen2MoeForCausalLM),
+    "qwen3_moe": (PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM),
+    "olmoe": (PrunedOlmoeConfig, PrunedOlmoeForCausalLM),
+    "deepseek_v3": (PrunedDeepseekV3Config, PrunedDeepseekV3ForCausalLM),
+    "gpt_oss": (PrunedGptOssConfig, PrunedGptOssForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_CLASSES.values():

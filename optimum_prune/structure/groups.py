@@ -102,6 +102,9 @@ _LLAMA = Layout(
 # OPT derives its head size from hidden_size / num_heads, so fewer heads cannot be expressed:
 # only the MLP (fc1 -> fc2, named "<layer>.mlp" like everywhere else) is made narrower.
 _OPT = Layout(attention=None, mlp_producers=("fc1",), mlp_consumer="fc2", mlp_width_key="ffn_dim")
+# GPT-NeoX (Pythia) derives its head size from hidden_size / num_attention_heads like OPT, and
+# interleaves q/k/v per head in query_key_value: only the MLP is made narrower.
+_GPT_NEOX = Layout(attention=None, mlp_producers=("mlp.dense_h_to_4h",), mlp_consumer="mlp.dense_4h_to_h")
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the same Linear named for each
 # producer, sliced by offsets (see `assign_offsets`).
 _PHI3 = Layout(
@@ -112,7 +115,7 @@ _PHI3 = Layout(
 # head_dim is explicit and attention scaling comes from query_pre_attn_scalar, so removing KV
 # groups or MLP channels needs nothing more.
 LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma2": _LLAMA,
-           "gemma3_text": _LLAMA, "phi3": _PHI3, "opt": _OPT}
+           "gemma3_text": _LLAMA, "phi3": _PHI3, "opt": _OPT, "gpt_neox": _GPT_NEOX}
 
 
 def base_model_type(config) -> str:

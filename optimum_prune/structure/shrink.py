@@ -20,7 +20,9 @@ from torch import nn
 
 from ..errors import PruningError
 from ..modeling import PRUNED_CLASSES, layer_config
-from .groups import ChannelGroup, assign_offsets, attention_rows, base_model_type, head_dim_of, layout_for, unit_indices
+from .groups import (LAYOUTS, ChannelGroup, assign_offsets, attention_rows, base_model_type, head_dim_of,
+                     unit_indices)
+from .moe import expert_count_key, moe_blocks
 from .layers import find_decoder_layers
 
 
@@ -81,18 +83,26 @@ def shrink_group(
 
 # ---------------------------------------------------------------------------------------------
 def layer_widths(model: nn.Module) -> list[dict[str, int]]:
-    """Each decoder layer's widths, read from its Linears."""
-    layout = layout_for(model)
+    """Each decoder layer's widths, read from its Linears (families with channel groups) and its
+    MoE block (the number of routed experts, under the config's own field; layers without a MoE
+    block have none)."""
+    layout = LAYOUTS.get(base_model_type(model.config))
+    count_key = expert_count_key(model.config)
     _, layers = find_decoder_layers(model)
-    head_dim = head_dim_of(model.config)
     widths = []
     for layer in layers:
-        entry = {layout.mlp_width_key: layer.get_submodule(layout.mlp_consumer).in_features}
-        if layout.attention is not None:
+        entry = {}
+        if layout is not None:
+            entry[layout.mlp_width_key] = layer.get_submodule(layout.mlp_consumer).in_features
+        if layout is not None and layout.attention is not None:
+            head_dim = head_dim_of(model.config)
             q, k, o = (layer.get_submodule(layout.attention[i]) for i in (0, 1, 3))
             query_rows, kv_rows = attention_rows(q, k, o)
             entry["num_attention_heads"] = query_rows // head_dim
             entry["num_key_value_heads"] = kv_rows // head_dim
+        blocks = moe_blocks(layer, "") if count_key is not None else []
+        if blocks:
+            entry[count_key] = blocks[0].num_experts
         widths.append(entry)
     return widths
 
@@ -110,24 +120,39 @@ def _stock_config_accepts(config, values: dict) -> bool:
     return True
 
 
+def _common_widths(widths: list[dict[str, int]]) -> dict[str, int] | None:
+    """The values every layer that has a field agrees on, or None when some field differs."""
+    common: dict[str, int] = {}
+    for entry in widths:
+        for key, value in entry.items():
+            if common.setdefault(key, value) != value:
+                return None
+    return common
+
+
 def describe_widths(model: nn.Module) -> bool:
     """Write the model's per-layer widths into its config; returns True if it is heterogeneous."""
     config = model.config
     widths = layer_widths(model)
-    uniform = all(w == widths[0] for w in widths)
-    head_dim = head_dim_of(config)
+    common = _common_widths(widths)
+    # channel-group families: an explicit head_dim (hidden_size / num_heads no longer gives it)
+    explicit = {"head_dim": head_dim_of(config)} if base_model_type(config) in LAYOUTS else {}
     already_pruned_class = config.model_type.startswith("optimum_pruned_")
-    if uniform and not already_pruned_class and _stock_config_accepts(config, {**widths[0], "head_dim": head_dim}):
-        for key, value in widths[0].items():
+    if common is not None and not already_pruned_class and _stock_config_accepts(config, {**common, **explicit}):
+        old = {key: getattr(config, key, None) for key in common}
+        for key, value in {**common, **explicit}.items():
             setattr(config, key, value)
-        config.head_dim = head_dim  # explicit: hidden_size / num_heads no longer gives it
-        _sync_modules(model, widths, heterogeneous=False)
+        _sync_modules(model, widths, heterogeneous=False, old=old)
         return False
+    if base_model_type(config) not in PRUNED_CLASSES:
+        raise PruningError(f"optimum-prune has no modelling class for {base_model_type(config)!r} models whose "
+                           f"layers differ in width; prune every layer alike (no per-layer overrides).")
     config_class, model_class = PRUNED_CLASSES[base_model_type(config)]
     if not already_pruned_class:
         config.__class__ = config_class
         model.__class__ = model_class
-    config.head_dim = head_dim
+    for key, value in explicit.items():
+        setattr(config, key, value)
     config.layer_widths = [
         {k: v for k, v in w.items() if v != getattr(config, k, None)} for w in widths
     ]
@@ -139,12 +164,18 @@ def describe_widths(model: nn.Module) -> bool:
 _COUNTS = ("num_attention_heads", "num_key_value_heads")
 
 
-def _sync_modules(model: nn.Module, widths: list[dict[str, int]], heterogeneous: bool) -> None:
+def _sync_modules(model: nn.Module, widths: list[dict[str, int]], heterogeneous: bool, old=None) -> None:
     """Modules that copied a width when they were built (Phi-3's attention keeps
     ``num_key_value_heads`` and reads ``num_attention_heads`` from its config to split ``qkv_proj``)
     see their layer's new widths, as they would after a reload: each layer's modules get the layer's
-    own config (`layer_config`) when the widths differ per layer."""
+    own config (`layer_config`) when the widths differ per layer. With one expert count for every
+    layer, the model's own copy of it (for the router loss) follows too."""
     config = model.config
+    count_key = expert_count_key(config)
+    if not heterogeneous and count_key is not None and old and count_key in old:
+        for module in model.modules():
+            if getattr(module, "num_experts", None) == old[count_key]:
+                module.num_experts = getattr(config, count_key)
     _, layers = find_decoder_layers(model)
     for index, layer in enumerate(layers):
         own = layer_config(config, index) if heterogeneous else config

@@ -1,0 +1,181 @@
+"""Whole experts of a mixture-of-experts block: which block, router and count, and removing experts.
+
+A MoE block (Mixtral's ``block_sparse_moe``/``mlp``, Qwen-MoE's ``mlp``, gpt-oss's ``mlp``, ...)
+holds a router (``gate`` / ``router``: a ``[num_experts, hidden]`` weight, sometimes a bias and, in
+DeepSeek-V3, a routing bias buffer ``e_score_correction_bias``) and a fused experts module
+(`experts.is_fused_experts`) whose tensors have one slice per expert along their first dimension.
+Removing expert ``e`` removes its slice from every expert tensor and its row from every router
+tensor, and every module that copied the count (``num_experts``) sees the new one: the router then
+chooses its top-k among the experts that are left, as if the removed experts' logits were -inf.
+
+A DeepSeek-style router that first picks ``n_group`` groups of experts keeps its groups: experts
+are removed in equal numbers from every group (``routing_groups``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PruningError
+from .experts import is_fused_experts
+from .layers import matches
+
+
+#: Config fields that hold a MoE model's number of routed experts (one of them, the others aliases).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: Config fields that hold how many experts each token is routed to.
+TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block of a decoder layer: ``module`` (full name ``name``) with its ``router`` and
+    fused ``experts``."""
+
+    name: str
+    module: nn.Module
+    router_name: str
+    router: nn.Module
+    experts_name: str
+    experts: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.weight.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        for holder in (self.router, self.module):
+            for key in ("top_k", "num_experts_per_tok"):
+                value = getattr(holder, key, None)
+                if isinstance(value, int):
+                    return value
+        raise PruningError(f"{self.name}: cannot tell how many experts each token is routed to.")
+
+    @property
+    def groups(self) -> int:
+        return routing_groups(self.router)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert: its slices of the expert tensors and its router rows."""
+        return sum(t.numel() // self.num_experts for t in expert_tensors(self))
+
+    @property
+    def params(self) -> int:
+        return self.expert_params * self.num_experts
+
+    @property
+    def family(self) -> str:
+        return type(self.module).__name__
+
+
+def routing_groups(router: nn.Module) -> int:
+    """Expert groups the router picks from first (DeepSeek-V3's ``n_group``), 1 if none."""
+    value = getattr(router, "num_group", None) or getattr(router, "n_group", None)
+    return int(value) if isinstance(value, int) and value > 0 else 1
+
+
+def find_router(block: nn.Module, experts: nn.Module, num_experts: int) -> tuple[str, nn.Module] | None:
+    """The child of ``block`` holding a ``[num_experts, hidden]`` routing weight."""
+    for name, child in block.named_children():
+        weight = getattr(child, "weight", None)
+        if child is experts or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if weight.shape[0] == num_experts and weight.shape[0] > 1:
+            return name, child
+    return None
+
+
+def moe_blocks(layer: nn.Module, layer_prefix: str, targets=None, ignore=None) -> list[MoEBlock]:
+    """The MoE blocks of one decoder layer (fused experts and their router) selected by
+    ``targets`` / ``ignore`` (matched against the block's, the router's or the experts' name)."""
+    blocks = []
+    for sub_name, module in layer.named_modules():
+        for child_name, child in module.named_children():
+            if not is_fused_experts(child):
+                continue
+            count = next(p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3)
+            found = find_router(module, child, count)
+            if found is None:
+                continue
+            name = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
+            block = MoEBlock(name, module, f"{name}.{found[0]}", found[1], f"{name}.{child_name}", child)
+            names = [block.name, block.router_name, block.experts_name]
+            if targets and not any(matches(n, targets) for n in names):
+                continue
+            if ignore and any(matches(n, ignore) for n in names):
+                continue
+            blocks.append(block)
+    return blocks
+
+
+def expert_tensors(block: MoEBlock) -> list[torch.Tensor]:
+    """Every tensor of the block with one slice per expert along its first dimension."""
+    count = block.num_experts
+    tensors = [p for p in block.experts.parameters(recurse=False) if p.shape[:1] == (count,)]
+    tensors += [t for t in (*block.router.parameters(recurse=False), *block.router.buffers(recurse=False))
+                if t.shape[:1] == (count,)]
+    return tensors
+
+
+def check_removal(block: MoEBlock, remove: int) -> None:
+    """Refuse a removal that leaves fewer experts than a token is routed to, or fewer than two in
+    one of the router's expert groups (it ranks groups by their two best experts)."""
+    left = block.num_experts - remove
+    if left < max(block.top_k, 1):
+        raise PruningError(
+            f"{block.name}: removing {remove} of {block.num_experts} experts leaves {left}, fewer than the "
+            f"{block.top_k} each token is routed to; lower the sparsity to at most "
+            f"{(block.num_experts - block.top_k) / block.num_experts:g}."
+        )
+    if block.groups > 1 and left // block.groups < 2:
+        raise PruningError(
+            f"{block.name}: the router picks among {block.groups} groups of experts, and removing {remove} of "
+            f"{block.num_experts} leaves fewer than 2 in a group; lower the sparsity."
+        )
+
+
+def remove_experts(block: MoEBlock, keep: torch.Tensor, set_param, read=None) -> None:
+    """Keep only experts ``keep`` (sorted indices) of ``block``: slice every expert tensor and
+    router row, and update the counts the modules copied. ``set_param(module, name, tensor)``
+    writes a parameter and ``read(module, name)`` reads one (the engine's go through accelerate's
+    offload store; default: the module's own tensors)."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    count = block.num_experts
+    if keep.numel() < 1 or int(keep.max()) >= count:
+        raise PruningError(f"{block.name}: the experts to keep must index 0..{count - 1}.")
+    for module in (block.experts, block.router):
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.shape[:1] == (count,):
+                value = read(module, name) if read is not None else param.data
+                set_param(module, name, value.index_select(0, keep.to(value.device)))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.shape[:1] == (count,):
+                setattr(module, name, buffer.index_select(0, keep.to(buffer.device)))
+    for module in (block.module, block.router, block.experts):
+        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if getattr(module, key, None) == count:
+                setattr(module, key, keep.numel())
+
+
+def expert_count_key(config) -> str | None:
+    """The config field that holds the number of routed experts (resolving aliases), or None."""
+    aliases = getattr(config, "attribute_map", {}) or {}
+    for key in EXPERT_COUNT_KEYS:
+        real = aliases.get(key, key)
+        if real in vars(config):
+            return real
+    return None
+
+
+def layer_expert_counts(layers) -> list[int | None]:
+    """Each decoder layer's number of routed experts (its first MoE block's; None without one)."""
+    counts = []
+    for layer in layers:
+        blocks = moe_blocks(layer, "")
+        counts.append(blocks[0].num_experts if blocks else None)
+    return counts
