@@ -77,7 +77,8 @@ def support_row(family: str) -> dict[str, str]:
         layer_groups(model, layers[0], f"{prefix}.0", 0)
         structured = "yes"
     except PruningError:
-        structured = "whole experts (`expert-drop`)" if moe_blocks(layers[0], f"{prefix}.0") else "no"
+        structured = ("experts: narrower (channel methods) or whole (`expert-drop`)"
+                      if moe_blocks(layers[0], f"{prefix}.0") else "no")
     banks = [b for i, layer in enumerate(layers) for b in expert_banks(layer, f"{prefix}.{i}", None, []).values()]
     if banks:
         experts = f"yes ({banks[0].family}{', transposed' if banks[0].transposed else ''})"

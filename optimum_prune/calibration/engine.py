@@ -31,18 +31,18 @@ from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..methods.structured import ExpertUsage, StructuredResult
 from ..structure.layers import find_decoder_layers
-from ..structure.moe import remove_experts
+from ..structure.moe import narrow_experts, remove_experts
 from ..structure.shrink import describe_widths, shrink_group
 from .activations import ActivationStore, check_place
 from .capture import (ExpertCollector, ExpertUsageCollector, StatisticsCollector, StopForward, check_called, first_output, input_of,
                       run_windows)
 from .checkpoint import LayerCheckpoint, fingerprint
 from .distributed import broadcast_layer, reduce_statistics, reduce_sums
-from .plan import ExpertDropTask, ExpertTask, LayerPlan, LinearTask
+from .plan import ExpertChannelTask, ExpertDropTask, ExpertTask, LayerPlan, LinearTask
 from .offload import (commit_value, current_value, dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
                       set_param, swapped, to_device, write_weight)
 from .problems import (apply_to_group, check_finite_result, check_finite_weight, read_group_problem,
-                       solve_expert_bank)
+                       solve_expert_bank, solve_expert_channels)
 from .report import PruneReport
 from .statistics import InputStatistics
 
@@ -162,7 +162,8 @@ class LayerwiseEngine:
                 linears = {name: linear for name, (linear, _) in hooked.items()}
                 kinds = {name: stat_kinds for name, (_, stat_kinds) in hooked.items()}
                 # a pass that feeds experts runs to the end (they come after the Linears)
-                collector = StatisticsCollector(linears, kinds, stop_when_done=not keep and not tasks.experts)
+                collector = StatisticsCollector(linears, kinds,
+                                                stop_when_done=not keep and not tasks.experts and not tasks.channels)
                 experts = self._expert_collector(tasks, device)
                 try:
                     outputs = self._run_layer(layer, inputs, kwargs, device, [collector, experts], keep=keep)
@@ -177,6 +178,7 @@ class LayerwiseEngine:
                     collector.stats[i].check_finite(names[0])
             if self.structured:
                 self._prune_structured(index, stats, report, device)
+                self._narrow_experts(tasks.channels, experts if needs_data else None, report, device)
             else:
                 self._prune_linears(tasks.linears, stats, report, device)
                 self._prune_experts(tasks.experts, experts if needs_data else None, report, device)
@@ -218,6 +220,13 @@ class LayerwiseEngine:
                 _, weights = read_group_problem(task.group, device, None, None)
                 shrink_group(task.group, changes[f"{task.name}.keep"], weights, changes.get(f"{task.name}.consumer"),
                              set_param=set_param)
+        for task in tasks.channels:
+            channels = task.channels
+            if f"{task.name}.{channels.down.param}" in changes:
+                bias = channels.bias(channels.up)
+                narrow_experts(channels, changes[f"{task.name}.{channels.up.param}"],
+                               changes[f"{task.name}.{channels.down.param}"],
+                               changes.get(f"{task.name}.{bias}") if bias else None, set_param)
         for task in tasks.drops:
             if f"{task.name}.keep_experts" in changes:
                 remove_experts(task.block, changes[f"{task.name}.keep_experts"], set_param, read=current_value)
@@ -316,10 +325,19 @@ class LayerwiseEngine:
                 report.record(task.name, int(result.mask.sum()), result.mask.numel())
 
     def _expert_collector(self, tasks, device) -> ExpertCollector | None:
-        if not tasks.experts:
+        """Per-expert statistics of the banks the layer's expert tasks need: the banks pruned
+        unstructured; for narrower experts the down projections' inputs (and the up projections'
+        when the method scores producers)."""
+        banks = [task.bank for task in tasks.experts]
+        kinds = self.method.statistics
+        for task in tasks.channels:
+            if task.remove > 0:
+                banks += [task.channels.up] if self.method.producer_statistics else []
+                banks.append(task.channels.down)
+                kinds = kinds | self.method.producer_statistics
+        if not banks:
             return None
-        return ExpertCollector([task.bank for task in tasks.experts], self.method.statistics, device,
-                               all_tokens=self.config.expert_calibration == "all")
+        return ExpertCollector(banks, kinds, device, all_tokens=self.config.expert_calibration == "all")
 
     def _prune_experts(self, tasks: list[ExpertTask], collector: ExpertCollector | None, report: PruneReport,
                        device: torch.device) -> None:
@@ -338,6 +356,34 @@ class LayerwiseEngine:
             report.expert_matrices += task.bank.num_experts
             if solved.fallbacks:
                 report.expert_fallbacks[task.name] = solved.fallbacks
+
+    def _narrow_experts(self, tasks: list[ExpertChannelTask], collector: ExpertCollector | None, report: PruneReport,
+                        device: torch.device) -> None:
+        """Remove the same number of intermediate channels from every expert of each experts
+        module, each expert's channels chosen (and its down projection restored) by the method as
+        the channel group of its own 2-D problem (`solve_expert_channels`)."""
+        if not tasks:
+            return
+        if collector is not None:
+            collector.check()
+            reduce_statistics([s for stats in collector.stats.values() for s in stats])
+        for task in tasks:
+            channels = task.channels
+            before = channels.params
+            report.total_params += before
+            if task.remove == 0:
+                report.sparsity[task.name] = 0.0
+                continue
+            stats = collector.stats if collector is not None else {}
+            solved = solve_expert_channels(self.method, channels, task.remove, stats.get(channels.up.name),
+                                           stats.get(channels.down.name), self.config.min_expert_tokens, device)
+            narrow_experts(channels, solved.up, solved.down, solved.up_bias, set_param)
+            report.sparsity[task.name] = 1.0 - channels.params / before
+            report.pruned_params += before - channels.params
+            report.expert_matrices += channels.num_experts
+            if solved.fallbacks:
+                report.expert_fallbacks[task.name] = solved.fallbacks
+            self._changes.update({f"{task.name}.{name}": value for name, value in solved.tensors(channels).items()})
 
     def _drop_experts(self, layer, tasks: list[ExpertDropTask], inputs, kwargs, device, report: PruneReport):
         """Remove whole experts of the layer's MoE blocks, chosen by the method from what the

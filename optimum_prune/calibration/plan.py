@@ -23,8 +23,12 @@ from ..methods.base import PruningMethod
 from ..patterns import SparsityPattern, Target, resolve_sparsity
 from ..structure.budget import plan_removals
 from ..structure.experts import ExpertBank, expert_banks
-from ..structure.groups import ChannelGroup, group_selected, layer_groups
-from ..structure.moe import MoEBlock, check_removal, moe_blocks
+from ..structure.groups import (ChannelGroup, gated_mlp_group, group_selected, has_layout, layer_groups,
+                               layout_for)
+from ..structure.budget import round_kept
+from ..structure.experts import is_fused_experts
+from ..structure.moe import (ExpertChannels, MoEBlock, check_removal, expert_channel_modules, moe_blocks,
+                             tied_shared_experts)
 from ..structure.layers import first_match, linear_params, select_target_linears, weight_inventory
 from .report import PruneReport
 
@@ -84,6 +88,18 @@ class ExpertDropTask:
         return self.block.name
 
 
+@dataclass(frozen=True)
+class ExpertChannelTask:
+    """Remove ``remove`` intermediate channels (possibly 0) of every expert of ``channels`` (structured)."""
+
+    channels: ExpertChannels
+    remove: int
+
+    @property
+    def name(self) -> str:
+        return self.channels.name
+
+
 @dataclass
 class LayerTasks:
     """What one decoder layer gets: Linears to sparsify, or channel groups to shrink."""
@@ -92,19 +108,27 @@ class LayerTasks:
     groups: list[GroupTask] = field(default_factory=list)
     experts: list[ExpertTask] = field(default_factory=list)
     drops: list[ExpertDropTask] = field(default_factory=list)
+    channels: list[ExpertChannelTask] = field(default_factory=list)
 
     def prunes_anything(self) -> bool:
         """Whether the layer loses any weight (structured groups may remove 0 units)."""
-        return (bool(self.linears) or bool(self.experts) or any(task.remove > 0 for task in self.groups)
-                or any(task.remove > 0 for task in self.drops))
+        return (bool(self.linears) or bool(self.experts)
+                or any(task.remove > 0 for task in [*self.groups, *self.drops, *self.channels]))
+
+    def expert_banks(self) -> dict[str, int]:
+        """Full name -> weights of the 3-D expert tensors the tasks touch."""
+        banks = {task.name: task.bank.tensor.numel() for task in self.experts}
+        for task in self.drops:
+            banks.update({f"{task.block.experts_name}.{name}": p.numel()
+                          for name, p in task.block.experts.named_parameters(recurse=False) if p.dim() == 3})
+        for task in self.channels:
+            banks.update({bank.name: bank.tensor.numel() for bank in (task.channels.up, task.channels.down)})
+        return banks
 
     def covered_weights(self) -> int:
         """Weights of the distinct Linears and expert banks the tasks touch."""
         linears = {id(linear): linear for task in [*self.linears, *self.groups] for linear in task.linears()}
-        banks = sum(task.bank.tensor.numel() for task in self.experts)
-        banks += sum(p.numel() for task in self.drops for p in task.block.experts.parameters(recurse=False)
-                     if p.dim() == 3)
-        return sum(linear.weight.numel() for linear in linears.values()) + banks
+        return sum(linear.weight.numel() for linear in linears.values()) + sum(self.expert_banks().values())
 
 
 class LayerPlan:
@@ -178,9 +202,7 @@ class LayerPlan:
         for index, layer in enumerate(self.layers):
             total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
             coverage.layer_weights += total
-            covered = {task.name for task in self.entries[index].experts}
-            covered |= {f"{task.block.experts_name}.{name}" for task in self.entries[index].drops
-                        for name, p in task.block.experts.named_parameters(recurse=False) if p.dim() == 3}
+            covered = set(self.entries[index].expert_banks())
             coverage.unhandled.update({name: n for name, n in unhandled.items() if name not in covered})
             coverage.covered_weights += self.entries[index].covered_weights()
         return coverage
@@ -197,8 +219,37 @@ class LayerPlan:
             tasks.drops.append(ExpertDropTask(block, remove))
         return tasks
 
+    def _expert_channel_entry(self, layer, layer_name: str, index: int) -> LayerTasks:
+        """The fused experts modules of one layer (a MoE family without channel groups) with the
+        channels every expert loses: ``sparsity`` (or an override on the experts module, its block or
+        the layer) of each expert's intermediate channels, the kept count rounded to
+        ``channel_multiple``. Shared experts whose width the config ties to the experts' lose
+        channels in proportion (a channel group); attention, dense MLPs and other shared experts
+        stay as they are."""
+        tasks = LayerTasks()
+        for channels in expert_channel_modules(layer, layer_name, self.config.targets, self.config.ignore):
+            override = (first_match(channels.name, self.config.overrides)
+                        or first_match(channels.name.rsplit(".", 1)[0], self.config.overrides)
+                        or first_match(layer_name, self.config.overrides) or {})
+            sparsity = resolve_sparsity(override.get("sparsity", self.config.sparsity), self.pattern,
+                                        f"{channels.name}: ")
+            width = channels.width
+            kept = max(1, width - math.floor(sparsity * width + 0.5))
+            kept = round_kept(kept, width, self.config.channel_multiple)
+            tasks.channels.append(ExpertChannelTask(channels, width - kept))
+            block_name = channels.name.rsplit(".", 1)[0]
+            block = layer.get_submodule(block_name[len(layer_name) + 1:]) if block_name != layer_name else layer
+            for child, mlp in tied_shared_experts(block, width, self.model.config):
+                group = gated_mlp_group(f"{block_name}.{child}", index, mlp)
+                tasks.groups.append(GroupTask(group, (width - kept) * group.units // width))
+        return tasks
+
     def _structured_entry(self, layer, layer_name: str, index: int) -> LayerTasks:
         """Channel groups of one layer with the number of units each removes (possibly 0)."""
+        if not has_layout(self.model):
+            if not any(is_fused_experts(module) for module in self.model.modules()):
+                layout_for(self.model)  # the family's one-line refusal
+            return self._expert_channel_entry(layer, layer_name, index)
         groups = layer_groups(self.model, layer, layer_name, index)
         cfg = self.config
         excluded, fixed = set(), {}

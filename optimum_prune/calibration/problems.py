@@ -15,9 +15,10 @@ from ..methods.magnitude import Magnitude, MagnitudeOptions
 from ..methods.structured import StructuredProblem
 from ..patterns import Target
 from ..structure.experts import ExpertBank, expert_matrix, set_expert_matrix
+from ..structure.moe import ExpertChannels
 from ..structure.groups import ChannelGroup
 from ..structure.shrink import shrink_group
-from .offload import commit_value, editable_value, read_weight, set_param
+from .offload import commit_value, current_value, editable_value, read_weight, set_param
 from .report import PruneReport
 from .statistics import InputStatistics
 
@@ -104,3 +105,71 @@ def solve_expert_bank(method: PruningMethod, bank: ExpertBank, target: Target,
         total += result.mask.numel()
     commit_value(bank.module, bank.param, stored)
     return SolvedBank(stored, pruned, total, fallbacks)
+
+
+@dataclass
+class NarrowedExperts:
+    up: torch.Tensor  # the new up (gate_up) bank, laid out as the module stores it
+    down: torch.Tensor  # the new down bank
+    up_bias: torch.Tensor | None  # the new up bias, if the module has one
+    fallbacks: int  # experts whose channels were chosen by magnitude for lack of tokens
+
+    def tensors(self, channels: ExpertChannels) -> dict[str, torch.Tensor]:
+        """Parameter name -> new tensor (what a checkpoint records)."""
+        found = {channels.up.param: self.up, channels.down.param: self.down}
+        if self.up_bias is not None:
+            found[channels.bias(channels.up)] = self.up_bias
+        return found
+
+
+def _stats_count(*stats) -> int | None:
+    counts = [s.count for s in stats if s is not None]
+    return min(counts) if counts else None
+
+
+def solve_expert_channels(method: PruningMethod, channels: ExpertChannels, remove: int,
+                          up_stats: list[InputStatistics] | None, down_stats: list[InputStatistics] | None,
+                          min_tokens: int, device: torch.device) -> NarrowedExperts:
+    """Remove ``remove`` channels from every expert of ``channels``: expert ``e``'s channels are
+    the units of one `StructuredProblem` (producers: its gate and up rows; consumer: its down
+    projection; statistics of its own tokens), solved by ``method``, which may restore the down
+    projection. An expert with fewer than ``min_tokens`` tokens is narrowed by magnitude."""
+    fallback = Magnitude(MagnitudeOptions())
+    up_all = current_value(channels.module, channels.up.param)
+    down_all = current_value(channels.module, channels.down.param)
+    bias_name = channels.bias(channels.up)
+    bias_all = current_value(channels.module, bias_name) if bias_name else None
+    width, ups, downs, biases, fallbacks = channels.width, [], [], [], 0
+    units = torch.arange(width, device=device)
+    for expert in range(channels.num_experts):
+        where = f"{channels.name}[{expert}]"
+        u_stats = up_stats[expert] if up_stats is not None else None
+        d_stats = down_stats[expert] if down_stats is not None else None
+        solver, count = method, _stats_count(u_stats, d_stats)
+        if count is not None and count < min_tokens:
+            solver, u_stats, d_stats, fallbacks = fallback, None, None, fallbacks + 1
+        up = expert_matrix(channels.up, expert, up_all).to(device=device, dtype=torch.float32)
+        down = expert_matrix(channels.down, expert, down_all).to(device=device, dtype=torch.float32)
+        check_finite_weight(where, up)
+        check_finite_weight(where, down)
+        problem = StructuredProblem(kind="mlp", units=width, producers=[up[rows] for rows in channels.producer_rows(units)],
+                                    rows_per_unit=[1] * (2 if channels.has_gate else 1), consumer=down, cols_per_unit=1,
+                                    producer_stats=u_stats, consumer_stats=d_stats)
+        result = solver.prune_structured(problem, remove)
+        keep = result.keep.to(device=device, dtype=torch.long).sort().values
+        if keep.numel() != width - remove:
+            raise RuntimeError(f"{method.name} kept {keep.numel()} channels of {where}, expected {width - remove}")
+        if result.consumer_weight is not None:
+            check_finite_result(method.name, where, result.consumer_weight)
+        rows = channels.kept_rows(keep)
+        ups.append(up[rows])
+        downs.append(result.consumer_weight if result.consumer_weight is not None else down[:, keep])
+        if bias_all is not None:
+            biases.append(bias_all[expert].to(device).index_select(0, rows))
+    up_bank, down_bank = torch.stack(ups), torch.stack(downs)  # [E, out, in]
+    if channels.up.transposed:
+        up_bank = up_bank.transpose(1, 2).contiguous()
+    if channels.down.transposed:
+        down_bank = down_bank.transpose(1, 2).contiguous()
+    return NarrowedExperts(up_bank.to(up_all.dtype), down_bank.to(down_all.dtype),
+                           torch.stack(biases).to(bias_all.dtype) if bias_all is not None else None, fallbacks)

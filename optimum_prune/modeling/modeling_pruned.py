@@ -6,7 +6,8 @@ classes are the stock LLaMA / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 / Phi-
 MoE models whose layers keep different numbers of experts, Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
 DeepSeek-V3 / gpt-oss) plus one config entry, ``layer_widths``: a list with, for every decoder
 layer, the values that differ from the global config (``intermediate_size`` or ``ffn_dim``,
-``num_attention_heads``, ``num_key_value_heads``, the number of routed experts).
+``num_attention_heads``, ``num_key_value_heads``, the number of routed experts, the experts' width
+``moe_intermediate_size`` / ``intermediate_size``).
 Each layer is built from a copy of the config with its own widths; everything else (attention
 kernels, KV cache, generation) is the stock code.
 
@@ -56,7 +57,7 @@ from transformers import (
 
 #: The per-layer entries ``layer_widths`` may set.
 LAYER_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads",
-                    "num_local_experts", "num_experts", "n_routed_experts")
+                    "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 def layer_config(config, index: int):

@@ -123,13 +123,20 @@ def base_model_type(config) -> str:
     return model_type[len("optimum_pruned_"):] if model_type.startswith("optimum_pruned_") else model_type
 
 
+def has_layout(model: nn.Module) -> bool:
+    """Whether the channel groups of ``model``'s family are known."""
+    config = getattr(model, "config", None)
+    return config is not None and base_model_type(config) in LAYOUTS
+
+
 def layout_for(model: nn.Module) -> Layout:
     config = getattr(model, "config", None)
     model_type = base_model_type(config) if config is not None else ""
     if model_type not in LAYOUTS:
         raise PruningError(
             f"Structured pruning cannot shrink architecture {model_type or type(model).__name__!r}; supported: "
-            f"{', '.join(sorted(LAYOUTS))}. Use an unstructured or N:M pattern for this model."
+            f"{', '.join(sorted(LAYOUTS))} (and the experts of fused MoE models, with a layer-wise method). Use an "
+            f"unstructured or N:M pattern for this model."
         )
     return LAYOUTS[model_type]
 
@@ -160,6 +167,13 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
     groups.append(_group("mlp", f"{layer_name}.{layout.mlp_name}", index, producers,
                          f"{layer_name}.{layout.mlp_consumer}", consumer, 1, consumer.in_features))
     return groups
+
+
+def gated_mlp_group(name: str, index: int, mlp: nn.Module) -> ChannelGroup:
+    """The channel group of a gated MLP module ``mlp`` (full name ``name``) with ``gate_proj``,
+    ``up_proj`` and ``down_proj`` Linears (e.g. a MoE block's shared experts)."""
+    producers = [Producer(f"{name}.gate_proj", mlp.gate_proj, 1), Producer(f"{name}.up_proj", mlp.up_proj, 1)]
+    return _group("mlp", name, index, producers, f"{name}.down_proj", mlp.down_proj, 1, mlp.down_proj.in_features)
 
 
 def _group(kind: str, name: str, index: int, producers: list[Producer], consumer_name: str, consumer: nn.Linear,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from .experts import is_fused_experts
+from .experts import ExpertBank, expert_banks, is_fused_experts
 from .layers import matches
 
 
@@ -172,10 +172,123 @@ def expert_count_key(config) -> str | None:
     return None
 
 
-def layer_expert_counts(layers) -> list[int | None]:
-    """Each decoder layer's number of routed experts (its first MoE block's; None without one)."""
-    counts = []
-    for layer in layers:
-        blocks = moe_blocks(layer, "")
-        counts.append(blocks[0].num_experts if blocks else None)
-    return counts
+# ------------------------------------------------------------------------------------------------
+# Narrower experts: each expert keeps the same number of its intermediate channels (a fused bank
+# holds experts of one width), chosen per expert.
+@dataclass
+class ExpertChannels:
+    """The intermediate channels of every expert of one fused experts module ``module`` (full name
+    ``name``): ``up`` (``gate_up_proj``, or ``up_proj`` without a gate) produces them, ``down``
+    consumes them. With a gate, expert ``e``'s ``[2 x width, hidden]`` matrix holds the gate rows
+    then the up rows (``interleaved``: gate and up alternate, gpt-oss)."""
+
+    name: str
+    module: nn.Module
+    up: ExpertBank
+    down: ExpertBank
+    has_gate: bool
+    interleaved: bool
+
+    @property
+    def width(self) -> int:
+        """Channels per expert."""
+        return self.down.in_features
+
+    @property
+    def num_experts(self) -> int:
+        return self.down.num_experts
+
+    def bias(self, bank: ExpertBank) -> str | None:
+        name = f"{bank.param}_bias"
+        value = getattr(self.module, name, None)
+        return name if isinstance(value, torch.Tensor) else None
+
+    @property
+    def params_per_channel(self) -> int:
+        """Parameters one channel of one expert holds (its up/gate rows, their biases, its down column)."""
+        rows = 2 if self.has_gate else 1
+        return rows * (self.up.in_features + (self.bias(self.up) is not None)) + self.down.out_features
+
+    @property
+    def params(self) -> int:
+        return self.params_per_channel * self.width * self.num_experts
+
+    def producer_rows(self, channels: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of an expert's ``[out, in]`` up matrix that ``channels`` own: [gate rows, up rows]
+        with a gate, [up rows] without."""
+        if not self.has_gate:
+            return [channels]
+        if self.interleaved:
+            return [2 * channels, 2 * channels + 1]
+        return [channels, channels + self.width]
+
+    def kept_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """The up matrix's rows of the kept channels, in the layout the module computes with."""
+        rows = self.producer_rows(keep)
+        return torch.stack(rows, 1).reshape(-1) if self.interleaved else torch.cat(rows)
+
+
+def expert_channel_modules(layer: nn.Module, layer_prefix: str, targets=None, ignore=None) -> list[ExpertChannels]:
+    """The fused experts modules of one decoder layer whose channels can be narrowed, selected by
+    ``targets`` / ``ignore`` (matched against the experts module's or its MoE block's name)."""
+    found = []
+    for sub_name, module in layer.named_modules():
+        if not is_fused_experts(module):
+            continue
+        name = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
+        names = [name, name.rsplit(".", 1)[0]]
+        if targets and not any(matches(n, targets) for n in names):
+            continue
+        if ignore and any(matches(n, ignore) for n in names):
+            continue
+        banks = expert_banks(module, name, None, [])
+        has_gate = bool(getattr(module, "has_gate", True))
+        up = banks.get(f"{name}.gate_up_proj" if has_gate else f"{name}.up_proj")
+        down = banks.get(f"{name}.down_proj")
+        if up is None or down is None:
+            raise PruningError(f"{name}: a {type(module).__name__} without gate_up_proj/down_proj banks cannot be "
+                               f"narrowed; remove whole experts (expert-drop) or prune it unstructured.")
+        found.append(ExpertChannels(name, module, up, down, has_gate, not bool(getattr(module, "is_concatenated", True))))
+    return found
+
+
+def narrow_experts(channels: ExpertChannels, up: torch.Tensor, down: torch.Tensor, up_bias: torch.Tensor | None,
+                   set_param) -> None:
+    """Give the experts module its narrower banks (``up`` / ``down`` as stored, ``up_bias`` if any)
+    and update the width the module copied (``intermediate_dim`` / ``intermediate_size``)."""
+    old = channels.width
+    set_param(channels.module, channels.up.param, up)
+    set_param(channels.module, channels.down.param, down)
+    if up_bias is not None:
+        set_param(channels.module, channels.bias(channels.up), up_bias)
+    new = channels.down.in_features
+    for key in ("intermediate_dim", "intermediate_size", "moe_intermediate_size", "expert_dim"):
+        if getattr(channels.module, key, None) == old:
+            setattr(channels.module, key, new)
+
+
+def tied_shared_experts(block: nn.Module, width: int, config) -> list[tuple[str, nn.Module]]:
+    """(child name, module) of the gated-MLP shared experts of a MoE block whose width the config
+    derives from the experts' (``n_shared_experts x moe_intermediate_size``: DeepSeek-V2/V3,
+    GLM-4-MoE, ...): narrowing the experts narrows them in proportion."""
+    shared = getattr(config, "n_shared_experts", None)
+    if not isinstance(shared, int) or shared < 1:
+        return []
+    found = []
+    for name, child in block.named_children():
+        down = getattr(child, "down_proj", None)
+        if (isinstance(down, nn.Linear) and isinstance(getattr(child, "gate_proj", None), nn.Linear)
+                and isinstance(getattr(child, "up_proj", None), nn.Linear) and down.in_features == shared * width):
+            found.append((name, child))
+    return found
+
+
+def expert_width_key(config) -> str:
+    """The config field that holds the experts' intermediate width."""
+    return "moe_intermediate_size" if "moe_intermediate_size" in vars(config) else "intermediate_size"
+
+
+def layer_expert_widths(layer: nn.Module) -> int | None:
+    """The intermediate width of the layer's first fused experts module (None without one)."""
+    modules = expert_channel_modules(layer, "")
+    return modules[0].width if modules else None

@@ -22,7 +22,7 @@ from ..errors import PruningError
 from ..modeling import PRUNED_CLASSES, layer_config
 from .groups import (LAYOUTS, ChannelGroup, assign_offsets, attention_rows, base_model_type, head_dim_of,
                      unit_indices)
-from .moe import expert_count_key, moe_blocks
+from .moe import expert_channel_modules, expert_count_key, expert_width_key, moe_blocks
 from .layers import find_decoder_layers
 
 
@@ -84,8 +84,8 @@ def shrink_group(
 # ---------------------------------------------------------------------------------------------
 def layer_widths(model: nn.Module) -> list[dict[str, int]]:
     """Each decoder layer's widths, read from its Linears (families with channel groups) and its
-    MoE block (the number of routed experts, under the config's own field; layers without a MoE
-    block have none)."""
+    MoE block (the number of routed experts and their intermediate width, under the config's own
+    fields; layers without a MoE block have none)."""
     layout = LAYOUTS.get(base_model_type(model.config))
     count_key = expert_count_key(model.config)
     _, layers = find_decoder_layers(model)
@@ -103,6 +103,9 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
         blocks = moe_blocks(layer, "") if count_key is not None else []
         if blocks:
             entry[count_key] = blocks[0].num_experts
+        experts = expert_channel_modules(layer, "") if layout is None else []
+        if experts:  # a MoE family: the experts' own width (narrower experts)
+            entry[expert_width_key(model.config)] = experts[0].width
         widths.append(entry)
     return widths
 
@@ -143,6 +146,7 @@ def describe_widths(model: nn.Module) -> bool:
         for key, value in {**common, **explicit}.items():
             setattr(config, key, value)
         _sync_modules(model, widths, heterogeneous=False, old=old)
+        check_described(model)
         return False
     if base_model_type(config) not in PRUNED_CLASSES:
         raise PruningError(f"optimum-prune has no modelling class for {base_model_type(config)!r} models whose "
@@ -158,7 +162,31 @@ def describe_widths(model: nn.Module) -> bool:
     ]
     config.architectures = [model_class.__name__]
     _sync_modules(model, widths, heterogeneous=True)
+    check_described(model)
     return True
+
+
+def check_described(model: nn.Module) -> None:
+    """Refuse a config that would rebuild some decoder layer with other shapes than the pruned
+    one (a width the config derives from another, say): the saved folder would not load. Each
+    layer is built from its config on the meta device and its parameter shapes compared."""
+    config = model.config
+    _, layers = find_decoder_layers(model)
+    for index, layer in enumerate(layers):
+        try:
+            with torch.device("meta"):
+                built = type(layer)(layer_config(config, index), index)
+        except TypeError:  # a layer class built another way: not checked
+            return
+        expected = {name: tuple(p.shape) for name, p in built.named_parameters()}
+        actual = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        wrong = sorted(name for name in actual if expected.get(name) != actual[name])
+        if wrong:
+            raise PruningError(
+                f"The pruned {base_model_type(config)} layer {index} cannot be described by its config: rebuilt from "
+                f"it, {wrong[0]} would be {expected.get(wrong[0])} instead of {actual[wrong[0]]}; this family's "
+                f"structured pruning is not supported for these modules, leave them out with ignore=[...]."
+            )
 
 
 _COUNTS = ("num_attention_heads", "num_key_value_heads")

@@ -1,7 +1,11 @@
-"""Whole-expert removal (``expert-drop``: REAP, frequency, random): the experts and router rows go,
-the counts the modules and the config hold follow, a removed expert behaves as if the router could
-never choose it, the scores are what the papers define, and the smaller models load in a fresh
-interpreter (stock classes when every layer keeps as many experts, ours otherwise)."""
+"""Structured pruning of mixture-of-experts models, for every MoE family of tests/families.py.
+
+Whole experts (``expert-drop``: REAP, frequency, random): the experts and router rows go, the counts
+the modules and the config hold follow, a removed expert behaves as if the router could never choose
+it, the scores are what the papers define. Narrower experts (a layer-wise structured method on a MoE
+family): every expert loses the same number of its own channels, which computes what the dense
+model computes with those channels zeroed; FASP restores each expert's down projection. Both kinds
+of smaller models load in a fresh interpreter (stock classes when every layer is alike, ours otherwise)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from test_structured import BLOCK_PLUGIN
 from optimum_prune import Pruner, PruningConfig, PruningError
 from optimum_prune.calibration.capture import ExpertUsageCollector
 from optimum_prune.structure.layers import find_decoder_layers
-from optimum_prune.structure.moe import expert_count_key, moe_blocks, remove_experts
+from optimum_prune.structure.moe import (expert_channel_modules, expert_count_key, expert_width_key, moe_blocks,
+                                        narrow_experts, remove_experts)
 from optimum_prune.structure.shrink import replace_param
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "olmoe"]
@@ -201,35 +206,50 @@ torch.save(results, sys.argv[3])
 """
 
 
-def test_fewer_experts_save_and_load_in_a_fresh_process(tmp_path):
-    """Every MoE family, every layer keeping 2 of 4 experts (stock classes, the config's expert
-    count changed) or layer 0 keeping 3 (our classes, ``layer_widths``): fewer parameters, and an
-    interpreter without optimum-prune computes the same logits (to float rounding) and greedy generation."""
+def channels_of(model):
+    prefix, layers = find_decoder_layers(model)
+    return [c for i, layer in enumerate(layers) for c in expert_channel_modules(layer, f"{prefix}.{i}")]
+
+
+KINDS = {  # how each kind of smaller MoE is made, uniform and with layer 0 pruned less
+    "drop": lambda overrides: config(overrides=overrides),
+    "channels": lambda overrides: config(method="fasp", channel_multiple=1, overrides=overrides),
+}
+
+
+def test_smaller_moes_save_and_load_in_a_fresh_process(tmp_path):
+    """Every MoE family, both kinds: every layer keeping 2 of 4 experts / half of each expert's
+    channels (stock classes, the config's count or width changed) or layer 0 keeping more (our
+    classes, ``layer_widths``): fewer parameters, and an interpreter without optimum-prune computes
+    the same logits (to float rounding) and greedy generation."""
     from conftest import make_tokenizer
 
     ids = calibration(10).unsqueeze(0)
     torch.save(ids, tmp_path / "ids.pt")
     expected, folders = {}, {}
     for family in MOE:
-        for widths in ("uniform", "heterogeneous"):
-            model = build(family)
-            before = params(model)
-            overrides = {"*.layers.0.mlp": {"sparsity": 0.25}} if widths == "heterogeneous" else {}
-            pruner = Pruner(config(overrides=overrides))
-            pruner.prune(model, calibration(), progress=False)
-            heterogeneous = widths == "heterogeneous"
-            assert type(model).__name__.startswith("Pruned") == heterogeneous, (family, widths)
-            counts = [b.num_experts for b in blocks_of(model)]
-            assert counts == ([3, 2] if heterogeneous else [2, 2]), (family, counts)
-            key = expert_count_key(model.config)
-            assert getattr(model.config, key) == (4 if heterogeneous else 2), family
-            assert params(model) < before
-            folder = str(tmp_path / f"{family}-{widths}")
-            pruner.save_pretrained(folder, tokenizer=make_tokenizer())
-            folders[folder] = {"trust_remote_code": True} if heterogeneous else {}
-            with torch.no_grad():
-                expected[folder] = (model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False),
-                                    type(model).__name__, params(model))
+        for kind, make in KINDS.items():
+            for widths in ("uniform", "heterogeneous"):
+                model = build(family)
+                before = params(model)
+                heterogeneous = widths == "heterogeneous"
+                pruner = Pruner(make({"*.layers.0.mlp": {"sparsity": 0.25}} if heterogeneous else {}))
+                pruner.prune(model, calibration(), progress=False)
+                assert type(model).__name__.startswith("Pruned") == heterogeneous, (family, kind, widths)
+                if kind == "drop":
+                    key, sizes, full = expert_count_key(model.config), [b.num_experts for b in blocks_of(model)], 4
+                else:
+                    key, sizes = expert_width_key(model.config), [c.width for c in channels_of(model)]
+                    full = build(family).config.to_dict()[key]
+                assert sizes == ([full - full // 4, full // 2] if heterogeneous else [full // 2] * 2), (family, sizes)
+                assert getattr(model.config, key) == (full if heterogeneous else full // 2), (family, kind)
+                assert params(model) < before
+                folder = str(tmp_path / f"{family}-{kind}-{widths}")
+                pruner.save_pretrained(folder, tokenizer=make_tokenizer())
+                folders[folder] = {"trust_remote_code": True} if heterogeneous else {}
+                with torch.no_grad():
+                    expected[folder] = (model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False),
+                                        type(model).__name__, params(model))
     script = tmp_path / "load.py"
     script.write_text(BLOCK_PLUGIN + LOAD_MANY)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
@@ -243,6 +263,76 @@ def test_fewer_experts_save_and_load_in_a_fresh_process(tmp_path):
         # equal up to float rounding (summation order may differ between interpreters: measured <= 3e-8)
         torch.testing.assert_close(got["logits"], logits, rtol=1e-6, atol=1e-6, msg=folder)
         assert torch.equal(got["generated"], generated), folder
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_narrowing_experts_equals_zeroing_their_channels(family):
+    """Keeping every other channel of every expert computes exactly what the dense model computes
+    with the other channels' down-projection columns zeroed (concatenated and interleaved gate/up,
+    transposed banks, biases)."""
+    model, dense = build(family), build(family)
+    for channels, reference in zip(channels_of(model), channels_of(dense)):
+        keep = torch.arange(0, channels.width, 2)
+        dropped = torch.arange(1, channels.width, 2)
+        rows = channels.kept_rows(keep)
+        up = torch.stack([channels.up.tensor[e].T[rows].T if channels.up.transposed else channels.up.tensor[e][rows]
+                          for e in range(channels.num_experts)]).detach()
+        down = channels.down.tensor.detach()
+        down = down[:, keep, :] if channels.down.transposed else down[:, :, keep]
+        bias_name = channels.bias(channels.up)
+        bias = getattr(channels.module, bias_name).detach()[:, rows] if bias_name else None
+        narrow_experts(channels, up, down, bias, replace_param)
+        assert channels.width == keep.numel()
+        with torch.no_grad():
+            if reference.down.transposed:
+                reference.down.tensor[:, dropped, :] = 0
+            else:
+                reference.down.tensor[:, :, dropped] = 0
+    ids = calibration(24).view(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fasp_restores_each_experts_down_projection():
+    """Restoring each expert's down projection on its kept channels (least squares on the expert's
+    own tokens) keeps the model closer to the dense one than slicing it."""
+    windows = calibration()[:256].view(8, 32)
+    dense = build("mixtral")
+    with torch.no_grad():
+        reference = dense(windows).logits
+    errors = {}
+    for restore in (True, False):
+        model = build("mixtral")
+        Pruner(config(method="fasp", channel_multiple=1, method_kwargs={"restore": restore})).prune(
+            model, windows, progress=False)
+        with torch.no_grad():
+            errors[restore] = float((model(windows).logits - reference).square().mean())
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_experts_with_too_few_tokens_are_narrowed_by_magnitude():
+    model = build("qwen3_moe")
+    pruner = Pruner(config(method="fasp", channel_multiple=1, min_expert_tokens=10**6))
+    pruner.prune(model, calibration(), progress=False)
+    assert pruner.report.expert_fallbacks == {c.name: 4 for c in channels_of(model)}
+    assert all(c.width == 32 for c in channels_of(model))
+
+
+def test_resume_replays_the_narrowed_experts(tmp_path):
+    from conftest import prune_interrupted
+
+    cfg = config(method="fasp", channel_multiple=1)
+    reference, resumed = build("gpt_oss"), build("gpt_oss")
+    Pruner(cfg).prune(reference, calibration(), progress=False)
+    prune_interrupted(cfg, build("gpt_oss"), calibration(), 1, checkpoint_dir=tmp_path / "ckpt")
+    Pruner(cfg).prune(resumed, calibration(), progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert a.shape == b.shape and torch.equal(a, b), name
+
+
+def test_whole_model_methods_refuse_moe_families_in_one_line():
+    with pytest.raises(PruningError, match="experts of fused MoE models, with a layer-wise method"):
+        Pruner(config(method="policy_gradient")).prune(build("mixtral"), calibration(), progress=False)
 
 
 def test_cli_removes_experts(tmp_path, capsys):
