@@ -5,16 +5,25 @@ A config says *what* to do (method, sparsity, pattern, which Linears), *with whi
 ``method_kwargs``, validated against the method's ``Options`` dataclass. It travels with the
 pruned model: as ``pruning_config.json`` next to the weights and under ``pruning_config`` in the
 model's ``config.json``.
+
+It is an Optimum configuration (`optimum.configuration_utils.BaseConfig`, as optimum-intel's
+``OVConfig``, with its own ``CONFIG_NAME``): ``from_pretrained`` takes a folder, a file or a Hub repo
+id (``revision``, ``token``, ``cache_dir``, ``subfolder``, ``local_files_only``), ``push_to_hub``
+uploads it. The JSON it writes holds the prune's fields only (plus ``format_version`` and the
+optimum-prune version), as before it was one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from optimum.configuration_utils import BaseConfig
 
 from .errors import PruningError, check_int
 from .patterns import SparsityPattern, resolve_sparsity  # noqa: F401 - re-exported: configuration speaks this vocabulary
@@ -43,8 +52,11 @@ def _check_patterns(value: Any, name: str) -> list[str]:
 EXPERT_CALIBRATION = ("routed", "all")
 
 
-@dataclass
-class PruningConfig:
+#: Keyword arguments of `PruningConfig.from_pretrained` that locate the file (as elsewhere in Transformers).
+HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
+
+
+class PruningConfig(BaseConfig):
     """Configuration of one prune.
 
     Args:
@@ -76,6 +88,10 @@ class PruningConfig:
         method_kwargs: the method's own options, checked against its ``Options`` dataclass.
     """
 
+    CONFIG_NAME = CONFIG_NAME
+    FULL_CONFIGURATION_FILE = CONFIG_NAME
+    model_type = "optimum_prune"
+
     method: str = "sparsegpt"
     sparsity: float | None = None
     pattern: str = "unstructured"
@@ -97,9 +113,13 @@ class PruningConfig:
     text_column: str = "text"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self, **kwargs):
         from .registry import get_method
 
+        if kwargs:  # a misspelt field must not pass unnoticed
+            raise PruningError(f"Unknown pruning config field(s) {', '.join(sorted(kwargs))}; known fields: "
+                               f"{', '.join(self.field_names())}.")
+        super().__post_init__()
         if not isinstance(self.method, str):
             raise PruningError(f"method must be a registered method name, got {self.method!r}.")
         method_cls = get_method(self.method)
@@ -162,6 +182,21 @@ class PruningConfig:
             f"(it supports {', '.join(method_cls.supported_patterns)}); {hint}."
         )
 
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The fields of a prune (those of the Transformers base configuration left out)."""
+        base = {f.name for f in dataclasses.fields(BaseConfig)}
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in base)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PruningConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.field_names())
+        return f"PruningConfig({fields})"
+
     # ------------------------------------------------------------------ derived views
     @property
     def parsed_pattern(self) -> SparsityPattern:
@@ -177,16 +212,20 @@ class PruningConfig:
     def to_dict(self) -> dict[str, Any]:
         from .version import __version__
 
-        data = dataclasses.asdict(self)
+        data = {name: copy.deepcopy(getattr(self, name)) for name in self.field_names()}
         data["format_version"] = FORMAT_VERSION
         data["optimum_prune_version"] = __version__
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+    def from_dict(cls, data: dict[str, Any], **kwargs) -> "PruningConfig":
+        """A config from its JSON object (what `to_dict` wrote, any earlier format version included);
+        ``kwargs`` override fields."""
         if not isinstance(data, dict):
             raise PruningError(f"A pruning config must be a JSON object, got {type(data).__name__}.")
-        data = dict(data)
+        data = {**data, **{k: v for k, v in kwargs.items() if not k.startswith("_") and k != "return_unused_kwargs"}}
+        for key in ("transformers_version", "optimum_version", "model_type"):  # written by Optimum's own save
+            data.pop(key, None)
         version = data.pop("format_version", FORMAT_VERSION)
         written_by = data.pop("optimum_prune_version", None)
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -195,7 +234,7 @@ class PruningConfig:
                 f"This pruning config has format version {version!r}{writer}; "
                 f"this optimum-prune reads up to version {FORMAT_VERSION}: upgrade optimum-prune."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls.field_names())
         unknown = sorted(set(data) - known)
         if unknown:
             raise PruningError(
@@ -208,43 +247,110 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            raise PruningError(f"No pruning config at {path}.") from None
-        except IsADirectoryError:
-            raise PruningError(f"{path} is a folder; give its {CONFIG_NAME} (or use PruningConfig.from_pretrained).") from None
-        except OSError as err:
-            raise PruningError(f"Cannot read the pruning config {path} ({err.strerror or err}).") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PruningError(f"{path} is not valid JSON ({err}); fix or regenerate the file.") from None
-        return cls.from_dict(data)
+        if os.path.isdir(path):
+            raise PruningError(f"{path} is a folder; give its {CONFIG_NAME} (or use PruningConfig.from_pretrained).")
+        return cls.from_dict(_read_json(os.fspath(path)))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
+        """Write ``pruning_config.json`` into ``save_directory``; with ``push_to_hub``, also upload it
+        (``repo_id``, ``token``, ``private``, ``commit_message``, as Transformers' ``save_pretrained``)."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise PruningError(f"{save_directory} is a file; save_pretrained writes into a folder.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        self.to_json_file(path)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self.push_to_hub(repo_id, **kwargs)
         return path
 
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, **kwargs) -> str:
+        """Upload ``pruning_config.json`` to the Hub repo ``repo_id`` (created if missing); returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, CONFIG_NAME)
+            self.to_json_file(path)
+            info = api.upload_file(path_or_fileobj=path, path_in_repo=CONFIG_NAME, repo_id=repo_id, revision=revision,
+                                   commit_message=commit_message or "Upload pruning config")
+        return str(info)
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "PruningConfig":
-        """Read ``pruning_config.json`` from a folder (or the file itself); falls back to the
-        ``pruning_config`` entry of a pruned model's ``config.json``."""
-        path = os.fspath(path)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "PruningConfig":
+        """Read ``pruning_config.json`` from a folder, the file itself, or a Hub repo id (with
+        ``revision``, ``token``, ``cache_dir``, ``subfolder``, ``local_files_only``, as
+        ``from_pretrained`` elsewhere; ``HF_HUB_OFFLINE=1`` reads the local cache); falls back to the
+        ``pruning_config`` entry of a pruned model's ``config.json``. Other ``kwargs`` override fields."""
+        hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        path = os.fspath(pretrained_model_name_or_path)
+        subfolder = hub.get("subfolder") or ""
         if os.path.isfile(path):
-            return cls.from_json_file(path)
-        candidate = os.path.join(path, CONFIG_NAME)
-        if os.path.isfile(candidate):
-            return cls.from_json_file(candidate)
-        model_config = os.path.join(path, "config.json")
-        if os.path.isfile(model_config):
-            try:
-                with open(model_config, encoding="utf-8") as handle:
-                    data = json.load(handle)
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise PruningError(f"{model_config} is not readable JSON ({err}); fix or regenerate the file.") from None
-            if isinstance(data, dict) and "pruning_config" in data:
-                return cls.from_dict(data["pruning_config"])
-        raise PruningError(f"No {CONFIG_NAME} (nor a config.json with 'pruning_config') in {path}.")
+            return cls.from_dict(_read_json(path), **kwargs)
+        if os.path.isdir(path):
+            folder = os.path.join(path, subfolder)
+            candidate = os.path.join(folder, CONFIG_NAME)
+            if os.path.isfile(candidate):
+                return cls.from_dict(_read_json(candidate), **kwargs)
+            model_config = os.path.join(folder, "config.json")
+            if os.path.isfile(model_config):
+                data = _read_json(model_config)
+                if isinstance(data, dict) and "pruning_config" in data:
+                    return cls.from_dict(data["pruning_config"], **kwargs)
+            raise PruningError(f"No {CONFIG_NAME} (nor a config.json with 'pruning_config') in {folder}.")
+        return cls.from_dict(_hub_config(path, hub), **kwargs)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise PruningError(f"No pruning config at {path}.") from None
+    except OSError as err:
+        raise PruningError(f"Cannot read the pruning config {path} ({err.strerror or err}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PruningError(f"{path} is not valid JSON ({err}); fix or regenerate the file.") from None
+
+
+def _hub_config(repo_id: str, hub: dict) -> dict:
+    """The pruning config of Hub repo ``repo_id`` (its ``pruning_config.json``, else the
+    ``pruning_config`` entry of its ``config.json``), through the local cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    if hub.get("subfolder") == "":
+        hub.pop("subfolder")
+    where = f"{repo_id}" + (f" (revision {hub['revision']})" if hub.get("revision") else "")
+    offline = False
+    for name in (CONFIG_NAME, "config.json"):  # a pruned model's config.json carries it too
+        try:
+            data = _read_json(hf_hub_download(repo_id, name, **hub))
+        except HFValidationError:
+            raise PruningError(f"{repo_id!r} is neither a local file or folder nor a Hub repo id (org/name).") from None
+        except LocalEntryNotFoundError:  # offline and not cached (a subclass of EntryNotFoundError)
+            offline = True
+            continue
+        except EntryNotFoundError:
+            continue
+        except Exception as err:  # repository missing, private, gated, network
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise PruningError(f"Cannot read the pruning config of {where} from the Hub ({type(err).__name__}: {first}); "
+                               f"check the repo id, revision and token.") from None
+        if name == CONFIG_NAME:
+            return data
+        if isinstance(data, dict) and "pruning_config" in data:
+            return data["pruning_config"]
+    if offline:
+        raise PruningError(f"The pruning config of {where} is not in the local Hub cache and the Hub cannot be "
+                           f"reached (offline?); download it once, or give a local folder.")
+    raise PruningError(f"{where} has no {CONFIG_NAME} (nor a config.json with 'pruning_config').")

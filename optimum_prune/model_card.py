@@ -169,6 +169,8 @@ def build_model_card(
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
         ("recovery", _recovery_text(results.get("recovery"))),
+        ("published as", f"[{results['hub_repo']}](https://huggingface.co/{results['hub_repo']})"
+         if results.get("hub_repo") else None),
     ])
     evaluation = _evaluation_section(results, name)
     load_kwargs = ", trust_remote_code=True" if heterogeneous else ""

@@ -18,6 +18,7 @@ from .calibration.report import PruneReport
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
+from .hub import check_repo_id, push_folder
 from .output import OutputFolder, preflight
 from .registry import get_method
 
@@ -76,6 +77,7 @@ class Pruner:
         self.tokenizer = None
         self.report: PruneReport | None = None
         self.checkpoint: LayerCheckpoint | None = None
+        self.saved_to: str | None = None  # the folder of the last successful save_pretrained
         self.engine = None  # the engine of the last prune (its plan, its history for global methods)
 
     @classmethod
@@ -191,15 +193,36 @@ class Pruner:
                                f"(from Python: calibration_data=, or dataset in the config).")
         preflight(checkpoint_dir=checkpoint_dir, activation_folder=activation_folder)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, model: nn.Module | None = None, tokenizer=None, overwrite: bool = False, **kwargs) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike, model: nn.Module | None = None, tokenizer=None,
+                        overwrite: bool = False, push_to_hub: bool = False, repo_id: str | None = None,
+                        private: bool | None = None, token: str | bool | None = None, **kwargs) -> str:
+        """Save the pruned model (see `save_pruned`); with ``push_to_hub``, then upload the saved
+        folder to ``repo_id`` (default: the folder's name) as `push_to_hub` does."""
         model = model if model is not None else self.model
         if model is None:
             raise PruningError("Nothing to save: call prune() first or pass model=.")
+        if push_to_hub:
+            repo_id = repo_id or os.path.basename(os.path.abspath(os.fspath(save_directory)))
+            check_repo_id(repo_id)
         if "results" not in kwargs and self.report is not None and model is self.model:
             kwargs["results"] = {"sparsity": self.report.overall_sparsity, "prune_seconds": self.report.seconds}
+        if push_to_hub:
+            kwargs["results"] = {**(kwargs.get("results") or {}), "hub_repo": repo_id}
         if self.checkpoint is not None:
             kwargs.setdefault("protect", [("the checkpoint folder", self.checkpoint.directory)])
-        return save_pruned(model, save_directory, self.config, tokenizer or self.tokenizer, overwrite=overwrite, **kwargs)
+        self.saved_to = save_pruned(model, save_directory, self.config, tokenizer or self.tokenizer,
+                                    overwrite=overwrite, **kwargs)
+        if push_to_hub:
+            self.push_to_hub(repo_id, private=private, token=token)
+        return self.saved_to
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload the folder of the last successful `save_pretrained` to the Hub repo ``repo_id``
+        (created if missing); returns the commit URL. Nothing is uploaded before a save succeeded."""
+        if self.saved_to is None:
+            raise PruningError("Nothing to upload: save_pretrained(folder) first; push_to_hub uploads that folder.")
+        return push_folder(self.saved_to, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def model_source(model) -> str | None:

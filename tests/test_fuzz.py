@@ -19,7 +19,7 @@ from optimum_prune.errors import PruningError
 from optimum_prune.registry import available_methods
 
 
-FIELDS = [f.name for f in dataclasses.fields(PruningConfig)]
+FIELDS = list(PruningConfig.field_names())
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 scalars = st.one_of(

@@ -92,8 +92,10 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             # in the engine, but which do is only known once the layer has run
             parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
             # fused MoE banks: one accumulator per expert and matrix, all alive during the pass
-            parts["statistics"] += sum(t.bank.num_experts * (per_input * t.bank.in_features**2 + 4 * t.bank.in_features)
-                                       for t in tasks.experts)
+            banks = [t.bank for t in tasks.experts]
+            for t in tasks.channels:  # narrower experts: the down projections' inputs (and the up ones' if scored)
+                banks += [t.channels.down] + ([t.channels.up] if method.producer_statistics else [])
+            parts["statistics"] += sum(b.num_experts * (per_input * b.in_features**2 + 4 * b.in_features) for b in banks)
             batch = min(config.batch_size, num_windows)
             widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
             heads = getattr(model_config, "num_attention_heads", 1) or 1
@@ -102,7 +104,11 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
                               + [method.workspace_bytes(t.linear.out_features, t.linear.in_features)
                                  for t in tasks.linears]
                               + [method.workspace_bytes(t.bank.out_features, t.bank.in_features)
-                                 for t in tasks.experts], default=0)
+                                 for t in tasks.experts]
+                              # narrower experts: one expert's problem at a time, plus the new banks
+                              + [method.workspace_bytes(2 * t.channels.width, t.channels.up.in_features)
+                                 + method.workspace_bytes(t.channels.down.out_features, t.channels.width)
+                                 + 4 * t.channels.params for t in tasks.channels], default=0)
         if any(p.device != device for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
         if sum(parts.values()) > sum(worst.get(str(device), {}).values()):

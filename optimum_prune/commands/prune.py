@@ -43,6 +43,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--output", required=True, help="Folder for the pruned checkpoint (must be new or empty).")
     model.add_argument("--overwrite", action="store_true",
                        help="Replace --output if it is a previous optimum-prune output (holds pruning_config.json).")
+    model.add_argument("--push-to-hub", default=None, metavar="REPO",
+                       help="After a successful save, upload the output folder to this Hub repo (created if missing).")
+    model.add_argument("--hub-private", action="store_true", help="With --push-to-hub: create the repo private.")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add_argument("--device", default=None, help="Compute device for each layer, e.g. cuda:0 (default: where it lives).")
     model.add_argument("--device-map", default=None, help="accelerate device_map for loading, e.g. auto.")
@@ -57,7 +60,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
     method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
     method.add_argument("--config", default=None,
-                        help="A pruning_config.json, or a folder holding one; the flags below override it.")
+                        help="A pruning_config.json, a folder holding one, or a Hub repo id; the flags below override it.")
     method.add_argument("--method", default=None, help="Registered method name (magnitude, wanda, sparsegpt, ...).")
     method.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1).")
     method.add_argument("--pattern", default=None, help="unstructured (default), N:M such as 2:4, or structured.")
@@ -281,6 +284,12 @@ def _run(args) -> int:
         raise PruningError("--tasks-limit must be a positive count or fraction.")
     if args.tasks_fewshot < 0 or args.tasks_batch_size < 1:
         raise PruningError("--tasks-fewshot must be >= 0 and --tasks-batch-size >= 1.")
+    if args.hub_private and not args.push_to_hub:
+        raise PruningError("--hub-private needs --push-to-hub REPO.")
+    if args.push_to_hub:
+        from optimum_prune.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     eval_data = args.eval_dataset
     if args.eval and eval_data is None:
         if config.dataset == "packaged:wiki-leads":
@@ -411,6 +420,8 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
         results["eval"] = {"dataset": eval_data, "seqlen": config.seqlen, "max_windows": args.eval_windows}
     if tasks:
         results["zero_shot_settings"] = {"tasks": tasks, "num_fewshot": args.tasks_fewshot, "limit": args.tasks_limit}
+    if args.push_to_hub:
+        results["hub_repo"] = args.push_to_hub  # named in the model card
     extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
     command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
     out = save_pruned(model, output, config, tokenizer, extra_files=extra, results=results, command=command,
@@ -418,6 +429,13 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
     if pruner.checkpoint is not None:
         pruner.checkpoint.clear()
     print(f"saved to {out}", flush=True)
+    if args.push_to_hub:
+        from optimum_prune.calibration.distributed import is_main_process
+        from optimum_prune.hub import push_folder
+
+        if is_main_process():
+            url = push_folder(out, args.push_to_hub, private=True if args.hub_private else None)
+            print(f"uploaded to https://huggingface.co/{args.push_to_hub} ({url})", flush=True)
     return 0
 
 
