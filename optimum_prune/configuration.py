@@ -48,6 +48,9 @@ def _check_patterns(value: Any, name: str) -> list[str]:
     return list(value)
 
 
+#: What calibration data is taken as: conversations when present (auto), conversations only, text only.
+CALIBRATION_FORMATS = ("auto", "chat", "text")
+
 #: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
 EXPERT_CALIBRATION = ("routed", "all")
 
@@ -85,6 +88,9 @@ class PruningConfig(BaseConfig):
             magnitude instead, at the same target (counted in the report's ``expert_fallbacks``).
         dataset, dataset_config, dataset_split, text_column: default calibration data when
             ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
+        messages_column, calibration_format: chat data: the column of conversations (lists of
+            ``{"role", "content"}`` messages, rendered with the tokenizer's chat template), and whether
+            to use it when present (``"auto"``), require it (``"chat"``) or read plain text (``"text"``).
         method_kwargs: the method's own options, checked against its ``Options`` dataclass.
     """
 
@@ -111,6 +117,8 @@ class PruningConfig(BaseConfig):
     dataset_config: str | None = None
     dataset_split: str = "train"
     text_column: str = "text"
+    messages_column: str = "messages"
+    calibration_format: str = "auto"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
@@ -162,7 +170,10 @@ class PruningConfig(BaseConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise PruningError(f"{name} must be a string, got {value!r}.")
-        for name in ("dataset_split", "text_column"):
+        if self.calibration_format not in CALIBRATION_FORMATS:
+            raise PruningError(f"calibration_format must be one of {', '.join(CALIBRATION_FORMATS)}, "
+                               f"got {self.calibration_format!r}.")
+        for name in ("dataset_split", "text_column", "messages_column"):
             if not isinstance(getattr(self, name), str):
                 raise PruningError(f"{name} must be a string, got {getattr(self, name)!r}.")
         if not isinstance(self.method_kwargs, dict):
@@ -201,6 +212,11 @@ class PruningConfig(BaseConfig):
     @property
     def parsed_pattern(self) -> SparsityPattern:
         return SparsityPattern.parse(self.pattern)
+
+    def data_options(self) -> dict[str, Any]:
+        """The keyword arguments of `calibration_windows` that come from this config."""
+        return dict(dataset_config=self.dataset_config, split=self.dataset_split, text_column=self.text_column,
+                    messages_column=self.messages_column, calibration_format=self.calibration_format)
 
     @property
     def method_options(self):

@@ -147,9 +147,7 @@ class Pruner:
                 cfg.num_calibration_samples,
                 cfg.seqlen,
                 cfg.seed,
-                dataset_config=cfg.dataset_config,
-                split=cfg.dataset_split,
-                text_column=cfg.text_column,
+                **cfg.data_options(),
             )
         if is_distributed():
             if not isinstance(engine, LayerwiseEngine):

@@ -5,6 +5,15 @@ Accepted sources: a list of strings; a ``datasets.Dataset`` (a text column, or `
 ``packaged:wiki-leads``; or a dataset name on the hub (with config and split).
 The texts are joined with a blank line, tokenized once without special tokens, and ``n`` windows
 start at positions drawn with a seeded generator.
+
+Conversations (chat data: a ``messages`` column of ``[{"role": ..., "content": ...}, ...]`` lists,
+in a Dataset, a JSON/JSONL file or a Python list) are rendered one by one with the tokenizer's chat
+template (``apply_chat_template``) and tokenized with the template's special tokens; their token
+sequences are packed one after the other, and every window *starts at the start of a
+conversation*, so no window begins inside a template (a window may end inside the last
+conversation it reaches, as a truncating trainer would cut it). ``calibration_format`` chooses:
+``auto`` (conversations when the ``messages_column`` is there, plain text otherwise), ``chat``
+(conversations required) or ``text`` (the text column, never rendered).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any
 import torch
 
 from ..assets import PACKAGED_PREFIX, packaged_texts
+from ..configuration import CALIBRATION_FORMATS
 from ..errors import PruningError, first_line
 
 
@@ -23,8 +33,25 @@ _CHUNK_CHARS, _CHUNK_DOCS = 1_000_000, 256  # tokenize longer text in groups of 
 _MAX_CHARS = 20_000_000  # enough text for thousands of 2048-token windows; bounds tokenizing time
 
 
-def _texts_from_dataset(dataset, text_column: str) -> list[str] | torch.Tensor:
+class Conversations(list):
+    """Calibration conversations, each a list of ``{"role": ..., "content": ...}`` messages."""
+
+
+def _is_conversation(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _texts_from_dataset(dataset, text_column: str, messages_column: str = "messages",
+                        calibration_format: str = "auto") -> list[str] | torch.Tensor | Conversations:
     columns = list(getattr(dataset, "column_names", []) or [])
+    if calibration_format != "text" and messages_column in columns:
+        return Conversations(c for c in dataset[messages_column] if _is_conversation(c))
+    if calibration_format == "chat":
+        raise PruningError(
+            f"calibration_format='chat' needs a column {messages_column!r} of conversations (columns: "
+            f"{', '.join(columns) or 'none'}); set messages_column / --messages-column to the one holding them."
+        )
     if "input_ids" in columns and text_column not in columns:
         ids = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in dataset["input_ids"]]
         return torch.cat(ids) if ids else torch.empty(0, dtype=torch.long)
@@ -37,16 +64,30 @@ def _texts_from_dataset(dataset, text_column: str) -> list[str] | torch.Tensor:
 
 
 def load_calibration_source(
-    data: Any, *, dataset_config: str | None = None, split: str = "train", text_column: str = "text"
-) -> list[str] | torch.Tensor:
-    """Texts (or a 1-D tensor of token ids) from any accepted source."""
+    data: Any, *, dataset_config: str | None = None, split: str = "train", text_column: str = "text",
+    messages_column: str = "messages", calibration_format: str = "auto",
+) -> list[str] | torch.Tensor | Conversations:
+    """Texts, conversations, or a 1-D tensor of token ids, from any accepted source."""
+    if calibration_format not in CALIBRATION_FORMATS:
+        raise PruningError(f"calibration_format must be one of {', '.join(CALIBRATION_FORMATS)}, got "
+                           f"{calibration_format!r}.")
+    columns = dict(text_column=text_column, messages_column=messages_column, calibration_format=calibration_format)
     if data is None:
         raise PruningError("No calibration data: pass calibration_data (texts, a Dataset, a file or a dataset name).")
     if isinstance(data, torch.Tensor):
         return data.reshape(-1).long()
     if isinstance(data, (list, tuple)):
+        if calibration_format != "text" and data and all(_is_conversation(c) for c in data):
+            return Conversations(data)
+        if calibration_format != "text" and data and all(isinstance(r, dict) and _is_conversation(r.get(messages_column))
+                                                         for r in data):
+            return Conversations(r[messages_column] for r in data)
+        if calibration_format == "chat":
+            raise PruningError(f"calibration_format='chat' needs conversations: lists of {{'role', 'content'}} "
+                               f"messages, or records with a {messages_column!r} entry holding one.")
         if not all(isinstance(t, str) for t in data):
-            raise PruningError("A calibration list must contain strings (texts).")
+            raise PruningError("A calibration list must contain strings (texts) or conversations (lists of "
+                               "{'role', 'content'} messages).")
         return list(data)
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
@@ -68,7 +109,7 @@ def load_calibration_source(
                     dataset = datasets.load_dataset("json", data_files=data, split="train")
             except Exception as err:  # malformed file: one line naming it
                 raise PruningError(f"Could not read calibration file {data}: {first_line(err)}.") from None
-            return _texts_from_dataset(dataset, text_column)
+            return _texts_from_dataset(dataset, **columns)
         if os.path.exists(data) or ext in _LOCAL_BUILDERS:
             raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
         try:
@@ -79,12 +120,12 @@ def load_calibration_source(
                 f"{first_line(err)}. "
                 f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
             ) from None
-        return _texts_from_dataset(dataset, text_column)
+        return _texts_from_dataset(dataset, **columns)
     try:
         import datasets
 
         if isinstance(data, datasets.Dataset):
-            return _texts_from_dataset(data, text_column)
+            return _texts_from_dataset(data, **columns)
     except ImportError:  # pragma: no cover - datasets is a hard dependency
         pass
     raise PruningError(f"Unsupported calibration data of type {type(data).__name__}.")
@@ -114,6 +155,30 @@ def tokenize_joined(texts: list[str], tokenizer, max_chars: int | None = _MAX_CH
                         return_attention_mask=False)["input_ids"]
         pieces.append(torch.tensor(ids, dtype=torch.long))
     return torch.cat(pieces)
+
+
+def render_conversations(conversations: Conversations, tokenizer, max_chars: int | None = _MAX_CHARS):
+    """Each conversation rendered with the tokenizer's chat template and tokenized (its special
+    tokens parsed, none added): the packed 1-D ids and the position where each conversation starts."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise PruningError("The calibration data is conversations, but this model's tokenizer has no chat template; "
+                           "calibrate on plain text (calibration_format='text' / --calibration-format text, with "
+                           "text_column), or give a tokenizer that has one.")
+    pieces, starts, offset, size = [], [], 0, 0
+    for messages in conversations:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if not ids:
+            continue
+        starts.append(offset)
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        offset += len(ids)
+        size += len(text)
+        if max_chars is not None and size >= max_chars:
+            break
+    if not pieces:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(pieces), torch.tensor(starts, dtype=torch.long)
 
 
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -152,8 +217,11 @@ def calibration_windows(
     dataset_config: str | None = None,
     split: str = "train",
     text_column: str = "text",
+    messages_column: str = "messages",
+    calibration_format: str = "auto",
 ) -> torch.Tensor:
-    """``num_samples`` x ``seqlen`` token windows at seeded random positions of the joined data.
+    """``num_samples`` x ``seqlen`` token windows at seeded random positions of the joined data
+    (conversations: at seeded random conversation starts of the packed conversations).
 
     A 2-D tensor of token ids is taken as ready-made windows and returned unchanged.
     """
@@ -164,9 +232,15 @@ def calibration_windows(
                 f"pass (n, {seqlen}) token ids or a 1-D token stream."
             )
         return data.long()
-    source = load_calibration_source(data, dataset_config=dataset_config, split=split, text_column=text_column)
+    source = load_calibration_source(data, dataset_config=dataset_config, split=split, text_column=text_column,
+                                     messages_column=messages_column, calibration_format=calibration_format)
+    allowed = None  # positions a window may start at (conversation starts), or any
     if isinstance(source, torch.Tensor):
         ids = source
+    elif isinstance(source, Conversations):
+        if tokenizer is None:
+            raise PruningError("Calibration conversations need a tokenizer with a chat template; pass tokenizer=....")
+        ids, allowed = render_conversations(source, tokenizer)
     else:
         if tokenizer is None:
             raise PruningError("Calibration texts need a tokenizer; pass tokenizer=... or token ids.")
@@ -178,5 +252,9 @@ def calibration_windows(
             f"The calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}; give more text or lower seqlen."
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (num_samples,), generator=generator)
+    if allowed is not None:
+        allowed = allowed[allowed <= ids.numel() - seqlen]
+        starts = allowed[torch.randint(0, allowed.numel(), (num_samples,), generator=generator)]
+    else:
+        starts = torch.randint(0, ids.numel() - seqlen + 1, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -24,6 +24,8 @@ _CONFIG_FLAGS = {
     "dataset_config": "dataset_config",
     "dataset_split": "dataset_split",
     "text_column": "text_column",
+    "messages_column": "messages_column",
+    "calibration_format": "calibration_format",
     "num_samples": "num_calibration_samples",
     "seqlen": "seqlen",
     "batch_size": "batch_size",
@@ -80,6 +82,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset-config", default=None)
     data.add_argument("--dataset-split", default=None)
     data.add_argument("--text-column", default=None)
+    data.add_argument("--messages-column", default=None,
+                      help="Chat data: the column of conversations, rendered with the chat template (default messages).")
+    data.add_argument("--calibration-format", choices=("auto", "chat", "text"), default=None,
+                      help="auto: conversations when the messages column exists, else text (default); chat: "
+                           "require conversations; text: plain text only.")
     data.add_argument("--num-samples", type=int, default=None, help="Calibration windows (default 64).")
     data.add_argument("--seqlen", type=int, default=None, help="Tokens per window (default 512).")
     data.add_argument("--batch-size", type=int, default=None, help="Windows per forward pass (default 8).")
@@ -410,8 +417,7 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
         from optimum_prune.recovery import recover_lora
 
         windows = calibration_windows(config.dataset, tokenizer, args.recover_samples, config.seqlen, config.seed + 1,
-                                      dataset_config=config.dataset_config, split=config.dataset_split,
-                                      text_column=config.text_column)
+                                      **config.data_options())
         results["recovery"] = recover_lora(model, windows, recovery, progress=progress)
         print(f"LoRA recovery: {recovery.steps} steps in {results['recovery']['seconds']:.1f}s, training loss "
               f"{results['recovery']['loss_first']:.3f} -> {results['recovery']['loss_last']:.3f}", flush=True)
