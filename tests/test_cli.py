@@ -289,6 +289,25 @@ def test_cli_reference_documents_every_flag():
     assert not missing, f"docs/cli.md does not document {missing}"
 
 
+def test_config_flags_are_the_config_fields():
+    """The CLI's config flags come from one table keyed by PruningConfig fields: every field is a
+    flag there or one of the three documented exceptions, and a flag sets its field."""
+    import argparse
+
+    from optimum_prune import PruningConfig
+    from optimum_prune.commands.prune import CONFIG_FLAGS, add_prune_arguments, build_config
+
+    listed = [field for field, _, _ in CONFIG_FLAGS]
+    assert sorted(listed) == sorted(set(PruningConfig.field_names()) - {"overrides", "method_kwargs", "sequential"})
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--output", "o", "--num-samples", "7", "--messages-column", "chat",
+                              "--calibration-format", "chat", "--expert-calibration", "all", "--targets", "*.mlp.*"])
+    config = build_config(args)
+    assert (config.num_calibration_samples, config.messages_column, config.calibration_format,
+            config.expert_calibration, config.targets) == (7, "chat", "chat", "all", ["*.mlp.*"])
+
+
 def test_examples_parse_their_arguments():
     """Every example imports (the package API it uses exists) and answers --help."""
     code = (

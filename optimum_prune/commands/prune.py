@@ -15,28 +15,50 @@ import sys
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 
-# CLI flag -> PruningConfig field, for the flags that map one to one
-_CONFIG_FLAGS = {
-    "method": "method",
-    "sparsity": "sparsity",
-    "pattern": "pattern",
-    "dataset": "dataset",
-    "dataset_config": "dataset_config",
-    "dataset_split": "dataset_split",
-    "text_column": "text_column",
-    "messages_column": "messages_column",
-    "calibration_format": "calibration_format",
-    "num_samples": "num_calibration_samples",
-    "seqlen": "seqlen",
-    "batch_size": "batch_size",
-    "seed": "seed",
-    "dampening": "dampening",
-    "targets": "targets",
-    "ignore": "ignore",
-    "channel_multiple": "channel_multiple",
-    "expert_calibration": "expert_calibration",
-    "min_expert_tokens": "min_expert_tokens",
-}
+# The PruningConfig fields that are CLI flags: (field, group, argparse keywords), in --help order.
+# The flag is the field's name with dashes (``flag`` overrides it); every flag defaults to None,
+# which means "from --config, then from PruningConfig". Fields not here: ``overrides`` (config
+# files and Python only), ``method_kwargs`` (--method-kwargs, JSON), ``sequential`` (--one-pass);
+# tests/test_cli.py checks that this table and the config's fields agree.
+CONFIG_FLAGS = (
+    ("method", "pruning", dict(help="Registered method name (magnitude, wanda, sparsegpt, ...).")),
+    ("sparsity", "pruning", dict(type=float, help="Fraction of weights removed, in [0, 1).")),
+    ("pattern", "pruning", dict(help="unstructured (default), N:M such as 2:4, or structured.")),
+    ("targets", "pruning", dict(nargs="+", help="Module-name patterns to prune (glob or re:regex).")),
+    ("ignore", "pruning", dict(nargs="+", help="Module-name patterns to leave dense.")),
+    ("channel_multiple", "pruning", dict(type=int, help="Structured: MLP channels kept per layer rounded to a "
+                                                         "multiple of this (default 32; 1: exact).")),
+    ("expert_calibration", "pruning", dict(choices=("routed", "all"), help="MoE experts: statistics of the tokens "
+                                           "routed to each expert (default) or of every token.")),
+    ("min_expert_tokens", "pruning", dict(type=int, help="MoE experts with fewer routed tokens are pruned by "
+                                                          "magnitude instead (default 16).")),
+    ("dataset", "data", dict(help="Hub dataset, local .txt/.json/.jsonl, or packaged:wiki-leads.")),
+    ("dataset_config", "data", dict()),
+    ("dataset_split", "data", dict()),
+    ("text_column", "data", dict()),
+    ("messages_column", "data", dict(help="Chat data: the column of conversations, rendered with the chat template "
+                                          "(default messages).")),
+    ("calibration_format", "data", dict(choices=("auto", "chat", "text"), help="auto: conversations when the "
+                                        "messages column exists, else text (default); chat: require conversations; "
+                                        "text: plain text only.")),
+    ("num_calibration_samples", "data", dict(flag="--num-samples", type=int, help="Calibration windows (default 64).")),
+    ("seqlen", "data", dict(type=int, help="Tokens per window (default 512).")),
+    ("batch_size", "data", dict(type=int, help="Windows per forward pass (default 8).")),
+    ("seed", "data", dict(type=int)),
+    ("dampening", "data", dict(type=float)),
+)
+
+
+def _flag(field: str, options: dict) -> str:
+    return options.get("flag", "--" + field.replace("_", "-"))
+
+
+def _add_config_flags(parser, group: str) -> None:
+    """Add the flags of ``CONFIG_FLAGS`` that belong to ``group`` to ``parser`` (an argument group)."""
+    for field, where, options in CONFIG_FLAGS:
+        if where == group:
+            flag = _flag(field, options)
+            parser.add_argument(flag, dest=field, default=None, **{k: v for k, v in options.items() if k != "flag"})
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,35 +85,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("pruning (defaults come from --config, then from PruningConfig)")
     method.add_argument("--config", default=None,
                         help="A pruning_config.json, a folder holding one, or a Hub repo id; the flags below override it.")
-    method.add_argument("--method", default=None, help="Registered method name (magnitude, wanda, sparsegpt, ...).")
-    method.add_argument("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1).")
-    method.add_argument("--pattern", default=None, help="unstructured (default), N:M such as 2:4, or structured.")
+    _add_config_flags(method, "pruning")
     method.add_argument("--method-kwargs", default=None, help='Method options as JSON, e.g. \'{"blocksize": 64}\'.')
-    method.add_argument("--targets", nargs="+", default=None, help="Module-name patterns to prune (glob or re:regex).")
-    method.add_argument("--ignore", nargs="+", default=None, help="Module-name patterns to leave dense.")
     method.add_argument("--one-pass", action="store_true", help="Non-sequential: each layer runs once (faster).")
-    method.add_argument("--channel-multiple", type=int, default=None,
-                        help="Structured: MLP channels kept per layer rounded to a multiple of this (default 32; 1: exact).")
-    method.add_argument("--expert-calibration", choices=("routed", "all"), default=None,
-                        help="MoE experts: statistics of the tokens routed to each expert (default) or of every token.")
-    method.add_argument("--min-expert-tokens", type=int, default=None,
-                        help="MoE experts with fewer routed tokens are pruned by magnitude instead (default 16).")
 
     data = parser.add_argument_group("calibration data")
-    data.add_argument("--dataset", default=None, help="Hub dataset, local .txt/.json/.jsonl, or packaged:wiki-leads.")
-    data.add_argument("--dataset-config", default=None)
-    data.add_argument("--dataset-split", default=None)
-    data.add_argument("--text-column", default=None)
-    data.add_argument("--messages-column", default=None,
-                      help="Chat data: the column of conversations, rendered with the chat template (default messages).")
-    data.add_argument("--calibration-format", choices=("auto", "chat", "text"), default=None,
-                      help="auto: conversations when the messages column exists, else text (default); chat: "
-                           "require conversations; text: plain text only.")
-    data.add_argument("--num-samples", type=int, default=None, help="Calibration windows (default 64).")
-    data.add_argument("--seqlen", type=int, default=None, help="Tokens per window (default 512).")
-    data.add_argument("--batch-size", type=int, default=None, help="Windows per forward pass (default 8).")
-    data.add_argument("--seed", type=int, default=None)
-    data.add_argument("--dampening", type=float, default=None)
+    _add_config_flags(data, "data")
 
     reliability = parser.add_argument_group("checkpoints and resources")
     reliability.add_argument("--checkpoint-dir", default=None,
@@ -138,8 +137,8 @@ def build_config(args):
     base = PruningConfig.from_pretrained(args.config).to_dict() if args.config else {}
     for key in ("format_version", "optimum_prune_version"):
         base.pop(key, None)
-    for flag, field in _CONFIG_FLAGS.items():
-        value = getattr(args, flag)
+    for field, _, _ in CONFIG_FLAGS:
+        value = getattr(args, field)
         if value is not None:
             base[field] = value
     if args.pattern is not None and args.sparsity is None and args.config:
