@@ -40,7 +40,9 @@ from smollm2 import in_process, peak_rss_mb  # noqa: E402
 
 #: whole-expert removal: "drop-<score>-<percent of the routed experts removed>"
 DROPS = [f"drop-{score}-{level}" for level in (25, 50) for score in ("reap", "frequency", "random")]
-RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sparsegpt", *DROPS]
+#: narrower experts: "narrow-<method>-<percent of every routed expert's channels removed>"
+NARROWS = [f"narrow-fasp-{level}" for level in (25, 50)]
+RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sparsegpt", *DROPS, *NARROWS]
 # runs compared over several calibration seeds (the routed / all difference is small; the expert
 # scores are compared with each other); the others differ by far more than the seed-to-seed spread
 # and run with the first seed only. A random removal uses the calibration seed as its own seed.
@@ -192,6 +194,10 @@ def _prune(args, run, seed, queue):
         config = PruningConfig(method="expert-drop", pattern="structured", sparsity=int(level) / 100,
                                num_calibration_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
                                method_kwargs={"score": score, "seed": seed})
+    elif method.startswith("narrow-"):  # every routed expert loses the same share of its own channels
+        _, name, level = method.split("-")
+        config = PruningConfig(method=name, pattern="structured", sparsity=int(level) / 100,
+                               num_calibration_samples=args.num_samples, seqlen=args.seqlen, seed=seed)
     else:
         config = PruningConfig(method=method, sparsity=0.5, num_calibration_samples=args.num_samples,
                                seqlen=args.seqlen, seed=seed, ignore=["*self_attn*"],
@@ -261,7 +267,7 @@ def write_results(path, args, info, dense, rows):
         "|---|---|---|---|---|---|---|---|",
     ]
     for run, items in by_run.items():
-        if run.startswith("drop-"):
+        if run.startswith(("drop-", "narrow-")):
             continue
         base = dense["smollm2"] if run.startswith("smollm2:") else dense["moe"]
         label = run if run.startswith("smollm2:") else f"MoE: {run}"
@@ -282,7 +288,7 @@ def write_results(path, args, info, dense, rows):
 
 def _drop_table(by_run, dense, args, info) -> list[str]:
     """Whole-expert removal: one row per score and level, mean ± half the range over the seeds."""
-    drops = [run for run in DROPS if run in by_run]
+    drops = [run for run in [*DROPS, *NARROWS] if run in by_run]
     if not drops:
         return []
     lines = [
@@ -292,7 +298,9 @@ def _drop_table(by_run, dense, args, info) -> list[str]:
         "routing among the experts left (at 50% every token uses all four). Scores from the calibration tokens routed "
         "to each expert: `reap` = mean over them of routing weight x ||expert output|| (REAP), `frequency` = how many, "
         f"`random` = a seeded random choice (the calibration seed). Calibration seeds "
-        f"{', '.join(map(str, args.seeds))}, {args.num_samples} windows x {args.seqlen} tokens; mean ± half the range.",
+        f"{', '.join(map(str, args.seeds))}, {args.num_samples} windows x {args.seqlen} tokens; mean ± half the range. "
+        "`narrower: fasp` rows keep every expert and remove the same share of each routed expert's intermediate "
+        "channels instead (FASP scores, each expert's down projection restored on its own tokens; seed 0).",
         "",
         "| experts removed | score | wiki | x dense MoE | python | x dense MoE | parameters | prune s |",
         "|---|---|---|---|---|---|---|---|",
@@ -300,11 +308,15 @@ def _drop_table(by_run, dense, args, info) -> list[str]:
     for run in drops:
         items = by_run[run]
         _, score, level = run.split("-")
+        if run.startswith("narrow-"):
+            level, score = f"{level}% of each expert's channels", f"narrower: {score}"
+        else:
+            level = f"{level}%"
         wiki = [r["ppl"]["wiki"] for r in items]
         python = [r["ppl"]["python"] for r in items]
         seconds = sum(r["prune_s"] for r in items) / len(items)
         lines.append(
-            f"| {level}% | {score} ({len(items)} seeds) | {_mean_spread(wiki)} | "
+            f"| {level} | {score} ({len(items)} seed{'s' if len(items) > 1 else ''}) | {_mean_spread(wiki)} | "
             f"{sum(wiki) / len(wiki) / dense['moe']['wiki']:.2f} | {_mean_spread(python)} | "
             f"{sum(python) / len(python) / dense['moe']['python']:.2f} | {items[0]['parameters'] / 1e6:.1f} M | "
             f"{seconds:.0f} |")

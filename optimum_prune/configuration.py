@@ -51,6 +51,9 @@ def _check_patterns(value: Any, name: str) -> list[str]:
 #: What calibration data is taken as: conversations when present (auto), conversations only, text only.
 CALIBRATION_FORMATS = ("auto", "chat", "text")
 
+#: How an unstructured sparsity is spread over the decoder layers (see calibration/profiles.py).
+SPARSITY_PROFILES = ("uniform", "owl")
+
 #: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
 EXPERT_CALIBRATION = ("routed", "all")
 
@@ -88,6 +91,12 @@ class PruningConfig(BaseConfig):
             magnitude instead, at the same target (counted in the report's ``expert_fallbacks``).
         dataset, dataset_config, dataset_split, text_column: default calibration data when
             ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
+        sparsity_profile: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` (outlier-weighed
+            layer-wise sparsity: layers whose Wanda scores hold more outliers keep more weights; the
+            average over the targeted weights is ``sparsity``); unstructured patterns.
+        owl_lambda, owl_threshold: OWL's spread (layer sparsities within ``sparsity +- owl_lambda``
+            before the bounds) and outlier threshold M (a score above M x its layer's mean is an outlier).
+        layer_sparsity_min, layer_sparsity_max: bounds on every layer's sparsity under a profile.
         messages_column, calibration_format: chat data: the column of conversations (lists of
             ``{"role", "content"}`` messages, rendered with the tokenizer's chat template), and whether
             to use it when present (``"auto"``), require it (``"chat"``) or read plain text (``"text"``).
@@ -119,6 +128,11 @@ class PruningConfig(BaseConfig):
     text_column: str = "text"
     messages_column: str = "messages"
     calibration_format: str = "auto"
+    sparsity_profile: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    layer_sparsity_min: float = 0.0
+    layer_sparsity_max: float = 0.99
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
@@ -170,6 +184,7 @@ class PruningConfig(BaseConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise PruningError(f"{name} must be a string, got {value!r}.")
+        self._check_profile(method_cls, parsed)
         if self.calibration_format not in CALIBRATION_FORMATS:
             raise PruningError(f"calibration_format must be one of {', '.join(CALIBRATION_FORMATS)}, "
                                f"got {self.calibration_format!r}.")
@@ -179,6 +194,30 @@ class PruningConfig(BaseConfig):
         if not isinstance(self.method_kwargs, dict):
             raise PruningError(f"method_kwargs must be a JSON object of the method's options, got {self.method_kwargs!r}.")
         method_cls.parse_options(self.method_kwargs)  # raises with the list of known options
+
+    def _check_profile(self, method_cls, parsed: SparsityPattern) -> None:
+        if self.sparsity_profile not in SPARSITY_PROFILES:
+            raise PruningError(f"sparsity_profile must be one of {', '.join(SPARSITY_PROFILES)}, "
+                               f"got {self.sparsity_profile!r}.")
+        for name in ("owl_lambda", "owl_threshold", "layer_sparsity_min", "layer_sparsity_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PruningError(f"{name} must be a number, got {value!r}.")
+        if not 0 <= self.owl_lambda < 0.5 or self.owl_threshold <= 0:
+            raise PruningError(f"owl_lambda must be in [0, 0.5) and owl_threshold > 0, got {self.owl_lambda!r} and "
+                               f"{self.owl_threshold!r} (the paper's defaults: 0.08 and 5).")
+        if not 0 <= self.layer_sparsity_min <= self.sparsity <= self.layer_sparsity_max < 1:
+            raise PruningError(f"layer_sparsity_min <= sparsity <= layer_sparsity_max < 1 must hold, got "
+                               f"{self.layer_sparsity_min!r} <= {self.sparsity!r} <= {self.layer_sparsity_max!r}.")
+        if self.sparsity_profile == "uniform":
+            return
+        if parsed.kind != "unstructured":
+            raise PruningError(f"sparsity_profile={self.sparsity_profile!r} spreads an unstructured sparsity over the "
+                               f"layers; pattern {parsed} keeps sparsity_profile='uniform' (per-layer N:M patterns "
+                               f"are not built yet).")
+        if not method_cls().needs_calibration:
+            raise PruningError(f"sparsity_profile={self.sparsity_profile!r} measures the layers on calibration data; "
+                               f"method {method_cls.name!r} uses none: choose wanda, sparsegpt, alps, ...")
 
     @staticmethod
     def _check_supported(method_cls, parsed: SparsityPattern, where: str) -> None:

@@ -166,6 +166,7 @@ def build_model_card(
         ("left dense", results.get("unhandled_note")),
         ("MoE experts", _experts_text(results.get("experts"))),
         ("experts removed", _removed_experts_text(results.get("removed_experts"))),
+        ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
         ("recovery", _recovery_text(results.get("recovery"))),
@@ -201,6 +202,13 @@ def build_model_card(
         + "\nThe full pruning configuration is in `pruning_config.json` (also under `pruning_config` in `config.json`).\n"
     )
     return ModelCard(content)
+
+
+def _layer_sparsity_text(profile: dict | None) -> str | None:
+    if not profile:
+        return None
+    values = ", ".join(f"{v:.3f}" for v in profile["per_layer"])
+    return f"`{profile['profile']}` profile, layer by layer: {values}"
 
 
 def _removed_experts_text(removed: dict | None) -> str | None:

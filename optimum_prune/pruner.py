@@ -13,6 +13,7 @@ from .calibration.data import calibration_windows, check_seqlen
 from .calibration.distributed import is_distributed, is_main_process, shard_windows
 from .calibration.activations import check_place
 from .calibration.engine import LayerwiseEngine
+from .calibration.profiles import layer_sparsities
 from .calibration.offload import input_device
 from .calibration.report import PruneReport
 from .calibration.resources import check_memory as check_layer_memory
@@ -155,6 +156,8 @@ class Pruner:
             if checkpoint_dir is not None:
                 raise PruningError("checkpoint_dir (--checkpoint-dir) is not supported with several processes yet.")
             windows = shard_windows(windows)  # each process calibrates on its share of the windows
+        if isinstance(engine, LayerwiseEngine) and cfg.sparsity_profile != "uniform":
+            engine.use_layer_sparsity(layer_sparsities(model, engine.planned, cfg, windows))  # dense model, before any change
         if check_memory and isinstance(engine, LayerwiseEngine):
             samples = 0 if windows is None else windows.shape[0]
             check_layer_memory(engine, samples, cfg.seqlen, input_device(model))

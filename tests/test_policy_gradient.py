@@ -8,7 +8,8 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
-from optimum_prune.methods.policy_gradient import allocate, final_keep, project_to_budget, round_widths
+from optimum_prune.allocation import allocate
+from optimum_prune.methods.policy_gradient import final_keep, project_to_budget, round_widths
 
 
 def config(**kw):

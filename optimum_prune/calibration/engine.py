@@ -79,12 +79,22 @@ class LayerwiseEngine:
         self.prefix, self.layers = find_decoder_layers(model)
         self.structured = config.parsed_pattern.kind == "structured"
         self._changes: dict[str, torch.Tensor] = {}  # what the current layer changed, for checkpoints
-        planned = LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units)
-        self.plan, self.coverage, self._fixed_params = planned.entries, planned.coverage, planned.fixed_params
-        self.hooked_linears = planned.hooked_linears
+        self._use_plan(LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units))
         if method.error_correction and not config.sequential and any(t.experts for t in self.plan):
             raise PruningError(f"{method.name} with error correction prunes fused MoE experts only in sequential mode; "
                                f"drop sequential=False (--one-pass) or set error_correction=false.")
+
+    def _use_plan(self, planned: LayerPlan) -> None:
+        self.planned = planned
+        self.plan, self.coverage, self._fixed_params = planned.entries, planned.coverage, planned.fixed_params
+        self.hooked_linears = planned.hooked_linears
+        self.layer_sparsity = planned.layer_sparsity
+
+    def use_layer_sparsity(self, values: list[float] | None) -> None:
+        """Give every decoder layer its own sparsity (a sparsity profile; None: the config's)."""
+        if values is not None:
+            self._use_plan(LayerPlan(self.model, self.prefix, self.layers, self.config, self.method,
+                                     layer_sparsity=values, warn=False))
 
     def compute_device(self, layer: nn.Module) -> torch.device:
         """Where ``layer`` is calibrated and solved: ``device`` if given, else where it executes."""
@@ -97,7 +107,7 @@ class LayerwiseEngine:
         from it when it holds an earlier, interrupted run of the same prune)."""
         start = time.perf_counter()
         report = PruneReport(layer_weights=self.coverage.layer_weights, covered_weights=self.coverage.covered_weights,
-                             unhandled=dict(self.coverage.unhandled))
+                             unhandled=dict(self.coverage.unhandled), layer_sparsity=self.layer_sparsity)
         inputs = kwargs = None
         if self.method.needs_calibration:
             if calibration is None or calibration.numel() == 0:

@@ -141,8 +141,12 @@ class LayerPlan:
 
     def __init__(self, model: nn.Module, prefix: str, layers: nn.ModuleList, config: PruningConfig,
                  method: PruningMethod, removals: dict[str, int] | None = None,
-                 kept_units: dict[str, torch.Tensor] | None = None):
+                 kept_units: dict[str, torch.Tensor] | None = None, layer_sparsity: list[float] | None = None,
+                 warn: bool = True):
+        """``layer_sparsity`` (one value per decoder layer, from a sparsity profile) replaces the
+        config's sparsity for every targeted tensor of that layer that no override fixes."""
         self.model, self.prefix, self.layers = model, prefix, layers
+        self.layer_sparsity = layer_sparsity
         self.config, self.method = config, method
         self.kept_units = kept_units
         self.removals = dict(removals or {}) if kept_units is not None else removals
@@ -151,15 +155,23 @@ class LayerPlan:
         self.fixed_params = [0] * len(layers)
         self.entries = self._build_plan()
         self.coverage = self._measure_coverage()
-        note = self.coverage.unhandled_note(prefix)
+        note = self.coverage.unhandled_note(prefix) if warn else None
         if note:
             logger.warning(note)
 
-    def _target_for(self, name: str) -> Target:
+    def _target_for(self, name: str, index: int) -> Target:
         override = first_match(name, self.config.overrides) or {}
         pattern = SparsityPattern.parse(override.get("pattern", self.config.pattern))
-        sparsity = override.get("sparsity", self.config.sparsity if "pattern" not in override else None)
+        default = self.config.sparsity if self.layer_sparsity is None else self.layer_sparsity[index]
+        sparsity = override.get("sparsity", default if "pattern" not in override else None)
         return Target(resolve_sparsity(sparsity, pattern, f"overrides for {name}: "), pattern)
+
+    def free_weights(self, index: int) -> int:
+        """Weights of layer ``index``'s targeted tensors that no override fixes (what a sparsity
+        profile spreads the budget over)."""
+        tasks = self.entries[index]
+        return (sum(t.linear.weight.numel() for t in tasks.linears if first_match(t.name, self.config.overrides) is None)
+                + sum(t.bank.tensor.numel() for t in tasks.experts if first_match(t.name, self.config.overrides) is None))
 
     def _build_plan(self) -> list[LayerTasks]:
         plan = []
@@ -174,11 +186,11 @@ class LayerPlan:
             linears = select_target_linears(layer, layer_name, self.config.targets, self.config.ignore)
             tasks = LayerTasks()
             for name, linear in linears.items():
-                target = self._target_for(name)
+                target = self._target_for(name, index)
                 target.check_width(linear.in_features, name)
                 tasks.linears.append(LinearTask(name, linear, target))
             for name, bank in expert_banks(layer, layer_name, self.config.targets, self.config.ignore).items():
-                target = self._target_for(name)
+                target = self._target_for(name, index)
                 target.check_width(bank.in_features, name)
                 tasks.experts.append(ExpertTask(bank, target))
             plan.append(tasks)

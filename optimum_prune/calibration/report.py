@@ -21,6 +21,7 @@ class PruneReport:
     expert_matrices: int = 0  # expert matrices of fused MoE banks pruned (each its own problem)
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
+    layer_sparsity: list[float] | None = None  # each decoder layer's target under a sparsity profile (None: uniform)
 
     def record(self, name: str, pruned: int, total: int) -> None:
         """``pruned`` of the ``total`` weights of tensor ``name`` were zeroed."""
@@ -53,7 +54,8 @@ class PruneReport:
         return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
                 "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
-                "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts)}
+                "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
+                "layer_sparsity": self.layer_sparsity}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -64,3 +66,4 @@ class PruneReport:
         self.expert_matrices = int(data.get("expert_matrices", self.expert_matrices))
         self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
+        self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)

@@ -26,6 +26,14 @@ CONFIG_FLAGS = (
     ("pattern", "pruning", dict(help="unstructured (default), N:M such as 2:4, or structured.")),
     ("targets", "pruning", dict(nargs="+", help="Module-name patterns to prune (glob or re:regex).")),
     ("ignore", "pruning", dict(nargs="+", help="Module-name patterns to leave dense.")),
+    ("sparsity_profile", "pruning", dict(choices=("uniform", "owl"), help="How the sparsity is spread over the "
+                                         "layers: uniform (default) or owl (more outliers: less sparsity; the "
+                                         "average is --sparsity).")),
+    ("owl_lambda", "pruning", dict(type=float, help="owl: layer sparsities within --sparsity +- this (default 0.08).")),
+    ("owl_threshold", "pruning", dict(type=float, help="owl: a Wanda score above this x its layer's mean is an "
+                                                       "outlier (default 5).")),
+    ("layer_sparsity_min", "pruning", dict(type=float, help="Profiles: the lowest sparsity of a layer (default 0).")),
+    ("layer_sparsity_max", "pruning", dict(type=float, help="Profiles: the highest sparsity of a layer (default 0.99).")),
     ("channel_multiple", "pruning", dict(type=int, help="Structured: MLP channels kept per layer rounded to a "
                                                          "multiple of this (default 32; 1: exact).")),
     ("expert_calibration", "pruning", dict(choices=("routed", "all"), help="MoE experts: statistics of the tokens "
@@ -394,6 +402,10 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
             results["experts"]["fallbacks_per_bank"] = dict(report.expert_fallbacks)
     if report.removed_experts:
         results["removed_experts"] = dict(report.removed_experts)
+    if report.layer_sparsity is not None:
+        results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
+        print(f"{config.sparsity_profile} profile: layer sparsities {min(report.layer_sparsity):.3f} to "
+              f"{max(report.layer_sparsity):.3f}", flush=True)
     what = "channel groups" if config.pattern == "structured" else "Linears"
     if pruner.method.removes_experts:
         what = f"MoE blocks ({sum(map(len, report.removed_experts.values()))} experts removed)"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..allocation import allocate, shift_into_budget
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from ..registry import register_method
 from .base import PruningMethod
@@ -129,17 +130,7 @@ def project_to_budget(y: torch.Tensor, cost: torch.Tensor, keep_params: float, e
     Euclidean projection would shift a unit by ``lambda * cost``: with a global budget a KV group,
     hundreds of times an MLP channel's parameters, would be pushed to ``eps`` before any step).
     With equal costs (one budget per module type) both projections coincide."""
-    def kept(lam):
-        return float((cost * (y - lam).clamp(eps, 1 - eps)).sum())
-
-    lo, hi = float(y.min()) - 1.0, float(y.max()) + 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if kept(mid) > keep_params:
-            lo = mid
-        else:
-            hi = mid
-    return (y - 0.5 * (lo + hi)).clamp(eps, 1 - eps)
+    return shift_into_budget(y, cost, keep_params, eps, 1 - eps)
 
 
 def final_keep(s: torch.Tensor, cost: torch.Tensor, keep_params: float) -> torch.Tensor:
@@ -164,41 +155,6 @@ def round_widths(keep: torch.Tensor, s: torch.Tensor, group_of: torch.Tensor, gr
             keep[members] = False
             keep[members[torch.argsort(s[members], descending=True, stable=True)[:target]]] = True
     return keep
-
-
-def _lower_hull(r: torch.Tensor, d: torch.Tensor) -> list[tuple[float, float]]:
-    """The lower convex hull of ``(0, 0)`` and the points ``(r_i, d_i)`` (``r`` increasing)."""
-    hull = [(0.0, 0.0)]
-    for point in zip(r.tolist(), d.tolist()):
-        while len(hull) >= 2:
-            (x0, y0), (x1, y1) = hull[-2], hull[-1]
-            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):  # hull[-1] on or above the chord
-                hull.pop()
-            else:
-                break
-        hull.append(point)
-    return hull
-
-
-def allocate(curves, params: torch.Tensor, target: float) -> list[float]:
-    """Removed share per group minimising the summed damage under ``sum(share * params) = target``,
-    each group's damage the piecewise-linear curve through its points (convexified): the segments
-    of all groups are taken cheapest damage per parameter first, the last one in part. Shares stop
-    at each group's last measured point."""
-    segments = []  # (damage per parameter, group, share length)
-    for g, (r, d) in enumerate(curves):
-        hull = _lower_hull(r, d)
-        for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
-            segments.append(((y1 - y0) / ((x1 - x0) * float(params[g])), g, x1 - x0))
-    shares = [0.0] * len(curves)
-    left = target
-    for _, g, length in sorted(segments, key=lambda seg: seg[0]):
-        if left <= 0:
-            break
-        take = min(length, left / float(params[g]))
-        shares[g] += take
-        left -= take * float(params[g])
-    return shares
 
 
 @register_method("policy_gradient", aliases=("pg",))
