@@ -12,6 +12,7 @@ forward pass of the dense model over the same calibration tokens.
     python benchmarks/smollm2.py --structured          # structured runs -> docs/results/structured.md
     python benchmarks/smollm2.py --global              # policy gradient vs uniform -> docs/results/global.md
     python benchmarks/smollm2.py --convex              # fista, sparsefw vs wanda, sparsegpt -> docs/results/convex.md
+    python benchmarks/smollm2.py --profiles            # uniform vs owl sparsity profiles -> docs/results/profiles.md
 
 A run is ``method:SPARSITY`` (unstructured), ``method:N:M`` or ``method:sSPARSITY`` (structured,
 fraction of decoder-layer parameters); method options go in brackets: ``fasp[restore=false]:s0.2``.
@@ -63,6 +64,14 @@ CONVEX_RUNS = [
 GLOBAL_PG = 'policy_gradient[budget="global",local_method="spap",ignore=["*.self_attn"],init_scope="sensitivity"]'
 GLOBAL_PG_LABEL = 'policy_gradient budget="global" local_method="spap" ignore=["*.self_attn"] init_scope="sensitivity"'
 GLOBAL_RUNS = ["spap:s0.2", "spap:s0.3", f"{GLOBAL_PG}:s0.3", f"{GLOBAL_PG}:s0.2"]
+
+
+# non-uniform sparsity over the layers (PruningConfig.sparsity_profile) against uniform, same method and level
+OWL = '[sparsity_profile="owl"]'
+PROFILE_RUNS = [f"{method}{profile}:{level}" for level in ("0.7", "0.6") for method in ("wanda", "sparsegpt", "alps")
+                for profile in ("", OWL)]
+#: PruningConfig fields that a run may set in brackets next to the method's own options
+CONFIG_OPTIONS = ("targets", "ignore", "sparsity_profile", "owl_lambda", "owl_threshold")
 
 
 def parse_run(spec: str):
@@ -153,7 +162,7 @@ def _prune(args, method, options, pattern, sparsity, queue):
     model, tokenizer = load_fp32(args.checkpoint)
     label = _label(method, options)
     options = dict(options)
-    selection = {key: options.pop(key) for key in ("targets", "ignore") if key in options}  # PruningConfig fields
+    selection = {key: options.pop(key) for key in CONFIG_OPTIONS if key in options}  # PruningConfig fields
     config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=args.num_samples,
                            seqlen=args.seqlen, sequential=not args.one_pass, method_kwargs=options, **selection,
                            **({} if args.channel_multiple is None else {"channel_multiple": args.channel_multiple}))
@@ -204,6 +213,7 @@ def main():
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
     parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
     parser.add_argument("--convex", action="store_true", help=f"FISTA and SparseFW vs the baselines: {' '.join(CONVEX_RUNS)}")
+    parser.add_argument("--profiles", action="store_true", help=f"sparsity profiles: {' '.join(PROFILE_RUNS)}")
     parser.add_argument("--global", dest="global_", action="store_true",
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
@@ -212,8 +222,10 @@ def main():
                         help="rows of finished runs, one JSON object per line: read, not re-run; new rows appended")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
-    preset = "global" if args.global_ else "structured" if args.structured else "convex" if args.convex else None
-    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS, "convex": CONVEX_RUNS}.get(preset, RUNS)
+    preset = ("global" if args.global_ else "structured" if args.structured else "convex" if args.convex
+              else "profiles" if args.profiles else None)
+    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS, "convex": CONVEX_RUNS,
+                    "profiles": PROFILE_RUNS}.get(preset, RUNS)
     args.runs = args.runs or default_runs
     if args.output is None:
         args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", f"{preset or 'smollm2'}.md")
