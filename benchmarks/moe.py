@@ -281,9 +281,27 @@ def write_results(path, args, info, dense, rows):
             f"{_mean_spread(python)} | {sum(python) / len(python) / base['python']:.2f} | "
             f"{items[0]['mlp_sparsity']:.4f} | {seconds:.0f} | {rss:.0f} |")
     lines += _drop_table(by_run, dense, args, info)
-    lines += ["", "Raw rows:", "", "```json", *(json.dumps(r) for r in rows), "```", ""]
+    # raw rows without the per-block lists of removed experts (kept in the cache next to the model)
+    lines += ["", "Raw rows:", "", "```json", *(json.dumps({k: v for k, v in r.items() if k != "removed_experts"})
+                                                 for r in rows), "```", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
+
+
+def _stored_parameters(folder: str) -> int:
+    """Parameters in a checkpoint's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as handle:
+                for key in handle.keys():
+                    count = 1
+                    for size in handle.get_slice(key).get_shape():
+                        count *= size
+                    total += count
+    return total
 
 
 def _drop_table(by_run, dense, args, info) -> list[str]:
@@ -301,6 +319,8 @@ def _drop_table(by_run, dense, args, info) -> list[str]:
         f"{', '.join(map(str, args.seeds))}, {args.num_samples} windows x {args.seqlen} tokens; mean ± half the range. "
         "`narrower: fasp` rows keep every expert and remove the same share of each routed expert's intermediate "
         "channels instead (FASP scores, each expert's down projection restored on its own tokens; seed 0).",
+        "",
+        f"Dense MoE: {_stored_parameters(args.moe) / 1e6:.1f} M parameters (embeddings tied).",
         "",
         "| experts removed | score | wiki | x dense MoE | python | x dense MoE | parameters | prune s |",
         "|---|---|---|---|---|---|---|---|",
