@@ -88,6 +88,20 @@ class StatisticsCollector:
         self._seen.clear()
 
 
+def bind_routing_call(signature: inspect.Signature, args, kwargs):
+    """A call of a fused experts module bound to its ``forward``'s parameters, and the names of
+    its first three (hidden states, expert indices, routing weights); None when the call is not
+    one with expert indices."""
+    names = list(signature.parameters)[:3]
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    if len(names) < 3 or bound.arguments.get(names[1]) is None:
+        return None
+    return bound, names
+
+
 class ExpertCollector:
     """Per-expert input statistics of fused expert banks (`ExpertBank`), for the tokens routed to
     each expert — or, with ``all_tokens``, for every token (the routing is widened so that every
@@ -117,15 +131,12 @@ class ExpertCollector:
 
     def _enter(self, module: nn.Module, banks: list[ExpertBank]):
         signature = inspect.signature(module.forward)
-        names = list(signature.parameters)[:3]  # hidden states, indices, weights
 
         def pre_hook(mod, args, kwargs):
-            try:
-                bound = signature.bind(*args, **kwargs)
-            except TypeError:
-                return None
-            if len(names) < 3 or bound.arguments.get(names[1]) is None:
+            found = bind_routing_call(signature, args, kwargs)
+            if found is None:
                 return None  # not the (hidden states, indices, weights) call this collector knows
+            bound, names = found
             index = bound.arguments[names[1]]
             if self.all_tokens:
                 index, weights = widen_routing(index, bound.arguments.get(names[2]), banks[0].num_experts)
@@ -196,19 +207,16 @@ class ExpertUsageCollector:
 
     def _hook(self, block: MoEBlock):
         signature = inspect.signature(block.experts.forward)
-        names = list(signature.parameters)[:3]  # hidden states, indices, weights
 
         def hook(module, args, kwargs, output):
             if self._inside:
                 return None
-            try:
-                bound = signature.bind(*args, **kwargs).arguments
-            except TypeError:
-                bound = {}
-            if len(names) < 3 or bound.get(names[1]) is None or bound.get(names[2]) is None:
+            found = bind_routing_call(signature, args, kwargs)
+            if found is None or found[0].arguments.get(found[1][2]) is None:
                 raise PruningError(f"The experts of {block.family} ({block.experts_name}) are not called with "
                                    f"(hidden states, expert indices, routing weights); expert-drop cannot score them.")
-            hidden, index, weights = bound[names[0]], bound[names[1]], bound[names[2]]
+            bound, names = found
+            hidden, index, weights = (bound.arguments[name] for name in names)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
             routed = index < block.num_experts  # slots the router left empty carry index >= E

@@ -380,16 +380,14 @@ class LayerwiseEngine:
         for task in tasks:
             channels = task.channels
             before = channels.params
-            report.total_params += before
             if task.remove == 0:
-                report.sparsity[task.name] = 0.0
+                report.record(task.name, 0, before)
                 continue
             stats = collector.stats if collector is not None else {}
             solved = solve_expert_channels(self.method, channels, task.remove, stats.get(channels.up.name),
                                            stats.get(channels.down.name), self.config.min_expert_tokens, device)
             narrow_experts(channels, solved.up, solved.down, solved.up_bias, set_param)
-            report.sparsity[task.name] = 1.0 - channels.params / before
-            report.pruned_params += before - channels.params
+            report.record(task.name, before - channels.params, before)
             report.expert_matrices += channels.num_experts
             if solved.fallbacks:
                 report.expert_fallbacks[task.name] = solved.fallbacks
@@ -409,9 +407,8 @@ class LayerwiseEngine:
         for task in tasks:
             block = task.block
             before, count = block.params, block.num_experts
-            report.total_params += before
             if task.remove == 0:
-                report.sparsity[task.name] = 0.0
+                report.record(task.name, 0, before)
                 continue
             found = usage.usage(block) if usage is not None else ExpertUsage(
                 torch.zeros(count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64), block.groups)
@@ -420,8 +417,7 @@ class LayerwiseEngine:
                 raise RuntimeError(f"{self.method.name} kept {keep.numel()} distinct experts of {task.name}, "
                                    f"expected {count - task.remove}")
             remove_experts(block, keep, set_param, read=current_value)
-            report.sparsity[task.name] = 1.0 - block.params / before
-            report.pruned_params += before - block.params
+            report.record(task.name, before - block.params, before)
             report.removed_experts[task.name] = sorted(set(range(count)) - set(keep.tolist()))
             self._changes[f"{task.name}.keep_experts"] = keep
         broadcast_layer(layer)

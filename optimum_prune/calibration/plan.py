@@ -21,12 +21,10 @@ from ..configuration import PruningConfig
 from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..patterns import SparsityPattern, Target, resolve_sparsity
-from ..structure.budget import plan_removals
-from ..structure.experts import ExpertBank, expert_banks
+from ..structure.budget import plan_removals, round_kept
+from ..structure.experts import ExpertBank, expert_banks, is_fused_experts
 from ..structure.groups import (ChannelGroup, gated_mlp_group, group_selected, has_layout, layer_groups,
                                layout_for)
-from ..structure.budget import round_kept
-from ..structure.experts import is_fused_experts
 from ..structure.moe import (ExpertChannels, MoEBlock, check_removal, expert_channel_modules, moe_blocks,
                              tied_shared_experts)
 from ..structure.layers import first_match, linear_params, select_target_linears, weight_inventory
@@ -219,13 +217,18 @@ class LayerPlan:
             coverage.covered_weights += self.entries[index].covered_weights()
         return coverage
 
+    def _module_sparsity(self, names: list[str]) -> float:
+        """The structured sparsity of a module known by ``names`` (most specific first): the first
+        override that matches one of them, else the config's."""
+        override = next((found for name in names if (found := first_match(name, self.config.overrides))), {})
+        return resolve_sparsity(override.get("sparsity", self.config.sparsity), self.pattern, f"{names[0]}: ")
+
     def _expert_drop_entry(self, layer, layer_name: str) -> LayerTasks:
         """The MoE blocks of one layer with the number of experts each loses: ``sparsity`` (or the
         block's or layer's override) is the fraction of the block's routed experts removed."""
         tasks = LayerTasks()
         for block in moe_blocks(layer, layer_name, self.config.targets, self.config.ignore):
-            override = first_match(block.name, self.config.overrides) or first_match(layer_name, self.config.overrides) or {}
-            sparsity = resolve_sparsity(override.get("sparsity", self.config.sparsity), self.pattern, f"{block.name}: ")
+            sparsity = self._module_sparsity([block.name, layer_name])
             remove = math.floor(sparsity * block.num_experts / block.groups + 0.5) * block.groups
             check_removal(block, remove)
             tasks.drops.append(ExpertDropTask(block, remove))
@@ -240,11 +243,7 @@ class LayerPlan:
         stay as they are."""
         tasks = LayerTasks()
         for channels in expert_channel_modules(layer, layer_name, self.config.targets, self.config.ignore):
-            override = (first_match(channels.name, self.config.overrides)
-                        or first_match(channels.name.rsplit(".", 1)[0], self.config.overrides)
-                        or first_match(layer_name, self.config.overrides) or {})
-            sparsity = resolve_sparsity(override.get("sparsity", self.config.sparsity), self.pattern,
-                                        f"{channels.name}: ")
+            sparsity = self._module_sparsity([channels.name, channels.name.rsplit(".", 1)[0], layer_name])
             width = channels.width
             kept = max(1, width - math.floor(sparsity * width + 0.5))
             kept = round_kept(kept, width, self.config.channel_multiple)

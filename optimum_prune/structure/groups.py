@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from .layers import matches
+from .layers import names_selected
 
 
 @dataclass
@@ -193,10 +193,7 @@ def attention_rows(q: nn.Linear, k: nn.Linear, o: nn.Linear) -> tuple[int, int]:
 def group_selected(group: ChannelGroup, targets, ignore) -> bool:
     """Whether ``targets`` / ``ignore`` (patterns on module names) select a group: they may name
     the group (``*.self_attn``, ``model.layers.3.mlp``) or any of its Linears."""
-    names = [group.name, *group.member_names]
-    if targets and not any(matches(n, targets) for n in names):
-        return False
-    return not any(matches(n, ignore) for n in names)
+    return names_selected([group.name, *group.member_names], targets, ignore)
 
 
 def unit_indices(keep: torch.Tensor, per_unit: int) -> torch.Tensor:

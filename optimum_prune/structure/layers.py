@@ -117,12 +117,19 @@ def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tu
     return total, unhandled
 
 
+def names_selected(names, targets, ignore) -> bool:
+    """Whether ``targets`` / ``ignore`` select a thing known by any of ``names`` (a group and its
+    Linears, a module and its parameter, a MoE block and its router and experts): ``targets``
+    (when given) must match one of the names and ``ignore`` none."""
+    if targets and not any(matches(name, targets) for name in names):
+        return False
+    return not (ignore and any(matches(name, ignore) for name in names))
+
+
 def parameter_selected(module_name: str, full_name: str, targets, ignore) -> bool:
     """Whether ``targets`` / ``ignore`` select a parameter that is not a Linear's weight: the
     patterns may name its module or the parameter itself."""
-    if targets and not matches(module_name, targets) and not matches(full_name, targets):
-        return False
-    return not (ignore and (matches(module_name, ignore) or matches(full_name, ignore)))
+    return names_selected((module_name, full_name), targets, ignore)
 
 
 def summarize_names(names, prefix: str) -> list[str]:

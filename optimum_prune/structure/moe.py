@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import PruningError
 from .experts import ExpertBank, expert_banks, is_fused_experts
-from .layers import matches
+from .layers import names_selected
 
 
 #: Config fields that hold a MoE model's number of routed experts (one of them, the others aliases).
@@ -62,7 +62,7 @@ class MoEBlock:
     @property
     def expert_params(self) -> int:
         """Parameters of one expert: its slices of the expert tensors and its router rows."""
-        return sum(t.numel() // self.num_experts for t in expert_tensors(self))
+        return sum(tensor.numel() // self.num_experts for _, _, tensor in expert_slices(self))
 
     @property
     def params(self) -> int:
@@ -104,22 +104,18 @@ def moe_blocks(layer: nn.Module, layer_prefix: str, targets=None, ignore=None) -
                 continue
             name = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
             block = MoEBlock(name, module, f"{name}.{found[0]}", found[1], f"{name}.{child_name}", child)
-            names = [block.name, block.router_name, block.experts_name]
-            if targets and not any(matches(n, targets) for n in names):
-                continue
-            if ignore and any(matches(n, ignore) for n in names):
-                continue
-            blocks.append(block)
+            if names_selected([block.name, block.router_name, block.experts_name], targets, ignore):
+                blocks.append(block)
     return blocks
 
 
-def expert_tensors(block: MoEBlock) -> list[torch.Tensor]:
-    """Every tensor of the block with one slice per expert along its first dimension."""
+def expert_slices(block: MoEBlock) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of every parameter and buffer of the experts module and the router
+    with one slice per expert along its first dimension."""
     count = block.num_experts
-    tensors = [p for p in block.experts.parameters(recurse=False) if p.shape[:1] == (count,)]
-    tensors += [t for t in (*block.router.parameters(recurse=False), *block.router.buffers(recurse=False))
-                if t.shape[:1] == (count,)]
-    return tensors
+    return [(module, name, tensor) for module in (block.experts, block.router)
+            for name, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+            if tensor.shape[:1] == (count,)]
 
 
 def check_removal(block: MoEBlock, remove: int) -> None:
@@ -148,16 +144,14 @@ def remove_experts(block: MoEBlock, keep: torch.Tensor, set_param, read=None) ->
     count = block.num_experts
     if keep.numel() < 1 or int(keep.max()) >= count:
         raise PruningError(f"{block.name}: the experts to keep must index 0..{count - 1}.")
-    for module in (block.experts, block.router):
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.shape[:1] == (count,):
-                value = read(module, name) if read is not None else param.data
-                set_param(module, name, value.index_select(0, keep.to(value.device)))
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.shape[:1] == (count,):
-                setattr(module, name, buffer.index_select(0, keep.to(buffer.device)))
+    for module, name, tensor in expert_slices(block):
+        if isinstance(tensor, nn.Parameter):
+            value = read(module, name) if read is not None else tensor.data
+            set_param(module, name, value.index_select(0, keep.to(value.device)))
+        else:  # a buffer (DeepSeek's routing bias)
+            setattr(module, name, tensor.index_select(0, keep.to(tensor.device)))
     for module in (block.module, block.router, block.experts):
-        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        for key in EXPERT_COUNT_KEYS:
             if getattr(module, key, None) == count:
                 setattr(module, key, keep.numel())
 
@@ -236,10 +230,7 @@ def expert_channel_modules(layer: nn.Module, layer_prefix: str, targets=None, ig
         if not is_fused_experts(module):
             continue
         name = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
-        names = [name, name.rsplit(".", 1)[0]]
-        if targets and not any(matches(n, targets) for n in names):
-            continue
-        if ignore and any(matches(n, ignore) for n in names):
+        if not names_selected([name, name.rsplit(".", 1)[0]], targets, ignore):
             continue
         banks = expert_banks(module, name, None, [])
         has_gate = bool(getattr(module, "has_gate", True))
