@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from smollm2 import in_process, peak_rss_mb  # noqa: E402
+from texts import TEXTS, evaluation_text  # noqa: E402
 
 
 #: whole-expert removal: "drop-<score>-<percent of the routed experts removed>"
@@ -47,18 +48,7 @@ RUNS = ["magnitude", "wanda", "sparsegpt", "sparsegpt[all]", "alps", "smollm2:sp
 # scores are compared with each other); the others differ by far more than the seed-to-seed spread
 # and run with the first seed only. A random removal uses the calibration seed as its own seed.
 SEEDED = ["sparsegpt", "sparsegpt[all]", *DROPS]
-TEXTS = {"wiki": "packaged:wiki-leads-eval", "python": "pydoc"}
 TEMPERATURE = 1e-3
-
-
-def python_reference() -> list[str]:
-    import pydoc_data.topics
-
-    return [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
-
-
-def _text(name: str):
-    return python_reference() if TEXTS[name] == "pydoc" else TEXTS[name]
 
 
 def _balanced_kmeans(features: torch.Tensor, clusters: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:
@@ -165,7 +155,7 @@ def build_moe(checkpoint: str, folder: str, experts: int, top_k: int, shared: in
 def _evaluate(model, tokenizer, args) -> dict:
     from optimum_prune.evaluation import perplexity
 
-    return {name: perplexity(model, tokenizer, _text(name), seqlen=args.seqlen, max_windows=args.eval_windows)
+    return {name: perplexity(model, tokenizer, evaluation_text(name), seqlen=args.seqlen, max_windows=args.eval_windows)
             for name in TEXTS}
 
 

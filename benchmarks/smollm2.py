@@ -12,7 +12,7 @@ forward pass of the dense model over the same calibration tokens.
     python benchmarks/smollm2.py --structured          # structured runs -> docs/results/structured.md
     python benchmarks/smollm2.py --global              # policy gradient vs uniform -> docs/results/global.md
     python benchmarks/smollm2.py --convex              # fista, sparsefw vs wanda, sparsegpt -> docs/results/convex.md
-    python benchmarks/smollm2.py --profiles            # uniform vs owl sparsity profiles -> docs/results/profiles.md
+    python benchmarks/smollm2.py --profiles            # = benchmarks/profiles.py -> docs/results/profiles.md
 
 A run is ``method:SPARSITY`` (unstructured), ``method:N:M`` or ``method:sSPARSITY`` (structured,
 fraction of decoder-layer parameters); method options go in brackets: ``fasp[restore=false]:s0.2``.
@@ -27,6 +27,7 @@ from queue import Empty
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 
@@ -66,12 +67,8 @@ GLOBAL_PG_LABEL = 'policy_gradient budget="global" local_method="spap" ignore=["
 GLOBAL_RUNS = ["spap:s0.2", "spap:s0.3", f"{GLOBAL_PG}:s0.3", f"{GLOBAL_PG}:s0.2"]
 
 
-# non-uniform sparsity over the layers (PruningConfig.sparsity_profile) against uniform, same method and level
-OWL = '[sparsity_profile="owl"]'
-PROFILE_RUNS = [f"{method}{profile}:{level}" for level in ("0.7", "0.6") for method in ("wanda", "sparsegpt", "alps")
-                for profile in ("", OWL)]
 #: PruningConfig fields that a run may set in brackets next to the method's own options
-CONFIG_OPTIONS = ("targets", "ignore", "sparsity_profile", "owl_lambda", "owl_threshold")
+CONFIG_OPTIONS = ("targets", "ignore", "sparsity_profile", "owl_lambda", "owl_threshold", "sensitivity_samples")
 
 
 def parse_run(spec: str):
@@ -206,6 +203,10 @@ def in_process(target, *args):
 
 
 def main():
+    if "--profiles" in sys.argv:  # its own script: two texts, seeds, per-layer plot
+        from profiles import main as profiles_main
+
+        return profiles_main([arg for arg in sys.argv[1:] if arg != "--profiles"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -213,7 +214,6 @@ def main():
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
     parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
     parser.add_argument("--convex", action="store_true", help=f"FISTA and SparseFW vs the baselines: {' '.join(CONVEX_RUNS)}")
-    parser.add_argument("--profiles", action="store_true", help=f"sparsity profiles: {' '.join(PROFILE_RUNS)}")
     parser.add_argument("--global", dest="global_", action="store_true",
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
@@ -223,9 +223,8 @@ def main():
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
     preset = ("global" if args.global_ else "structured" if args.structured else "convex" if args.convex
-              else "profiles" if args.profiles else None)
-    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS, "convex": CONVEX_RUNS,
-                    "profiles": PROFILE_RUNS}.get(preset, RUNS)
+              else None)
+    default_runs = {"global": GLOBAL_RUNS, "structured": STRUCTURED_RUNS, "convex": CONVEX_RUNS}.get(preset, RUNS)
     args.runs = args.runs or default_runs
     if args.output is None:
         args.output = os.path.join(os.path.dirname(__file__), "..", "docs", "results", f"{preset or 'smollm2'}.md")

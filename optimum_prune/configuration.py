@@ -52,7 +52,7 @@ def _check_patterns(value: Any, name: str) -> list[str]:
 CALIBRATION_FORMATS = ("auto", "chat", "text")
 
 #: How an unstructured sparsity is spread over the decoder layers (see calibration/profiles.py).
-SPARSITY_PROFILES = ("uniform", "owl")
+SPARSITY_PROFILES = ("uniform", "owl", "sensitivity")
 
 #: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
 EXPERT_CALIBRATION = ("routed", "all")
@@ -91,11 +91,14 @@ class PruningConfig(BaseConfig):
             magnitude instead, at the same target (counted in the report's ``expert_fallbacks``).
         dataset, dataset_config, dataset_split, text_column: default calibration data when
             ``Pruner.prune`` gets none (hub name, local .txt/.json/.jsonl, or ``packaged:wiki-leads``).
-        sparsity_profile: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` (outlier-weighed
-            layer-wise sparsity: layers whose Wanda scores hold more outliers keep more weights; the
-            average over the targeted weights is ``sparsity``); unstructured patterns.
+        sparsity_profile: ``"uniform"`` (every layer at ``sparsity``), ``"owl"`` (outlier-weighed
+            layer-wise sparsity: layers whose Wanda scores hold more outliers keep more weights) or
+            ``"sensitivity"`` (each layer's measured loss increase when it alone is pruned at a few
+            levels; the budget goes where it costs the least loss); the average over the targeted
+            weights is ``sparsity``; unstructured patterns.
         owl_lambda, owl_threshold: OWL's spread (layer sparsities within ``sparsity +- owl_lambda``
             before the bounds) and outlier threshold M (a score above M x its layer's mean is an outlier).
+        sensitivity_samples: ``"sensitivity"``: how many of the calibration windows measure the loss.
         layer_sparsity_min, layer_sparsity_max: bounds on every layer's sparsity under a profile.
         messages_column, calibration_format: chat data: the column of conversations (lists of
             ``{"role", "content"}`` messages, rendered with the tokenizer's chat template), and whether
@@ -131,6 +134,7 @@ class PruningConfig(BaseConfig):
     sparsity_profile: str = "uniform"
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
+    sensitivity_samples: int = 2
     layer_sparsity_min: float = 0.0
     layer_sparsity_max: float = 0.99
     method_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -209,6 +213,9 @@ class PruningConfig(BaseConfig):
         if not 0 <= self.layer_sparsity_min <= self.sparsity <= self.layer_sparsity_max < 1:
             raise PruningError(f"layer_sparsity_min <= sparsity <= layer_sparsity_max < 1 must hold, got "
                                f"{self.layer_sparsity_min!r} <= {self.sparsity!r} <= {self.layer_sparsity_max!r}.")
+        if isinstance(self.sensitivity_samples, bool) or not isinstance(self.sensitivity_samples, int) \
+                or self.sensitivity_samples < 1:
+            raise PruningError(f"sensitivity_samples must be a whole number >= 1, got {self.sensitivity_samples!r}.")
         if self.sparsity_profile == "uniform":
             return
         if parsed.kind != "unstructured":

@@ -1,6 +1,7 @@
-"""Sparsity profiles (OWL): the per-layer sparsities average to the request over the targeted
-weights, respect the bounds, are deterministic and reproduced by a resumed prune; a layer with
-planted activation outliers keeps more weights; the allocation arithmetic is the shared one."""
+"""Sparsity profiles (OWL, measured sensitivity): the per-layer sparsities average to the request
+over the targeted weights, respect the bounds, are deterministic and reproduced by a resumed prune;
+a layer with planted activation outliers keeps more weights; a planted insensitive layer takes more
+sparsity than the others; the allocation arithmetic is the shared one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import prune_interrupted, tiny_model
 
 from optimum_prune import Pruner, PruningConfig, PruningError
 from optimum_prune.allocation import outlier_allocation, shift_into_budget
+from optimum_prune.calibration.profiles import _Replay, sensitivity_allocation, sensitivity_levels
 from optimum_prune.structure import find_decoder_layers
 
 
@@ -72,6 +74,92 @@ def test_bounds_and_overrides_are_respected():
     assert sum(z for z, _ in free) / sum(n for _, n in free) == pytest.approx(0.6, abs=0.005)
 
 
+def pattern_stream(n: int = 3000) -> torch.Tensor:
+    """Token ids following one fixed rule (next = 7 x this + 3 mod 256): a tiny model learns it in
+    seconds, so pruning raises the loss (on a random model pruning often lowers it)."""
+    ids = [0]
+    for _ in range(n - 1):
+        ids.append((ids[-1] * 7 + 3) % 256)
+    return torch.tensor(ids)
+
+
+@pytest.fixture(scope="module")
+def trained_state():
+    model = tiny_model("llama", num_hidden_layers=4).train()
+    data = pattern_stream().view(-1, 30)[:96]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(input_ids=data, labels=data).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.2
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def insensitive_model(state):
+    """The trained model with layer 1 writing almost nothing into the residual stream (its output
+    projections scaled down 1000x): pruning it barely moves the loss."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    model.load_state_dict(state)
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        layers[1].self_attn.o_proj.weight.mul_(1e-3)
+        layers[1].mlp.down_proj.weight.mul_(1e-3)
+    return model.eval()
+
+
+def test_sensitivity_gives_the_insensitive_layer_more_and_meets_the_average(trained_state):
+    model = insensitive_model(trained_state)
+    pruner = Pruner(config(sparsity_profile="sensitivity"))
+    pruner.prune(model, pattern_stream(), progress=False)
+    chosen = pruner.report.layer_sparsity
+    assert len(chosen) == 4 and chosen[1] == max(chosen) == pytest.approx(0.7)  # the highest level measured
+    assert min(chosen) < 0.6
+    zeros = zeros_per_layer(model)
+    assert sum(z for z, _ in zeros) / sum(n for _, n in zeros) == pytest.approx(0.6, abs=0.005)
+    for (z, n), target in zip(zeros, chosen):
+        assert z / n == pytest.approx(target, abs=0.01)
+    again = Pruner(config(sparsity_profile="sensitivity"))
+    again.prune(insensitive_model(trained_state), pattern_stream(), progress=False)
+    assert again.report.layer_sparsity == chosen  # deterministic
+    bounded = Pruner(config(sparsity_profile="sensitivity", layer_sparsity_min=0.55, layer_sparsity_max=0.65))
+    bounded.prune(insensitive_model(trained_state), pattern_stream(), progress=False)
+    assert all(0.55 - 1e-9 <= s <= 0.65 + 1e-9 for s in bounded.report.layer_sparsity)
+    assert bounded.report.layer_sparsity[1] == pytest.approx(0.65)
+
+
+def test_replayed_layers_leave_the_loss_unchanged():
+    """The sensitivity pass skips the layers before the measured one by replaying their dense
+    outputs: with nothing pruned, every starting point gives the dense loss."""
+    model = tiny_model("llama", num_hidden_layers=4).eval()
+    _, layers = find_decoder_layers(model)
+    batches = list(calibration()[:256].view(8, 32).split(4))
+    replay = _Replay(list(layers))
+    with torch.no_grad():
+        dense = replay.record(model, batches)
+        for stop in range(5):
+            assert replay.losses(model, batches, stop) == pytest.approx(dense, rel=1e-6)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # the layers' own forward is back
+
+
+def test_sensitivity_allocation_spends_the_budget_cheapest_first():
+    levels = sensitivity_levels(0.5, 0.0, 0.99)
+    assert levels == pytest.approx([0.3, 0.4, 0.5, 0.6])
+    cheap, dear = torch.tensor([0.0, 0.01, 0.02, 0.03]), torch.tensor([0.1, 0.3, 0.9, 2.0])
+    weights = torch.tensor([1.0, 1.0, 2.0])
+    values = sensitivity_allocation([cheap, dear, dear], levels, weights, 0.5, 0.0)
+    assert sum(v * w for v, w in zip(values, weights.tolist())) / 4 == pytest.approx(0.5)
+    # the cheap layer to its last level; of the two equally fragile ones the larger removes more
+    # weights for the same loss, so it goes further
+    assert values == pytest.approx([0.6, 0.4, 0.5])
+    low = sensitivity_levels(0.5, 0.35, 0.55)
+    assert low == pytest.approx([0.35, 0.4, 0.5, 0.55])
+    curves = [torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([0.1, 0.5, 1.0, 1.5])]
+    bounded = sensitivity_allocation(curves, low, torch.ones(2), 0.5, 0.35)
+    assert bounded[0] == pytest.approx(0.55) and bounded[1] == pytest.approx(0.45)
+
+
 def test_shared_allocation_arithmetic():
     ratios, weights = torch.tensor([0.01, 0.05, 0.02]), torch.tensor([1.0, 1.0, 2.0])
     s = outlier_allocation(ratios, weights, 0.7, 0.1)
@@ -97,7 +185,8 @@ def test_resume_reproduces_the_profile(tmp_path):
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"pattern": "2:4", "sparsity": None}, "keeps sparsity_profile='uniform'"),
     ({"method": "magnitude"}, "uses none: choose wanda"),
-    ({"sparsity_profile": "flat"}, "sparsity_profile must be one of uniform, owl"),
+    ({"sparsity_profile": "flat"}, "sparsity_profile must be one of uniform, owl, sensitivity"),
+    ({"sparsity_profile": "sensitivity", "sensitivity_samples": 0}, "sensitivity_samples must be a whole number"),
     ({"layer_sparsity_max": 0.5}, "layer_sparsity_min <= sparsity <= layer_sparsity_max"),
     ({"owl_lambda": 0.6}, "owl_lambda must be in"),
 ])

@@ -127,7 +127,8 @@ def current_value(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def read_weight(linear: nn.Linear, device: torch.device, name: str = "weight") -> torch.Tensor:
-    """A float32 copy of parameter ``name`` of ``linear`` on ``device`` (from the offload store if any)."""
+    """Parameter ``name`` of ``linear`` as float32 on ``device`` (from the offload store if any). Not
+    a copy when it is float32 on ``device`` already: callers must not edit it in place."""
     return current_value(linear, name).to(device=device, dtype=torch.float32)
 
 

@@ -10,8 +10,16 @@ request is the average over the targeted weights rather than every layer's own s
   layer_sparsity_max]`` so that the average over the targeted weights is the request
   (`allocation.outlier_allocation`). Expert banks take their layer's sparsity; the ratio is
   measured on the layer's Linears.
+- ``sensitivity`` (measured): the loss of the model on the first ``sensitivity_samples``
+  calibration windows when one decoder layer alone is pruned with a cheap proxy of the method
+  (Wanda's scores ``|W_ij| * ||X_j||``, per output row) at a few levels around the request (``sparsity`` -0.2, -0.1, 0, +0.1 within the
+  bounds), minus the dense loss, is that layer's damage curve; `allocation.allocate` spends the
+  budget over the convexified curves cheapest loss per weight first. The layers before the one
+  being measured replay their cached dense outputs, so the cost is about ``levels x layers / 2``
+  forward passes over those windows. Expert banks take their layer's sparsity; the curve is
+  measured on the layer's Linears.
 
-The dense pass runs before any weight changes (a resumed prune measures the same dense model and
+The dense passes run before any weight changes (a resumed prune measures the same dense model and
 gets the same profile).
 """
 
@@ -20,17 +28,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import outlier_allocation
+from ..allocation import allocate, outlier_allocation
 from .capture import StatisticsCollector, check_called, run_windows
-from .distributed import reduce_statistics
-from .offload import read_weight
+from .distributed import reduce_statistics, reduce_sums, world_size
+from .offload import input_device, read_weight, swapped
+
+SENSITIVITY_OFFSETS = (-0.2, -0.1, 0.0, 0.1)  # levels measured around the requested sparsity
 
 
 @torch.no_grad()
-def outlier_ratios(model: nn.Module, layer_linears: list[dict[str, nn.Linear]], windows: torch.Tensor,
-                   batch_size: int, threshold: float) -> torch.Tensor:
-    """Per decoder layer, the share of its Linears' Wanda scores above ``threshold`` times their
-    mean, on the dense model's inputs (``layer_linears[i]``: name -> Linear of layer ``i``)."""
+def dense_input_norms(model: nn.Module, layer_linears: list[dict[str, nn.Linear]], windows: torch.Tensor,
+                      batch_size: int) -> dict[str, torch.Tensor]:
+    """Every listed Linear's input norms ``||X_j||`` over the calibration windows, on the dense
+    model (``layer_linears[i]``: name -> Linear of decoder layer ``i``)."""
     linears = {name: linear for layer in layer_linears for name, linear in layer.items()}
     collector = StatisticsCollector(linears, dict.fromkeys(linears, frozenset({"sq_norm"})), share_inputs=False)
     try:
@@ -39,13 +49,21 @@ def outlier_ratios(model: nn.Module, layer_linears: list[dict[str, nn.Linear]], 
         collector.remove()
     check_called(linears, collector)
     reduce_statistics(collector.stats)
-    stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
+    return {name: collector.stats[i].input_norm for name, i in collector.group_of.items()}
+
+
+def _scores(linear: nn.Linear, norm: torch.Tensor) -> torch.Tensor:
+    """Wanda's scores of ``linear``, float32, on the device of ``norm``."""
+    weight = read_weight(linear, norm.device)
+    return weight.abs() * norm.to(weight).unsqueeze(0)
+
+
+def outlier_ratios(layer_linears: list[dict[str, nn.Linear]], norms: dict[str, torch.Tensor],
+                   threshold: float) -> torch.Tensor:
+    """Per decoder layer, the share of its Linears' Wanda scores above ``threshold`` times their mean."""
     ratios = []
     for layer in layer_linears:
-        scores = []
-        for name, linear in layer.items():
-            weight = read_weight(linear, stats[name].sq_sum.device)
-            scores.append((weight.abs() * stats[name].input_norm.to(weight).unsqueeze(0)).flatten())
+        scores = [_scores(linear, norms[name]).flatten() for name, linear in layer.items()]
         if not scores:
             ratios.append(0.0)
             continue
@@ -54,16 +72,125 @@ def outlier_ratios(model: nn.Module, layer_linears: list[dict[str, nn.Linear]], 
     return torch.tensor(ratios, dtype=torch.float64)
 
 
+def _proxy_pruned(linear: nn.Linear, norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``linear``'s weight with the lowest-scoring ``sparsity`` of every output row zeroed, in the
+    dtype and on the device its forward reads it."""
+    scores = _scores(linear, norm)
+    k = int(round(sparsity * scores.shape[1]))
+    current = read_weight(linear, scores.device).clone()  # may be the weight itself
+    if k > 0:
+        current.scatter_(1, scores.topk(k, dim=1, largest=False).indices, 0.0)
+    return current.to(dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+class _Replay:
+    """Makes decoder layers ``0 .. stop-1`` return their recorded dense outputs of the current batch
+    instead of computing them (the layers after ``stop - 1`` run as usual)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers, self.outputs, self.batch = layers, [], 0
+
+    def record(self, model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
+        """Run the dense model over ``batches``, keeping every layer's output; returns the losses."""
+        self.outputs = [[] for _ in self.layers]
+        hooks = [layer.register_forward_hook(lambda module, args, out, i=i: self.outputs[i].append(out))
+                 for i, layer in enumerate(self.layers)]
+        try:
+            return [_loss(model, batch) for batch in batches]
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def losses(self, model: nn.Module, batches: list[torch.Tensor], stop: int) -> list[float]:
+        saved = [layer.__dict__.get("forward") for layer in self.layers[:stop]]
+        for i, layer in enumerate(self.layers[:stop]):
+            layer.forward = lambda *args, i=i, **kwargs: self.outputs[i][self.batch]
+        try:
+            out = []
+            for self.batch, batch in enumerate(batches):
+                out.append(_loss(model, batch))
+            return out
+        finally:
+            for layer, forward in zip(self.layers[:stop], saved):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> float:
+    batch = batch.to(input_device(model))
+    return float(model(input_ids=batch, labels=batch, use_cache=False).loss)
+
+
+@torch.no_grad()
+def sensitivity_curves(model: nn.Module, layers: list[nn.Module], layer_linears: list[dict[str, nn.Linear]],
+                       norms: dict[str, torch.Tensor], windows: torch.Tensor, batch_size: int,
+                       levels: list[float]) -> list[torch.Tensor]:
+    """Per decoder layer, the increase of the mean token loss on ``windows`` when that layer's
+    Linears alone are pruned by the proxy (Wanda's scores from ``norms``) at each of ``levels``."""
+    was_training = model.training
+    model.eval()
+    batches = list(windows.split(batch_size))
+    replay = _Replay(layers)
+    try:
+        dense = sum(replay.record(model, batches)) / len(batches)
+        curves = []
+        for index, linears in enumerate(layer_linears):
+            damage = []
+            for level in levels:
+                pruned = {linear: _proxy_pruned(linear, norms[name], level)
+                          for name, linear in linears.items()}
+                with swapped(pruned):
+                    damage.append(sum(replay.losses(model, batches, index)) / len(batches) - dense)
+            curves.append(torch.tensor(damage, dtype=torch.float64))
+        reduce_sums(curves)  # several processes: every rank measured its own windows; one profile for all
+        return [curve / world_size() for curve in curves]
+    finally:
+        replay.outputs = []
+        model.train(was_training)
+
+
+def sensitivity_allocation(curves: list[torch.Tensor], levels: list[float], weights: torch.Tensor,
+                           sparsity: float, low: float) -> list[float]:
+    """Per-layer sparsities from measured damage curves (``curves[i][k]``: damage of layer ``i`` at
+    ``levels[k]``, increasing; ``levels[0] == low`` when ``low > 0``): every layer at least ``low``,
+    none above the last level, the ``weights``-weighted mean ``sparsity``; what lies above ``low``
+    is spent by `allocation.allocate`."""
+    r = torch.tensor(levels, dtype=torch.float64)
+    if low > 0:  # curves are measured from ``low`` on (levels[0] == low): allocate above it
+        shifted = [(r[1:] - low, d[1:] - d[0]) for d in curves]
+    else:
+        shifted = [(r, d) for d in curves]
+    extra = allocate(shifted, weights, (sparsity - low) * float(weights.sum()))
+    return [low + share for share in extra]
+
+
 def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | None) -> list[float] | None:
     """Each decoder layer's sparsity under ``config.sparsity_profile`` (None: uniform). ``plan``
     is the uniform `LayerPlan`; the budget covers the targeted weights the overrides leave free."""
     if config.sparsity_profile == "uniform":
         return None
     layer_linears = [{task.name: task.linear for task in tasks.linears} for tasks in plan.entries]
-    ratios = outlier_ratios(model, layer_linears, windows, config.batch_size, config.owl_threshold)
     weights = torch.tensor([float(plan.free_weights(index)) for index in range(len(plan.entries))])
     if float(weights.sum()) == 0:
         return None
-    values = outlier_allocation(ratios, weights, config.sparsity, config.owl_lambda,
-                                config.layer_sparsity_min, config.layer_sparsity_max)
+    norms = dense_input_norms(model, layer_linears, windows, config.batch_size)
+    if config.sparsity_profile == "owl":
+        values = outlier_allocation(outlier_ratios(layer_linears, norms, config.owl_threshold), weights,
+                                    config.sparsity, config.owl_lambda, config.layer_sparsity_min,
+                                    config.layer_sparsity_max)
+    else:
+        levels = sensitivity_levels(config.sparsity, config.layer_sparsity_min, config.layer_sparsity_max)
+        curves = sensitivity_curves(model, plan.layers, layer_linears, norms,
+                                    windows[:config.sensitivity_samples], config.batch_size, levels)
+        values = sensitivity_allocation(curves, levels, weights, config.sparsity, config.layer_sparsity_min)
     return [round(float(v), 6) for v in values]
+
+
+def sensitivity_levels(sparsity: float, low: float, high: float) -> list[float]:
+    """The sparsities at which every layer's damage is measured: ``low`` when above 0, then the
+    request plus `SENSITIVITY_OFFSETS`, kept strictly within ``(low, high]``."""
+    levels = sorted({round(min(max(sparsity + offset, low), high), 6) for offset in SENSITIVITY_OFFSETS})
+    levels = [level for level in levels if level > low]
+    return [low, *levels] if low > 0 else levels

@@ -26,12 +26,14 @@ CONFIG_FLAGS = (
     ("pattern", "pruning", dict(help="unstructured (default), N:M such as 2:4, or structured.")),
     ("targets", "pruning", dict(nargs="+", help="Module-name patterns to prune (glob or re:regex).")),
     ("ignore", "pruning", dict(nargs="+", help="Module-name patterns to leave dense.")),
-    ("sparsity_profile", "pruning", dict(choices=("uniform", "owl"), help="How the sparsity is spread over the "
-                                         "layers: uniform (default) or owl (more outliers: less sparsity; the "
-                                         "average is --sparsity).")),
+    ("sparsity_profile", "pruning", dict(choices=("uniform", "owl", "sensitivity"), help="How the sparsity is spread over the "
+                                         "layers: uniform (default), owl (more outliers: less sparsity) or "
+                                         "sensitivity (measured loss per layer); the average is --sparsity.")),
     ("owl_lambda", "pruning", dict(type=float, help="owl: layer sparsities within --sparsity +- this (default 0.08).")),
     ("owl_threshold", "pruning", dict(type=float, help="owl: a Wanda score above this x its layer's mean is an "
                                                        "outlier (default 5).")),
+    ("sensitivity_samples", "pruning", dict(type=int, help="sensitivity: calibration windows that measure each "
+                                                           "layer's loss (default 2).")),
     ("layer_sparsity_min", "pruning", dict(type=float, help="Profiles: the lowest sparsity of a layer (default 0).")),
     ("layer_sparsity_max", "pruning", dict(type=float, help="Profiles: the highest sparsity of a layer (default 0.99).")),
     ("channel_multiple", "pruning", dict(type=int, help="Structured: MLP channels kept per layer rounded to a "

@@ -1,0 +1,190 @@
+"""Sparsity profiles on SmolLM2-135M: uniform against ``owl`` and ``sensitivity``, for the same
+method and average sparsity, on two held-out texts and over calibration seeds.
+
+Protocol as `benchmarks/smollm2.py` (64 x 512 calibration windows of the packaged Wikipedia leads,
+each run in its own process), with the calibration seed varied (``--seeds``) and perplexity on both
+texts of `benchmarks/texts.py`: the evaluation split of the calibration corpus (``wiki``) and the
+Python reference (``python``, a text the profiles were not chosen on).
+
+    python benchmarks/profiles.py                                  # -> docs/results/profiles.md
+    python benchmarks/profiles.py --levels 0.7 --methods wanda --seeds 0 1 2 --resume rows.jsonl
+    python benchmarks/smollm2.py --profiles                        # the same
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from smollm2 import in_process, load_fp32, peak_rss_mb  # noqa: E402
+from texts import TEXTS, evaluation_text  # noqa: E402
+
+PROFILES = ("uniform", "owl", "sensitivity")
+METHODS = ("wanda", "sparsegpt", "alps")
+LEVELS = (0.7, 0.6)
+
+
+def _windows(args, tokenizer, seed: int):
+    from optimum_prune.calibration.data import calibration_windows
+
+    return calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, seed)
+
+
+def _perplexities(args, model, tokenizer) -> dict:
+    from optimum_prune.evaluation import perplexity
+
+    return {name: perplexity(model, tokenizer, evaluation_text(name), seqlen=args.seqlen,
+                             max_windows=args.eval_windows) for name in TEXTS}
+
+
+def _dense(args, queue):
+    model, tokenizer = load_fp32(args.checkpoint)
+    windows = _windows(args, tokenizer, 0)
+    with torch.no_grad():
+        start = time.perf_counter()
+        for batch in windows.split(8):
+            model(input_ids=batch, use_cache=False)
+        forward_s = time.perf_counter() - start
+    queue.put({"key": "dense", "ppl": _perplexities(args, model, tokenizer), "forward_s": forward_s})
+
+
+def _prune(args, method, level, profile, seed, queue):
+    from optimum_prune import Pruner, PruningConfig
+
+    model, tokenizer = load_fp32(args.checkpoint)
+    config = PruningConfig(method=method, sparsity=level, sparsity_profile=profile, seed=seed,
+                           num_calibration_samples=args.num_samples, seqlen=args.seqlen)
+    pruner = Pruner(config)
+    windows = _windows(args, tokenizer, seed)
+    start = time.perf_counter()
+    pruner.prune(model, windows, progress=False)
+    prune_s = time.perf_counter() - start
+    queue.put({"key": _key(method, level, profile, seed), "method": method, "level": level, "profile": profile,
+               "seed": seed, "prune_s": prune_s, "sparsity": pruner.report.overall_sparsity,
+               "layer_sparsity": pruner.report.layer_sparsity, "peak_rss_mb": peak_rss_mb(),
+               "ppl": _perplexities(args, model, tokenizer)})
+
+
+def _key(method, level, profile, seed) -> str:
+    return f"{method}:{level}:{profile}:{seed}"
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: list[dict], dense: dict) -> str:
+    lines = ["| method | sparsity | profile | seeds | wiki | x uniform | python | x uniform | prune s | x forward | "
+             "layer sparsities | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["level"], row["profile"]), []).append(row)
+    for (method, level, profile), items in groups.items():
+        uniform = groups.get((method, level, "uniform"), [])
+        seeds = sorted(r["seed"] for r in items)
+        cells = []
+        for text in TEXTS:
+            values = [r["ppl"][text] for r in items]
+            base = [r["ppl"][text] for r in uniform if r["seed"] in seeds]
+            ratio = (f"{statistics.mean(values) / statistics.mean(base):.3f}"
+                     if profile != "uniform" and len(base) == len(values) else "-")
+            cells += [_mean_spread(values), ratio]
+        prune = statistics.mean(r["prune_s"] for r in items)
+        spread = items[0]["layer_sparsity"]
+        spread_text = f"{min(spread):.2f}-{max(spread):.2f}" if spread else "-"
+        lines.append(f"| {method} | {level:.0%} | {profile} | {','.join(map(str, seeds))} | {' | '.join(cells)} | "
+                     f"{prune:.0f} | {prune / dense['forward_s']:.2f} | {spread_text} | "
+                     f"{max(r['peak_rss_mb'] for r in items):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Per-layer sparsities chosen by each profile (first seed), one panel per method at each level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["layer_sparsity"] and r["seed"] == min(x["seed"] for x in rows)]
+    panels = sorted({(r["method"], r["level"]) for r in shown})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, (method, level) in zip(axes[0], panels):
+        for row in shown:
+            if (row["method"], row["level"]) == (method, level):
+                ax.plot(row["layer_sparsity"], marker=".", label=f"{row['profile']} (wiki {row['ppl']['wiki']:.0f})")
+        ax.axhline(level, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{method} {level:.0%}", xlabel="decoder layer", ylabel="sparsity")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
+    parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "profiles.md"))
+    args = parser.parse_args(argv)
+    from optimum_prune.assets import smollm2_checkpoint
+
+    args.checkpoint = smollm2_checkpoint()
+    done = {}
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume, encoding="utf-8") as handle:
+            done = {row["key"]: row for row in map(json.loads, filter(str.strip, handle))}
+
+    def measured(key, target, *extra):
+        if key in done:
+            return done[key]
+        row = in_process(target, args, *extra)
+        print(json.dumps(row), flush=True)
+        if args.resume:
+            with open(args.resume, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return row
+
+    dense = measured("dense", _dense)
+    rows = [measured(_key(m, level, p, seed), _prune, m, level, p, seed)
+            for level in args.levels for m in args.methods for seed in args.seeds for p in args.profiles]
+    rows += [r for key, r in done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
+    rows.sort(key=lambda r: (-r["level"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
+                             PROFILES.index(r["profile"]), r["seed"]))
+    image = plot(rows, os.path.splitext(args.output)[0] + "-layers.png")
+    text = (
+        "# Sparsity profiles on SmolLM2-135M\n\n"
+        f"Command: `python benchmarks/profiles.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens of the packaged Wikipedia "
+        f"leads (calibration seed per row), perplexity on {args.eval_windows} x {args.seqlen} windows of each text: "
+        "`wiki` = the evaluation split of the calibration corpus, `python` = the Python reference "
+        "(`pydoc_data.topics`). "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"Dense: wiki {dense['ppl']['wiki']:.2f}, python {dense['ppl']['python']:.2f}; one forward pass over the "
+        f"calibration tokens {dense['forward_s']:.1f} s. Several seeds: mean ± standard deviation. "
+        "`x uniform`: mean perplexity over the uniform run's mean, same method, level and seeds. "
+        "`layer sparsities`: the lowest and highest per-layer sparsity chosen (first seed).\n\n"
+        + table(rows, dense) + f"\n![per-layer sparsities]({os.path.basename(image)})\n"
+    )
+    print(text)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
