@@ -109,14 +109,25 @@ def disk_mb(folder: str) -> float:
     return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")) / 2**20
 
 
-def load_fp32(checkpoint):
+def load_fp32(checkpoint, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_mb(device: str) -> float:
+    """The process's peak RSS, or on a CUDA device the allocator's peak (MiB)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else peak_rss_mb()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _saved_sparsity(folder: str) -> float:
@@ -136,19 +147,22 @@ def _dense(args, queue):
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.evaluation import perplexity
 
-    model, tokenizer = load_fp32(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint, args.device)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     with torch.no_grad():
+        model(input_ids=windows[:1].to(args.device), use_cache=False)  # warm-up (kernels, allocator)
+        synchronize(args.device)
         start = time.perf_counter()
         for batch in windows.split(8):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(args.device), use_cache=False)
+        synchronize(args.device)
         forward_s = time.perf_counter() - start
     ppl = perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         disk = disk_mb(tmp)
     queue.put({"method": "dense", "pattern": "-", "ppl": ppl, "forward_s": forward_s, "sparsity": 0.0,
-               "peak_rss_mb": peak_rss_mb(), "params": _model_size(model), "disk_mb": disk})
+               "peak_rss_mb": peak_mb(args.device), "params": _model_size(model), "disk_mb": disk})
 
 
 def _prune(args, method, options, pattern, sparsity, queue):
@@ -156,7 +170,7 @@ def _prune(args, method, options, pattern, sparsity, queue):
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.evaluation import perplexity
 
-    model, tokenizer = load_fp32(args.checkpoint)
+    model, tokenizer = load_fp32(args.checkpoint, args.device)
     label = _label(method, options)
     options = dict(options)
     selection = {key: options.pop(key) for key in CONFIG_OPTIONS if key in options}  # PruningConfig fields
@@ -166,9 +180,12 @@ def _prune(args, method, options, pattern, sparsity, queue):
     pruner = Pruner(config)
     windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
     start = time.perf_counter()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(args.device)
     pruner.prune(model, windows, progress=False)
+    synchronize(args.device)
     prune_s = time.perf_counter() - start
-    peak = peak_rss_mb()
+    peak = peak_mb(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "pruned")
         pruner.save_pretrained(out, tokenizer=tokenizer)
@@ -209,6 +226,7 @@ def main():
         return profiles_main([arg for arg in sys.argv[1:] if arg != "--profiles"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where the model lives and is pruned, e.g. cuda")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
@@ -259,10 +277,10 @@ def main():
     header = (
         f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens (packaged Wikipedia leads, "
         f"seed 0, sequential={not args.one_pass}), perplexity on {args.eval_windows} x {args.seqlen} evaluation windows. "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"{_where(args.device)}, torch {torch.__version__}. "
         f"One forward pass over the calibration tokens: {dense['forward_s']:.1f} s.\n\n"
         f"| method | sparsity | measured sparsity | perplexity | ppl / {reference_method}'s | prune time (s) | x forward | "
-        f"time / {reference_method}'s | peak RSS (MB) | parameters | safetensors (MB) |\n"
+        f"time / {reference_method}'s | {'peak CUDA (MiB)' if args.device.startswith('cuda') else 'peak RSS (MB)'} | parameters | safetensors (MB) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     reference = {row["pattern"]: row for row in rows if row["method"] == reference_method}
@@ -295,9 +313,17 @@ def main():
             command += " --runs " + " ".join(args.runs)
         if args.one_pass:
             command += " --one-pass"
+        if args.device != "cpu":
+            command += f" --device {args.device}"
         if args.channel_multiple is not None:
             command += f" --channel-multiple {args.channel_multiple}"
         handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}`\n\n{table}")
+
+
+def _where(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def plot_widths(rows, path: str) -> None:

@@ -16,6 +16,8 @@ from .calibration.engine import LayerwiseEngine
 from .calibration.profiles import layer_sparsities
 from .calibration.offload import input_device
 from .calibration.report import PruneReport
+from .calibration.cost import estimate_phases, gemm_rate
+from .calibration.resources import PrunePlan, estimate_memory, resident_bytes
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
@@ -50,6 +52,27 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def load_empty_model(model_id: str | os.PathLike, dtype="auto"):
+    """The causal LM ``model_id`` describes, built from its ``config.json`` alone with every weight on
+    the meta device (nothing is read or allocated): what a plan-only run looks at."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .assets import PACKAGED_PREFIX, resolve_packaged_model
+
+    model_id = os.fspath(model_id)
+    if model_id.startswith(PACKAGED_PREFIX):
+        model_id = resolve_packaged_model(model_id)
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(model_id))
+    except Exception as err:  # noqa: BLE001 - reported as bad input, in one line
+        raise PruningError(f"Could not read the configuration of model {model_id!r}: {first_line(err)}") from None
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 class Pruner:
@@ -175,6 +198,48 @@ class Pruner:
         self.model, self.tokenizer = model, tokenizer
         logger.info("Pruned %d Linears to %.4f sparsity in %.1fs", len(self.report.sparsity), self.report.overall_sparsity, self.report.seconds)
         return model
+
+    def plan(self, model: nn.Module | str | os.PathLike, num_windows: int | None = None,
+             device: str | torch.device | None = None, dtype="auto") -> PrunePlan:
+        """What `prune` would do with ``model`` and what it would cost, without touching a weight:
+        the tasks per target, the estimated peak memory per device (what is held before the prune
+        plus the prune's own working set, `calibration.resources`) and the estimated time (the
+        operations of each phase over the compute device's measured matmul rate, `calibration.cost`).
+
+        ``model``: a loaded model (left as it is), or a hub id / folder, of which only the
+        configuration is read (weights on the meta device, counted where they would be loaded: the
+        CPU). ``num_windows``: calibration windows (default ``config.num_calibration_samples``).
+        """
+        cfg = self.config
+        if self.method.is_global:
+            raise PruningError(f"Method {cfg.method!r} optimises the whole model at once; plan-only runs cover the "
+                               f"layer-wise methods.")
+        if isinstance(model, (str, os.PathLike)):
+            model = load_empty_model(model, dtype)
+        engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=False)
+        windows = cfg.num_calibration_samples if num_windows is None else num_windows
+        home = torch.device("cpu")
+        first = next(engine.layers[0].parameters())
+        compute = engine.device or (home if first.device.type == "meta" else first.device)
+        source = input_device(model)
+        source = home if source.type == "meta" else source
+        tasks, targets = {}, {}
+        for entry in engine.plan:
+            for kind, items in (("Linears", entry.linears), ("expert banks", entry.experts),
+                                ("channel groups", entry.groups), ("experts modules narrowed", entry.channels),
+                                ("MoE blocks losing experts", entry.drops)):
+                tasks[kind] = tasks.get(kind, 0) + len(items)
+            for task in entry.linears + entry.experts:
+                key = f"{task.target.pattern}" if task.target.is_nm else f"{task.target.sparsity:.0%}"
+                targets[key] = targets.get(key, 0) + 1
+            for task in entry.groups + entry.channels + entry.drops:
+                key = f"remove {task.remove} " + ("experts" if task in entry.drops else "units")
+                targets[key] = targets.get(key, 0) + 1
+        return PrunePlan(
+            method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
+            working=estimate_memory(engine, windows if self.method.needs_calibration else 0, cfg.seqlen, source, home),
+            resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen),
+            rate=gemm_rate(compute), tokens=windows * cfg.seqlen if self.method.needs_calibration else 0)
 
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
                         activations: str = "device", activation_folder=None) -> None:

@@ -163,7 +163,7 @@ class LayerwiseEngine:
                         experts.remove()
                     self._prune_experts(tasks.experts, experts, report, device)
                 # the next layer sees the pruned layer (sequential) or the dense one
-                with contextlib.nullcontext() if self.config.sequential else swapped(dense):
+                with contextlib.nullcontext() if self.config.sequential else swapped(dense), report.timed("forward"):
                     return self._run_layer(layer, inputs, kwargs, device, None, keep=True)
             stats, outputs = {}, None
             if needs_data:
@@ -176,7 +176,8 @@ class LayerwiseEngine:
                                                 stop_when_done=not keep and not tasks.experts and not tasks.channels)
                 experts = self._expert_collector(tasks, device)
                 try:
-                    outputs = self._run_layer(layer, inputs, kwargs, device, [collector, experts], keep=keep)
+                    with report.timed("statistics"):
+                        outputs = self._run_layer(layer, inputs, kwargs, device, [collector, experts], keep=keep)
                 finally:
                     collector.remove()
                     if experts is not None:
@@ -186,15 +187,17 @@ class LayerwiseEngine:
                 stats = {name: collector.stats[i] for name, i in collector.group_of.items()}
                 for i, names in enumerate(collector.groups):
                     collector.stats[i].check_finite(names[0])
-            if self.structured:
-                self._prune_structured(index, stats, report, device)
-                self._narrow_experts(tasks.channels, experts if needs_data else None, report, device)
-            else:
-                self._prune_linears(tasks.linears, stats, report, device)
-                self._prune_experts(tasks.experts, experts if needs_data else None, report, device)
+            with report.timed("solve"):
+                if self.structured:
+                    self._prune_structured(index, stats, report, device)
+                    self._narrow_experts(tasks.channels, experts if needs_data else None, report, device)
+                else:
+                    self._prune_linears(tasks.linears, stats, report, device)
+                    self._prune_experts(tasks.experts, experts if needs_data else None, report, device)
             broadcast_layer(layer)  # several processes: rank 0's weights everywhere
             if needs_data and self.config.sequential:
-                outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
+                with report.timed("forward"):
+                    outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
         return outputs
 
     def _resume(self, checkpoint: LayerCheckpoint, calibration, inputs, report: PruneReport):
@@ -294,18 +297,20 @@ class LayerwiseEngine:
         for stage in stages:
             first = linears[stage[0]]
             stats = InputStatistics(first.in_features, self.method.statistics, device=device)
-            for hidden, kw in zip(inputs, kwargs):
-                if not dense:  # nothing upstream is pruned yet: dense and pruned inputs coincide
-                    stats.update(input_of(first, layer, hidden, kw, device))
-                    continue
-                with swapped(dense):
-                    x = input_of(first, layer, hidden, kw, device)
-                stats.update_pair(x, input_of(first, layer, hidden, kw, device))
-            reduce_statistics([stats])
+            with report.timed("statistics"):
+                for hidden, kw in zip(inputs, kwargs):
+                    if not dense:  # nothing upstream is pruned yet: dense and pruned inputs coincide
+                        stats.update(input_of(first, layer, hidden, kw, device))
+                        continue
+                    with swapped(dense):
+                        x = input_of(first, layer, hidden, kw, device)
+                    stats.update_pair(x, input_of(first, layer, hidden, kw, device))
+                reduce_statistics([stats])
             stats.check_finite(stage[0])
             for name in stage:
                 dense[linears[name]] = dense_snapshot(linears[name])
-            self._prune_linears([by_name[name] for name in stage], dict.fromkeys(stage, stats), report, device)
+            with report.timed("solve"):
+                self._prune_linears([by_name[name] for name in stage], dict.fromkeys(stage, stats), report, device)
             broadcast_layer(layer)
         return dense
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 
 from ..structure.layers import summarize_names
@@ -22,6 +24,16 @@ class PruneReport:
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
     layer_sparsity: list[float] | None = None  # each decoder layer's target under a sparsity profile (None: uniform)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # "statistics" / "solve" / "forward" -> seconds
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Add the time the block takes to ``phase_seconds[phase]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def record(self, name: str, pruned: int, total: int) -> None:
         """``pruned`` of the ``total`` weights of tensor ``name`` were zeroed."""
@@ -55,7 +67,7 @@ class PruneReport:
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
                 "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
                 "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
-                "layer_sparsity": self.layer_sparsity}
+                "layer_sparsity": self.layer_sparsity, "phase_seconds": dict(self.phase_seconds)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -67,3 +79,4 @@ class PruneReport:
         self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
         self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)
+        self.phase_seconds = dict(data.get("phase_seconds", self.phase_seconds))

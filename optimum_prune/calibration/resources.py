@@ -63,8 +63,10 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.device) -> MemoryEstimate:
-    """Peak memory of ``engine`` (a `LayerwiseEngine`) pruning with ``num_windows`` x ``seqlen`` tokens."""
+def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,
+                    home: torch.device | None = None) -> MemoryEstimate:
+    """Peak memory of ``engine`` (a `LayerwiseEngine`) pruning with ``num_windows`` x ``seqlen`` tokens,
+    beyond the model's weights. ``home``: where weights now on the meta device will live (a plan-only run)."""
     method, config = engine.method, engine.config
     estimate = MemoryEstimate()
     model_config = getattr(engine.model, "config", None)
@@ -81,6 +83,8 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
     worst: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(engine.layers):
         device = engine.compute_device(layer)
+        if device.type == "meta":
+            device = home or torch.device("cpu")
         tasks = engine.plan[index]
         if not tasks.prunes_anything():
             continue
@@ -109,7 +113,8 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
                               + [method.workspace_bytes(2 * t.channels.width, t.channels.up.in_features)
                                  + method.workspace_bytes(t.channels.down.out_features, t.channels.width)
                                  + 4 * t.channels.params for t in tasks.channels], default=0)
-        if any(p.device != device for p in layer.parameters()):
+        if any((home if p.device.type == "meta" and home is not None else p.device) != device
+               for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
         if sum(parts.values()) > sum(worst.get(str(device), {}).values()):
             worst[str(device)] = parts
@@ -117,6 +122,88 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
         for what, nbytes in parts.items():
             estimate.add(device, what, nbytes)
     return estimate
+
+
+def _weight_file_mappings() -> tuple[list[tuple[int, int]], int]:
+    """Address ranges of this process's memory-mapped weight files (``*.safetensors``, ``*.bin``)
+    and the bytes of them resident now (Linux ``/proc/self/smaps``; elsewhere none)."""
+    ranges, resident, current = [], 0, False
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                    current = line.rstrip().endswith((".safetensors", ".bin"))
+                    if current:
+                        start, end = (int(x, 16) for x in head[0].split("-"))
+                        ranges.append((start, end))
+                elif current and head[:1] == ["Rss:"]:
+                    resident += int(head[1]) * 1024
+    except OSError:
+        pass
+    return ranges, resident
+
+
+def resident_bytes(model: nn.Module, home: torch.device) -> dict[str, int]:
+    """Per device, what is held once the prune has touched every weight: all of the model's
+    tensors (meta ones counted on ``home``, where they will be loaded), and on the CPU the
+    process's memory besides them (libraries, the interpreter, data). Weights that are memory-mapped
+    from their files count only once they are read, so the process's memory is taken without them
+    and all weights are added."""
+    import psutil
+
+    ranges, mapped = _weight_file_mappings()
+    held: dict[str, int] = {}
+    anonymous = 0  # CPU weights in the process's own memory (already in its RSS)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        device = home if tensor.device.type == "meta" else tensor.device
+        nbytes = tensor.numel() * tensor.element_size()
+        held[str(device)] = held.get(str(device), 0) + nbytes
+        if tensor.device.type == "cpu" and not any(a <= tensor.data_ptr() < b for a, b in ranges):
+            anonymous += nbytes
+    process = int(psutil.Process().memory_info().rss) - mapped - anonymous
+    held["cpu"] = held.get("cpu", 0) + max(process, 0)
+    return held
+
+
+@dataclass
+class PrunePlan:
+    """What a prune would do and cost, worked out without touching a weight (`Pruner.plan`)."""
+
+    method: str
+    pattern: str
+    layers: int
+    tasks: dict[str, int]  # "Linears" / "channel groups" / "expert banks" / ... -> count
+    targets: dict[str, int]  # target (e.g. "50%", "2:4", "remove 384 of 1536") -> tensors or groups
+    working: MemoryEstimate  # the prune's own peak, per device, by part
+    resident: dict[str, int]  # device -> bytes held before the prune (weights; libraries on the CPU)
+    flops: dict[str, float]  # phase -> floating-point operations
+    rate: float  # measured float32 matmul operations per second of the compute device
+    tokens: int
+
+    @property
+    def peak_bytes(self) -> dict[str, int]:
+        devices = set(self.working.parts) | set(self.resident)
+        return {d: self.resident.get(d, 0) + self.working.total(d) for d in sorted(devices)}
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.flops.values()) / self.rate
+
+    def describe(self) -> str:
+        lines = [f"plan: {self.method} ({self.pattern}) over {self.layers} decoder layers, {self.tokens:,} "
+                 f"calibration tokens"]
+        lines += [f"  {count} {what}" for what, count in self.tasks.items() if count]
+        lines += [f"  target {target}: {count}" for target, count in self.targets.items()]
+        for device, peak in self.peak_bytes.items():
+            parts = self.working.describe(device) if device in self.working.parts else ""
+            held = format_bytes(self.resident.get(device, 0))
+            lines.append(f"  peak memory on {device}: about {format_bytes(peak)} (held before: {held}"
+                         + (f"; {parts}" if parts else "") + ")")
+        phases = ", ".join(f"{phase} {flops / self.rate:.3g} s" for phase, flops in self.flops.items() if flops)
+        lines.append(f"  time: about {self.seconds:.3g} s ({phases}; at {self.rate / 1e9:.0f} GFLOP/s measured on "
+                     f"the compute device; a model of the cost, see docs/results/scaling.md)")
+        return "\n".join(lines)
 
 
 def _group_solve_bytes(method, group: ChannelGroup) -> int:

@@ -74,7 +74,11 @@ def _add_config_flags(parser, group: str) -> None:
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and output")
     model.add_argument("--model", required=True, help="Hub id, local folder, or packaged:smollm2-135m.")
-    model.add_argument("--output", required=True, help="Folder for the pruned checkpoint (must be new or empty).")
+    model.add_argument("--output", default=None, help="Folder for the pruned checkpoint (must be new or empty); "
+                                                      "required unless --dry-run.")
+    model.add_argument("--dry-run", action="store_true",
+                       help="Print the plan (tasks per target), the estimated peak memory per device and time, "
+                            "and exit: only the model's configuration is read, nothing is written.")
     model.add_argument("--overwrite", action="store_true",
                        help="Replace --output if it is a previous optimum-prune output (holds pruning_config.json).")
     model.add_argument("--push-to-hub", default=None, metavar="REPO",
@@ -287,6 +291,10 @@ def _run(args) -> int:
     from optimum_prune.pruner import Pruner
 
     config = build_config(args)
+    if args.dry_run:
+        return _dry_run(args, config)
+    if args.output is None:
+        raise PruningError("--output FOLDER is required: where the pruned checkpoint goes (--dry-run needs none).")
     output = check_paths(args, config)
     if args.no_progress:  # also the bars of transformers (loading, saving) and datasets (reading files)
         import datasets
@@ -351,6 +359,16 @@ def _run(args) -> int:
         if checkpoint is not None:
             checkpoint.release()
         output.release()
+
+
+def _dry_run(args, config) -> int:
+    """``--dry-run``: the plan and its estimates, from the model's configuration alone; nothing written."""
+    from optimum_prune.pruner import Pruner
+
+    pruner = Pruner(config)
+    pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
+    print(pruner.plan(args.model, device=args.device, dtype=args.dtype).describe(), flush=True)
+    return 0
 
 
 def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs) -> int:

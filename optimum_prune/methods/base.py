@@ -54,6 +54,11 @@ class PruningMethod:
         self.options = options if options is not None else self.Options()
         self.dampening = dampening
 
+    def solve_flops(self, rows: int, cols: int) -> float:
+        """Rough floating-point operations of one solve of ``rows`` x ``cols`` weights, for the time
+        estimate of a plan-only run (`Pruner.plan`): a score and a sort per weight by default."""
+        return 30.0 * rows * cols
+
     def workspace_bytes(self, rows: int, cols: int) -> int:
         """Estimated solver memory for ``rows`` x ``cols`` weights (see `workspace_copies`)."""
         grams, weights = self.workspace_copies
@@ -138,6 +143,11 @@ class GramSolverMethod(PruningMethod):
 
     statistics = frozenset({"gram"})
     workspace_copies = (3, 4)
+
+    def solve_flops(self, rows: int, cols: int) -> float:
+        """One factorisation of the Gram matrix and one pass of updates over the weight (SparseGPT's
+        cost; the iterative solvers override it)."""
+        return float(cols) ** 3 + 2.0 * rows * cols * cols
 
     def prune_linears(self, weights, stats, target):
         row_sizes = [w.shape[0] for w in weights]

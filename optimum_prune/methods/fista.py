@@ -153,6 +153,10 @@ class FISTAPruner(GramSolverMethod):
     Options = FISTAOptions
     workspace_copies = (3, 10)  # FISTA iterates, momentum, best candidates, CG refit
 
+    def solve_flops(self, rows: int, cols: int) -> float:
+        """The SparseGPT start, then one product with H per FISTA iteration of every lambda round."""
+        return super().solve_flops(rows, cols) + 2.0 * self.options.rounds * self.options.iterations * rows * cols * cols
+
     @property
     def error_correction(self) -> bool:
         return self.options.error_correction

@@ -156,6 +156,10 @@ def sparsefw_solve(W, H, target, options: SparseFWOptions, row_sizes=None, input
 class SparseFW(GramSolverMethod):
     Options = SparseFWOptions
     workspace_copies = (3, 8)  # relaxed mask, gradient, E H, vertex, rounding
+
+    def solve_flops(self, rows: int, cols: int) -> float:
+        """One product with H per Frank-Wolfe iteration, plus the factorisation of the refit."""
+        return float(cols) ** 3 + 2.0 * self.options.iterations * rows * cols * cols
     supported_patterns = ("unstructured", "n:m", "structured")
 
     def solve(self, W, H, target, row_sizes):

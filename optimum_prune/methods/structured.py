@@ -96,6 +96,10 @@ class LeastSquaresRestore:
     """`restore` as FASP does it (mixed into FASP and policy gradient): the consumer re-fitted by
     least squares on the kept units' columns, unless the method's ``restore`` option is off."""
 
+    def solve_flops(self, rows: int, cols: int) -> float:
+        """The least-squares restoration of the consumer: one factorisation and one solve."""
+        return float(cols) ** 3 / 3 + 2.0 * rows * cols * cols
+
     def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
         if not self.options.restore:
             return None

@@ -1,0 +1,234 @@
+"""Cost at scale: one decoder layer of real model shapes, random weights, every method.
+
+For each shape (LLaMA-family widths up to an 8B layer, and a Qwen2-7B-like layer with biases) and
+method, one process builds a model with ``--layers`` decoder layers (vocabulary 512, so embeddings
+and head are negligible), prunes it on a fixed number of calibration tokens and records: the
+time of one forward pass over those tokens, the engine's phases (`PruneReport.phase_seconds`:
+statistics pass, solve, forward for the next layer), the process's peak RSS (and on CUDA the
+allocator's peak), and what `Pruner.plan` estimated beforehand. A row that runs longer than
+``--cap`` seconds is stopped and reported as such; a row whose time, projected from the same
+method's row at the next smaller width with cubic growth, exceeds the cap is not started. Each method's solve time is fitted against the
+hidden width, ``t = c * hidden^k`` over the LLaMA shapes measured, and projected to full 8B and 70B
+models (`docs/results/scaling.md`).
+
+    python benchmarks/scaling.py                                  # CPU rows -> docs/results/scaling.md
+    python benchmarks/scaling.py --device cuda --output docs/results/scaling-gpu.md
+    python benchmarks/scaling.py --shapes 576 2048 --methods wanda sparsegpt --output /tmp/s.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from queue import Empty
+
+import torch
+
+SHAPES = {  # name -> (family, hidden, intermediate, heads, kv heads)
+    "576": ("llama", 576, 1536, 9, 3),  # SmolLM2-135M
+    "1024": ("llama", 1024, 4096, 16, 4),  # between the two
+    "2048": ("llama", 2048, 8192, 32, 8),  # LLaMA-3.2-1B-like
+    "4096": ("llama", 4096, 14336, 32, 8),  # LLaMA-3.1-8B
+    "qwen-3584": ("qwen2", 3584, 18944, 28, 4),  # Qwen2.5-7B (q/k/v biases)
+}
+LLAMA_SHAPES = ("576", "1024", "2048", "4096")
+METHODS = ["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "alps:0.5", "fista:0.5", "sparsefw:0.5",
+           "fasp:s0.2", "spap:s0.2"]
+FULL_MODELS = {  # name -> (hidden, intermediate, layers): what the projection scales one layer to
+    "LLaMA-3.1-8B": (4096, 14336, 32),
+    "LLaMA-3.1-70B": (8192, 28672, 80),
+}
+
+
+def build_model(shape: str, layers: int):
+    import transformers
+
+    family, hidden, intermediate, heads, kv = SHAPES[shape]
+    config_class = transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig
+    config = config_class(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate,
+                          num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=layers,
+                          max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _row(args, shape, spec, queue):
+    from optimum_prune import Pruner, PruningConfig
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    method, _, level = spec.partition(":")
+    pattern = "structured" if level.startswith("s") else "unstructured"
+    sparsity = float(level.lstrip("s"))
+    device = torch.device(args.device)
+    libraries_mb = rss_mb()
+    model = build_model(shape, args.layers).to(device)
+    weights_mb = rss_mb() - libraries_mb
+    windows = torch.randint(0, 512, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    config = PruningConfig(method=method, sparsity=sparsity, pattern=pattern, num_calibration_samples=args.samples,
+                           seqlen=args.seqlen, batch_size=args.batch_size, channel_multiple=1)
+    pruner = Pruner(config)
+    plan = pruner.plan(model, num_windows=args.samples)
+    with torch.no_grad():
+        for batch in windows[:1].split(1):  # warm-up
+            model(input_ids=batch.to(device), use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in windows.split(args.batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        forward_s = (time.perf_counter() - start) / args.layers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    pruner.prune(model, windows, progress=False, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prune_s = time.perf_counter() - start
+    phases = {k: v / args.layers for k, v in pruner.report.phase_seconds.items()}
+    queue.put({
+        "shape": shape, "spec": spec, "method": method, "forward_s": forward_s, "prune_s": prune_s / args.layers,
+        "phases": phases, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "libraries_mb": libraries_mb, "weights_mb": weights_mb,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()},
+        "estimate_s": plan.seconds, "sparsity": pruner.report.overall_sparsity,
+    })
+
+
+def run_capped(cap: float, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_row, args=(*args, queue))
+    proc.start()
+    deadline = time.monotonic() + cap
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except Empty:
+            if not proc.is_alive():
+                return {"error": f"died (exit code {proc.exitcode})"}
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                return {"error": f"stopped after {cap:.0f} s"}
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares of log t = log c + k log h; (c, k), or None with fewer than two points."""
+    points = [(h, t) for h, t in points if t > 0]
+    if len(points) < 2:
+        return None
+    xs = [math.log(h) for h, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - k * mx), k
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cap", type=float, default=900.0, help="seconds a row may run before it is stopped")
+    parser.add_argument("--resume", default=None, metavar="FILE.jsonl")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "scaling.md"))
+    args = parser.parse_args(argv)
+    done = {}
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume, encoding="utf-8") as handle:
+            done = {(r["shape"], r["spec"]): r for r in map(json.loads, filter(str.strip, handle))}
+    rows, last = [], {}  # spec -> (hidden, prune seconds) of its last measured row
+    for shape in sorted(args.shapes, key=lambda s: SHAPES[s][1]):
+        hidden = SHAPES[shape][1]
+        for spec in args.methods:
+            row = done.get((shape, spec))
+            projected = last[spec][1] * (hidden / last[spec][0]) ** 3 if spec in last else 0.0
+            if row is None and projected > args.cap:
+                row = {"shape": shape, "spec": spec, "method": spec.partition(":")[0],
+                       "error": f"not run: ~{projected:.0f} s projected from width {last[spec][0]} > cap"}
+            elif row is None:
+                row = {"shape": shape, "spec": spec, "method": spec.partition(":")[0], **run_capped(args.cap, args, shape, spec)}
+                print(json.dumps(row), flush=True)
+                if args.resume:
+                    with open(args.resume, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(row) + "\n")
+            if "error" not in row:
+                last[spec] = (hidden, row["prune_s"])
+            elif row["error"].startswith("stopped"):
+                last[spec] = (hidden, args.cap)
+            rows.append(row)
+    text = report(rows, args, argv if argv is not None else sys.argv[1:])
+    print(text)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def report(rows, args, argv) -> str:
+    tokens = args.samples * args.seqlen
+    lines = [
+        "# Cost at scale: one decoder layer of real shapes\n",
+        f"Command: `python benchmarks/scaling.py {' '.join(argv)}`\n",
+        f"Random-weight decoder layers (fp32, {args.layers} per model), calibration {args.samples} x {args.seqlen} = "
+        f"{tokens} tokens, batch {args.batch_size}, device {args.device}; "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        "Times are per decoder layer. `statistics` = the hooked pass that accumulates the inputs' statistics, "
+        "`solve` = the method, `forward` = the re-run that feeds the next layer. Memory: the process's peak RSS, "
+        "the libraries and the weights measured before the prune, and `Pruner.plan`'s estimate of the peak made "
+        "before it.\n",
+        "| shape (hidden / MLP) | method | forward s | statistics s | solve s | prune s | peak RSS MB | "
+        "libraries + weights MB | estimated peak MB | estimate / peak | estimated s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        family, hidden, inter, _, _ = SHAPES[row["shape"]]
+        name = f"{hidden} / {inter}" + (" (Qwen2, biases)" if family == "qwen2" else "")
+        if "error" in row:
+            lines.append(f"| {name} | {row['spec']} | - | - | - | {row['error']} | - | - | - | - | - |")
+            continue
+        ph = row["phases"]
+        estimate = sum(row["estimate_mb"].values())
+        measured = row["cuda_peak_mb"] if row.get("cuda_peak_mb") else row["peak_rss_mb"]
+        lines.append(
+            f"| {name} | {row['spec']} | {row['forward_s']:.2f} | {ph.get('statistics', 0):.2f} | {ph.get('solve', 0):.2f} | "
+            f"{row['prune_s']:.2f} | {row['peak_rss_mb']:.0f} | {row['libraries_mb'] + row['weights_mb']:.0f} | "
+            f"{estimate:.0f} | {estimate / measured:.2f} | {row['estimate_s']:.1f} |")
+    lines += ["", "## Fitted growth of the solve with the hidden width (LLaMA shapes)", "",
+              "`solve s = c * hidden^k` (least squares in log-log over the LLaMA shapes measured; the MLP width grows "
+              "with the hidden width, 2.7x-4x).", "", "| method | k | points | projected solve s per layer at 8192 |",
+              "|---|---|---|---|"]
+    fits = {}
+    for spec in dict.fromkeys(r["spec"] for r in rows):
+        points = [(SHAPES[r["shape"]][1], r["phases"].get("solve", 0.0)) for r in rows
+                  if r["spec"] == spec and r["shape"] in LLAMA_SHAPES and "error" not in r]
+        fitted = fit(points)
+        fits[spec] = fitted
+        if fitted:
+            c, k = fitted
+            lines.append(f"| {spec} | {k:.2f} | {len(points)} | {c * 8192 ** k:.0f} |")
+        else:
+            lines.append(f"| {spec} | - | {len(points)} | - |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Time model of a prune, for plan-only runs (`Pruner.plan`, ``--dry-run``).
+
+A layer-wise prune spends its time in three phases per decoder layer (the engine measures them in
+`PruneReport.phase_seconds`): the statistics pass (one forward of the calibration tokens through
+the layer with hooks accumulating Gram matrices or norms), the solve (each method states its
+floating-point operations per problem in `PruningMethod.solve_flops`) and, in sequential mode, the
+forward that feeds the next layer. Each phase is counted in floating-point operations and divided
+by the matrix-multiply rate measured on the compute device (`gemm_rate`, a fraction of a second).
+What it leaves out (sorting, hooks, copies, early stopping of iterative solvers) is compared with
+measured prunes in docs/results/scaling.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+def gemm_rate(device: torch.device, size: int = 1024, seconds: float = 0.25) -> float:
+    """float32 matrix-multiply operations per second on ``device`` (measured: ``size`` x ``size``
+    products for about ``seconds``)."""
+    if device.type == "meta":
+        device = torch.device("cpu")
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * size**3 * count / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def layer_forward_flops(layer: nn.Module, tokens: int, seqlen: int, hidden: int) -> float:
+    """Operations of one forward of ``tokens`` through ``layer``: two per weight and token, plus
+    attention's score and value products (``4 x seqlen x hidden`` per token). Fused expert banks
+    count the share a token reaches (``top-k / experts``) when the layer says so."""
+    dense = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+    flops = 2.0 * tokens * dense + 4.0 * tokens * seqlen * hidden
+    for module in layer.modules():
+        for param in module.parameters(recurse=False):
+            if param.dim() == 3:  # a fused expert bank: the routed share of its experts
+                share = min(1.0, getattr(module, "top_k", 0) / max(param.shape[0], 1)) or 1.0
+                flops += 2.0 * tokens * param.numel() * share
+    return flops
+
+
+def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
+    """Floating-point operations of each phase of the prune ``engine`` (a `LayerwiseEngine`) would
+    run on ``num_windows`` x ``seqlen`` tokens, summed over its decoder layers."""
+    method, config = engine.method, engine.config
+    tokens = num_windows * seqlen if method.needs_calibration else 0
+    hidden = getattr(getattr(engine.model, "config", None), "hidden_size", None) or 0
+    phases = {"statistics": 0.0, "solve": 0.0, "forward": 0.0}
+    for index, layer in enumerate(engine.layers):
+        tasks = engine.plan[index]
+        forward = layer_forward_flops(layer, tokens, seqlen, hidden)
+        if method.needs_calibration:
+            passes = 2 if method.error_correction and not engine.structured else 1  # paired statistics
+            phases["statistics"] += passes * forward
+            if "gram" in method.statistics:  # upper bound: Linears reading one input share one Gram
+                phases["statistics"] += sum(2.0 * tokens * lin.in_features**2
+                                            for lin, _ in engine.hooked_linears(tasks).values())
+            if config.sequential:
+                phases["forward"] += forward
+        if not tasks.prunes_anything():
+            continue
+        solve = sum(method.solve_flops(t.linear.out_features, t.linear.in_features) for t in tasks.linears)
+        solve += sum(t.bank.num_experts * method.solve_flops(t.bank.out_features, t.bank.in_features)
+                     for t in tasks.experts)
+        solve += sum(method.solve_flops(t.group.consumer.out_features, t.group.consumer.in_features)
+                     for t in tasks.groups)
+        solve += sum(t.channels.num_experts * method.solve_flops(t.channels.down.out_features, t.channels.width)
+                     for t in tasks.channels)
+        phases["solve"] += solve
+    if config.sparsity_profile != "uniform" and method.needs_calibration:
+        # the profile's dense pass over every layer, and for "sensitivity" every layer pruned alone
+        # at 4 levels, the layers from it on run over ``sensitivity_samples`` windows
+        forwards = [layer_forward_flops(layer, tokens, seqlen, hidden) for layer in engine.layers]
+        phases["profile"] = sum(forwards)
+        if config.sparsity_profile == "sensitivity":
+            share = min(config.sensitivity_samples, num_windows) / max(num_windows, 1)
+            phases["profile"] += 4 * share * sum(sum(forwards[i:]) for i in range(len(forwards)))
+    return phases
