@@ -13,7 +13,7 @@ from conftest import prune_interrupted, tiny_model
 
 from optimum_prune import Pruner, PruningConfig, PruningError
 from optimum_prune.allocation import outlier_allocation, shift_into_budget
-from optimum_prune.calibration.profiles import _Replay, sensitivity_allocation, sensitivity_levels
+from optimum_prune.calibration.profiles import LayerReplay, sensitivity_allocation, sensitivity_levels
 from optimum_prune.structure import find_decoder_layers
 
 
@@ -135,7 +135,7 @@ def test_replayed_layers_leave_the_loss_unchanged():
     model = tiny_model("llama", num_hidden_layers=4).eval()
     _, layers = find_decoder_layers(model)
     batches = list(calibration()[:256].view(8, 32).split(4))
-    replay = _Replay(list(layers))
+    replay = LayerReplay(list(layers))
     with torch.no_grad():
         dense = replay.record(model, batches)
         for stop in range(5):

@@ -83,7 +83,7 @@ def _proxy_pruned(linear: nn.Linear, norm: torch.Tensor, sparsity: float) -> tor
     return current.to(dtype=linear.weight.dtype, device=linear.weight.device)
 
 
-class _Replay:
+class LayerReplay:
     """Makes decoder layers ``0 .. stop-1`` return their recorded dense outputs of the current batch
     instead of computing them (the layers after ``stop - 1`` run as usual)."""
 
@@ -132,7 +132,7 @@ def sensitivity_curves(model: nn.Module, layers: list[nn.Module], layer_linears:
     was_training = model.training
     model.eval()
     batches = list(windows.split(batch_size))
-    replay = _Replay(layers)
+    replay = LayerReplay(layers)
     try:
         dense = sum(replay.record(model, batches)) / len(batches)
         curves = []
