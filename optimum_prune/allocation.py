@@ -7,6 +7,8 @@ policy-gradient global pruning and the non-uniform sparsity profiles of unstruct
   measured (share removed, damage) points, convexified; segments taken cheapest damage per
   parameter first.
 - `outlier_allocation`: OWL's rule (Yin et al. 2024): parts with a higher outlier ratio keep more.
+- `choose_options`: one of a few discrete options per part (N:M patterns, dense) at the least
+  summed damage for a mean sparsity at least the budget (the Lagrangian relaxation).
 
 Nothing here knows about models, hooks or methods: tensors and lists in, numbers out.
 """
@@ -79,3 +81,35 @@ def outlier_allocation(ratios: torch.Tensor, weights: torch.Tensor, sparsity: fl
     scaled = (ratios - ratios.min()) / span if span > 0 else torch.zeros_like(ratios)
     proposal = sparsity + spread - 2 * spread * scaled  # before the shift that meets the budget
     return shift_into_budget(proposal, weights, sparsity * float(weights.sum()), low, high)
+
+
+def choose_options(damage: torch.Tensor, sparsity: torch.Tensor, weights: torch.Tensor, target: float) -> list[int]:
+    """For each part ``i`` one option ``k`` (``damage[i, k]`` measured, ``sparsity[k]`` what it
+    removes) so that the ``weights``-weighted mean sparsity is at least ``target`` at the least
+    summed damage the Lagrangian relaxation finds: every part takes ``argmin_k damage[i, k] -
+    price * weights[i] * sparsity[k]`` (the first option on ties), with the smallest price, found by
+    bisection, that meets the budget. Raises ValueError when no choice can meet it."""
+    damage, sparsity, weights = (t.to(torch.float64) for t in (damage, sparsity, weights))
+    need = target * float(weights.sum()) - 1e-9
+
+    def pick(price: float) -> torch.Tensor:
+        return torch.argmin(damage - price * weights[:, None] * sparsity[None, :], dim=1)
+
+    def removed(choice: torch.Tensor) -> float:
+        return float((weights * sparsity[choice]).sum())
+
+    if removed(pick(0.0)) >= need:
+        return pick(0.0).tolist()
+    if float(weights.sum() * sparsity.max()) < need:
+        raise ValueError(f"no choice of options reaches a mean sparsity of {target}")
+    high = 1.0
+    while removed(pick(high)) < need:
+        high *= 2.0
+    low = 0.0
+    for _ in range(100):
+        mid = 0.5 * (low + high)
+        if removed(pick(mid)) >= need:
+            high = mid
+        else:
+            low = mid
+    return pick(high).tolist()

@@ -99,6 +99,10 @@ class PruningConfig(BaseConfig):
         owl_lambda, owl_threshold: OWL's spread (layer sparsities within ``sparsity +- owl_lambda``
             before the bounds) and outlier threshold M (a score above M x its layer's mean is an outlier).
         sensitivity_samples: ``"sensitivity"``: how many of the calibration windows measure the loss.
+        layer_patterns: with an N:M ``pattern`` and ``sparsity_profile="sensitivity"``, the other
+            patterns a layer may get instead (N:M such as ``"4:8"``, or ``"dense"``); each layer
+            takes the choice that costs the least measured loss while the average sparsity over the
+            targeted weights stays at least ``sparsity`` (default: the pattern's own, N/M).
         layer_sparsity_min, layer_sparsity_max: bounds on every layer's sparsity under a profile.
         messages_column, calibration_format: chat data: the column of conversations (lists of
             ``{"role", "content"}`` messages, rendered with the tokenizer's chat template), and whether
@@ -135,6 +139,7 @@ class PruningConfig(BaseConfig):
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
     sensitivity_samples: int = 2
+    layer_patterns: list[str] | None = None
     layer_sparsity_min: float = 0.0
     layer_sparsity_max: float = 0.99
     method_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +158,9 @@ class PruningConfig(BaseConfig):
         parsed = SparsityPattern.parse(self.pattern)
         self.pattern = str(parsed)
         self._check_supported(method_cls, parsed, "")
-        self.sparsity = resolve_sparsity(self.sparsity, parsed)
+        if self.layer_patterns is None or self.sparsity is None:
+            self.sparsity = resolve_sparsity(self.sparsity, parsed)
+        # else: mixed N:M patterns, ``sparsity`` is the average asked for (checked in _check_profile)
 
         self.targets = _check_patterns(self.targets, "targets") or None
         self.ignore = _check_patterns(self.ignore, "ignore")
@@ -216,15 +223,44 @@ class PruningConfig(BaseConfig):
         if isinstance(self.sensitivity_samples, bool) or not isinstance(self.sensitivity_samples, int) \
                 or self.sensitivity_samples < 1:
             raise PruningError(f"sensitivity_samples must be a whole number >= 1, got {self.sensitivity_samples!r}.")
+        if self.layer_patterns is not None:
+            self._check_layer_patterns(method_cls, parsed)
         if self.sparsity_profile == "uniform":
             return
-        if parsed.kind != "unstructured":
+        if parsed.kind == "nm" and self.sparsity_profile == "sensitivity" and self.layer_patterns:
+            pass  # each layer chooses among the N:M patterns (and dense)
+        elif parsed.kind != "unstructured":
             raise PruningError(f"sparsity_profile={self.sparsity_profile!r} spreads an unstructured sparsity over the "
-                               f"layers; pattern {parsed} keeps sparsity_profile='uniform' (per-layer N:M patterns "
-                               f"are not built yet).")
+                               f"layers; with pattern {parsed} use sparsity_profile='sensitivity' and the patterns a "
+                               f"layer may get instead, e.g. layer_patterns=['4:8', 'dense'] (--layer-patterns 4:8 "
+                               f"dense), or sparsity_profile='uniform'.")
         if not method_cls().needs_calibration:
             raise PruningError(f"sparsity_profile={self.sparsity_profile!r} measures the layers on calibration data; "
                                f"method {method_cls.name!r} uses none: choose wanda, sparsegpt, alps, ...")
+
+    def _check_layer_patterns(self, method_cls, parsed: SparsityPattern) -> None:
+        if self.sparsity_profile != "sensitivity" or parsed.kind != "nm":
+            raise PruningError(f"layer_patterns choose among N:M patterns per layer: they need an N:M pattern (got "
+                               f"{parsed}) and sparsity_profile='sensitivity' (got {self.sparsity_profile!r}).")
+        if not isinstance(self.layer_patterns, list) or not self.layer_patterns:
+            raise PruningError(f"layer_patterns must be a non-empty list such as ['4:8', 'dense'], got "
+                               f"{self.layer_patterns!r}.")
+        choices = []
+        for text in self.layer_patterns:
+            if text == "dense":
+                choices.append(0.0)
+                continue
+            sub = SparsityPattern.parse(text) if isinstance(text, str) else None
+            if sub is None or sub.kind != "nm":
+                raise PruningError(f"layer_patterns entries are N:M patterns or 'dense', got {text!r}.")
+            self._check_supported(method_cls, sub, "layer_patterns: ")
+            choices.append(sub.implied_sparsity)
+        self.layer_patterns = ["dense" if t == "dense" else str(SparsityPattern.parse(t)) for t in self.layer_patterns]
+        low, high = min(choices + [parsed.implied_sparsity]), max(choices + [parsed.implied_sparsity])
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not low - 1e-9 <= self.sparsity <= high + 1e-9:
+            raise PruningError(f"with layer_patterns the sparsity is the average asked for: between {low:g} and "
+                               f"{high:g} (what the patterns give), got {self.sparsity!r}.")
 
     @staticmethod
     def _check_supported(method_cls, parsed: SparsityPattern, where: str) -> None:

@@ -207,6 +207,9 @@ def build_model_card(
 def _layer_sparsity_text(profile: dict | None) -> str | None:
     if not profile:
         return None
+    if profile.get("patterns"):
+        values = ", ".join(profile["patterns"])
+        return f"`{profile['profile']}` profile, N:M pattern layer by layer: {values}"
     values = ", ".join(f"{v:.3f}" for v in profile["per_layer"])
     return f"`{profile['profile']}` profile, layer by layer: {values}"
 

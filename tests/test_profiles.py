@@ -6,6 +6,7 @@ sparsity than the others; the allocation arithmetic is the shared one."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_resume_reproduces_the_profile(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"pattern": "2:4", "sparsity": None}, "keeps sparsity_profile='uniform'"),
+    ({"pattern": "2:4", "sparsity": None}, "use sparsity_profile='sensitivity' and the patterns"),
     ({"method": "magnitude"}, "uses none: choose wanda"),
     ({"sparsity_profile": "flat"}, "sparsity_profile must be one of uniform, owl, sensitivity"),
     ({"sparsity_profile": "sensitivity", "sensitivity_samples": 0}, "sensitivity_samples must be a whole number"),
@@ -214,3 +215,73 @@ def test_cli_writes_the_profile(tmp_path, capsys):
     assert sum(per_layer) / 4 == pytest.approx(0.7, abs=1e-3)
     assert "`owl` profile, layer by layer" in (tmp_path / "out" / "README.md").read_text()
     assert PruningConfig.from_pretrained(tmp_path / "out").owl_lambda == 0.1
+
+
+def test_mixed_patterns_keep_the_fragile_layers_dense_and_meet_the_average(trained_state):
+    """2:4 everywhere or dense, at a mean sparsity of 3/8: the layers whose 2:4 costs least take it."""
+    from optimum_prune.methods import satisfies_nm
+
+    model = insensitive_model(trained_state)
+    cfg = config(pattern="2:4", sparsity=0.375, sparsity_profile="sensitivity", layer_patterns=["dense"])
+    pruner = Pruner(cfg)
+    pruner.prune(model, pattern_stream(), progress=False)
+    patterns = pruner.report.layer_patterns
+    assert sorted(patterns) == ["2:4", "2:4", "2:4", "dense"] and patterns[1] == "2:4"  # the quiet layer is pruned
+    _, layers = find_decoder_layers(model)
+    for layer, chosen in zip(layers, patterns):
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                if chosen == "dense":
+                    assert int((module.weight == 0).sum()) == 0
+                else:
+                    assert satisfies_nm(module.weight, 2, 4)
+    assert pruner.report.overall_sparsity == pytest.approx(0.375, abs=1e-6)
+    assert pruner.report.layer_sparsity == [0.0 if p == "dense" else 0.5 for p in patterns]
+    again = Pruner(cfg)
+    again.prune(insensitive_model(trained_state), pattern_stream(), progress=False)
+    assert again.report.layer_patterns == patterns  # deterministic
+
+
+def test_choose_options_meets_the_budget_at_the_least_damage():
+    from optimum_prune.allocation import choose_options
+
+    damage = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.0, 0.1], [3.0, 0.0, 2.0]])  # options: 2:4, dense, 4:8
+    sparsity = torch.tensor([0.5, 0.0, 0.5])
+    assert choose_options(damage, sparsity, torch.ones(3), 0.5) == [2, 2, 2]  # 4:8 is cheaper at the same sparsity
+    assert choose_options(damage, sparsity, torch.ones(3), 1 / 3) == [2, 2, 1]  # the dearest layer stays dense
+    assert choose_options(damage, sparsity, torch.ones(3), 0.0) == [1, 1, 1]
+    with pytest.raises(ValueError):
+        choose_options(damage, sparsity, torch.ones(3), 0.6)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"pattern": "2:4", "sparsity": None, "layer_patterns": ["4:8"], "sparsity_profile": "owl"}, "layer_patterns choose"),
+    ({"pattern": "2:4", "sparsity": 0.6, "layer_patterns": ["dense"]}, "between 0 and 0.5"),
+    ({"pattern": "2:4", "sparsity": None, "layer_patterns": ["unstructured"]}, "N:M patterns or 'dense'"),
+    ({"pattern": "2:4", "sparsity": None}, "layer_patterns=['4:8', 'dense']"),
+])
+def test_mixed_pattern_refusals_name_the_fix(kwargs, fragment):
+    base = {"sparsity_profile": "sensitivity", **kwargs}
+    with pytest.raises(PruningError, match=re.escape(fragment)):
+        config(**base)
+
+
+def test_cli_writes_the_mixed_patterns(tmp_path, capsys, trained_state):
+    from conftest import make_texts, make_tokenizer
+
+    from optimum_prune.commands.prune import main
+
+    insensitive_model(trained_state).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(40)))
+    code = main(["--model", str(tmp_path / "model"), "--method", "wanda", "--pattern", "2:4", "--sparsity", "0.375",
+                 "--sparsity-profile", "sensitivity", "--layer-patterns", "dense", "4:8",
+                 "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "8", "--seqlen", "32", "--no-progress",
+                 "--output", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    profile = json.loads((tmp_path / "out" / "pruning_results.json").read_text())["layer_sparsity"]
+    assert len(profile["patterns"]) == 4 and set(profile["patterns"]) <= {"2:4", "4:8", "dense"}
+    assert sum(profile["per_layer"]) / 4 >= 0.375 - 1e-9
+    assert "N:M pattern layer by layer" in (tmp_path / "out" / "README.md").read_text()
+    assert PruningConfig.from_pretrained(tmp_path / "out").layer_patterns == ["dense", "4:8"]

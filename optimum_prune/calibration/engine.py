@@ -89,12 +89,16 @@ class LayerwiseEngine:
         self.plan, self.coverage, self._fixed_params = planned.entries, planned.coverage, planned.fixed_params
         self.hooked_linears = planned.hooked_linears
         self.layer_sparsity = planned.layer_sparsity
+        self.layer_patterns = planned.layer_patterns
 
-    def use_layer_sparsity(self, values: list[float] | None) -> None:
-        """Give every decoder layer its own sparsity (a sparsity profile; None: the config's)."""
-        if values is not None:
-            self._use_plan(LayerPlan(self.model, self.prefix, self.layers, self.config, self.method,
-                                     layer_sparsity=values, warn=False))
+    def use_layer_sparsity(self, values: list[float] | list[str] | None) -> None:
+        """Give every decoder layer its own sparsity (a sparsity profile; None: the config's), or
+        its own N:M pattern / ``"dense"`` when ``values`` are pattern names (mixed patterns)."""
+        if values is None:
+            return
+        patterns = values if all(isinstance(v, str) for v in values) else None
+        self._use_plan(LayerPlan(self.model, self.prefix, self.layers, self.config, self.method,
+                                 layer_sparsity=None if patterns else values, layer_patterns=patterns, warn=False))
 
     def compute_device(self, layer: nn.Module) -> torch.device:
         """Where ``layer`` is calibrated and solved: ``device`` if given, else where it executes."""
@@ -107,7 +111,8 @@ class LayerwiseEngine:
         from it when it holds an earlier, interrupted run of the same prune)."""
         start = time.perf_counter()
         report = PruneReport(layer_weights=self.coverage.layer_weights, covered_weights=self.coverage.covered_weights,
-                             unhandled=dict(self.coverage.unhandled), layer_sparsity=self.layer_sparsity)
+                             unhandled=dict(self.coverage.unhandled), layer_sparsity=self.layer_sparsity,
+                             layer_patterns=self.layer_patterns)
         inputs = kwargs = None
         if self.method.needs_calibration:
             if calibration is None or calibration.numel() == 0:

@@ -140,10 +140,14 @@ class LayerPlan:
     def __init__(self, model: nn.Module, prefix: str, layers: nn.ModuleList, config: PruningConfig,
                  method: PruningMethod, removals: dict[str, int] | None = None,
                  kept_units: dict[str, torch.Tensor] | None = None, layer_sparsity: list[float] | None = None,
-                 warn: bool = True):
+                 warn: bool = True, layer_patterns: list[str] | None = None):
         """``layer_sparsity`` (one value per decoder layer, from a sparsity profile) replaces the
-        config's sparsity for every targeted tensor of that layer that no override fixes."""
+        config's sparsity for every targeted tensor of that layer that no override fixes;
+        ``layer_patterns`` (an N:M pattern or ``"dense"`` per layer) replaces its pattern."""
         self.model, self.prefix, self.layers = model, prefix, layers
+        self.layer_patterns = layer_patterns
+        if layer_patterns is not None:
+            layer_sparsity = [0.0 if p == "dense" else SparsityPattern.parse(p).implied_sparsity for p in layer_patterns]
         self.layer_sparsity = layer_sparsity
         self.config, self.method = config, method
         self.kept_units = kept_units
@@ -159,8 +163,16 @@ class LayerPlan:
 
     def _target_for(self, name: str, index: int) -> Target:
         override = first_match(name, self.config.overrides) or {}
+        if self.layer_patterns is not None and not override:
+            chosen = self.layer_patterns[index]
+            if chosen == "dense":  # targeted, nothing removed: counted in the report at 0
+                return Target(0.0, SparsityPattern.parse("unstructured"))
+            pattern = SparsityPattern.parse(chosen)
+            return Target(pattern.implied_sparsity, pattern)
         pattern = SparsityPattern.parse(override.get("pattern", self.config.pattern))
         default = self.config.sparsity if self.layer_sparsity is None else self.layer_sparsity[index]
+        if pattern.kind == "nm":  # N:M fixes it (the config's sparsity may be a mixed profile's average)
+            default = None
         sparsity = override.get("sparsity", default if "pattern" not in override else None)
         return Target(resolve_sparsity(sparsity, pattern, f"overrides for {name}: "), pattern)
 

@@ -12,12 +12,15 @@ request is the average over the targeted weights rather than every layer's own s
   measured on the layer's Linears.
 - ``sensitivity`` (measured): the loss of the model on the first ``sensitivity_samples``
   calibration windows when one decoder layer alone is pruned with a cheap proxy of the method
-  (Wanda's scores ``|W_ij| * ||X_j||``, per output row) at a few levels around the request (``sparsity`` -0.2, -0.1, 0, +0.1 within the
-  bounds), minus the dense loss, is that layer's damage curve; `allocation.allocate` spends the
-  budget over the convexified curves cheapest loss per weight first. The layers before the one
-  being measured replay their cached dense outputs, so the cost is about ``levels x layers / 2``
-  forward passes over those windows. Expert banks take their layer's sparsity; the curve is
-  measured on the layer's Linears.
+  (Wanda's scores ``|W_ij| * ||X_j||``, per output row) at a few levels around the request
+  (``sparsity`` -0.2, -0.1, 0, +0.1 within the bounds), minus the dense loss, is that layer's
+  damage curve; `allocation.allocate` spends the budget over the convexified curves cheapest loss
+  per weight first. The layers before the one being measured replay their cached dense outputs,
+  so the cost is about ``levels x layers / 2`` forward passes over those windows. Expert banks
+  take their layer's sparsity; the curve is measured on the layer's Linears.
+- ``sensitivity`` with an N:M pattern and ``layer_patterns``: the same measurement under each
+  allowed N:M pattern (Wanda's scores per group of M; ``"dense"`` costs nothing), and each layer
+  gets one pattern (`allocation.choose_options`), the mean sparsity at least ``sparsity``.
 
 The dense passes run before any weight changes (a resumed prune measures the same dense model and
 gets the same profile).
@@ -28,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..allocation import allocate, outlier_allocation
+from ..allocation import allocate, choose_options, outlier_allocation
+from ..patterns import SparsityPattern
 from .capture import StatisticsCollector, check_called, run_windows
 from .distributed import reduce_statistics, reduce_sums, world_size
 from .offload import input_device, read_weight, swapped
@@ -72,14 +76,22 @@ def outlier_ratios(layer_linears: list[dict[str, nn.Linear]], norms: dict[str, t
     return torch.tensor(ratios, dtype=torch.float64)
 
 
-def _proxy_pruned(linear: nn.Linear, norm: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """``linear``'s weight with the lowest-scoring ``sparsity`` of every output row zeroed, in the
-    dtype and on the device its forward reads it."""
+def _proxy_pruned(linear: nn.Linear, norm: torch.Tensor, level: float | SparsityPattern) -> torch.Tensor:
+    """``linear``'s weight with the lowest-scoring ``level`` of every output row zeroed (or, for an
+    N:M pattern, the lowest-scoring M - N of every M consecutive inputs), in the dtype and on the
+    device its forward reads it."""
     scores = _scores(linear, norm)
-    k = int(round(sparsity * scores.shape[1]))
     current = read_weight(linear, scores.device).clone()  # may be the weight itself
-    if k > 0:
-        current.scatter_(1, scores.topk(k, dim=1, largest=False).indices, 0.0)
+    if isinstance(level, SparsityPattern):
+        rows, cols = scores.shape
+        groups = scores.reshape(rows, cols // level.m, level.m)
+        drop = groups.topk(level.m - level.n, dim=2, largest=False).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True).reshape(rows, cols)
+        current.masked_fill_(mask, 0.0)
+    else:
+        k = int(round(level * scores.shape[1]))
+        if k > 0:
+            current.scatter_(1, scores.topk(k, dim=1, largest=False).indices, 0.0)
     return current.to(dtype=linear.weight.dtype, device=linear.weight.device)
 
 
@@ -126,9 +138,10 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> float:
 @torch.no_grad()
 def sensitivity_curves(model: nn.Module, layers: list[nn.Module], layer_linears: list[dict[str, nn.Linear]],
                        norms: dict[str, torch.Tensor], windows: torch.Tensor, batch_size: int,
-                       levels: list[float]) -> list[torch.Tensor]:
+                       levels: list[float | SparsityPattern]) -> list[torch.Tensor]:
     """Per decoder layer, the increase of the mean token loss on ``windows`` when that layer's
-    Linears alone are pruned by the proxy (Wanda's scores from ``norms``) at each of ``levels``."""
+    Linears alone are pruned by the proxy (Wanda's scores from ``norms``) at each of ``levels``
+    (sparsities or N:M patterns)."""
     was_training = model.training
     model.eval()
     batches = list(windows.split(batch_size))
@@ -166,9 +179,10 @@ def sensitivity_allocation(curves: list[torch.Tensor], levels: list[float], weig
     return [low + share for share in extra]
 
 
-def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | None) -> list[float] | None:
-    """Each decoder layer's sparsity under ``config.sparsity_profile`` (None: uniform). ``plan``
-    is the uniform `LayerPlan`; the budget covers the targeted weights the overrides leave free."""
+def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | None) -> list[float] | list[str] | None:
+    """Each decoder layer's sparsity under ``config.sparsity_profile`` (None: uniform), or with
+    ``config.layer_patterns`` each layer's pattern name. ``plan`` is the uniform `LayerPlan`; the
+    budget covers the targeted weights the overrides leave free."""
     if config.sparsity_profile == "uniform":
         return None
     layer_linears = [{task.name: task.linear for task in tasks.linears} for tasks in plan.entries]
@@ -176,6 +190,8 @@ def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | Non
     if float(weights.sum()) == 0:
         return None
     norms = dense_input_norms(model, layer_linears, windows, config.batch_size)
+    if config.layer_patterns:
+        return mixed_patterns(model, plan, config, windows, layer_linears, norms, weights)
     if config.sparsity_profile == "owl":
         values = outlier_allocation(outlier_ratios(layer_linears, norms, config.owl_threshold), weights,
                                     config.sparsity, config.owl_lambda, config.layer_sparsity_min,
@@ -186,6 +202,22 @@ def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | Non
                                     windows[:config.sensitivity_samples], config.batch_size, levels)
         values = sensitivity_allocation(curves, levels, weights, config.sparsity, config.layer_sparsity_min)
     return [round(float(v), 6) for v in values]
+
+
+def mixed_patterns(model: nn.Module, plan, config, windows: torch.Tensor, layer_linears, norms, weights) -> list[str]:
+    """Each decoder layer's N:M pattern (or ``"dense"``) among ``config.pattern`` and
+    ``config.layer_patterns``: every layer's loss increase under each N:M choice is measured as for
+    the sensitivity profile (dense: none), then `allocation.choose_options` keeps the mean sparsity
+    at least ``config.sparsity`` at the least summed loss."""
+    choices = [config.pattern] + [p for p in dict.fromkeys(config.layer_patterns) if p != config.pattern]
+    measured = [SparsityPattern.parse(p) for p in choices if p != "dense"]
+    curves = sensitivity_curves(model, plan.layers, layer_linears, norms, windows[:config.sensitivity_samples],
+                                config.batch_size, measured)
+    columns = iter(range(len(measured)))
+    index = {p: (None if p == "dense" else next(columns)) for p in choices}
+    damage = torch.tensor([[0.0 if index[p] is None else float(curve[index[p]]) for p in choices] for curve in curves])
+    sparsity = torch.tensor([0.0 if p == "dense" else SparsityPattern.parse(p).implied_sparsity for p in choices])
+    return [choices[k] for k in choose_options(damage, sparsity, weights, config.sparsity)]
 
 
 def sensitivity_levels(sparsity: float, low: float, high: float) -> list[float]:

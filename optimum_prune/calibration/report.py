@@ -24,6 +24,7 @@ class PruneReport:
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
     layer_sparsity: list[float] | None = None  # each decoder layer's target under a sparsity profile (None: uniform)
+    layer_patterns: list[str] | None = None  # each decoder layer's N:M pattern or "dense" (mixed patterns)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # "statistics" / "solve" / "forward" -> seconds
 
     @contextlib.contextmanager
@@ -67,7 +68,7 @@ class PruneReport:
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
                 "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
                 "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
-                "layer_sparsity": self.layer_sparsity, "phase_seconds": dict(self.phase_seconds)}
+                "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns, "phase_seconds": dict(self.phase_seconds)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -79,4 +80,5 @@ class PruneReport:
         self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
         self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)
+        self.layer_patterns = data.get("layer_patterns", self.layer_patterns)
         self.phase_seconds = dict(data.get("phase_seconds", self.phase_seconds))

@@ -34,6 +34,9 @@ CONFIG_FLAGS = (
                                                        "outlier (default 5).")),
     ("sensitivity_samples", "pruning", dict(type=int, help="sensitivity: calibration windows that measure each "
                                                            "layer's loss (default 2).")),
+    ("layer_patterns", "pruning", dict(nargs="+", help="N:M with --sparsity-profile sensitivity: patterns a layer "
+                                                       "may get instead of --pattern (e.g. 4:8 dense); --sparsity is "
+                                                       "then the average asked for.")),
     ("layer_sparsity_min", "pruning", dict(type=float, help="Profiles: the lowest sparsity of a layer (default 0).")),
     ("layer_sparsity_max", "pruning", dict(type=float, help="Profiles: the highest sparsity of a layer (default 0.99).")),
     ("channel_multiple", "pruning", dict(type=int, help="Structured: MLP channels kept per layer rounded to a "
@@ -424,6 +427,8 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
         results["removed_experts"] = dict(report.removed_experts)
     if report.layer_sparsity is not None:
         results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
+        if report.layer_patterns is not None:
+            results["layer_sparsity"]["patterns"] = list(report.layer_patterns)
         print(f"{config.sparsity_profile} profile: layer sparsities {min(report.layer_sparsity):.3f} to "
               f"{max(report.layer_sparsity):.3f}", flush=True)
     what = "channel groups" if config.pattern == "structured" else "Linears"
