@@ -105,7 +105,8 @@ def _row(args, shape, spec, queue):
         "libraries_mb": libraries_mb, "weights_mb": weights_mb,
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()},
-        "estimate_s": plan.seconds, "sparsity": pruner.report.overall_sparsity,
+        "estimate_s": plan.seconds, "estimate_phases": {k: v / plan.rate / args.layers for k, v in plan.flops.items()},
+        "gemm_gflops": plan.rate / 1e9, "sparsity": pruner.report.overall_sparsity,
     })
 
 
@@ -191,12 +192,13 @@ def report(rows, args, argv) -> str:
         f"Random-weight decoder layers (fp32, {args.layers} per model), calibration {args.samples} x {args.seqlen} = "
         f"{tokens} tokens, batch {args.batch_size}, device {args.device}; "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        "Times are per decoder layer. `statistics` = the hooked pass that accumulates the inputs' statistics, "
+        "Times are per decoder layer; on a GPU the memory columns compare the allocator's peak with the estimate for "
+        "that device. `statistics` = the hooked pass that accumulates the inputs' statistics, "
         "`solve` = the method, `forward` = the re-run that feeds the next layer. Memory: the process's peak RSS, "
         "the libraries and the weights measured before the prune, and `Pruner.plan`'s estimate of the peak made "
         "before it.\n",
         "| shape (hidden / MLP) | method | forward s | statistics s | solve s | prune s | peak RSS MB | "
-        "libraries + weights MB | estimated peak MB | estimate / peak | estimated s |",
+        "libraries + weights MB | estimated peak MB | estimate / peak | estimated s (statistics / solve) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -206,12 +208,15 @@ def report(rows, args, argv) -> str:
             lines.append(f"| {name} | {row['spec']} | - | - | - | {row['error']} | - | - | - | - | - |")
             continue
         ph = row["phases"]
-        estimate = sum(row["estimate_mb"].values())
-        measured = row["cuda_peak_mb"] if row.get("cuda_peak_mb") else row["peak_rss_mb"]
+        on_gpu = bool(row.get("cuda_peak_mb"))
+        estimate = (sum(v for d, v in row["estimate_mb"].items() if d.startswith("cuda")) if on_gpu
+                    else row["estimate_mb"].get("cpu", 0.0))
+        measured = row["cuda_peak_mb"] if on_gpu else row["peak_rss_mb"]
         lines.append(
             f"| {name} | {row['spec']} | {row['forward_s']:.2f} | {ph.get('statistics', 0):.2f} | {ph.get('solve', 0):.2f} | "
             f"{row['prune_s']:.2f} | {row['peak_rss_mb']:.0f} | {row['libraries_mb'] + row['weights_mb']:.0f} | "
-            f"{estimate:.0f} | {estimate / measured:.2f} | {row['estimate_s']:.1f} |")
+            f"{estimate:.0f} | {estimate / measured:.2f} | {row['estimate_s']:.1f} "
+            f"({row['estimate_phases'].get('statistics', 0):.1f} / {row['estimate_phases'].get('solve', 0):.1f}) |")
     lines += ["", "## Fitted growth of the solve with the hidden width (LLaMA shapes)", "",
               "`solve s = c * hidden^k` (least squares in log-log over the LLaMA shapes measured; the MLP width grows "
               "with the hidden width, 2.7x-4x).", "", "| method | k | points | projected solve s per layer at 8192 |",
@@ -227,7 +232,48 @@ def report(rows, args, argv) -> str:
             lines.append(f"| {spec} | {k:.2f} | {len(points)} | {c * 8192 ** k:.0f} |")
         else:
             lines.append(f"| {spec} | - | {len(points)} | - |")
+    lines += projection(rows, fits, args)
     return "\n".join(lines) + "\n"
+
+
+GPU_FLOPS = 50e12  # assumed sustained float32 matmul rate of one H100/H200 (no TF32), for the projection
+PROJECT_TOKENS = 128 * 2048  # calibration tokens of the projected prunes (128 windows of 2048)
+
+
+def projection(rows, fits, args) -> list[str]:
+    """Whole-model time per method, projected from the per-layer rows: statistics and forward
+    scale with the layer's weights (times the layer count), the solve with the fitted exponent;
+    on GPUs every phase is divided by the GPU/this-device matmul rate ratio, and with 8 processes
+    the statistics and forward passes (not the solve: every rank solves) by 8."""
+    measured = [r for r in rows if "error" not in r and r["shape"] in LLAMA_SHAPES]
+    if not measured:
+        return []
+    rate = sum(r["gemm_gflops"] for r in measured) / len(measured) * 1e9
+    lines = ["", "## Projection to full models (not measured)", "",
+             f"Per method: `layers x (passes + solve)`; passes (statistics + forward) scale with the layer's weights and "
+             f"the calibration tokens ({PROJECT_TOKENS:,}: 128 windows of 2048) from the widest row measured, the solve with `c * hidden^k` above. GPU columns divide by the ratio of an "
+             f"assumed {GPU_FLOPS / 1e12:.0f} TFLOP/s float32 GPU to the {rate / 1e9:.0f} GFLOP/s measured here; 8 GPUs "
+             "(8 processes) divide the passes by 8, not the solve (every rank solves each layer). Hours.", "",
+             "| method | " + " | ".join(f"{m} here | {m} 1 GPU | {m} 8 GPUs" for m in FULL_MODELS) + " |",
+             "|---|" + "---|---|---|" * len(FULL_MODELS)]
+    for spec, fitted in fits.items():
+        mine = [r for r in measured if r["spec"] == spec]
+        if not fitted or not mine:
+            continue
+        widest = max(mine, key=lambda r: SHAPES[r["shape"]][1])
+        _, h0, i0, _, _ = SHAPES[widest["shape"]]
+        passes0 = widest["phases"].get("statistics", 0.0) + widest["phases"].get("forward", 0.0)
+        cells = []
+        for hidden, inter, layers in FULL_MODELS.values():
+            tokens = PROJECT_TOKENS / (args.samples * args.seqlen)
+            passes = passes0 * tokens * (hidden * (hidden + inter)) / (h0 * (h0 + i0))
+            solve = fitted[0] * hidden ** fitted[1]
+            here = layers * (passes + solve) / 3600
+            gpu = here * rate / GPU_FLOPS
+            eight = layers * (passes / 8 + solve) / 3600 * rate / GPU_FLOPS
+            cells += [f"{here:.1f}", f"{gpu:.2f}", f"{eight:.2f}"]
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
