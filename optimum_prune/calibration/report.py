@@ -25,7 +25,9 @@ class PruneReport:
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
     layer_sparsity: list[float] | None = None  # each decoder layer's target under a sparsity profile (None: uniform)
     layer_patterns: list[str] | None = None  # each decoder layer's N:M pattern or "dense" (mixed patterns)
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # "statistics" / "solve" / "forward" -> seconds
+    # "statistics" / "solve" / "forward" -> seconds of this run (like ``seconds``, not in to_dict: a
+    # resumed run times only the layers it ran)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def timed(self, phase: str):
@@ -68,7 +70,7 @@ class PruneReport:
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
                 "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
                 "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
-                "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns, "phase_seconds": dict(self.phase_seconds)}
+                "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -81,4 +83,3 @@ class PruneReport:
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
         self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)
         self.layer_patterns = data.get("layer_patterns", self.layer_patterns)
-        self.phase_seconds = dict(data.get("phase_seconds", self.phase_seconds))
