@@ -17,7 +17,7 @@ from .calibration.profiles import layer_sparsities
 from .calibration.offload import input_device
 from .calibration.report import PruneReport
 from .calibration.cost import estimate_phases, gemm_rate
-from .calibration.resources import PrunePlan, estimate_memory, resident_bytes
+from .calibration.resources import PrunePlan, estimate_memory, profile_bytes, resident_bytes
 from .calibration.resources import check_memory as check_layer_memory
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
@@ -239,7 +239,9 @@ class Pruner:
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
             working=estimate_memory(engine, windows if self.method.needs_calibration else 0, cfg.seqlen, source, home),
             resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen),
-            rate=gemm_rate(compute), tokens=windows * cfg.seqlen if self.method.needs_calibration else 0)
+            rate=gemm_rate(compute), tokens=windows * cfg.seqlen if self.method.needs_calibration else 0,
+            profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),
+                                                first.element_size(), windows if self.method.needs_calibration else 0)})
 
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
                         activations: str = "device", activation_folder=None) -> None:

@@ -100,3 +100,18 @@ def test_cli_without_output_names_the_fix(tmp_path, capsys):
     code = main(["--model", str(tmp_path), "--method", "magnitude", "--sparsity", "0.5"])
     assert code == 2
     assert "--output FOLDER is required" in capsys.readouterr().err
+
+
+def test_the_sensitivity_profile_adds_its_passes_to_the_peak():
+    model = tiny_model("llama", vocab_size=4096)
+
+    def plan(**kw):
+        return Pruner(PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=8, seqlen=32, **kw)).plan(model)
+
+    uniform, sensitivity = plan(), plan(sparsity_profile="sensitivity")
+    assert uniform.profile["cpu"] == 0 and sensitivity.profile["cpu"] > 0
+    # the head's logits of one batch of the sensitivity windows, three copies, at least
+    assert sensitivity.profile["cpu"] >= 3 * 4 * 2 * 32 * 4096
+    assert sensitivity.peak_bytes["cpu"] - uniform.peak_bytes["cpu"] == pytest.approx(
+        max(0, sensitivity.profile["cpu"] - uniform.working.total("cpu")), abs=2**20)  # the process grows a little
+    assert "sparsity profile's passes" in sensitivity.describe()

@@ -144,6 +144,26 @@ def _weight_file_mappings() -> tuple[list[tuple[int, int]], int]:
     return ranges, resident
 
 
+def profile_bytes(config, model_config, layers: int, act_bytes: int, num_windows: int) -> int:
+    """Memory of the sparsity profile's passes over the whole model, before the prune starts: one
+    forward batch's transients (no logits: the dense pass stops after the last layer), and for
+    ``sensitivity`` every layer's cached output over its windows plus the head's float32 logits of
+    one batch, about three copies in the loss (logits, their float copy, log-softmax)."""
+    if config.sparsity_profile == "uniform" or num_windows == 0:
+        return 0
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+    heads = getattr(model_config, "num_attention_heads", 1) or 1
+    widest = max(getattr(model_config, "intermediate_size", 0) or 0, hidden)
+    batch = min(config.batch_size, num_windows)
+    total = 4 * batch * config.seqlen * (3 * widest + heads * config.seqlen)
+    if config.sparsity_profile == "sensitivity":
+        samples = min(config.sensitivity_samples, num_windows)
+        vocab = getattr(model_config, "vocab_size", 0) or 0
+        total += layers * samples * config.seqlen * hidden * act_bytes
+        total += 3 * 4 * min(batch, samples) * config.seqlen * vocab
+    return total
+
+
 def resident_bytes(model: nn.Module, home: torch.device) -> dict[str, int]:
     """Per device, what is held once the prune has touched every weight: all of the model's
     tensors (meta ones counted on ``home``, where they will be loaded), and on the CPU the
@@ -180,11 +200,12 @@ class PrunePlan:
     flops: dict[str, float]  # phase -> floating-point operations
     rate: float  # measured float32 matmul operations per second of the compute device
     tokens: int
+    profile: dict[str, int] = field(default_factory=dict)  # device -> bytes of the profile's passes (before the prune)
 
     @property
     def peak_bytes(self) -> dict[str, int]:
-        devices = set(self.working.parts) | set(self.resident)
-        return {d: self.resident.get(d, 0) + self.working.total(d) for d in sorted(devices)}
+        devices = set(self.working.parts) | set(self.resident) | set(self.profile)
+        return {d: self.resident.get(d, 0) + max(self.working.total(d), self.profile.get(d, 0)) for d in sorted(devices)}
 
     @property
     def seconds(self) -> float:
@@ -198,6 +219,8 @@ class PrunePlan:
         for device, peak in self.peak_bytes.items():
             parts = self.working.describe(device) if device in self.working.parts else ""
             held = format_bytes(self.resident.get(device, 0))
+            if self.profile.get(device):
+                parts += f"; or, before the prune, the sparsity profile's passes {format_bytes(self.profile[device])}"
             lines.append(f"  peak memory on {device}: about {format_bytes(peak)} (held before: {held}"
                          + (f"; {parts}" if parts else "") + ")")
         phases = ", ".join(f"{phase} {flops / self.rate:.3g} s" for phase, flops in self.flops.items() if flops)
