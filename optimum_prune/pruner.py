@@ -33,15 +33,7 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
     """Load a causal LM (and its tokenizer) from a hub id, a local folder or ``packaged:smollm2-135m``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import PACKAGED_PREFIX, resolve_packaged_model
-
-    model_id = os.fspath(model_id)
-    if model_id.startswith(PACKAGED_PREFIX):
-        model_id = resolve_packaged_model(model_id)
-    elif os.path.isabs(model_id) or model_id.startswith(("./", "../", "~")):
-        if not os.path.isdir(os.path.expanduser(model_id)):
-            raise PruningError(f"Model folder {model_id} does not exist; give a local folder or a Hub id (org/name).")
-        model_id = os.path.expanduser(model_id)
+    model_id = resolve_model_id(model_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, device_map=device_map, **kwargs)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as bad input, in one line
@@ -54,18 +46,29 @@ def load_model(model_id: str | os.PathLike, dtype="auto", device_map=None, **kwa
     return model, tokenizer
 
 
+def resolve_model_id(model_id: str | os.PathLike) -> str:
+    """A hub id, a local folder (which must exist) or ``packaged:smollm2-135m`` as the path or id
+    ``from_pretrained`` takes."""
+    from .assets import PACKAGED_PREFIX, resolve_packaged_model
+
+    model_id = os.fspath(model_id)
+    if model_id.startswith(PACKAGED_PREFIX):
+        return resolve_packaged_model(model_id)
+    if os.path.isabs(model_id) or model_id.startswith(("./", "../", "~")):
+        if not os.path.isdir(os.path.expanduser(model_id)):
+            raise PruningError(f"Model folder {model_id} does not exist; give a local folder or a Hub id (org/name).")
+        return os.path.expanduser(model_id)
+    return model_id
+
+
 def load_empty_model(model_id: str | os.PathLike, dtype="auto"):
     """The causal LM ``model_id`` describes, built from its ``config.json`` alone with every weight on
     the meta device (nothing is read or allocated): what a plan-only run looks at."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .assets import PACKAGED_PREFIX, resolve_packaged_model
-
-    model_id = os.fspath(model_id)
-    if model_id.startswith(PACKAGED_PREFIX):
-        model_id = resolve_packaged_model(model_id)
+    model_id = resolve_model_id(model_id)
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(model_id))
+        config = AutoConfig.from_pretrained(model_id)
     except Exception as err:  # noqa: BLE001 - reported as bad input, in one line
         raise PruningError(f"Could not read the configuration of model {model_id!r}: {first_line(err)}") from None
     if dtype == "auto":
@@ -218,9 +221,9 @@ class Pruner:
             model = load_empty_model(model, dtype)
         engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=False)
         windows = cfg.num_calibration_samples if num_windows is None else num_windows
+        calibrated = windows if self.method.needs_calibration else 0  # windows the prune runs
         home = torch.device("cpu")
-        first = next(engine.layers[0].parameters())
-        compute = engine.device or (home if first.device.type == "meta" else first.device)
+        compute = engine.compute_device(engine.layers[0])  # never meta: the CPU for meta weights
         source = input_device(model)
         source = home if source.type == "meta" else source
         tasks, targets = {}, {}
@@ -237,11 +240,11 @@ class Pruner:
                 targets[key] = targets.get(key, 0) + 1
         return PrunePlan(
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
-            working=estimate_memory(engine, windows if self.method.needs_calibration else 0, cfg.seqlen, source, home),
+            working=estimate_memory(engine, calibrated, cfg.seqlen, source, home),
             resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen),
-            rate=gemm_rate(compute), tokens=windows * cfg.seqlen if self.method.needs_calibration else 0,
+            rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen,
             profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),
-                                                first.element_size(), windows if self.method.needs_calibration else 0)})
+                                                next(engine.layers[0].parameters()).element_size(), calibrated)})
 
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
                         activations: str = "device", activation_folder=None) -> None:

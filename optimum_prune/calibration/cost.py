@@ -63,9 +63,9 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
     tokens = num_windows * seqlen if method.needs_calibration else 0
     hidden = getattr(getattr(engine.model, "config", None), "hidden_size", None) or 0
     phases = {"statistics": 0.0, "solve": 0.0, "forward": 0.0}
-    for index, layer in enumerate(engine.layers):
+    forwards = [layer_forward_flops(layer, tokens, seqlen, hidden) for layer in engine.layers]
+    for index, forward in enumerate(forwards):
         tasks = engine.plan[index]
-        forward = layer_forward_flops(layer, tokens, seqlen, hidden)
         if method.needs_calibration:
             passes = 2 if method.error_correction and not engine.structured else 1  # paired statistics
             phases["statistics"] += passes * forward
@@ -87,7 +87,6 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
     if config.sparsity_profile != "uniform" and method.needs_calibration:
         # the profile's dense pass over every layer, and for "sensitivity" every layer pruned alone
         # at 4 levels, the layers from it on run over ``sensitivity_samples`` windows
-        forwards = [layer_forward_flops(layer, tokens, seqlen, hidden) for layer in engine.layers]
         phases["profile"] = sum(forwards)
         if config.sparsity_profile == "sensitivity":
             share = min(config.sensitivity_samples, num_windows) / max(num_windows, 1)

@@ -82,9 +82,7 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             estimate.add(where, "activations", 2 * tokens * hidden * act_bytes)
     worst: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(engine.layers):
-        device = engine.compute_device(layer)
-        if device.type == "meta":
-            device = home or torch.device("cpu")
+        device = engine.compute_device(layer)  # never meta (meta weights: the CPU)
         tasks = engine.plan[index]
         if not tasks.prunes_anything():
             continue
