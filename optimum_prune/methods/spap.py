@@ -38,7 +38,7 @@ import torch
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from ..registry import register_method
 from .base import PruningMethod
-from .linalg import cholesky_inverse, prepare_hessian, robust_cholesky
+from .linalg import prepare_hessian, robust_cholesky
 from ..structure.groups import unit_indices
 from .structured import StructuredResult, column_scores, keep_top, per_unit, restore_units
 from .wanda_sp import wanda_sp_scores
@@ -118,7 +118,7 @@ class SPAP(PruningMethod):
         best_keep = init_keep
         history = [{"step": 0, "removed": remove, "objective": best_error, "best": best_error, "selection": "init"}]
         Xn = Wn  # no unit dropped yet: the weight step's solution is W itself
-        Minv_diag = torch.diagonal(cholesky_inverse(robust_cholesky(Hn, "Gram matrix")))
+        Minv_diag = torch.diagonal(torch.cholesky_inverse(robust_cholesky(Hn, "Gram matrix")))
         mu = opts.mu0
         for step in range(1, opts.steps + opts.polish + 1):
             removed = math.ceil(remove * min(step, opts.steps) / opts.steps)
@@ -129,7 +129,7 @@ class SPAP(PruningMethod):
             M = Hn + torch.diag_embed(mu * dropped.repeat_interleave(per))
             L = robust_cholesky(M, "penalised Gram matrix")
             Xn = torch.cholesky_solve(HWt, L).T  # weight step, every row at once
-            Minv_diag = torch.diagonal(cholesky_inverse(L))
+            Minv_diag = torch.diagonal(torch.cholesky_inverse(L))
             entry = {"step": step, "mu": mu, "removed": removed}
             if removed == remove:
                 error, X = self._exact(problem, keep, W, H)
