@@ -112,6 +112,8 @@ def test_the_sensitivity_profile_adds_its_passes_to_the_peak():
     assert uniform.profile["cpu"] == 0 and sensitivity.profile["cpu"] > 0
     # the head's logits of one batch of the sensitivity windows, three copies, at least
     assert sensitivity.profile["cpu"] >= 3 * 4 * 2 * 32 * 4096
-    assert sensitivity.peak_bytes["cpu"] - uniform.peak_bytes["cpu"] == pytest.approx(
-        max(0, sensitivity.profile["cpu"] - uniform.working.total("cpu")), abs=2**20)  # the process grows a little
+    # the peak is what is held plus the larger of the prune's working set and the profile's passes
+    # (compared within one plan: the process's own memory drifts between two plans)
+    assert sensitivity.profile["cpu"] > sensitivity.working.total("cpu")
+    assert sensitivity.peak_bytes["cpu"] == sensitivity.resident["cpu"] + sensitivity.profile["cpu"]
     assert "sparsity profile's passes" in sensitivity.describe()
