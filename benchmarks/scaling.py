@@ -19,6 +19,7 @@ models (`docs/results/scaling.md`).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import multiprocessing as mp
@@ -59,6 +60,19 @@ def build_model(shape: str, layers: int):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def parse_spec(spec: str) -> tuple[str, str, dict]:
+    """``method:level[:option=value,...]`` -> (method, level, method options); a level ``s0.2`` is
+    structured. Options cut the iterative solvers short at widths where a full solve does not fit
+    the session (``alps:0.5:max_iter=3``): such a row measures memory and the cost of that many
+    iterations, not a full solve."""
+    method, level, options = (spec.split(":", 2) + [""])[:3]
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = ast.literal_eval(value)
+    return method, level, kwargs
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -68,7 +82,7 @@ def _row(args, shape, spec, queue):
     from optimum_prune import Pruner, PruningConfig
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    method, _, level = spec.partition(":")
+    method, level, options = parse_spec(spec)
     pattern = "structured" if level.startswith("s") else "unstructured"
     sparsity = float(level.lstrip("s"))
     device = torch.device(args.device)
@@ -77,7 +91,7 @@ def _row(args, shape, spec, queue):
     weights_mb = rss_mb() - libraries_mb
     windows = torch.randint(0, 512, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
     config = PruningConfig(method=method, sparsity=sparsity, pattern=pattern, num_calibration_samples=args.samples,
-                           seqlen=args.seqlen, batch_size=args.batch_size, channel_multiple=1)
+                           seqlen=args.seqlen, batch_size=args.batch_size, channel_multiple=1, method_kwargs=options)
     pruner = Pruner(config)
     plan = pruner.plan(model, num_windows=args.samples)
     with torch.no_grad():
@@ -258,7 +272,7 @@ def projection(rows, fits, args) -> list[str]:
              "|---|" + "---|---|---|" * len(FULL_MODELS)]
     for spec, fitted in fits.items():
         mine = [r for r in measured if r["spec"] == spec]
-        if not fitted or not mine:
+        if not fitted or not mine or parse_spec(spec)[2]:  # rows cut short do not project a full prune
             continue
         widest = max(mine, key=lambda r: SHAPES[r["shape"]][1])
         _, h0, i0, _, _ = SHAPES[widest["shape"]]

@@ -137,6 +137,19 @@ def test_masks_exact_with_ties():
     assert satisfies_nm(torch.where(prune_mask(scores, TARGETS["2:4"]), 0.0, 1.0), 2, 4)
 
 
+@pytest.mark.parametrize("name", ["50%", "2:4"])
+def test_masks_of_wide_weights_are_made_in_row_slices_with_the_same_result(monkeypatch, name):
+    from optimum_prune.methods import masks
+
+    scores = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    scores[:, :9] = 0.0  # ties, as pruned weights give
+    whole = prune_mask(scores, TARGETS[name])
+    monkeypatch.setattr(masks, "MASK_CHUNK_ELEMENTS", 5 * 64)  # slices of 5 rows, the last one short
+    sliced = prune_mask(scores, TARGETS[name])
+    assert torch.equal(sliced, whole)
+    assert (sliced.sum(1) == 32).all()
+
+
 @pytest.mark.parametrize("name", list(TARGETS))
 @pytest.mark.parametrize("scope", ["row", "matrix"])
 @pytest.mark.parametrize("method, options", [("alps", {}), ("fista", {"rounds": 2}), ("sparsefw", {"iterations": 30})])

@@ -105,11 +105,16 @@ class ALPS(GramSolverMethod):
     Options = ALPSOptions
     workspace_copies = (4, 8)  # eigenvectors of H; W, Z, U, D and PCG vectors
 
+    #: ADMM iterations a solve typically runs before its support is stable: SmolLM2-135M's layer
+    #: problems at 70% took 36-48, mean 43 (`benchmarks/iterations.py`); the time estimate counts
+    #: this many (at most ``max_iter``), not the ``max_iter`` bound.
+    typical_iterations = 45
+
     def solve_flops(self, rows: int, cols: int) -> float:
         """One float64 eigendecomposition (~9 cols^3, at about half the float32 rate), two products
-        with the eigenbasis per ADMM iteration (all ``max_iter``: an upper bound, the support
-        usually settles earlier) and the conjugate-gradient refit."""
-        products = (4 * self.options.max_iter + 2 * self.options.pcg_iters) * float(rows) * cols * cols
+        with the eigenbasis per ADMM iteration (`typical_iterations`) and the conjugate-gradient refit."""
+        iterations = min(self.options.max_iter, self.typical_iterations)
+        products = (4 * iterations + 2 * self.options.pcg_iters) * float(rows) * cols * cols
         return 18.0 * float(cols) ** 3 + products
 
     def solve(self, W, H, target, row_sizes):

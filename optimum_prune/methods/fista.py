@@ -154,8 +154,11 @@ class FISTAPruner(GramSolverMethod):
     workspace_copies = (3, 10)  # FISTA iterates, momentum, best candidates, CG refit
 
     def solve_flops(self, rows: int, cols: int) -> float:
-        """The SparseGPT start, then one product with H per FISTA iteration of every lambda round."""
-        return super().solve_flops(rows, cols) + 2.0 * self.options.rounds * self.options.iterations * rows * cols * cols
+        """The SparseGPT start, then per lambda round one product with H per FISTA iteration, the
+        conjugate-gradient refit of the rounded candidate (one product per iteration, plus its
+        residual) and the candidate's layer error (one more)."""
+        per_round = self.options.iterations + self.options.refit_iters + 2
+        return super().solve_flops(rows, cols) + 2.0 * self.options.rounds * per_round * rows * cols * cols
 
     @property
     def error_correction(self) -> bool:

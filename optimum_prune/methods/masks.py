@@ -14,6 +14,12 @@ from ..errors import PruningError
 from ..patterns import Target  # noqa: F401 - re-exported: the methods' unit of work
 
 
+#: Elements of ``scores`` `lowest_k_mask` works on at once: its temporaries (the k-th value's
+#: working copy, integer counts) are about five times the scores, so a wide weight is done in
+#: slices of rows that keep them small (each row's choice is independent of the others).
+MASK_CHUNK_ELEMENTS = 1 << 22
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Exactly ``k`` True entries along ``dim``: the lowest scores, ties broken by position.
 
@@ -23,6 +29,17 @@ def lowest_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[dim]:
         return torch.ones_like(scores, dtype=torch.bool)
+    dim = dim % scores.dim()
+    if dim != 0 and scores.numel() > MASK_CHUNK_ELEMENTS and scores.shape[0] > 1:
+        step = max(1, MASK_CHUNK_ELEMENTS * scores.shape[0] // scores.numel())
+        out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+        for start in range(0, scores.shape[0], step):
+            out[start:start + step] = _lowest_k(scores[start:start + step], k, dim)
+        return out
+    return _lowest_k(scores, k, dim)
+
+
+def _lowest_k(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     threshold = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
     mask = scores < threshold
     ties = scores == threshold
