@@ -166,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cap", type=float, default=900.0, help="seconds a row may run before it is stopped")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl")
+    parser.add_argument("--report-only", action="store_true", help="write the report from --resume's rows, run nothing")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "scaling.md"))
     args = parser.parse_args(argv)
     done = {}
@@ -177,6 +178,8 @@ def main(argv=None):
         hidden = SHAPES[shape][1]
         for spec in args.methods:
             row = done.get((shape, spec))
+            if row is None and args.report_only:
+                continue
             projected = last[spec][1] * (hidden / last[spec][0]) ** 3 if spec in last else 0.0
             if row is None and projected > args.cap:
                 row = {"shape": shape, "spec": spec, "method": spec.partition(":")[0],

@@ -103,7 +103,9 @@ def alps_solve(
 @register_method("alps")
 class ALPS(GramSolverMethod):
     Options = ALPSOptions
-    workspace_copies = (4, 8)  # eigenvectors of H; W, Z, U, D and PCG vectors
+    # float64 eigendecomposition of H and its eigenvectors; W, W H Q, D, V, W', Z, the mask's
+    # temporaries, the PCG vectors (measured: benchmarks/workspace.py, 6.1 / 14.5 at 1024-14336 wide)
+    workspace_copies = (6, 15)
 
     #: ADMM iterations a solve typically runs before its support is stable: SmolLM2-135M's layer
     #: problems at 70% took 36-48, mean 43 (`benchmarks/iterations.py`); the time estimate counts

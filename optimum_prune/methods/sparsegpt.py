@@ -76,6 +76,7 @@ def sparsegpt_solve(
 
 @register_method("sparsegpt")
 class SparseGPT(GramSolverMethod):
+    workspace_copies = (3, 3)  # H, its inverse factor and a block; W, its updates (measured 2.9 / 3.0)
     Options = SparseGPTOptions
 
     def solve(self, W, H, target, row_sizes):
