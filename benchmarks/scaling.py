@@ -124,10 +124,28 @@ def _row(args, shape, spec, queue):
     })
 
 
-def run_capped(cap: float, *args):
+def _plan_only(args, shape, spec, queue):
+    """`Pruner.plan`'s estimates for a row, made as `_row` makes them (same model, same point in the
+    process), without pruning: ``--replan`` refreshes measured rows' estimates after a change to the
+    estimator."""
+    from optimum_prune import Pruner, PruningConfig
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    method, level, options = parse_spec(spec)
+    model = build_model(shape, args.layers).to(args.device)
+    config = PruningConfig(method=method, sparsity=float(level.lstrip("s")), num_calibration_samples=args.samples,
+                           pattern="structured" if level.startswith("s") else "unstructured", seqlen=args.seqlen,
+                           batch_size=args.batch_size, channel_multiple=1, method_kwargs=options)
+    plan = Pruner(config).plan(model, num_windows=args.samples)
+    queue.put({"estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()}, "estimate_s": plan.seconds,
+               "estimate_phases": {k: v / plan.rate / args.layers for k, v in plan.flops.items()},
+               "gemm_gflops": plan.rate / 1e9})
+
+
+def run_capped(cap: float, *args, target=_row):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_row, args=(*args, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     deadline = time.monotonic() + cap
     while True:
@@ -167,12 +185,23 @@ def main(argv=None):
     parser.add_argument("--cap", type=float, default=900.0, help="seconds a row may run before it is stopped")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl")
     parser.add_argument("--report-only", action="store_true", help="write the report from --resume's rows, run nothing")
+    parser.add_argument("--replan", action="store_true",
+                        help="re-make the memory estimates of --resume's measured rows with the current code (rewrites the file)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "scaling.md"))
     args = parser.parse_args(argv)
     done = {}
     if args.resume and os.path.exists(args.resume):
         with open(args.resume, encoding="utf-8") as handle:
             done = {(r["shape"], r["spec"]): r for r in map(json.loads, filter(str.strip, handle))}
+    if args.replan:
+        for row in done.values():
+            if "error" not in row:
+                row.setdefault("estimate_mb_at_run", row["estimate_mb"])  # what the code of the run estimated
+                # memory only: the time estimate divides by a matmul rate measured beside the prune
+                row["estimate_mb"] = run_capped(args.cap, args, row["shape"], row["spec"], target=_plan_only)["estimate_mb"]
+                print(row["shape"], row["spec"], row["estimate_mb"], flush=True)
+        with open(args.resume, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in done.values())
     rows, last = [], {}  # spec -> (hidden, prune seconds) of its last measured row
     for shape in sorted(args.shapes, key=lambda s: SHAPES[s][1]):
         hidden = SHAPES[shape][1]

@@ -186,7 +186,7 @@ class Pruner:
             engine.use_layer_sparsity(layer_sparsities(model, engine.planned, cfg, windows))  # dense model, before any change
         if check_memory and isinstance(engine, LayerwiseEngine):
             samples = 0 if windows is None else windows.shape[0]
-            check_layer_memory(engine, samples, cfg.seqlen, input_device(model))
+            check_layer_memory(engine, samples, cfg.seqlen, input_device(model), checkpoint=checkpoint_dir is not None)
         if checkpoint_dir is not None:
             self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
             try:

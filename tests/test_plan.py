@@ -117,3 +117,37 @@ def test_the_sensitivity_profile_adds_its_passes_to_the_peak():
     assert sensitivity.profile["cpu"] > sensitivity.working.total("cpu")
     assert sensitivity.peak_bytes["cpu"] == sensitivity.resident["cpu"] + sensitivity.profile["cpu"]
     assert "sparsity profile's passes" in sensitivity.describe()
+
+
+def test_stacking_solvers_are_sized_for_the_stacked_problems():
+    """Gram solvers solve q/k/v and gate/up as one tall matrix; their working copies are counted for
+    those stacks (an upper bound: o_proj counts with q/k/v), per-Linear methods per Linear."""
+    from optimum_prune import get_method
+    from optimum_prune.calibration.resources import solve_shapes
+
+    model = tiny_model("llama")
+    cfg = model.config
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (hidden // cfg.num_attention_heads)
+    for name, stacked in (("alps", True), ("wanda", False)):
+        config = PruningConfig(method=name, sparsity=0.5, num_calibration_samples=8, seqlen=32)
+        engine = LayerwiseEngine(model, config, get_method(name)(), progress=False)
+        shapes = sorted(solve_shapes(engine.method, engine.plan[0].linears))
+        if stacked:
+            assert shapes == sorted([(2 * hidden + 2 * kv, hidden), (2 * inter, hidden), (hidden, inter)])
+        else:
+            assert len(shapes) == 7 and (2 * inter, hidden) not in shapes
+
+
+def test_checkpointed_prunes_count_the_layer_held_until_its_commit():
+    from optimum_prune import get_method
+    from optimum_prune.calibration.resources import estimate_memory
+
+    model = tiny_model("llama")
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=8, seqlen=32)
+    engine = LayerwiseEngine(model, config, get_method("wanda")(), progress=False)
+    plain = estimate_memory(engine, 8, 32, torch.device("cpu"))
+    held = estimate_memory(engine, 8, 32, torch.device("cpu"), checkpoint=True)
+    layer = sum(t.linear.weight.numel() * 4 for t in engine.plan[0].linears)
+    assert "checkpoint" not in plain.parts["cpu"] and held.parts["cpu"]["checkpoint"] == layer
+    assert held.total("cpu") == plain.total("cpu") + layer

@@ -78,7 +78,10 @@ class LayerwiseEngine:
         self.progress = progress
         self.prefix, self.layers = find_decoder_layers(model)
         self.structured = config.parsed_pattern.kind == "structured"
-        self._changes: dict[str, torch.Tensor] = {}  # what the current layer changed, for checkpoints
+        # what the current layer changed, kept only while a checkpoint will commit it (the new
+        # weights of a whole layer: not held when nobody reads them)
+        self._changes: dict[str, torch.Tensor] = {}
+        self._keep_changes = False
         self._use_plan(LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units))
         if method.error_correction and not config.sequential and any(t.experts for t in self.plan):
             raise PruningError(f"{method.name} with error correction prunes fused MoE experts only in sequential mode; "
@@ -119,6 +122,7 @@ class LayerwiseEngine:
                 raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
             inputs, kwargs = self._capture_first_layer_inputs(calibration)
         first = 0
+        self._keep_changes = checkpoint is not None
         if checkpoint is not None:
             first, inputs, elapsed = self._resume(checkpoint, calibration, inputs, report)
             start -= elapsed
@@ -329,6 +333,11 @@ class LayerwiseEngine:
         check_called(linears, collector)
         return collector.groups
 
+    def _note_changes(self, changes: dict[str, torch.Tensor]) -> None:
+        """Record what the current layer changed, for the checkpoint's commit (if there is one)."""
+        if self._keep_changes:
+            self._changes.update(changes)
+
     def _prune_linears(self, tasks: list[LinearTask], stats: dict, report: PruneReport, device: torch.device) -> None:
         # Linears that read the same tensor (same statistics object) and share a target are solved together
         batches: dict[tuple[int, Target], list[LinearTask]] = {}
@@ -341,7 +350,7 @@ class LayerwiseEngine:
             results = self.method.prune_linears(weights, stats.get(members[0].name), target)
             for task, result in zip(members, results):
                 check_finite_result(self.method.name, task.name, result.weight)
-                self._changes[task.name] = write_weight(task.linear, result.weight, result.mask)
+                self._note_changes({task.name: write_weight(task.linear, result.weight, result.mask)})
                 report.record(task.name, int(result.mask.sum()), result.mask.numel())
 
     def _expert_collector(self, tasks, device) -> ExpertCollector | None:
@@ -371,7 +380,7 @@ class LayerwiseEngine:
         for task in tasks:
             stats = None if collector is None else collector.stats[task.name]
             solved = solve_expert_bank(self.method, task.bank, task.target, stats, self.config.min_expert_tokens, device)
-            self._changes[task.name] = solved.stored
+            self._note_changes({task.name: solved.stored})
             report.record(task.name, solved.pruned, solved.total)
             report.expert_matrices += task.bank.num_experts
             if solved.fallbacks:
@@ -401,7 +410,7 @@ class LayerwiseEngine:
             report.expert_matrices += channels.num_experts
             if solved.fallbacks:
                 report.expert_fallbacks[task.name] = solved.fallbacks
-            self._changes.update({f"{task.name}.{name}": value for name, value in solved.tensors(channels).items()})
+            self._note_changes({f"{task.name}.{name}": value for name, value in solved.tensors(channels).items()})
 
     def _drop_experts(self, layer, tasks: list[ExpertDropTask], inputs, kwargs, device, report: PruneReport):
         """Remove whole experts of the layer's MoE blocks, chosen by the method from what the
@@ -429,7 +438,7 @@ class LayerwiseEngine:
             remove_experts(block, keep, set_param, read=current_value)
             report.record(task.name, before - block.params, before)
             report.removed_experts[task.name] = sorted(set(range(count)) - set(keep.tolist()))
-            self._changes[f"{task.name}.keep_experts"] = keep
+            self._note_changes({f"{task.name}.keep_experts": keep})
         broadcast_layer(layer)
         if inputs is not None and (outputs is None or self.config.sequential):
             outputs = self._run_layer(layer, inputs, kwargs, device, None, keep=True)
@@ -456,7 +465,7 @@ class LayerwiseEngine:
                                    f"expected {group.units - remove}")
             report.total_params += group.params
             apply_to_group(group, result.keep, weights, result.consumer_weight, report, self.method.name)
-            self._changes[f"{name}.keep"] = result.keep
+            self._note_changes({f"{name}.keep": result.keep})
             if result.consumer_weight is not None:
-                self._changes[f"{name}.consumer"] = result.consumer_weight
+                self._note_changes({f"{name}.consumer": result.consumer_weight})
 

@@ -64,9 +64,11 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,
-                    home: torch.device | None = None) -> MemoryEstimate:
+                    home: torch.device | None = None, checkpoint: bool = False) -> MemoryEstimate:
     """Peak memory of ``engine`` (a `LayerwiseEngine`) pruning with ``num_windows`` x ``seqlen`` tokens,
-    beyond the model's weights. ``home``: where weights now on the meta device will live (a plan-only run)."""
+    beyond the model's weights. ``home``: where weights now on the meta device will live (a plan-only run);
+    ``checkpoint``: the prune commits every layer to a checkpoint (the layer's new weights are held
+    until the commit)."""
     method, config = engine.method, engine.config
     estimate = MemoryEstimate()
     model_config = getattr(engine.model, "config", None)
@@ -103,14 +105,16 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             heads = getattr(model_config, "num_attention_heads", 1) or 1
             parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
         parts["solver"] = max([_group_solve_bytes(method, task.group) for task in tasks.groups]
-                              + [method.workspace_bytes(t.linear.out_features, t.linear.in_features)
-                                 for t in tasks.linears]
+                              + [method.workspace_bytes(rows, cols) for rows, cols in solve_shapes(method, tasks.linears)]
                               + [method.workspace_bytes(t.bank.out_features, t.bank.in_features)
                                  for t in tasks.experts]
                               # narrower experts: one expert's problem at a time, plus the new banks
                               + [method.workspace_bytes(2 * t.channels.width, t.channels.up.in_features)
                                  + method.workspace_bytes(t.channels.down.out_features, t.channels.width)
                                  + 4 * t.channels.params for t in tasks.channels], default=0)
+        if checkpoint:
+            parts["checkpoint"] = sum(t.linear.weight.numel() * t.linear.weight.element_size() for t in tasks.linears)
+            parts["checkpoint"] += sum(t.bank.tensor.numel() * t.bank.tensor.element_size() for t in tasks.experts)
         if any((home if p.device.type == "meta" and home is not None else p.device) != device
                for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -227,15 +231,31 @@ class PrunePlan:
         return "\n".join(lines)
 
 
+def solve_shapes(method, linears) -> list[tuple[int, int]]:
+    """(rows, input width) of each problem ``method`` solves for one layer's `LinearTask`s. A method
+    that stacks Linears reading one tensor (`stacks_shared_inputs`) gets one problem per parent
+    module, input width and target: q/k/v, gate/up. Which Linears read one tensor is only known
+    once the layer runs, so this is an upper bound (an attention block's output projection counts
+    with q/k/v; the gated MLP's stack is the larger one in the models we know)."""
+    if not method.stacks_shared_inputs:
+        return [(t.linear.out_features, t.linear.in_features) for t in linears]
+    stacks: dict[tuple, int] = {}
+    for t in linears:
+        key = (t.name.rpartition(".")[0], t.linear.in_features, t.target)
+        stacks[key] = stacks.get(key, 0) + t.linear.out_features
+    return [(rows, key[1]) for key, rows in stacks.items()]
+
+
 def _group_solve_bytes(method, group: ChannelGroup) -> int:
     rows = sum(p.rows_per_unit for p in group.producers) * group.units
     cols = group.consumer.in_features
     return method.workspace_bytes(rows, cols) + method.workspace_bytes(group.consumer.out_features, cols)
 
 
-def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device) -> MemoryEstimate:
+def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,
+                 checkpoint: bool = False) -> MemoryEstimate:
     """Raise `PruningError` with the numbers when the estimate exceeds the free memory of a device."""
-    estimate = estimate_memory(engine, num_windows, seqlen, input_device)
+    estimate = estimate_memory(engine, num_windows, seqlen, input_device, checkpoint=checkpoint)
     for device, parts in estimate.parts.items():
         need = estimate.total(device)
         free = available_bytes(torch.device(device))

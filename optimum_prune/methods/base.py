@@ -43,6 +43,9 @@ class PruningMethod:
     #: Working copies a solve holds, for the resource guard: (of the in x in Gram matrix, of the
     #: out x in weight), in float32.
     workspace_copies: ClassVar[tuple[int, int]] = (0, 3)
+    #: True when `prune_linears` solves Linears that read one input as one stacked matrix (its
+    #: working copies are then those of the stacked rows).
+    stacks_shared_inputs: ClassVar[bool] = False
     #: True for methods that optimise the whole model at once (policy gradient): the pruner runs
     #: them through `calibration.global_engine` instead of the layer-by-layer engine.
     is_global: ClassVar[bool] = False
@@ -143,6 +146,7 @@ class GramSolverMethod(PruningMethod):
 
     statistics = frozenset({"gram"})
     workspace_copies = (3, 4)
+    stacks_shared_inputs = True
 
     def solve_flops(self, rows: int, cols: int) -> float:
         """One factorisation of the Gram matrix and one pass of updates over the weight (SparseGPT's
