@@ -203,7 +203,7 @@ class Pruner:
         return model
 
     def plan(self, model: nn.Module | str | os.PathLike, num_windows: int | None = None,
-             device: str | torch.device | None = None, dtype="auto") -> PrunePlan:
+             device: str | torch.device | None = None, dtype="auto", checkpoint: bool = False) -> PrunePlan:
         """What `prune` would do with ``model`` and what it would cost, without touching a weight:
         the tasks per target, the estimated peak memory per device (what is held before the prune
         plus the prune's own working set, `calibration.resources`) and the estimated time (the
@@ -212,6 +212,7 @@ class Pruner:
         ``model``: a loaded model (left as it is), or a hub id / folder, of which only the
         configuration is read (weights on the meta device, counted where they would be loaded: the
         CPU). ``num_windows``: calibration windows (default ``config.num_calibration_samples``).
+        ``checkpoint``: the prune will commit every layer to a checkpoint (``checkpoint_dir``).
         """
         cfg = self.config
         if self.method.is_global:
@@ -240,7 +241,7 @@ class Pruner:
                 targets[key] = targets.get(key, 0) + 1
         return PrunePlan(
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
-            working=estimate_memory(engine, calibrated, cfg.seqlen, source, home),
+            working=estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint),
             resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen),
             rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen,
             profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),

@@ -202,6 +202,24 @@ def test_uniform_head_pruning_loads_with_plain_transformers(tmp_path, calib_ids,
     assert torch.equal(loaded["generated"], model.generate(ids, max_new_tokens=6, do_sample=False))
 
 
+def test_head_count_the_stock_config_refuses_still_saves_and_loads(tmp_path, calib_ids, tokenizer):
+    """Removing heads so that hidden_size is no longer a multiple of the head count (LLaMA-3.2-1B's
+    2048 / 32 heads at 20%: 28) makes transformers' config validation refuse the stock class; the
+    prune must fall back to the pruned class, not fail after all its work (found by
+    benchmarks/scaling.py at hidden 2048)."""
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=4)  # 4 groups of 2 heads
+    pruner = Pruner(config(method="fasp", sparsity=0.25))  # one group goes: 6 heads
+    pruner.prune(model, calib_ids, progress=False)
+    heads = model.model.layers[0].self_attn.q_proj.out_features // 8
+    assert heads == 6 and 64 % heads != 0
+    folder = str(tmp_path / "heads")
+    pruner.save_pretrained(folder, tokenizer=tokenizer)
+    ids = calib_ids[:12].unsqueeze(0)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def _heterogeneous(arch, calib_ids):
     model = tiny_model(arch, num_hidden_layers=3)
     overrides = {"*.layers.0": {"sparsity": 0.45}, "*.layers.2.mlp": {"sparsity": 0.1}}

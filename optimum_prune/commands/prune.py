@@ -370,7 +370,8 @@ def _dry_run(args, config) -> int:
 
     pruner = Pruner(config)
     pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
-    print(pruner.plan(args.model, device=args.device, dtype=args.dtype).describe(), flush=True)
+    print(pruner.plan(args.model, device=args.device, dtype=args.dtype,
+                      checkpoint=args.checkpoint_dir is not None).describe(), flush=True)
     return 0
 
 
