@@ -247,9 +247,10 @@ def solve_shapes(method, linears) -> list[tuple[int, int]]:
 
 
 def _group_solve_bytes(method, group: ChannelGroup) -> int:
-    rows = sum(p.rows_per_unit for p in group.producers) * group.units
-    cols = group.consumer.in_features
-    return method.workspace_bytes(rows, cols) + method.workspace_bytes(group.consumer.out_features, cols)
+    """A channel group's solve: the method's copies of the consumer problem (out x the group's
+    width), plus the producers' kept rows, sliced once (rows x their own input width)."""
+    producers = sum(4 * p.rows_per_unit * group.units * p.linear.in_features for p in group.producers)
+    return producers + method.workspace_bytes(group.consumer.out_features, group.consumer.in_features)
 
 
 def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,

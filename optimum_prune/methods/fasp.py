@@ -29,6 +29,9 @@ class FASPOptions:
 
 @register_method("fasp")
 class FASP(LeastSquaresRestore, PruningMethod):
+    # the consumer's Gram matrix and its kept block's factor; the consumer weight, its restored
+    # columns and products (fitted to benchmarks/scaling.py's 2048 and 4096 rows)
+    workspace_copies = (2, 4)
     Options = FASPOptions
     supported_patterns = ("structured",)
 
