@@ -23,15 +23,17 @@ GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "
 
 
 def layer_problems(model, windows, layers):
-    """{(layer, group): (stacked weight, damped Gram matrix, row sizes)} from one dense pass."""
+    """{(layer, group): (stacked weight, damped Gram matrix, row sizes, input norms)} from one dense pass,
+    damped as the engine damps them (`prepare_hessian`, the default dampening 0.01)."""
     from optimum_prune.calibration.statistics import InputStatistics
+    from optimum_prune.methods.linalg import prepare_hessian
 
     stats, handles = {}, []
     decoder = model.model.layers
     for index in layers:
         for group, names in GROUPS.items():
             module = decoder[index].get_submodule(names[0])
-            stats[(index, group)] = InputStatistics(module.in_features, {"gram"})
+            stats[(index, group)] = InputStatistics(module.in_features, {"gram", "sq_norm"})
             handles.append(module.register_forward_pre_hook(
                 lambda _m, args, s=stats[(index, group)]: s.update(args[0])))
     with torch.no_grad():
@@ -41,10 +43,9 @@ def layer_problems(model, windows, layers):
         handle.remove()
     problems = {}
     for (index, group), stat in stats.items():
-        weights = [decoder[index].get_submodule(name).weight.detach().float() for name in GROUPS[group]]
-        H = stat.gram
-        H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(H.shape[0])
-        problems[(index, group)] = (torch.cat(weights, 0), H, [w.shape[0] for w in weights])
+        weights = [decoder[index].get_submodule(name).weight.detach() for name in GROUPS[group]]
+        H, W = prepare_hessian(stat.gram, torch.cat(weights, 0), 0.01)
+        problems[(index, group)] = (W, H, [w.shape[0] for w in weights], stat.input_norm)
     return problems
 
 
@@ -73,11 +74,9 @@ def main(argv=None):
     print(f"| layer | Linears | rows x cols | ALPS ADMM iterations (max {alps_options.max_iter}) | "
           f"SparseFW iterations (max {fw_options.iterations}) |")
     print("|---|---|---|---|---|")
-    for (index, group), (W, H, sizes) in problems.items():
+    for (index, group), (W, H, sizes, norm) in problems.items():
         alps_history, fw_history = [], []
         alps_solve(W.clone(), H, target, alps_options, sizes, history=alps_history)
-        diag = torch.diagonal(H)
-        norm = (diag - 0.01 / 1.01 * diag.mean()).clamp_min(0).sqrt()
         sparsefw_solve(W.clone(), H, target, fw_options, sizes, input_norm=norm, history=fw_history)
         alps_it = alps_history[-1]["iteration"] if alps_history else 0
         fw_it = fw_history[-1]["iteration"] + 1 if fw_history else 0

@@ -73,26 +73,38 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     return method, level, kwargs
 
 
+def row_config(args, spec: str):
+    """The `PruningConfig` of one row."""
+    from optimum_prune import PruningConfig
+
+    method, level, options = parse_spec(spec)
+    return PruningConfig(method=method, sparsity=float(level.lstrip("s")), num_calibration_samples=args.samples,
+                         pattern="structured" if level.startswith("s") else "unstructured", seqlen=args.seqlen,
+                         batch_size=args.batch_size, channel_multiple=1, method_kwargs=options)
+
+
+def plan_fields(plan, args) -> dict:
+    """What a row records of `Pruner.plan`'s estimates (per decoder layer)."""
+    return {"estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()}, "estimate_s": plan.seconds,
+            "estimate_phases": {k: v / plan.rate / args.layers for k, v in plan.flops.items()},
+            "gemm_gflops": plan.rate / 1e9}
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _row(args, shape, spec, queue):
-    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune import Pruner
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    method, level, options = parse_spec(spec)
-    pattern = "structured" if level.startswith("s") else "unstructured"
-    sparsity = float(level.lstrip("s"))
     device = torch.device(args.device)
     libraries_mb = rss_mb()
     model = build_model(shape, args.layers).to(device)
     weights_mb = rss_mb() - libraries_mb
     windows = torch.randint(0, 512, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
-    config = PruningConfig(method=method, sparsity=sparsity, pattern=pattern, num_calibration_samples=args.samples,
-                           seqlen=args.seqlen, batch_size=args.batch_size, channel_multiple=1, method_kwargs=options)
-    pruner = Pruner(config)
+    pruner = Pruner(row_config(args, spec))
     plan = pruner.plan(model, num_windows=args.samples)
     with torch.no_grad():
         for batch in windows[:1].split(1):  # warm-up
@@ -114,13 +126,11 @@ def _row(args, shape, spec, queue):
     prune_s = time.perf_counter() - start
     phases = {k: v / args.layers for k, v in pruner.report.phase_seconds.items()}
     queue.put({
-        "shape": shape, "spec": spec, "method": method, "forward_s": forward_s, "prune_s": prune_s / args.layers,
+        "shape": shape, "spec": spec, "method": parse_spec(spec)[0], "forward_s": forward_s, "prune_s": prune_s / args.layers,
         "phases": phases, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "libraries_mb": libraries_mb, "weights_mb": weights_mb,
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()},
-        "estimate_s": plan.seconds, "estimate_phases": {k: v / plan.rate / args.layers for k, v in plan.flops.items()},
-        "gemm_gflops": plan.rate / 1e9, "sparsity": pruner.report.overall_sparsity,
+        **plan_fields(plan, args), "sparsity": pruner.report.overall_sparsity,
     })
 
 
@@ -128,18 +138,11 @@ def _plan_only(args, shape, spec, queue):
     """`Pruner.plan`'s estimates for a row, made as `_row` makes them (same model, same point in the
     process), without pruning: ``--replan`` refreshes measured rows' estimates after a change to the
     estimator."""
-    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune import Pruner
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    method, level, options = parse_spec(spec)
     model = build_model(shape, args.layers).to(args.device)
-    config = PruningConfig(method=method, sparsity=float(level.lstrip("s")), num_calibration_samples=args.samples,
-                           pattern="structured" if level.startswith("s") else "unstructured", seqlen=args.seqlen,
-                           batch_size=args.batch_size, channel_multiple=1, method_kwargs=options)
-    plan = Pruner(config).plan(model, num_windows=args.samples)
-    queue.put({"estimate_mb": {d: b / 2**20 for d, b in plan.peak_bytes.items()}, "estimate_s": plan.seconds,
-               "estimate_phases": {k: v / plan.rate / args.layers for k, v in plan.flops.items()},
-               "gemm_gflops": plan.rate / 1e9})
+    queue.put(plan_fields(Pruner(row_config(args, spec)).plan(model, num_windows=args.samples), args))
 
 
 def run_capped(cap: float, *args, target=_row):

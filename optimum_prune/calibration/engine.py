@@ -78,10 +78,9 @@ class LayerwiseEngine:
         self.progress = progress
         self.prefix, self.layers = find_decoder_layers(model)
         self.structured = config.parsed_pattern.kind == "structured"
-        # what the current layer changed, kept only while a checkpoint will commit it (the new
-        # weights of a whole layer: not held when nobody reads them)
-        self._changes: dict[str, torch.Tensor] = {}
-        self._keep_changes = False
+        # what the current layer changed, for the checkpoint's commit; None without a checkpoint
+        # (the new weights of a whole layer: not held when nobody reads them)
+        self._changes: dict[str, torch.Tensor] | None = None
         self._use_plan(LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units))
         if method.error_correction and not config.sequential and any(t.experts for t in self.plan):
             raise PruningError(f"{method.name} with error correction prunes fused MoE experts only in sequential mode; "
@@ -122,7 +121,6 @@ class LayerwiseEngine:
                 raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
             inputs, kwargs = self._capture_first_layer_inputs(calibration)
         first = 0
-        self._keep_changes = checkpoint is not None
         if checkpoint is not None:
             first, inputs, elapsed = self._resume(checkpoint, calibration, inputs, report)
             start -= elapsed
@@ -131,7 +129,7 @@ class LayerwiseEngine:
                    unit="layer", disable=not self.progress)
         try:
             for index in bar:
-                self._changes = {}
+                self._changes = {} if checkpoint is not None else None
                 outputs = self._prune_layer(index, inputs, kwargs, report)
                 if inputs is not None:
                     inputs.close()
@@ -335,7 +333,7 @@ class LayerwiseEngine:
 
     def _note_changes(self, changes: dict[str, torch.Tensor]) -> None:
         """Record what the current layer changed, for the checkpoint's commit (if there is one)."""
-        if self._keep_changes:
+        if self._changes is not None:
             self._changes.update(changes)
 
     def _prune_linears(self, tasks: list[LinearTask], stats: dict, report: PruneReport, device: torch.device) -> None:
