@@ -142,7 +142,8 @@ def _plan_only(args, shape, spec, queue):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build_model(shape, args.layers).to(args.device)
-    queue.put(plan_fields(Pruner(row_config(args, spec)).plan(model, num_windows=args.samples), args))
+    plan = Pruner(row_config(args, spec)).plan(model, num_windows=args.samples)
+    queue.put({**plan_fields(plan, args), "flops": {k: v / args.layers for k, v in plan.flops.items()}})
 
 
 def run_capped(cap: float, *args, target=_row):
@@ -189,7 +190,8 @@ def main(argv=None):
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl")
     parser.add_argument("--report-only", action="store_true", help="write the report from --resume's rows, run nothing")
     parser.add_argument("--replan", action="store_true",
-                        help="re-make the memory estimates of --resume's measured rows with the current code (rewrites the file)")
+                        help="re-make the estimates of --resume's measured rows with the current code (rewrites the file; "
+                             "times at each row's recorded matmul rate)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "scaling.md"))
     args = parser.parse_args(argv)
     done = {}
@@ -200,9 +202,14 @@ def main(argv=None):
         for row in done.values():
             if "error" not in row:
                 row.setdefault("estimate_mb_at_run", row["estimate_mb"])  # what the code of the run estimated
-                # memory only: the time estimate divides by a matmul rate measured beside the prune
-                row["estimate_mb"] = run_capped(args.cap, args, row["shape"], row["spec"], target=_plan_only)["estimate_mb"]
-                print(row["shape"], row["spec"], row["estimate_mb"], flush=True)
+                row.setdefault("estimate_s_at_run", row["estimate_s"])
+                fresh = run_capped(args.cap, args, row["shape"], row["spec"], target=_plan_only)
+                row["estimate_mb"] = fresh["estimate_mb"]
+                # the time estimate: the current operation counts at the matmul rate measured beside the prune
+                rate = row["gemm_gflops"] * 1e9
+                row["estimate_phases"] = {k: v / rate for k, v in fresh["flops"].items()}
+                row["estimate_s"] = sum(row["estimate_phases"].values()) * args.layers
+                print(row["shape"], row["spec"], row["estimate_mb"], row["estimate_phases"], flush=True)
         with open(args.resume, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in done.values())
     rows, last = [], {}  # spec -> (hidden, prune seconds) of its last measured row

@@ -5,9 +5,10 @@ A layer-wise prune spends its time in three phases per decoder layer (the engine
 the layer with hooks accumulating Gram matrices or norms), the solve (each method states its
 floating-point operations per problem in `PruningMethod.solve_flops`) and, in sequential mode, the
 forward that feeds the next layer. Each phase is counted in floating-point operations and divided
-by the matrix-multiply rate measured on the compute device (`gemm_rate`, a fraction of a second).
-What it leaves out (sorting, hooks, copies, early stopping of iterative solvers) is compared with
-measured prunes in docs/results/scaling.md.
+by the matrix-multiply rate measured on the compute device (`gemm_rate`, a fraction of a second);
+memory-bound work (selections, element-wise updates) is counted in operations at that rate with
+constants fitted on CPU. Linears a method stacks are counted as the stacked problems
+(`resources.solve_shapes`). Estimates against measured prunes: docs/results/scaling.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 
 import torch
 from torch import nn
+
+from .resources import solve_shapes
 
 
 def gemm_rate(device: torch.device, size: int = 1024, seconds: float = 0.25) -> float:
@@ -76,7 +79,7 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
                 phases["forward"] += forward
         if not tasks.prunes_anything():
             continue
-        solve = sum(method.solve_flops(t.linear.out_features, t.linear.in_features) for t in tasks.linears)
+        solve = sum(method.solve_flops(rows, cols) for rows, cols in solve_shapes(method, tasks.linears))
         solve += sum(t.bank.num_experts * method.solve_flops(t.bank.out_features, t.bank.in_features)
                      for t in tasks.experts)
         solve += sum(method.solve_flops(t.group.consumer.out_features, t.group.consumer.in_features)

@@ -31,6 +31,17 @@ class PruneResult:
     mask: torch.Tensor  # True where pruned
 
 
+#: A score-and-select pass (a k-th value per row, the mask, the masked write) costs about this many
+#: matrix-multiply operations per weight: it is bound by memory, not arithmetic. Fitted to the
+#: magnitude and Wanda solves of one decoder layer at 576-4096 wide on 2 CPU threads, 3,600-7,100
+#: (benchmarks/scaling.py, docs/results/scaling.md); on a GPU the ratio is not measured.
+SELECTION_OPS = 4500.0
+#: SparseGPT's column-by-column sweep (the rank-one updates inside each block, the per-block masks),
+#: operations per weight at the matrix-multiply rate; fitted as `SELECTION_OPS`, with 1.5 cols^3
+#: for the inverse Cholesky factor (estimate / measured 0.76-1.08 at 576-4096 wide).
+SWEEP_OPS = 14000.0
+
+
 class PruningMethod:
     name: ClassVar[str] = ""
     #: The method's options dataclass; ``PruningConfig.method_kwargs`` is validated against it.
@@ -58,9 +69,10 @@ class PruningMethod:
         self.dampening = dampening
 
     def solve_flops(self, rows: int, cols: int) -> float:
-        """Rough floating-point operations of one solve of ``rows`` x ``cols`` weights, for the time
-        estimate of a plan-only run (`Pruner.plan`): a score and a sort per weight by default."""
-        return 30.0 * rows * cols
+        """Operations of one solve of ``rows`` x ``cols`` weights, counted at the matrix-multiply rate
+        for the time estimate of a plan-only run (`Pruner.plan`): a score and a selection per weight
+        by default (`SELECTION_OPS`)."""
+        return SELECTION_OPS * rows * cols
 
     def workspace_bytes(self, rows: int, cols: int) -> int:
         """Estimated solver memory for ``rows`` x ``cols`` weights (see `workspace_copies`)."""
@@ -149,9 +161,10 @@ class GramSolverMethod(PruningMethod):
     stacks_shared_inputs = True
 
     def solve_flops(self, rows: int, cols: int) -> float:
-        """One factorisation of the Gram matrix and one pass of updates over the weight (SparseGPT's
-        cost; the iterative solvers override it)."""
-        return float(cols) ** 3 + 2.0 * rows * cols * cols
+        """SparseGPT's cost (the iterative solvers override it or add to it): the inverse Cholesky
+        factor of the Gram matrix (three float32 factorisations, ~1.5 cols^3), the block updates
+        (2 rows cols^2) and the column sweep (`SWEEP_OPS` per weight)."""
+        return 1.5 * float(cols) ** 3 + 2.0 * rows * cols * cols + SWEEP_OPS * rows * cols
 
     def prune_linears(self, weights, stats, target):
         row_sizes = [w.shape[0] for w in weights]

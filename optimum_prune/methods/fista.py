@@ -35,11 +35,16 @@ import torch
 
 from ..errors import check_bool, check_choice, check_int, check_positive_int
 from ..registry import register_method
-from .base import GramSolverMethod
+from .base import SELECTION_OPS, GramSolverMethod
 from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares, unit_diagonal
 from ..patterns import Target
 from .masks import budget_groups, budget_totals, stacked_prune_mask
 from .sparsegpt import sparsegpt_solve
+
+#: One FISTA iteration's element-wise work (gradient step, soft threshold, momentum), operations per
+#: weight at the matrix-multiply rate: fitted to the full FISTA solves of one decoder layer at 576
+#: and 1024 wide on 2 CPU threads (benchmarks/scaling.py).
+FISTA_STEP_OPS = 2300.0
 
 
 @dataclass
@@ -155,11 +160,16 @@ class FISTAPruner(GramSolverMethod):
     workspace_copies = (3, 17)
 
     def solve_flops(self, rows: int, cols: int) -> float:
-        """The SparseGPT start, then per lambda round one product with H per FISTA iteration, the
-        conjugate-gradient refit of the rounded candidate (one product per iteration, plus its
-        residual) and the candidate's layer error (one more)."""
-        per_round = self.options.iterations + self.options.refit_iters + 2
-        return super().solve_flops(rows, cols) + 2.0 * self.options.rounds * per_round * rows * cols * cols
+        """The SparseGPT start, the float64 largest eigenvalue (~5 cols^3 at the float32 rate),
+        ``Wn Hn``; per lambda round one product with H and an element-wise update (fitted:
+        `FISTA_STEP_OPS` per weight) per FISTA iteration; for every candidate (the start's and one per
+        round) a selection, the conjugate-gradient refit (a product per iteration) and its layer
+        error (one more). Estimate / measured 0.78-1.09 on one layer 576-1024 wide."""
+        o = self.options
+        per_candidate = 2.0 * (o.refit_iters + 1) * rows * cols * cols + SELECTION_OPS * rows * cols
+        per_iteration = 2.0 * rows * cols * cols + FISTA_STEP_OPS * rows * cols
+        return (super().solve_flops(rows, cols) + 5.0 * float(cols) ** 3 + 2.0 * rows * cols * cols
+                + (o.rounds + 1) * per_candidate + o.rounds * o.iterations * per_iteration)
 
     @property
     def error_correction(self) -> bool:
