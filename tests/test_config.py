@@ -103,7 +103,7 @@ def test_method_alias_becomes_the_method_name():
         ("alps", {"max_iter": 0}, "max_iter must be a positive integer"),
         ("alps", {"pcg_iters": -1}, "pcg_iters must be an integer >= 0"),
         ("alps", {"warm_start": "sparsegpt"}, "warm_start must be one of"),
-        ("alps", {"lr": 1}, "options are: max_iter, pcg_iters, rho0, scope, update_every, warm_start"),
+        ("alps", {"lr": 1}, "options are: eigh_dtype, max_iter, pcg_iters, rho0, scope, update_every, warm_start"),
         ("fista", {"error_correction": 1}, "fista option error_correction must be true or false"),
         ("fista", {"warm_start": "alps"}, "fista option warm_start"),
         ("fista", {"lambda": 0.1}, "has no option"),

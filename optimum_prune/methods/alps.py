@@ -44,6 +44,10 @@ class ALPSOptions:
     warm_start: str = "wanda"
     #: unstructured budget per output "row" or per "matrix"
     scope: str = "row"
+    #: precision of the eigendecomposition of H: "float64" (default) or "float32" (measured at
+    #: 2048-4096 wide: 1.35-2x faster, 2.5 instead of 6.1 Gram-sized copies; SmolLM2-135M at 70%
+    #: moved by +3.2% / -5.1% in perplexity on two texts, one seed: docs/results/scaling.md)
+    eigh_dtype: str = "float64"
 
     def __post_init__(self):
         check_positive_number(self.rho0, "alps option rho0")
@@ -52,6 +56,7 @@ class ALPSOptions:
         check_int(self.pcg_iters, "alps option pcg_iters", minimum=0)
         check_choice(self.warm_start, "alps option warm_start", ("wanda", "magnitude"))
         check_choice(self.scope, "alps option scope", ("row", "matrix"))
+        check_choice(self.eigh_dtype, "alps option eigh_dtype", ("float64", "float32"))
 
 
 @torch.no_grad()
@@ -65,7 +70,7 @@ def alps_solve(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask)."""
     Hn, Wn, s = unit_diagonal(H, W)
-    evals, Q = torch.linalg.eigh(Hn.double())
+    evals, Q = torch.linalg.eigh(Hn.to(getattr(torch, options.eigh_dtype)))
     evals, Q = evals.clamp_min(0).to(W.dtype), Q.to(W.dtype)
     WHQ = (Wn @ Q) * evals  # Wn Hn Q, fixed
 
@@ -104,7 +109,8 @@ def alps_solve(
 class ALPS(GramSolverMethod):
     Options = ALPSOptions
     # float64 eigendecomposition of H and its eigenvectors; W, W H Q, D, V, W', Z, the mask's
-    # temporaries, the PCG vectors (measured: benchmarks/workspace.py, 6.1 / 14.5 at 1024-14336 wide)
+    # temporaries, the PCG vectors (measured: benchmarks/workspace.py, 6.1 / 14.5 at 1024-14336 wide;
+    # with eigh_dtype="float32" 2.5 / 17.1: see `workspace_bytes`)
     workspace_copies = (6, 15)
 
     #: ADMM iterations a solve typically runs before its support is stable: SmolLM2-135M's layer
@@ -113,11 +119,18 @@ class ALPS(GramSolverMethod):
     typical_iterations = 45
 
     def solve_flops(self, rows: int, cols: int) -> float:
-        """One float64 eigendecomposition (~9 cols^3, at about half the float32 rate), two products
-        with the eigenbasis per ADMM iteration (`typical_iterations`) and the conjugate-gradient refit."""
+        """One eigendecomposition (float64 ~18 cols^3 at the float32 matmul rate, float32 ~13: measured
+        10-16 at 2048-4096 wide), two products with the eigenbasis per ADMM iteration
+        (`typical_iterations`) and the conjugate-gradient refit."""
         iterations = min(self.options.max_iter, self.typical_iterations)
         products = (4 * iterations + 2 * self.options.pcg_iters) * float(rows) * cols * cols
-        return 18.0 * float(cols) ** 3 + products
+        eigh = 18.0 if self.options.eigh_dtype == "float64" else 13.0
+        return eigh * float(cols) ** 3 + products
+
+    def workspace_bytes(self, rows: int, cols: int) -> int:
+        if self.options.eigh_dtype == "float64":
+            return super().workspace_bytes(rows, cols)
+        return 4 * (3 * cols * cols + 17 * rows * cols)  # measured 2.5 / 17.1 copies
 
     def solve(self, W, H, target, row_sizes):
         return alps_solve(W, H, target, self.options, row_sizes)
