@@ -164,7 +164,8 @@ class FISTAPruner(GramSolverMethod):
         ``Wn Hn``; per lambda round one product with H and an element-wise update (fitted:
         `FISTA_STEP_OPS` per weight) per FISTA iteration; for every candidate (the start's and one per
         round) a selection, the conjugate-gradient refit (a product per iteration) and its layer
-        error (one more). Estimate / measured 0.78-1.09 on one layer 576-1024 wide."""
+        error (one more). Estimate / measured 0.78-1.09 on one layer 576-1024 wide, 0.64-1.30 cut to
+        one round of two iterations at 576-4096."""
         o = self.options
         per_candidate = 2.0 * (o.refit_iters + 1) * rows * cols * cols + SELECTION_OPS * rows * cols
         per_iteration = 2.0 * rows * cols * cols + FISTA_STEP_OPS * rows * cols

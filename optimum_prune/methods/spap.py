@@ -84,7 +84,8 @@ class SPAP(PruningMethod):
         inverse's diagonal from it (~4/3 cols^3 together) and the weight step (2 rows cols^2); at the
         final budget, and for the initial selection, each selection's exact error: the least-squares
         refit (cols^3 / 3 + 2 rows cols^2) and its layer error (2 rows cols^2). Estimate / measured
-        0.57 at 576 wide, 0.93 at 1024 (one layer, benchmarks/scaling.py)."""
+        0.59-0.95 at 576-1024 wide, 0.80 at 4096 cut to 3 alternations (one layer,
+        benchmarks/scaling.py; the matmul rate's short sample is the noisy part)."""
         o = self.options
         c3, rc2 = float(cols) ** 3, float(rows) * cols * cols
         return (o.steps + o.polish + 1) * (4.0 / 3.0 * c3 + 2.0 * rc2) + (o.polish + 2) * (c3 / 3.0 + 4.0 * rc2)
