@@ -110,7 +110,7 @@ class ALPS(GramSolverMethod):
     Options = ALPSOptions
     # float64 eigendecomposition of H and its eigenvectors; W, W H Q, D, V, W', Z, the mask's
     # temporaries, the PCG vectors (measured: benchmarks/workspace.py, 6.1 / 14.5 at 1024-14336 wide;
-    # with eigh_dtype="float32" 2.5 / 17.1: see `workspace_bytes`)
+    # with eigh_dtype="float32" 2.5 / 17.1: set in `__init__`)
     workspace_copies = (6, 15)
 
     #: ADMM iterations a solve typically runs before its support is stable: SmolLM2-135M's layer
@@ -127,10 +127,10 @@ class ALPS(GramSolverMethod):
         eigh = 18.0 if self.options.eigh_dtype == "float64" else 13.0
         return eigh * float(cols) ** 3 + products
 
-    def workspace_bytes(self, rows: int, cols: int) -> int:
-        if self.options.eigh_dtype == "float64":
-            return super().workspace_bytes(rows, cols)
-        return 4 * (3 * cols * cols + 17 * rows * cols)  # measured 2.5 / 17.1 copies
+    def __init__(self, options=None, dampening: float = 0.01):
+        super().__init__(options, dampening)
+        if self.options.eigh_dtype == "float32":
+            self.workspace_copies = (3, 17)  # measured 2.5 / 17.1 copies
 
     def solve(self, W, H, target, row_sizes):
         return alps_solve(W, H, target, self.options, row_sizes)

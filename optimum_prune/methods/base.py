@@ -53,7 +53,8 @@ class PruningMethod:
 
     #: Working copies a solve holds, for the resource guard: (of the in x in Gram matrix, of the
     #: out x in weight), in float32.
-    workspace_copies: ClassVar[tuple[int, int]] = (0, 3)
+    #: (A method whose options change them sets its own in ``__init__``.)
+    workspace_copies: tuple[int, int] = (0, 3)
     #: True when `prune_linears` solves Linears that read one input as one stacked matrix (its
     #: working copies are then those of the stacked rows).
     stacks_shared_inputs: ClassVar[bool] = False
