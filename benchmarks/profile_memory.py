@@ -1,31 +1,62 @@
-"""Peak-memory growth (VmHWM, reset around each call) of a SmolLM2-135M forward of one batch of 8 x 512
-tokens stopped after the last decoder layer, and of `profiles.dense_input_norms` on it, twice in one process
-(docs/results/scaling.md: the profiles' dense passes).
+"""Peak-memory growth (VmHWM, reset around each call) of one batch of ``BATCH`` x 512 tokens
+through SmolLM2-135M: `profiles.dense_input_norms` (the first pass of a prune with a profile),
+then a plain forward stopped after the last decoder layer, three times in one process
+(docs/results/scaling.md: the profiles' dense passes). ``keep``
+runs the pass without returning free heap pages after each decoder layer (as before
+`allocator.releasing_after`).
 
-    python benchmarks/profile_memory.py 8
+    python benchmarks/profile_memory.py 8 [release|keep]
 """
-import torch, torch.nn as nn, sys
+import contextlib
+import sys
+import time
+
+import torch
+import torch.nn as nn
 from transformers import AutoModelForCausalLM
+
 from optimum_prune.assets import smollm2_checkpoint
+from optimum_prune.calibration import profiles
 from optimum_prune.calibration.capture import StopForward
-from optimum_prune.calibration.profiles import dense_input_norms
-def hwm():
-    for l in open('/proc/self/status'):
-        if l.startswith('VmHWM'): return int(l.split()[1])//1024
-def cur():
-    for l in open('/proc/self/status'):
-        if l.startswith('VmRSS'): return int(l.split()[1])//1024
-def reset(): open('/proc/self/clear_refs','w').write('5')
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) // 1024
+
+
+def reset():
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+
+
+def stop(module, args, output):
+    raise StopForward
+
+
+bs = int(sys.argv[1])
+mode = sys.argv[2] if len(sys.argv) > 2 else "release"
+if mode == "keep":
+    profiles.releasing_after = lambda layers: contextlib.nullcontext()
 model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32).eval()
-bs = int(sys.argv[1]); x = torch.randint(0, 1000, (bs, 512))
-layer_linears = [{f"{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)} for i, layer in enumerate(model.model.layers)]
-def stop(m, a, o): raise StopForward
-for trial in range(2):
-    reset(); base = cur()
-    h = model.model.layers[-1].register_forward_hook(stop)
+layers = list(model.model.layers)
+with torch.no_grad():
+    for p in model.parameters():  # page the weights in before measuring
+        p.sum()
+x = torch.randint(0, 1000, (bs, 512))
+layer_linears = [{f"{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                 for i, layer in enumerate(layers)]
+for trial in range(3):
+    reset(); base = status("VmRSS"); start = time.perf_counter()
+    profiles.dense_input_norms(model, layer_linears, x, bs, layers)
+    print(f"dense_input_norms ({mode}): +{status('VmHWM') - base} MiB over {base}, "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    reset(); base = status("VmRSS")
+    hook = layers[-1].register_forward_hook(stop)
     with torch.no_grad():
-        try: model(input_ids=x, use_cache=False)
-        except StopForward: pass
-    h.remove(); print("stopped forward: +", hwm()-base, "MiB over", base, flush=True)
-    reset(); base = cur()
-    dense_input_norms(model, layer_linears, x, bs, model.model.layers[-1]); print("dense_input_norms: +", hwm()-base, "MiB over", base, flush=True)
+        try:
+            model(input_ids=x, use_cache=False)
+        except StopForward:
+            pass
+    hook.remove()
+    print(f"stopped forward: +{status('VmHWM') - base} MiB over {base}", flush=True)

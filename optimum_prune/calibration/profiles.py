@@ -33,6 +33,7 @@ from torch import nn
 
 from ..allocation import allocate, choose_options, outlier_allocation
 from ..patterns import SparsityPattern
+from .allocator import releasing_after
 from .capture import StatisticsCollector, StopForward, check_called, run_windows
 from .distributed import reduce_statistics, reduce_sums, world_size
 from .offload import input_device, read_weight, swapped
@@ -42,19 +43,21 @@ SENSITIVITY_OFFSETS = (-0.2, -0.1, 0.0, 0.1)  # levels measured around the reque
 
 @torch.no_grad()
 def dense_input_norms(model: nn.Module, layer_linears: list[dict[str, nn.Linear]], windows: torch.Tensor,
-                      batch_size: int, last_layer: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                      batch_size: int, layers: list[nn.Module] = ()) -> dict[str, torch.Tensor]:
     """Every listed Linear's input norms ``||X_j||`` over the calibration windows, on the dense
-    model (``layer_linears[i]``: name -> Linear of decoder layer ``i``). Each forward stops after
-    ``last_layer`` (the final norm and the head's logits are not needed)."""
+    model (``layer_linears[i]``: name -> Linear of decoder layer ``i``). Given the decoder
+    ``layers``, each forward stops after the last (the final norm and the head's logits are not
+    needed) and free host memory is returned after each (`allocator.releasing_after`)."""
     linears = {name: linear for layer in layer_linears for name, linear in layer.items()}
     collector = StatisticsCollector(linears, dict.fromkeys(linears, frozenset({"sq_norm"})), share_inputs=False)
-    stop = None if last_layer is None else last_layer.register_forward_hook(_stop_forward)
-    try:
-        run_windows(model, windows, batch_size)
-    finally:
-        collector.remove()
-        if stop is not None:
-            stop.remove()
+    with releasing_after(list(layers)):  # registered first: runs before the stop on the last layer
+        stop = layers[-1].register_forward_hook(_stop_forward) if layers else None
+        try:
+            run_windows(model, windows, batch_size)
+        finally:
+            collector.remove()
+            if stop is not None:
+                stop.remove()
     check_called(linears, collector)
     reduce_statistics(collector.stats)
     return {name: collector.stats[i].input_norm for name, i in collector.group_of.items()}
@@ -155,18 +158,19 @@ def sensitivity_curves(model: nn.Module, layers: list[nn.Module], layer_linears:
     batches = list(windows.split(batch_size))
     replay = LayerReplay(layers)
     try:
-        dense = sum(replay.record(model, batches)) / len(batches)
-        curves = []
-        for index, linears in enumerate(layer_linears):
-            damage = []
-            for level in levels:
-                pruned = {linear: _proxy_pruned(linear, norms[name], level)
-                          for name, linear in linears.items()}
-                with swapped(pruned):
-                    damage.append(sum(replay.losses(model, batches, index)) / len(batches) - dense)
-            curves.append(torch.tensor(damage, dtype=torch.float64))
-        reduce_sums(curves)  # several processes: every rank measured its own windows; one profile for all
-        return [curve / world_size() for curve in curves]
+        with releasing_after(layers):
+            dense = sum(replay.record(model, batches)) / len(batches)
+            curves = []
+            for index, linears in enumerate(layer_linears):
+                damage = []
+                for level in levels:
+                    pruned = {linear: _proxy_pruned(linear, norms[name], level)
+                              for name, linear in linears.items()}
+                    with swapped(pruned):
+                        damage.append(sum(replay.losses(model, batches, index)) / len(batches) - dense)
+                curves.append(torch.tensor(damage, dtype=torch.float64))
+            reduce_sums(curves)  # several processes: every rank measured its own windows; one profile for all
+            return [curve / world_size() for curve in curves]
     finally:
         replay.outputs = []
         model.train(was_training)
@@ -197,7 +201,7 @@ def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | Non
     weights = torch.tensor([float(plan.free_weights(index)) for index in range(len(plan.entries))])
     if float(weights.sum()) == 0:
         return None
-    norms = dense_input_norms(model, layer_linears, windows, config.batch_size, plan.layers[-1])
+    norms = dense_input_norms(model, layer_linears, windows, config.batch_size, plan.layers)
     if config.layer_patterns:
         return mixed_patterns(model, plan, config, windows, layer_linears, norms, weights)
     if config.sparsity_profile == "owl":
