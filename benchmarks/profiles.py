@@ -59,15 +59,25 @@ def _dense(args, queue):
 def _prune(args, method, level, profile, seed, queue):
     from optimum_prune import Pruner, PruningConfig
 
+    from optimum_prune.calibration import profiles
+
     model, tokenizer = load_fp32(args.checkpoint)
+    extra = {}
+    if profile != "uniform" and args.sensitivity_offsets:
+        profiles.SENSITIVITY_OFFSETS = tuple(args.sensitivity_offsets)  # this process only
+    if profile != "uniform" and args.sensitivity_samples:
+        extra["sensitivity_samples"] = args.sensitivity_samples
+    if profile == "owl" and args.owl_lambda is not None:
+        extra["owl_lambda"] = args.owl_lambda
     config = PruningConfig(method=method, sparsity=level, sparsity_profile=profile, seed=seed,
-                           num_calibration_samples=args.num_samples, seqlen=args.seqlen)
+                           num_calibration_samples=args.num_samples, seqlen=args.seqlen, **extra)
     pruner = Pruner(config)
     windows = _windows(args, tokenizer, seed)
     start = time.perf_counter()
     pruner.prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
-    queue.put({"key": _key(method, level, profile, seed), "method": method, "level": level, "profile": profile,
+    label = _label(args, profile)
+    queue.put({"key": _key(method, level, label, seed), "method": method, "level": level, "profile": label,
                "seed": seed, "prune_s": prune_s, "sparsity": pruner.report.overall_sparsity,
                "layer_sparsity": pruner.report.layer_sparsity, "peak_rss_mb": peak_rss_mb(),
                "ppl": _perplexities(args, model, tokenizer)})
@@ -75,6 +85,24 @@ def _prune(args, method, level, profile, seed, queue):
 
 def _key(method, level, profile, seed) -> str:
     return f"{method}:{level}:{profile}:{seed}"
+
+
+def _label(args, profile: str) -> str:
+    """``profile``, with the settings that differ from the library's in brackets."""
+    if profile == "owl" and args.owl_lambda is not None:
+        return f"owl [lambda {args.owl_lambda:g}]"
+    if profile != "sensitivity":
+        return profile
+    changed = []
+    if args.sensitivity_offsets:
+        changed.append("offsets " + " ".join(f"{x:+g}" for x in args.sensitivity_offsets))
+    if args.sensitivity_samples:
+        changed.append(f"{args.sensitivity_samples} windows")
+    return f"{profile} [{', '.join(changed)}]" if changed else profile
+
+
+def _rank(profile: str) -> int:
+    return PROFILES.index(profile.split(" [")[0])
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -139,6 +167,11 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--sensitivity-offsets", nargs="+", type=float, default=None,
+                        help="sensitivity levels around the request (default: profiles.SENSITIVITY_OFFSETS)")
+    parser.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda (default: the config's)")
+    parser.add_argument("--sensitivity-samples", type=int, default=None,
+                        help="windows the sensitivity loss is measured on (default: the config's)")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "profiles.md"))
     args = parser.parse_args(argv)
@@ -161,11 +194,11 @@ def main(argv=None):
         return row
 
     dense = measured("dense", _dense)
-    rows = [measured(_key(m, level, p, seed), _prune, m, level, p, seed)
+    rows = [measured(_key(m, level, _label(args, p), seed), _prune, m, level, p, seed)
             for level in args.levels for m in args.methods for seed in args.seeds for p in args.profiles]
     rows += [r for key, r in done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
     rows.sort(key=lambda r: (-r["level"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
-                             PROFILES.index(r["profile"]), r["seed"]))
+                             _rank(r["profile"]), r["profile"], r["seed"]))
     image = plot(rows, os.path.splitext(args.output)[0] + "-layers.png")
     text = (
         "# Sparsity profiles on SmolLM2-135M\n\n"
