@@ -20,6 +20,8 @@ RUNS = [("wanda", "uniform"), ("wanda", "owl"), ("wanda", "sensitivity"), ("spar
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--runs", nargs="+", default=None, metavar="METHOD:PROFILE",
+                        help="the configurations to plan (default: %s)" % " ".join(f"{m}:{p}" for m, p in RUNS))
     parser.add_argument("--prune", default=None, help="also prune with this method and print what it measured")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,7 +32,8 @@ def main():
 
     checkpoint = smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    for method, profile in RUNS if args.prune is None else [(args.prune, "uniform")]:
+    runs = [tuple(run.split(":")) for run in args.runs] if args.runs else RUNS
+    for method, profile in runs if args.prune is None else [(args.prune, "uniform")]:
         plan = Pruner(PruningConfig(method=method, sparsity=args.sparsity, sparsity_profile=profile)).plan(model)
         print(f"{method} {profile}: peak {plan.peak_bytes['cpu'] / 2**20:.0f} MiB, {plan.seconds:.0f} s "
               f"({', '.join(f'{k} {v / plan.rate:.1f} s' for k, v in plan.flops.items())}; {plan.rate / 1e9:.0f} GFLOP/s)")

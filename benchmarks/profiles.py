@@ -102,7 +102,7 @@ def _label(args, profile: str) -> str:
 
 
 def _rank(profile: str) -> int:
-    return PROFILES.index(profile.split(" [")[0])
+    return PROFILES.index(profile.split()[0])  # "owl", "sensitivity [offsets ...]", "owl (df2d49d)"
 
 
 def _mean_spread(values: list[float]) -> str:

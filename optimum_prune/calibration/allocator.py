@@ -4,10 +4,10 @@ glibc's ``malloc`` serves a large block from the heap, not from its own mapping,
 that size has been freed (its mmap threshold rises to the largest freed block, up to 32 MiB); the
 freed blocks then stay in the process as holes that later blocks of other sizes do not always fit.
 A forward of SmolLM2-135M over 8 windows of 512 tokens through its 30 decoder layers, with a hook
-on every Linear, grew the process's peak memory by 0.1 to 1.7 GB of such holes where the tensors
+on every Linear, first in its process, grew the peak memory by 1.0-1.7 GB of such holes where the tensors
 alive at any moment needed about 0.15 GB (``benchmarks/profile_memory.py``). ``malloc_trim(0)``
-after each decoder layer returns the free pages (the heap keeps its addresses), which held the
-growth to 0.21-0.26 GB at a cost within the noise of two-core timings.
+after each decoder layer returns the free pages (the heap keeps its addresses): the same pass grew
+it by 0.15-0.25 GB, and took 9.2 and 10.6 s against 8.1 and 8.9 s (docs/results/scaling.md).
 
 Elsewhere than glibc (macOS, Windows, musl) nothing is done.
 """
