@@ -63,9 +63,9 @@ def _prune(args, method, level, profile, seed, queue):
 
     model, tokenizer = load_fp32(args.checkpoint)
     extra = {}
-    if profile != "uniform" and args.sensitivity_offsets:
+    if profile == "sensitivity" and args.sensitivity_offsets:
         profiles.SENSITIVITY_OFFSETS = tuple(args.sensitivity_offsets)  # this process only
-    if profile != "uniform" and args.sensitivity_samples:
+    if profile == "sensitivity" and args.sensitivity_samples:
         extra["sensitivity_samples"] = args.sensitivity_samples
     if profile == "owl" and args.owl_lambda is not None:
         extra["owl_lambda"] = args.owl_lambda

@@ -1,13 +1,19 @@
-"""Handing freed host memory back to the operating system during whole-model passes.
+"""Handing freed host memory back to the operating system: after each layer the engine prunes,
+and after each decoder layer of the profiles' whole-model passes.
 
-glibc's ``malloc`` serves a large block from the heap, not from its own mapping, once a block of
-that size has been freed (its mmap threshold rises to the largest freed block, up to 32 MiB); the
-freed blocks then stay in the process as holes that later blocks of other sizes do not always fit.
-A forward of SmolLM2-135M over 8 windows of 512 tokens through its 30 decoder layers, with a hook
-on every Linear, first in its process, grew the peak memory by 1.0-1.7 GB of such holes where the tensors
-alive at any moment needed about 0.15 GB (``benchmarks/profile_memory.py``). ``malloc_trim(0)``
-after each decoder layer returns the free pages (the heap keeps its addresses): the same pass grew
-it by 0.15-0.25 GB, and took 9.2 and 10.6 s against 8.1 and 8.9 s (docs/results/scaling.md).
+The engine's layers: the per-forward weight copies of offloaded layers and the solvers'
+temporaries are freed blocks of a few MB that glibc otherwise keeps in its heap, so the process
+grew with every layer (+20 MB per SmolLM2 layer with disk offload; flat with the trim).
+
+The whole-model passes: glibc's ``malloc`` serves a large block from the heap, not from its own
+mapping, once a block of that size has been freed (its mmap threshold rises to the largest freed
+block, up to 32 MiB); the freed blocks then stay in the process as holes that later blocks of other
+sizes do not always fit. A forward of SmolLM2-135M over 8 windows of 512 tokens through its 30
+decoder layers, with a hook on every Linear, first in its process, grew the peak memory by 1.0-1.7
+GB of such holes where the tensors alive at any moment needed about 0.15 GB
+(``benchmarks/profile_memory.py``). ``malloc_trim(0)`` after each decoder layer returns the free
+pages (the heap keeps its addresses): the same pass grew it by 0.15-0.25 GB, and took 9.2 and 10.6 s
+against 8.1 and 8.9 s (docs/results/scaling.md).
 
 Elsewhere than glibc (macOS, Windows, musl) nothing is done.
 """
@@ -15,8 +21,8 @@ Elsewhere than glibc (macOS, Windows, musl) nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import sys
 from contextlib import contextmanager
 
 from torch import nn
@@ -25,12 +31,11 @@ from torch import nn
 @functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and others lack it
         return None
 
 

@@ -37,9 +37,10 @@ from .activations import ActivationStore, check_place
 from .capture import (ExpertCollector, ExpertUsageCollector, StatisticsCollector, StopForward, check_called, first_output, input_of,
                       run_windows)
 from .checkpoint import LayerCheckpoint, fingerprint
+from .allocator import release_host_memory
 from .distributed import broadcast_layer, reduce_statistics, reduce_sums
 from .plan import ExpertChannelTask, ExpertDropTask, ExpertTask, LayerPlan, LinearTask
-from .offload import (commit_value, current_value, dense_snapshot, execution_device, onloaded, read_weight, release_freed_memory,
+from .offload import (commit_value, current_value, dense_snapshot, execution_device, onloaded, read_weight,
                       set_param, swapped, to_device, write_weight)
 from .problems import (apply_to_group, check_finite_result, check_finite_weight, read_group_problem,
                        solve_expert_bank, solve_expert_channels)
@@ -134,7 +135,7 @@ class LayerwiseEngine:
                 if inputs is not None:
                     inputs.close()
                 inputs = outputs
-                release_freed_memory()
+                release_host_memory()
                 if checkpoint is not None:
                     checkpoint.commit(index, self._changes, inputs if index < last else None, report.to_dict(),
                                       time.perf_counter() - start)

@@ -214,28 +214,6 @@ def swapped(weights: dict[nn.Linear, torch.Tensor]):
             _exchange_weight(linear, value)
 
 
-_LIBC = None
-
-
-def release_freed_memory() -> None:
-    """Give memory freed during a layer back to the OS (glibc ``malloc_trim``). The per-forward
-    weight copies of offloaded layers and the solvers' temporaries are freed chunks of a few MB
-    that glibc otherwise keeps in its heap, so the process's memory grows with every layer
-    (measured: +20 MB per SmolLM2 layer with disk offload, flat with the trim). No-op elsewhere."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            import sys
-
-            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
-            _LIBC.malloc_trim  # noqa: B018 - musl and others lack it
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 def input_device(model: nn.Module) -> torch.device:
     """Where the model's input ids go: the execution device of its input embeddings."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
