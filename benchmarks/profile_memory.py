@@ -3,7 +3,8 @@ through SmolLM2-135M: `profiles.dense_input_norms` (the first pass of a prune wi
 then a plain forward stopped after the last decoder layer, three times in one process
 (docs/results/scaling.md: the profiles' dense passes). ``keep``
 runs the pass without returning free heap pages after each decoder layer (as before
-`allocator.releasing_after`).
+`allocator.releasing_after`). At the end: what the C heap (``[heap]``) and the anonymous mappings
+hold. ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment fixes glibc's mmap threshold instead.
 
     python benchmarks/profile_memory.py 8 [release|keep]
 """
@@ -60,3 +61,13 @@ for trial in range(3):
             pass
     hook.remove()
     print(f"stopped forward: +{status('VmHWM') - base} MiB over {base}", flush=True)
+heap = anonymous = 0
+name = None
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+        name = fields[5] if len(fields) > 5 else ""
+    elif fields[:1] == ["Rss:"]:
+        heap += int(fields[1]) if name == "[heap]" else 0
+        anonymous += int(fields[1]) if name == "" else 0
+print(f"resident now: [heap] {heap // 1024} MiB, anonymous mappings {anonymous // 1024} MiB")

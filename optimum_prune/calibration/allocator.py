@@ -12,8 +12,8 @@ sizes do not always fit. A forward of SmolLM2-135M over 8 windows of 512 tokens 
 decoder layers, with a hook on every Linear, first in its process, grew the peak memory by 1.0-1.7
 GB of such holes where the tensors alive at any moment needed about 0.15 GB
 (``benchmarks/profile_memory.py``). ``malloc_trim(0)`` after each decoder layer returns the free
-pages (the heap keeps its addresses): the same pass grew it by 0.15-0.25 GB, and took 9.2 and 10.6 s
-against 8.1 and 8.9 s (docs/results/scaling.md).
+pages (the heap keeps its addresses): the same pass grew it by 0.15-0.27 GB, at some cost in time
+(9.2-11.4 s against 7.0-9.4 s on two cores; docs/results/scaling.md).
 
 Elsewhere than glibc (macOS, Windows, musl) nothing is done.
 """
