@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--runs", nargs="+", default=None, metavar="METHOD:PROFILE",
                         help="the configurations to plan (default: %s)" % " ".join(f"{m}:{p}" for m, p in RUNS))
+    parser.add_argument("--sensitivity-samples", type=int, default=2)
     parser.add_argument("--prune", default=None, help="also prune with this method and print what it measured")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,7 +35,8 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     runs = [tuple(run.split(":")) for run in args.runs] if args.runs else RUNS
     for method, profile in runs if args.prune is None else [(args.prune, "uniform")]:
-        plan = Pruner(PruningConfig(method=method, sparsity=args.sparsity, sparsity_profile=profile)).plan(model)
+        plan = Pruner(PruningConfig(method=method, sparsity=args.sparsity, sparsity_profile=profile,
+                                     sensitivity_samples=args.sensitivity_samples)).plan(model)
         print(f"{method} {profile}: peak {plan.peak_bytes['cpu'] / 2**20:.0f} MiB, {plan.seconds:.0f} s "
               f"({', '.join(f'{k} {v / plan.rate:.1f} s' for k, v in plan.flops.items())}; {plan.rate / 1e9:.0f} GFLOP/s)")
     if args.prune:
