@@ -69,6 +69,8 @@ def _prune(args, method, level, profile, seed, queue):
         extra["sensitivity_samples"] = args.sensitivity_samples
     if profile == "owl" and args.owl_lambda is not None:
         extra["owl_lambda"] = args.owl_lambda
+    if profile == "owl" and args.owl_threshold is not None:
+        extra["owl_threshold"] = args.owl_threshold
     config = PruningConfig(method=method, sparsity=level, sparsity_profile=profile, seed=seed,
                            num_calibration_samples=args.num_samples, seqlen=args.seqlen, **extra)
     pruner = Pruner(config)
@@ -89,8 +91,10 @@ def _key(method, level, profile, seed) -> str:
 
 def _label(args, profile: str) -> str:
     """``profile``, with the settings that differ from the library's in brackets."""
-    if profile == "owl" and args.owl_lambda is not None:
-        return f"owl [lambda {args.owl_lambda:g}]"
+    if profile == "owl":
+        changed = [f"{name} {value:g}" for name, value in (("lambda", args.owl_lambda), ("M", args.owl_threshold))
+                   if value is not None]
+        return f"owl [{', '.join(changed)}]" if changed else profile
     if profile != "sensitivity":
         return profile
     changed = []
@@ -170,6 +174,7 @@ def main(argv=None):
     parser.add_argument("--sensitivity-offsets", nargs="+", type=float, default=None,
                         help="sensitivity levels around the request (default: profiles.SENSITIVITY_OFFSETS)")
     parser.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda (default: the config's)")
+    parser.add_argument("--owl-threshold", type=float, default=None, help="OWL's outlier threshold M (default: the config's)")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="windows the sensitivity loss is measured on (default: the config's)")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
