@@ -19,6 +19,7 @@ measured solve with each.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -36,14 +37,15 @@ CONSTANTS = ("SELECTION_OPS", "SWEEP_OPS", "FISTA_STEP_OPS", "FW_STEP_OPS")
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "fista", "sparsefw")
 
 
-def holders(name: str) -> list:
+@functools.cache
+def holders(name: str) -> tuple:
     """The modules of `optimum_prune.methods` that hold the constant ``name`` (``from .base import``
     copies the value, so each copy is set)."""
     import optimum_prune.methods as package
 
     modules = [importlib.import_module(f"{package.__name__}.{info.name}")
                for info in pkgutil.iter_modules(package.__path__)]
-    return [module for module in modules if hasattr(module, name)]
+    return tuple(module for module in modules if hasattr(module, name))
 
 
 def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -60,8 +62,8 @@ def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def solve_count(shape: str, spec: str, values: dict[str, float], samples: int, seqlen: int) -> float:
-    """The plan's solve operations for one row with the constants set to ``values``."""
+def solve_count(model, config, values: dict[str, float]) -> float:
+    """The plan's solve operations for ``model`` pruned with ``config``, the constants set to ``values``."""
     from optimum_prune import Pruner
 
     saved = {}
@@ -70,10 +72,7 @@ def solve_count(shape: str, spec: str, values: dict[str, float], samples: int, s
             saved[(module, name)] = getattr(module, name)
             setattr(module, name, value)
     try:
-        with torch.device("meta"):
-            model = build_model(shape, 1)
-        args = argparse.Namespace(samples=samples, seqlen=seqlen, batch_size=4)
-        return Pruner(row_config(args, spec)).plan(model, num_windows=samples).flops["solve"]
+        return Pruner(config).plan(model, num_windows=config.num_calibration_samples).flops["solve"]
     finally:
         for (module, name), value in saved.items():
             setattr(module, name, value)
@@ -101,10 +100,12 @@ def main(argv=None):
     zero = dict.fromkeys(CONSTANTS, 0.0)
     exact, coefficients, measured = [], [], []
     for row in rows:
-        base = solve_count(row["shape"], row["spec"], zero, args.samples, args.seqlen)
+        with torch.device("meta"):  # no weights: the counts need only the shapes
+            model = build_model(row["shape"], 1)
+        config = row_config(argparse.Namespace(samples=args.samples, seqlen=args.seqlen, batch_size=4), row["spec"])
+        base = solve_count(model, config, zero)
         exact.append(base)
-        coefficients.append([solve_count(row["shape"], row["spec"], {**zero, name: 1.0}, args.samples, args.seqlen) - base
-                             for name in CONSTANTS])
+        coefficients.append([solve_count(model, config, {**zero, name: 1.0}) - base for name in CONSTANTS])
         measured.append(row["phases"]["solve"] * row["gemm_gflops"] * 1e9)  # seconds x the row's own rate
     b, a, y = np.array(exact), np.array(coefficients), np.array(measured)
     fit_rows = np.array([row["spec"] not in args.skip for row in rows])
