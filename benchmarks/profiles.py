@@ -9,6 +9,10 @@ Python reference (``python``, a text the profiles were not chosen on).
     python benchmarks/profiles.py                                  # -> docs/results/profiles.md
     python benchmarks/profiles.py --levels 0.7 --methods wanda --seeds 0 1 2 --resume rows.jsonl
     python benchmarks/smollm2.py --profiles                        # the same
+    python benchmarks/profiles.py --methods sparsegpt --levels 0.5 --pattern 2:4 --layer-patterns 1:4 dense
+
+With an N:M ``--pattern`` the level is the average sparsity asked for; ``uniform`` prunes every layer to
+the pattern, ``sensitivity`` lets each layer take the pattern or one of ``--layer-patterns``.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ def _prune(args, method, level, profile, seed, queue):
         extra["owl_lambda"] = args.owl_lambda
     if profile == "owl" and args.owl_threshold is not None:
         extra["owl_threshold"] = args.owl_threshold
-    config = PruningConfig(method=method, sparsity=level, sparsity_profile=profile, seed=seed,
+    if profile == "sensitivity" and args.layer_patterns:
+        extra["layer_patterns"] = args.layer_patterns
+    config = PruningConfig(method=method, sparsity=level, pattern=args.pattern, sparsity_profile=profile, seed=seed,
                            num_calibration_samples=args.num_samples, seqlen=args.seqlen, **extra)
     pruner = Pruner(config)
     windows = _windows(args, tokenizer, seed)
@@ -79,14 +85,21 @@ def _prune(args, method, level, profile, seed, queue):
     pruner.prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
     label = _label(args, profile)
-    queue.put({"key": _key(method, level, label, seed), "method": method, "level": level, "profile": label,
+    queue.put({"key": _key(_method(method, args.pattern), level, label, seed), "method": method,
+               "pattern": args.pattern, "level": level, "profile": label,
                "seed": seed, "prune_s": prune_s, "sparsity": pruner.report.overall_sparsity,
-               "layer_sparsity": pruner.report.layer_sparsity, "peak_rss_mb": peak_rss_mb(),
+               "layer_sparsity": pruner.report.layer_sparsity, "layer_patterns": pruner.report.layer_patterns,
+               "peak_rss_mb": peak_rss_mb(),
                "ppl": _perplexities(args, model, tokenizer)})
 
 
 def _key(method, level, profile, seed) -> str:
     return f"{method}:{level}:{profile}:{seed}"
+
+
+def _method(method: str, pattern: str = "unstructured") -> str:
+    """The method's name, with its N:M pattern when it has one (``sparsegpt 2:4``)."""
+    return method if pattern == "unstructured" else f"{method} {pattern}"
 
 
 def _label(args, profile: str) -> str:
@@ -97,7 +110,7 @@ def _label(args, profile: str) -> str:
         return f"owl [{', '.join(changed)}]" if changed else profile
     if profile != "sensitivity":
         return profile
-    changed = []
+    changed = [" ".join(args.layer_patterns)] if args.layer_patterns else []
     if args.sensitivity_offsets:
         changed.append("offsets " + " ".join(f"{x:+g}" for x in args.sensitivity_offsets))
     if args.sensitivity_samples:
@@ -120,7 +133,8 @@ def table(rows: list[dict], dense: dict) -> str:
              "layer sparsities | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for row in rows:
-        groups.setdefault((row["method"], row["level"], row["profile"]), []).append(row)
+        groups.setdefault((_method(row["method"], row.get("pattern", "unstructured")), row["level"], row["profile"]),
+                          []).append(row)
     for (method, level, profile), items in groups.items():
         uniform = groups.get((method, level, "uniform"), [])
         seeds = sorted(r["seed"] for r in items)
@@ -132,8 +146,10 @@ def table(rows: list[dict], dense: dict) -> str:
                      if profile != "uniform" and len(base) == len(values) else "-")
             cells += [_mean_spread(values), ratio]
         prune = statistics.mean(r["prune_s"] for r in items)
-        spread = items[0]["layer_sparsity"]
+        spread, chosen = items[0]["layer_sparsity"], items[0].get("layer_patterns")
         spread_text = f"{min(spread):.2f}-{max(spread):.2f}" if spread else "-"
+        if chosen:  # mixed N:M: how many layers took each pattern (first seed)
+            spread_text = ", ".join(f"{name} x{chosen.count(name)}" for name in sorted(set(chosen)))
         lines.append(f"| {method} | {level:.0%} | {profile} | {','.join(map(str, seeds))} | {' | '.join(cells)} | "
                      f"{prune:.0f} | {prune / dense['forward_s']:.2f} | {spread_text} | "
                      f"{max(r['peak_rss_mb'] for r in items):.0f} |")
@@ -148,11 +164,11 @@ def plot(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["layer_sparsity"] and r["seed"] == min(x["seed"] for x in rows)]
-    panels = sorted({(r["method"], r["level"]) for r in shown})
+    panels = sorted({(_method(r["method"], r.get("pattern", "unstructured")), r["level"]) for r in shown})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
     for ax, (method, level) in zip(axes[0], panels):
         for row in shown:
-            if (row["method"], row["level"]) == (method, level):
+            if (_method(row["method"], row.get("pattern", "unstructured")), row["level"]) == (method, level):
                 ax.plot(row["layer_sparsity"], marker=".", label=f"{row['profile']} (wiki {row['ppl']['wiki']:.0f})")
         ax.axhline(level, color="grey", lw=0.8, ls="--")
         ax.set(title=f"{method} {level:.0%}", xlabel="decoder layer", ylabel="sparsity")
@@ -177,6 +193,9 @@ def main(argv=None):
     parser.add_argument("--owl-threshold", type=float, default=None, help="OWL's outlier threshold M (default: the config's)")
     parser.add_argument("--sensitivity-samples", type=int, default=None,
                         help="windows the sensitivity loss is measured on (default: the config's)")
+    parser.add_argument("--pattern", default="unstructured", help="sparsity pattern, e.g. 2:4 (default: unstructured)")
+    parser.add_argument("--layer-patterns", nargs="+", default=None,
+                        help="sensitivity with an N:M --pattern: the patterns a layer may take instead (4:8, 1:4, dense)")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "profiles.md"))
     args = parser.parse_args(argv)
@@ -199,11 +218,11 @@ def main(argv=None):
         return row
 
     dense = measured("dense", _dense)
-    rows = [measured(_key(m, level, _label(args, p), seed), _prune, m, level, p, seed)
+    rows = [measured(_key(_method(m, args.pattern), level, _label(args, p), seed), _prune, m, level, p, seed)
             for level in args.levels for m in args.methods for seed in args.seeds for p in args.profiles]
     rows += [r for key, r in done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
     rows.sort(key=lambda r: (-r["level"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
-                             _rank(r["profile"]), r["profile"], r["seed"]))
+                             r.get("pattern", "unstructured"), _rank(r["profile"]), r["profile"], r["seed"]))
     image = plot(rows, os.path.splitext(args.output)[0] + "-layers.png")
     text = (
         "# Sparsity profiles on SmolLM2-135M\n\n"
