@@ -156,6 +156,50 @@ def table(rows: list[dict], dense: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks, start = [0.0] * len(values), 0
+    while start < len(order):  # tied values share their mean rank
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in order[start:end + 1]:
+            ranks[position] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation of two per-layer sparsity lists (1: same order of layers, 0: unrelated)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    den = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return num / den if den else float("nan")
+
+
+def agreement(rows: list[dict]) -> str:
+    """How far ``owl`` orders the layers as the measured ``sensitivity`` does: mean rank correlation of
+    their per-layer sparsities over every owl x sensitivity pair (unstructured, any seed), next to the
+    agreement of sensitivity runs of other seeds or methods with each other (the measurement's own noise)."""
+    chosen = [r for r in rows if r["layer_sparsity"] and r.get("pattern", "unstructured") == "unstructured"
+              and "(" not in r["profile"]]  # "owl (df2d49d)": a re-run at an earlier commit, counted once
+    sensitive = [r for r in chosen if r["profile"].startswith("sensitivity")]
+    lines = ["| owl setting | runs | x sensitivity runs | mean rank correlation | range |", "|---|---|---|---|---|"]
+    for label in sorted({r["profile"] for r in chosen if r["profile"].startswith("owl")}):
+        owl = [r for r in chosen if r["profile"] == label]
+        values = [spearman(a["layer_sparsity"], b["layer_sparsity"]) for a in owl for b in sensitive]
+        if values:
+            lines.append(f"| {label} | {len(owl)} | {len(sensitive)} | {statistics.mean(values):.2f} | "
+                         f"{min(values):.2f} to {max(values):.2f} |")
+    pairs = [spearman(a["layer_sparsity"], b["layer_sparsity"])
+             for i, a in enumerate(sensitive) for b in sensitive[i + 1:]]
+    if pairs:
+        lines.append(f"| (sensitivity x sensitivity: other seeds, methods, levels, windows) | {len(sensitive)} | {len(pairs)} pairs | "
+                     f"{statistics.mean(pairs):.2f} | {min(pairs):.2f} to {max(pairs):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: str) -> str:
     """Per-layer sparsities chosen by each profile (first seed), one panel per method at each level."""
     import matplotlib
@@ -236,7 +280,9 @@ def main(argv=None):
         f"calibration tokens {dense['forward_s']:.1f} s. Several seeds: mean ± standard deviation. "
         "`x uniform`: mean perplexity over the uniform run's mean, same method, level and seeds. "
         "`layer sparsities`: the lowest and highest per-layer sparsity chosen (first seed).\n\n"
-        + table(rows, dense) + f"\n![per-layer sparsities]({os.path.basename(image)})\n"
+        + table(rows, dense) + f"\n![per-layer sparsities]({os.path.basename(image)})\n\n"
+        "Do the profiles rank the layers alike? Rank correlation (Spearman) of the per-layer sparsities "
+        "each run chose, every owl run against every sensitivity run of this table:\n\n" + agreement(rows)
     )
     print(text)
     with open(args.output, "w", encoding="utf-8") as handle:
