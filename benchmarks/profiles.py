@@ -10,6 +10,7 @@ Python reference (``python``, a text the profiles were not chosen on).
     python benchmarks/profiles.py --levels 0.7 --methods wanda --seeds 0 1 2 --resume rows.jsonl
     python benchmarks/smollm2.py --profiles                        # the same
     python benchmarks/profiles.py --methods sparsegpt --levels 0.5 --pattern 2:4 --layer-patterns 1:4 dense
+    python benchmarks/profiles.py --methods alps --profiles uniform --options eigh_dtype=float32
 
 With an N:M ``--pattern`` the level is the average sparsity asked for; ``uniform`` prunes every layer to
 the pattern, ``sensitivity`` lets each layer take the pattern or one of ``--layer-patterns``.
@@ -77,16 +78,17 @@ def _prune(args, method, level, profile, seed, queue):
         extra["owl_threshold"] = args.owl_threshold
     if profile == "sensitivity" and args.layer_patterns:
         extra["layer_patterns"] = args.layer_patterns
+    options = _options(args.options)
     config = PruningConfig(method=method, sparsity=level, pattern=args.pattern, sparsity_profile=profile, seed=seed,
-                           num_calibration_samples=args.num_samples, seqlen=args.seqlen, **extra)
+                           num_calibration_samples=args.num_samples, seqlen=args.seqlen, method_kwargs=options, **extra)
     pruner = Pruner(config)
     windows = _windows(args, tokenizer, seed)
     start = time.perf_counter()
     pruner.prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
     label = _label(args, profile)
-    queue.put({"key": _key(_method(method, args.pattern), level, label, seed), "method": method,
-               "pattern": args.pattern, "level": level, "profile": label,
+    queue.put({"key": _key(_method(method, args.pattern, options), level, label, seed), "method": method,
+               "pattern": args.pattern, "options": options, "level": level, "profile": label,
                "seed": seed, "prune_s": prune_s, "sparsity": pruner.report.overall_sparsity,
                "layer_sparsity": pruner.report.layer_sparsity, "layer_patterns": pruner.report.layer_patterns,
                "peak_rss_mb": peak_rss_mb(),
@@ -97,9 +99,29 @@ def _key(method, level, profile, seed) -> str:
     return f"{method}:{level}:{profile}:{seed}"
 
 
-def _method(method: str, pattern: str = "unstructured") -> str:
-    """The method's name, with its N:M pattern when it has one (``sparsegpt 2:4``)."""
-    return method if pattern == "unstructured" else f"{method} {pattern}"
+def _method(method: str, pattern: str = "unstructured", options: dict | None = None) -> str:
+    """The method's name, with its N:M pattern and its options when it has them
+    (``sparsegpt 2:4``, ``alps [eigh_dtype=float32]``)."""
+    name = method if pattern == "unstructured" else f"{method} {pattern}"
+    if options:
+        name += " [" + ", ".join(f"{key}={value}" for key, value in sorted(options.items())) + "]"
+    return name
+
+
+def _display(row: dict) -> str:
+    return _method(row["method"], row.get("pattern", "unstructured"), row.get("options"))
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """``["eigh_dtype=float32", "max_iter=6"]`` -> method options (values read as JSON where they parse)."""
+    options = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _label(args, profile: str) -> str:
@@ -133,8 +155,7 @@ def table(rows: list[dict], dense: dict) -> str:
              "layer sparsities | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for row in rows:
-        groups.setdefault((_method(row["method"], row.get("pattern", "unstructured")), row["level"], row["profile"]),
-                          []).append(row)
+        groups.setdefault((_display(row), row["level"], row["profile"]), []).append(row)
     for (method, level, profile), items in groups.items():
         uniform = groups.get((method, level, "uniform"), [])
         seeds = sorted(r["seed"] for r in items)
@@ -208,11 +229,11 @@ def plot(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["layer_sparsity"] and r["seed"] == min(x["seed"] for x in rows)]
-    panels = sorted({(_method(r["method"], r.get("pattern", "unstructured")), r["level"]) for r in shown})
+    panels = sorted({(_display(r), r["level"]) for r in shown})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.4), squeeze=False)
     for ax, (method, level) in zip(axes[0], panels):
         for row in shown:
-            if (_method(row["method"], row.get("pattern", "unstructured")), row["level"]) == (method, level):
+            if (_display(row), row["level"]) == (method, level):
                 ax.plot(row["layer_sparsity"], marker=".", label=f"{row['profile']} (wiki {row['ppl']['wiki']:.0f})")
         ax.axhline(level, color="grey", lw=0.8, ls="--")
         ax.set(title=f"{method} {level:.0%}", xlabel="decoder layer", ylabel="sparsity")
@@ -240,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--pattern", default="unstructured", help="sparsity pattern, e.g. 2:4 (default: unstructured)")
     parser.add_argument("--layer-patterns", nargs="+", default=None,
                         help="sensitivity with an N:M --pattern: the patterns a layer may take instead (4:8, 1:4, dense)")
+    parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="the method's own options, e.g. eigh_dtype=float32 (rows are labelled with them)")
     parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "profiles.md"))
     args = parser.parse_args(argv)
@@ -262,11 +285,12 @@ def main(argv=None):
         return row
 
     dense = measured("dense", _dense)
-    rows = [measured(_key(_method(m, args.pattern), level, _label(args, p), seed), _prune, m, level, p, seed)
+    rows = [measured(_key(_method(m, args.pattern, _options(args.options)), level, _label(args, p), seed), _prune, m,
+                     level, p, seed)
             for level in args.levels for m in args.methods for seed in args.seeds for p in args.profiles]
     rows += [r for key, r in done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
     rows.sort(key=lambda r: (-r["level"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
-                             r.get("pattern", "unstructured"), _rank(r["profile"]), r["profile"], r["seed"]))
+                             _display(r), _rank(r["profile"]), r["profile"], r["seed"]))
     image = plot(rows, os.path.splitext(args.output)[0] + "-layers.png")
     text = (
         "# Sparsity profiles on SmolLM2-135M\n\n"
