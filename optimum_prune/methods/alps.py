@@ -45,8 +45,9 @@ class ALPSOptions:
     #: unstructured budget per output "row" or per "matrix"
     scope: str = "row"
     #: precision of the eigendecomposition of H: "float64" (default) or "float32" (measured at
-    #: 2048-4096 wide: 1.35-2x faster, 2.5 instead of 6.1 Gram-sized copies; SmolLM2-135M at 70%
-    #: moved by +3.2% / -5.1% in perplexity on two texts, one seed: docs/results/scaling.md)
+    #: 2048-4096 wide: 1.35-2x faster, 2.5 instead of 6.1 Gram-sized copies; SmolLM2-135M at 70%,
+    #: three seeds: +2.0% / -0.5% in perplexity on two texts, worse on wiki every seed, so float64
+    #: stays the default: docs/results/scaling.md)
     eigh_dtype: str = "float64"
 
     def __post_init__(self):
