@@ -14,20 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 
 from optimum_prune.calibration.cost import gemm_rate
-
-
-def sustained_rate(seconds: float, size: int = 2048) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2.0 * size**3 * count / (time.perf_counter() - start)
 
 
 def main(argv=None) -> None:
@@ -42,7 +32,7 @@ def main(argv=None) -> None:
     for trial in range(args.trials):
         median = gemm_rate(cpu, seconds=0.5, bursts=5)
         single = gemm_rate(cpu)
-        sustained = sustained_rate(args.sustained)
+        sustained = gemm_rate(cpu, size=2048, seconds=args.sustained)
         ratios["median of 5 bursts, 0.5 s"].append(median / sustained)
         ratios["one 0.25 s sample"].append(single / sustained)
         print(f"| {trial} | {median / 1e9:.1f} | {single / 1e9:.1f} | {sustained / 1e9:.1f} | "
