@@ -1,13 +1,26 @@
 """Model classes for structurally pruned models whose layers have different widths.
 
-``modeling_pruned.py`` is self-contained (torch + transformers only) and is saved next to the
-weights; `register` makes the classes known to ``AutoConfig`` / ``AutoModelForCausalLM`` so that
-a heterogeneous checkpoint loads without ``trust_remote_code`` once optimum-prune is imported.
+``modeling_pruned.py`` (every supported family, ``layer_widths``) and ``modeling_nemotron_nas.py``
+(Llama-family layers in the Nemotron-NAS form that serving engines read, ``block_configs``) are
+self-contained (torch + transformers only) and are saved next to the weights; `register` makes the
+classes known to ``AutoConfig`` / ``AutoModelForCausalLM`` so that a heterogeneous checkpoint loads
+without ``trust_remote_code`` once optimum-prune is imported.
 """
 
 from __future__ import annotations
 
-from .modeling_pruned import LAYER_WIDTH_KEYS, PRUNED_CLASSES, layer_config
+from . import modeling_nemotron_nas as nemotron_nas
+from .modeling_nemotron_nas import DeciLMConfig, DeciLMForCausalLM
+from .modeling_pruned import LAYER_WIDTH_KEYS, PRUNED_CLASSES
+
+from . import modeling_pruned
+
+
+def layer_config(config, index: int):
+    """A copy of ``config`` with the widths of decoder layer ``index``, in either form."""
+    if config.model_type == DeciLMConfig.model_type:
+        return nemotron_nas.layer_config(config, index)
+    return modeling_pruned.layer_config(config, index)
 
 
 _REGISTERED = False
@@ -20,7 +33,7 @@ def register() -> None:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for config_class, model_class in PRUNED_CLASSES.values():
+    for config_class, model_class in [*PRUNED_CLASSES.values(), (DeciLMConfig, DeciLMForCausalLM)]:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
     _REGISTERED = True
@@ -28,4 +41,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["LAYER_WIDTH_KEYS", "PRUNED_CLASSES", "layer_config", "register"]
+__all__ = ["LAYER_WIDTH_KEYS", "PRUNED_CLASSES", "DeciLMConfig", "DeciLMForCausalLM", "layer_config", "register"]
