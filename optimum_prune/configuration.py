@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import field
@@ -56,6 +57,14 @@ SPARSITY_PROFILES = ("uniform", "owl", "sensitivity")
 
 #: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
 EXPERT_CALIBRATION = ("routed", "all")
+
+#: ``serve_with``: the engine the output is meant for (optimum_prune/export/engines.py has its rules)
+SERVING_ENGINES = ("transformers", "vllm", "sglang", "tensorrt-llm", "mlx", "llama.cpp")
+#: MLP widths each engine reads when the layers differ in width (SGLang, TensorRT-LLM and MLX read
+#: Nemotron-NAS ``ffn_mult`` only: multiples of 256; llama.cpp's q8_0 rows: multiples of 32)
+ENGINE_WIDTH_MULTIPLE = {"transformers": 1, "vllm": 1, "sglang": 256, "tensorrt-llm": 256, "mlx": 256, "llama.cpp": 32}
+#: engines that keep every query head of a layer (Nemotron-NAS): no KV group removed per layer
+WHOLE_ATTENTION_ENGINES = ("vllm", "sglang", "tensorrt-llm", "mlx")
 
 
 #: Keyword arguments of `PruningConfig.from_pretrained` that locate the file (as elsewhere in Transformers).
@@ -108,6 +117,13 @@ class PruningConfig(BaseConfig):
             ``{"role", "content"}`` messages, rendered with the tokenizer's chat template), and whether
             to use it when present (``"auto"``), require it (``"chat"``) or read plain text (``"text"``).
         method_kwargs: the method's own options, checked against its ``Options`` dataclass.
+        serve_with: the engine the output is meant for (``"transformers"``, ``"vllm"``, ``"sglang"``,
+            ``"tensorrt-llm"``, ``"mlx"``, ``"llama.cpp"``). When a structured prune can give the layers
+            different widths (a global method, overrides), the prune produces only what that engine
+            reads: MLP widths on its grid (``channel_multiple`` raised to 256 for SGLang, TensorRT-LLM
+            and MLX, to 32 for llama.cpp) and, for the Nemotron-NAS engines, attention left whole
+            (``"*.self_attn"`` added to ``ignore``); families the engine cannot serve that way are
+            refused before any work (docs/deploy.md).
     """
 
     CONFIG_NAME = CONFIG_NAME
@@ -143,6 +159,7 @@ class PruningConfig(BaseConfig):
     layer_sparsity_min: float = 0.0
     layer_sparsity_max: float = 0.99
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    serve_with: str = "transformers"
 
     def __post_init__(self, **kwargs):
         from .registry import get_method
@@ -205,6 +222,28 @@ class PruningConfig(BaseConfig):
         if not isinstance(self.method_kwargs, dict):
             raise PruningError(f"method_kwargs must be a JSON object of the method's options, got {self.method_kwargs!r}.")
         method_cls.parse_options(self.method_kwargs)  # raises with the list of known options
+        self._apply_engine(method_cls)
+
+    def _apply_engine(self, method_cls) -> None:
+        """``serve_with``'s rules for a structured prune whose layers can differ in width."""
+        if self.serve_with not in SERVING_ENGINES:
+            raise PruningError(f"serve_with must be one of {', '.join(SERVING_ENGINES)}, got {self.serve_with!r}.")
+        if self.pattern != "structured":
+            return
+        multiple = ENGINE_WIDTH_MULTIPLE[self.serve_with]
+        if self.serve_with == "llama.cpp" or self.per_layer_widths(method_cls):
+            self.channel_multiple = math.lcm(self.channel_multiple, multiple)
+        if self.serve_with in WHOLE_ATTENTION_ENGINES and self.per_layer_widths(method_cls) and \
+                "*.self_attn" not in self.ignore:
+            self.ignore = [*self.ignore, "*.self_attn"]
+
+    def per_layer_widths(self, method_cls=None) -> bool:
+        """Whether a structured prune with this config can give the decoder layers different widths."""
+        if method_cls is None:
+            from .registry import get_method
+
+            method_cls = get_method(self.method)
+        return bool(method_cls.is_global or self.overrides or self.sparsity_profile != "uniform")
 
     def _check_profile(self, method_cls, parsed: SparsityPattern) -> None:
         if self.sparsity_profile not in SPARSITY_PROFILES:

@@ -112,6 +112,7 @@ def build_model_card(
     base_model: str | None = None,
     results: dict | None = None,
     command: str | None = None,
+    serving: list[tuple[str, str, str]] | None = None,
 ):
     """A ``huggingface_hub.ModelCard`` describing ``model`` pruned with ``config``.
 
@@ -119,7 +120,9 @@ def build_model_card(
     ``perplexity_{before,after,recovered}`` (+ ``eval``: dataset, seqlen, max_windows),
     ``zero_shot_{before,after,recovered}`` (``{task: {metric: value}}``, + ``zero_shot_settings``)
     and ``recovery`` (what `recover_lora` returned); ``command`` is the command
-    line that produced the model (a Python snippet is shown otherwise).
+    line that produced the model (a Python snippet is shown otherwise); ``serving``: the rows
+    (engine, verdict, how to start it) of `optimum_prune.export.engines.where_it_runs` for the saved
+    folder, and ``results["form"]``: which form a heterogeneous folder was saved in and why.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -184,6 +187,9 @@ def build_model_card(
         loading += ("\nEvery decoder layer has its own width, which stock transformers classes cannot express: the "
                     "modelling code ships in this folder (`trust_remote_code=True`), or `import optimum_prune` first "
                     "and load without it.\n")
+    if results.get("form"):
+        loading += f"\n{results['form']}\n"
+    where = _serving_section(serving, config)
     reproduce = (f"```bash\n{command}\n```\n" if command else
                  "```python\nfrom optimum_prune import Pruner, PruningConfig\n\n"
                  'config = PruningConfig.from_pretrained("path/to/this/folder")  # pruning_config.json\n'
@@ -198,10 +204,20 @@ def build_model_card(
         f"## How it was pruned\n\n| | |\n|---|---|\n{setup}\n\n"
         + (f"## Result\n\n| | |\n|---|---|\n{measured}\n" if measured else "")
         + evaluation
-        + f"\n## How to load it\n\n{loading}\n## How to reproduce it\n\n{reproduce}"
+        + f"\n## How to load it\n\n{loading}" + where + f"\n## How to reproduce it\n\n{reproduce}"
         + "\nThe full pruning configuration is in `pruning_config.json` (also under `pruning_config` in `config.json`).\n"
     )
     return ModelCard(content)
+
+
+def _serving_section(serving, config: PruningConfig) -> str:
+    if not serving:
+        return ""
+    rows = "".join(f"| {engine} | {verdict} | {how} |\n" for engine, verdict, how in serving)
+    aim = (f"\nPruned for `--serve-with {config.serve_with}`: only what that engine reads was produced.\n"
+           if config.serve_with != "transformers" else "")
+    return ("\n## Where it runs\n\n| engine | runs it | how |\n|---|---|---|\n" + rows + aim +
+            "\nSee optimum-prune's docs/deploy.md for each engine.\n")
 
 
 def _layer_sparsity_text(profile: dict | None) -> str | None:

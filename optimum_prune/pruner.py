@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -61,16 +62,23 @@ def resolve_model_id(model_id: str | os.PathLike) -> str:
     return model_id
 
 
-def load_empty_model(model_id: str | os.PathLike, dtype="auto"):
-    """The causal LM ``model_id`` describes, built from its ``config.json`` alone with every weight on
-    the meta device (nothing is read or allocated): what a plan-only run looks at."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model_config(model_id: str | os.PathLike):
+    """The transformers configuration of ``model_id`` (its ``config.json`` alone)."""
+    from transformers import AutoConfig
 
     model_id = resolve_model_id(model_id)
     try:
-        config = AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(model_id)
     except Exception as err:  # noqa: BLE001 - reported as bad input, in one line
         raise PruningError(f"Could not read the configuration of model {model_id!r}: {first_line(err)}") from None
+
+
+def load_empty_model(model_id: str | os.PathLike, dtype="auto"):
+    """The causal LM ``model_id`` describes, built from its ``config.json`` alone with every weight on
+    the meta device (nothing is read or allocated): what a plan-only run looks at."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(model_id)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -155,6 +163,8 @@ class Pruner:
             tokenizer = tokenizer or loaded_tokenizer
         if not isinstance(model, nn.Module):
             raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
+        if getattr(model, "config", None) is not None:
+            self.check_serving(model.config.to_dict())
         self.checkpoint = None
         if self.method.is_global:  # whole-model methods (policy gradient)
             from .calibration.global_engine import GlobalStructuredEngine
@@ -247,6 +257,22 @@ class Pruner:
             profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),
                                                 next(engine.layers[0].parameters()).element_size(), calibrated)})
 
+    def check_serving(self, model_config: dict, gguf: str | None = None) -> None:
+        """Refuse, before any work, a prune whose output the engine of ``config.serve_with`` (or
+        llama.cpp, when a ``gguf`` file will be written) could not run (`export.engines.check_servable`).
+        ``model_config``: the model's ``config.json`` as a dict."""
+        from .export.engines import check_servable
+        from .export.gguf import GGUF_TYPES, gguf_refusal
+
+        cfg = self.config
+        check_servable(cfg.serve_with, model_config, cfg.per_layer_widths(type(self.method)), cfg.pattern == "structured")
+        if gguf is not None:
+            if gguf not in GGUF_TYPES:
+                raise PruningError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}.")
+            refusal = gguf_refusal(model_config)
+            if refusal:
+                raise PruningError(f"--gguf: {refusal}.")
+
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
                         activations: str = "device", activation_folder=None) -> None:
         """The checks of `prune`'s arguments that need no model, in seconds (`PruningError` names the
@@ -305,7 +331,8 @@ def model_source(model) -> str | None:
 
 def save_pruned(
     model, save_directory, config: PruningConfig, tokenizer=None, overwrite: bool = False, extra_files=None,
-    results: dict | None = None, command: str | None = None, base_model: str | None = None, protect=(), **kwargs,
+    results: dict | None = None, command: str | None = None, base_model: str | None = None, protect=(),
+    gguf: str | None = None, **kwargs,
 ) -> str:
     """Write model, tokenizer, ``pruning_config.json`` and a model card (``README.md``, see
     `optimum_prune.model_card`; ``results``, ``command`` and ``base_model`` go into it) atomically:
@@ -314,26 +341,38 @@ def save_pruned(
     output, never the folder the model was loaded from, the working or home directory).
     ``save_directory`` is a path, or an `OutputFolder` reserved before the prune (the CLI does
     that, so that its lock covers the whole run). ``protect``: more (description, path) pairs the
-    output may not replace. With several processes only rank 0 writes."""
+    output may not replace. With several processes only rank 0 writes.
 
+    A Llama / Mistral / Qwen2 model whose layers differ in width is saved in the Nemotron-NAS form
+    that vLLM, SGLang, TensorRT-LLM and MLX read (`optimum_prune.export.nemotron_nas`), where that
+    form can express it. ``gguf`` (``f32``, ``f16``, ``bf16``, ``q8_0``): also write
+    ``<folder name>-<gguf>.gguf`` for llama.cpp into the folder (`optimum_prune.export.gguf`)."""
+    if gguf is not None:
+        from .export.gguf import GGUF_TYPES
+
+        if gguf not in GGUF_TYPES:
+            raise PruningError(f"gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}.")
+    args = (model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
+            gguf)
     if is_distributed():  # one writer: rank 0; the others wait until the folder is complete
         import torch.distributed
 
         if is_main_process():
             try:
-                path = _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command,
-                             base_model, protect, **kwargs)
+                path = _save(*args, **kwargs)
             finally:
                 torch.distributed.barrier()
             return path
         torch.distributed.barrier()
         return os.path.abspath(os.fspath(getattr(save_directory, "path", save_directory)))
-    return _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
-                 **kwargs)
+    return _save(*args, **kwargs)
 
 
 def _save(model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
-          **kwargs):
+          gguf, **kwargs):
+    from .export.engines import where_it_runs
+    from .export.gguf import export_gguf
+    from .export.nemotron_nas import to_nemotron_nas
     from .model_card import build_model_card
 
     if isinstance(save_directory, OutputFolder):
@@ -346,10 +385,23 @@ def _save(model, save_directory, config, tokenizer, overwrite, extra_files, resu
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = config.to_dict()
         model.save_pretrained(folder, **kwargs)
+        card_results = dict(results or {})
+        if getattr(getattr(model, "config", None), "layer_widths", None) is not None:
+            kept = to_nemotron_nas(folder)
+            card_results["form"] = ("Saved in the Nemotron-NAS form (`DeciLMForCausalLM`, one `block_configs` entry "
+                                    "per layer), which serving engines read." if kept is None else
+                                    f"Saved in optimum-prune's own form: no Nemotron-NAS form, {kept}.")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         config.save_pretrained(folder)
-        card = build_model_card(model, config, base_model=base_model, results=results, command=command)
+        gguf_file = None
+        if gguf is not None:
+            gguf_file = f"{os.path.basename(output.path)}-{gguf}.gguf"
+            export_gguf(folder, os.path.join(folder, gguf_file), dtype=gguf)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            serving = where_it_runs(json.load(handle), config.pattern, gguf_file)
+        card = build_model_card(model, config, base_model=base_model, results=card_results, command=command,
+                                serving=serving)
         card.save(os.path.join(folder, "README.md"))
         for name, content in (extra_files or {}).items():
             with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:

@@ -62,6 +62,24 @@ def make_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
+BPE_TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, said {i % 13} people." for i in range(200)]
+
+
+def make_bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2 style) trained in code on a few sentences: what llama.cpp's
+    GGUF tokenizer needs; ``vocab_size`` tokens, ``<|endoftext|>`` = 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    backend.train_from_iterator(BPE_TEXTS, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+
+
 def make_texts(count: int = 40, words: int = 60, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     # a little structure (repeated phrases) so that a model could in principle learn something

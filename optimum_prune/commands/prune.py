@@ -41,6 +41,10 @@ CONFIG_FLAGS = (
     ("layer_sparsity_max", "pruning", dict(type=float, help="Profiles: the highest sparsity of a layer (default 0.99).")),
     ("channel_multiple", "pruning", dict(type=int, help="Structured: MLP channels kept per layer rounded to a "
                                                          "multiple of this (default 32; 1: exact).")),
+    ("serve_with", "pruning", dict(choices=("transformers", "vllm", "sglang", "tensorrt-llm", "mlx", "llama.cpp"),
+                                   help="The engine the output is meant for: prune only what it reads (MLP widths "
+                                        "on its grid, attention whole where it keeps every query head); refused "
+                                        "before any work where it cannot (docs/deploy.md). Default transformers.")),
     ("expert_calibration", "pruning", dict(choices=("routed", "all"), help="MoE experts: statistics of the tokens "
                                            "routed to each expert (default) or of every token.")),
     ("min_expert_tokens", "pruning", dict(type=int, help="MoE experts with fewer routed tokens are pruned by "
@@ -84,6 +88,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                             "and exit: only the model's configuration is read, nothing is written.")
     model.add_argument("--overwrite", action="store_true",
                        help="Replace --output if it is a previous optimum-prune output (holds pruning_config.json).")
+    model.add_argument("--gguf", default=None, choices=("f32", "f16", "bf16", "q8_0"),
+                       help="Also write a GGUF file of this type into --output for llama.cpp / Ollama / LM Studio "
+                            "(Llama, Mistral, Qwen2; checked before the prune).")
     model.add_argument("--push-to-hub", default=None, metavar="REPO",
                        help="After a successful save, upload the output folder to this Hub repo (created if missing).")
     model.add_argument("--hub-private", action="store_true", help="With --push-to-hub: create the repo private.")
@@ -331,6 +338,7 @@ def _run(args) -> int:
                                "in a separate single-process run.")
     pruner = Pruner(config)
     pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
+    _check_serving(args, pruner)
 
     recovery = None
     if args.recover:
@@ -364,12 +372,22 @@ def _run(args) -> int:
         output.release()
 
 
+def _check_serving(args, pruner) -> None:
+    """--serve-with and --gguf against the model's config.json, before the model loads."""
+    if pruner.config.serve_with == "transformers" and args.gguf is None:
+        return
+    from optimum_prune.pruner import load_model_config
+
+    pruner.check_serving(load_model_config(args.model).to_dict(), gguf=args.gguf)
+
+
 def _dry_run(args, config) -> int:
     """``--dry-run``: the plan and its estimates, from the model's configuration alone; nothing written."""
     from optimum_prune.pruner import Pruner
 
     pruner = Pruner(config)
     pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
+    _check_serving(args, pruner)
     print(pruner.plan(args.model, device=args.device, dtype=args.dtype,
                       checkpoint=args.checkpoint_dir is not None).describe(), flush=True)
     return 0
@@ -468,7 +486,7 @@ def _prune(args, config, pruner, output, recovery, tasks, eval_data, load_kwargs
     extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
     command = shlex.join([os.path.basename(sys.argv[0]) or "optimum-cli", *sys.argv[1:]])
     out = save_pruned(model, output, config, tokenizer, extra_files=extra, results=results, command=command,
-                      base_model=args.model)
+                      base_model=args.model, gguf=args.gguf)
     if pruner.checkpoint is not None:
         pruner.checkpoint.clear()
     print(f"saved to {out}", flush=True)

@@ -5,9 +5,11 @@
   become ``deci``, llama.cpp's architecture with per-layer ``feed_forward_length``, ``head_count``
   and ``head_count_kv`` arrays (attention-free layers allowed).
 
-llama.cpp's ``deci`` graph skips the rest of a layer whose MLP width is 0, attention output
-included: a layer that keeps its attention but not its MLP is written with a one-channel MLP whose
-down projection is zero (the same output, 3 x hidden_size more weights).
+Two corners of llama.cpp's ``deci`` support are worked around with blocks whose output is zero (the
+same outputs, a few more weights): its graph skips the rest of a layer whose MLP width is 0,
+attention output included, so a layer that keeps its attention but not its MLP gets a one-channel
+MLP with a zero down projection; and it reads the head size only when layer 0 has attention, so an
+attention-free layer 0 gets one head with a zero output projection.
 
 The llama and deci graphs rotate query/key pairs (i, i + 1), Hugging Face's Llama code pairs (i,
 i + head_dim / 2): q and k rows are permuted within every head, as llama.cpp's own converter does.
@@ -25,16 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PruningError
+from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas
 
 #: ``--gguf`` values: the weights' type in the file
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 #: families (``model_type`` after optimum-prune's prefix) the exporter reads
 GGUF_FAMILIES = ("llama", "mistral", "qwen2")
-
-_NAS = "nemotron-nas"
-_PRUNED = "optimum_pruned_"
-
 
 @dataclass
 class LayerShape:
@@ -57,25 +56,16 @@ class GGUFLayout:
     qkv_bias: bool
 
 
-def _family(config: dict) -> str:
-    model_type = config.get("model_type", "")
-    if model_type == _NAS:
-        return "qwen2" if config.get("qkv_bias") else "llama"
-    return model_type[len(_PRUNED):] if model_type.startswith(_PRUNED) else model_type
-
-
 def gguf_refusal(config: dict) -> str | None:
     """Why llama.cpp cannot run the model ``config`` (a ``config.json`` dict) describes, or None.
 
     Checked on the base model before a prune (``--gguf``) and on the saved folder before export."""
-    family = _family(config)
+    family = family_of(config)
     if family not in GGUF_FAMILIES:
         return (f"GGUF export covers {', '.join(GGUF_FAMILIES)} models (and their pruned forms), not "
                 f"{config.get('model_type')!r}; save without --gguf and use the engines docs/deploy.md lists for it")
-    window = config.get("sliding_window")
-    if family == "qwen2" and not config.get("use_sliding_window", False):
-        window = None
-    if window is not None and window < config.get("max_position_embeddings", 0):
+    window = active_window(config)
+    if window is not None:
         return (f"the model attends over a sliding window of {window} tokens, which llama.cpp's {family} graph "
                 f"does not apply; GGUF export would change its outputs")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -94,13 +84,13 @@ def read_layout(config: dict) -> GGUFLayout:
     refusal = gguf_refusal(config)
     if refusal:
         raise PruningError(f"Cannot export GGUF: {refusal}.")
-    family = _family(config)
+    family = family_of(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv, ffn = config.get("num_key_value_heads") or heads, config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // heads
     layers = []
     for index in range(config["num_hidden_layers"]):
-        if config.get("model_type") == _NAS:
+        if is_nemotron_nas(config):
             block = config["block_configs"][index]
             attention, mlp = block["attention"], block["ffn"]
             layer_kv = 0 if attention.get("no_op") else heads // attention["n_heads_in_group"]
@@ -116,7 +106,7 @@ def read_layout(config: dict) -> GGUFLayout:
             layers.append(LayerShape(own.get("num_attention_heads", heads), own.get("num_key_value_heads", kv),
                                      own.get("intermediate_size", ffn)))
     uniform = all(layer == layers[0] for layer in layers)
-    if not uniform or config.get("model_type") == _NAS:
+    if not uniform or is_heterogeneous(config):
         arch = "deci"
     else:
         arch = "qwen2" if family == "qwen2" else "llama"
@@ -224,11 +214,30 @@ def _gguf_tensors(weights: dict, layout: GGUFLayout):
                 if permute and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                     value = _rope_pairs(value, shape.heads if hf == "self_attn.q_proj" else shape.kv_heads)
                 yield f"blk.{index}.{name}{suffix}", value
-        if shape.heads and not shape.ffn and layout.arch == "deci":  # see the module docstring
-            yield f"blk.{index}.ffn_norm.weight", np.ones(layout.hidden, dtype=np.float32)
-            yield f"blk.{index}.ffn_gate.weight", np.zeros((1, layout.hidden), dtype=np.float32)
-            yield f"blk.{index}.ffn_up.weight", np.zeros((1, layout.hidden), dtype=np.float32)
-            yield f"blk.{index}.ffn_down.weight", np.zeros((layout.hidden, 1), dtype=np.float32)
+        yield from _stub_blocks(index, shape, layout)
+
+
+def stub_shape(index: int, shape: LayerShape, layout: GGUFLayout) -> LayerShape:
+    """The shape llama.cpp is told for a layer: its own, or with the zero-output stub blocks of the
+    module docstring."""
+    if layout.arch != "deci":
+        return shape
+    heads, kv_heads = (1, 1) if index == 0 and not shape.heads else (shape.heads, shape.kv_heads)
+    return LayerShape(heads, kv_heads, shape.ffn or (1 if heads else 0))
+
+
+def _stub_blocks(index: int, shape: LayerShape, layout: GGUFLayout):
+    written, hidden, zeros = stub_shape(index, shape, layout), layout.hidden, np.zeros
+    if written.heads and not shape.heads:
+        yield f"blk.{index}.attn_norm.weight", np.ones(hidden, dtype=np.float32)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            yield f"blk.{index}.{name}.weight", zeros((layout.head_dim, hidden), dtype=np.float32)
+        yield f"blk.{index}.attn_output.weight", zeros((hidden, layout.head_dim), dtype=np.float32)
+    if written.ffn and not shape.ffn:
+        yield f"blk.{index}.ffn_norm.weight", np.ones(hidden, dtype=np.float32)
+        yield f"blk.{index}.ffn_gate.weight", zeros((1, hidden), dtype=np.float32)
+        yield f"blk.{index}.ffn_up.weight", zeros((1, hidden), dtype=np.float32)
+        yield f"blk.{index}.ffn_down.weight", zeros((hidden, 1), dtype=np.float32)
 
 
 def _encode(value: np.ndarray, kind: str):
@@ -310,7 +319,7 @@ def export_gguf(folder: str | os.PathLike, path: str | os.PathLike | None = None
 def _write(writer, config, layout, weights, dtype, name, folder, pre, tokens, token_types):
     import gguf
 
-    layers = layout.layers
+    layers = [stub_shape(index, shape, layout) for index, shape in enumerate(layout.layers)]
     uniform = layout.arch != "deci"
     writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -318,9 +327,7 @@ def _write(writer, config, layout, weights, dtype, name, folder, pre, tokens, to
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(layout.hidden)
     writer.add_block_count(len(layers))
-    # deci: a layer that keeps attention but not its MLP gets a one-channel MLP (module docstring)
-    widths = [layer.ffn or (1 if layer.heads and layout.arch == "deci" else 0) for layer in layers]
-    writer.add_feed_forward_length(widths[0] if uniform else widths)
+    writer.add_feed_forward_length(layers[0].ffn if uniform else [layer.ffn for layer in layers])
     writer.add_head_count(layers[0].heads if uniform else [layer.heads for layer in layers])
     writer.add_head_count_kv(layers[0].kv_heads if uniform else [layer.kv_heads for layer in layers])
     writer.add_key_length(layout.head_dim)

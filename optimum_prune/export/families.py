@@ -1,0 +1,34 @@
+"""Facts about a saved model's ``config.json`` (a dict) that the export formats share."""
+
+from __future__ import annotations
+
+_NAS = "nemotron-nas"
+_PRUNED = "optimum_pruned_"
+
+
+def family_of(config: dict) -> str:
+    """The stock family of a ``config.json``: ``optimum_pruned_<family>`` -> family; a Nemotron-NAS
+    folder -> ``qwen2`` when it has q/k/v biases only, else ``llama``."""
+    model_type = config.get("model_type", "")
+    if model_type == _NAS:
+        return "qwen2" if config.get("qkv_bias") else "llama"
+    return model_type[len(_PRUNED):] if model_type.startswith(_PRUNED) else model_type
+
+
+def is_nemotron_nas(config: dict) -> bool:
+    return config.get("model_type") == _NAS
+
+
+def is_heterogeneous(config: dict) -> bool:
+    """Whether the layers differ in width (optimum-prune's ``layer_widths`` or the Nemotron-NAS blocks)."""
+    return bool(config.get("layer_widths")) or is_nemotron_nas(config)
+
+
+def active_window(config: dict) -> int | None:
+    """The sliding window the model attends over, when it is shorter than its context, else None."""
+    window = config.get("sliding_window")
+    if family_of(config) == "qwen2" and not config.get("use_sliding_window", False):
+        window = None
+    if window is None or window >= config.get("max_position_embeddings", 0):
+        return None
+    return window
