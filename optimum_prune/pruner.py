@@ -294,8 +294,9 @@ class Pruner:
     def save_pretrained(self, save_directory: str | os.PathLike, model: nn.Module | None = None, tokenizer=None,
                         overwrite: bool = False, push_to_hub: bool = False, repo_id: str | None = None,
                         private: bool | None = None, token: str | bool | None = None, **kwargs) -> str:
-        """Save the pruned model (see `save_pruned`); with ``push_to_hub``, then upload the saved
-        folder to ``repo_id`` (default: the folder's name) as `push_to_hub` does."""
+        """Save the pruned model (see `save_pruned`: ``gguf="q8_0"`` also writes a GGUF file for
+        llama.cpp); with ``push_to_hub``, then upload the saved folder to ``repo_id`` (default: the
+        folder's name) as `push_to_hub` does."""
         model = model if model is not None else self.model
         if model is None:
             raise PruningError("Nothing to save: call prune() first or pass model=.")

@@ -23,6 +23,11 @@ LOWER_LAYERS = {
                               "optimum_prune.commands", "optimum_prune.output"),
     "optimum_prune.locks": ("optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands"),
     "optimum_prune.output": ("optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands"),
+    # the export formats read saved folders and config dicts: never the engine, the pruner or the CLI
+    "optimum_prune.export": ("optimum_prune.calibration", "optimum_prune.pruner", "optimum_prune.commands",
+                             "optimum_prune.methods"),
+    # the modelling files are copied next to the weights: torch and transformers only
+    "optimum_prune.modeling": ("optimum_prune.",),
 }
 
 

@@ -32,3 +32,13 @@ def active_window(config: dict) -> int | None:
     if window is None or window >= config.get("max_position_embeddings", 0):
         return None
     return window
+
+
+def layer_widths_of(config: dict) -> list[dict]:
+    """Each decoder layer's ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size``
+    of a stock or optimum-prune-form ``config.json`` (``layer_widths`` entries over the global fields)."""
+    heads = config["num_attention_heads"]
+    common = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads") or heads,
+              "intermediate_size": config["intermediate_size"]}
+    own = config.get("layer_widths") or [{}] * config["num_hidden_layers"]
+    return [{**common, **{key: value for key, value in entry.items() if key in common}} for entry in own]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PruningError
-from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas
+from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas, layer_widths_of
 
 #: ``--gguf`` values: the weights' type in the file
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -81,30 +81,24 @@ def gguf_refusal(config: dict) -> str | None:
 
 def read_layout(config: dict) -> GGUFLayout:
     """The per-layer shapes of a saved folder's ``config.json`` (stock, ``layer_widths`` or ``block_configs``)."""
-    refusal = gguf_refusal(config)
-    if refusal:
-        raise PruningError(f"Cannot export GGUF: {refusal}.")
     family = family_of(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    kv, ffn = config.get("num_key_value_heads") or heads, config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // heads
-    layers = []
-    for index in range(config["num_hidden_layers"]):
-        if is_nemotron_nas(config):
-            block = config["block_configs"][index]
+    if is_nemotron_nas(config):
+        layers = []
+        for block in config["block_configs"]:
             attention, mlp = block["attention"], block["ffn"]
-            layer_kv = 0 if attention.get("no_op") else heads // attention["n_heads_in_group"]
             if mlp.get("no_op"):
                 width = 0
             elif mlp.get("ffn_mult") is not None:
                 width = -(-int(2 * mlp["ffn_mult"] * hidden / 3) // 256) * 256
             else:
                 width = mlp["intermediate_size"]
-            layers.append(LayerShape(0 if attention.get("no_op") else heads, layer_kv, width))
-        else:
-            own = (config.get("layer_widths") or [{}] * (index + 1))[index]
-            layers.append(LayerShape(own.get("num_attention_heads", heads), own.get("num_key_value_heads", kv),
-                                     own.get("intermediate_size", ffn)))
+            attention_heads = 0 if attention.get("no_op") else heads
+            layers.append(LayerShape(attention_heads, attention_heads and heads // attention["n_heads_in_group"], width))
+    else:
+        layers = [LayerShape(w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"])
+                  for w in layer_widths_of(config)]
     uniform = all(layer == layers[0] for layer in layers)
     if not uniform or is_heterogeneous(config):
         arch = "deci"
@@ -297,6 +291,9 @@ def export_gguf(folder: str | os.PathLike, path: str | os.PathLike | None = None
         raise PruningError(f"Cannot export GGUF: {folder} has no config.json; give a folder save_pretrained wrote.")
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
+    refusal = gguf_refusal(config)
+    if refusal:
+        raise PruningError(f"Cannot export GGUF: {refusal}.")
     layout = read_layout(config)
     pre, tokens, token_types = _tokenizer(folder, config["vocab_size"], pre_tokenizer)
     weights = _read_weights(folder)

@@ -22,7 +22,7 @@ import shutil
 from ..errors import PruningError
 from ..modeling import DeciLMConfig
 from ..modeling import nemotron_nas as nas_modeling
-from .families import active_window, family_of
+from .families import active_window, family_of, layer_widths_of
 
 #: families whose layers the Nemotron-NAS form describes
 NAS_FAMILIES = ("llama", "mistral", "qwen2")
@@ -64,15 +64,13 @@ def ffn_entry(width: int, hidden: int) -> dict:
 def block_configs(config: dict) -> list[dict]:
     """One Nemotron-NAS block per layer of a ``config.json`` dict (stock or ``layer_widths``)."""
     heads = config["num_attention_heads"]
-    kv, width = config.get("num_key_value_heads") or heads, config["intermediate_size"]
     blocks = []
-    for index in range(config["num_hidden_layers"]):
-        own = (config.get("layer_widths") or [{}] * (index + 1))[index]
-        layer_kv = own.get("num_key_value_heads", kv)
-        if heads % layer_kv:
-            raise PruningError(f"layer {index}: {heads} query heads do not split into {layer_kv} KV groups.")
-        blocks.append({"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // layer_kv},
-                       "ffn": ffn_entry(own.get("intermediate_size", width), config["hidden_size"])})
+    for index, widths in enumerate(layer_widths_of(config)):
+        kv = widths["num_key_value_heads"]
+        if heads % kv:
+            raise PruningError(f"layer {index}: {heads} query heads do not split into {kv} KV groups.")
+        blocks.append({"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv},
+                       "ffn": ffn_entry(widths["intermediate_size"], config["hidden_size"])})
     return blocks
 
 

@@ -1,0 +1,259 @@
+"""Pruned SmolLM2-135M where people serve it: vLLM-CPU and llama.cpp, against transformers.
+
+Rows (each pruned with the CLI, as a user would, with ``--gguf f32``):
+
+- ``dense``: the packaged SmolLM2-135M-Instruct (fp32), its GGUF written with ``export_gguf``;
+- ``fasp-30``: FASP, structured 30% of every decoder layer (a stock Llama checkpoint);
+- ``pg-30``: policy gradient, 30% of the decoder parameters, every layer its own MLP width and KV
+  groups (optimum-prune's own form unless every layer keeps its query heads);
+- ``pg-30-vllm``: the same with ``--serve-with vllm`` (attention whole: the Nemotron-NAS form).
+
+For each row: greedy token ids for a fixed prompt set (8 held-out Wikipedia leads, 48 tokens
+each, 32 new tokens, end-of-sequence ignored, fp32) in transformers, llama.cpp (the ``xllamacpp``
+wheel) and vLLM-CPU; then throughput in both engines, one request at a time: a 512-token prompt
+(prompt tokens/s) generating 128 tokens (generated tokens/s), ``--repeats`` times, and the file
+sizes. Results: ``docs/results/serving.md`` and ``serving-rows.json``.
+
+vLLM is too heavy for CI and pins its own transformers: the script builds its own virtualenv
+(``--vllm-venv``, default ``~/.cache/optimum-prune/vllm-venv``) with
+
+    python -m venv VENV && VENV/bin/pip install torch==2.13.0 && VENV/bin/pip install vllm-cpu==0.32.0
+    VENV/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds pip pulls in; they break vllm-cpu
+
+and runs ``benchmarks/serve_vllm_worker.py`` in it. Run alone: nothing else on the cores.
+
+    python benchmarks/serve.py                 # prune what is missing, measure, write the page
+    python benchmarks/serve.py --skip-vllm     # llama.cpp and transformers only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+STRUCTURED = ["--pattern", "structured", "--sparsity", "0.3"]
+ROWS = {
+    "dense": None,
+    "fasp-30": ["--method", "fasp", *STRUCTURED],
+    "pg-30": ["--method", "policy_gradient", *STRUCTURED],
+    "pg-30-vllm": ["--method", "policy_gradient", *STRUCTURED, "--serve-with", "vllm"],
+}
+VLLM_SETUP = [["pip", "install", "--quiet", "torch==2.13.0"], ["pip", "install", "--quiet", "vllm-cpu==0.32.0"],
+              ["pip", "uninstall", "--yes", "torchvision", "torchaudio", "torchcodec"]]
+
+
+def prune_rows(args) -> dict[str, str]:
+    """The folder of every row; pruned with the CLI where missing."""
+    from optimum_prune.assets import resolve_packaged_model
+    from optimum_prune.export.gguf import export_gguf
+
+    folders = {}
+    for name, flags in ROWS.items():
+        folder = os.path.join(args.work, name)
+        if flags is None:
+            folders[name] = resolve_packaged_model("packaged:smollm2-135m")
+            gguf = os.path.join(args.work, "dense-f32.gguf")
+            if not os.path.exists(gguf):
+                os.makedirs(args.work, exist_ok=True)
+                export_gguf(folders[name], gguf, dtype="f32")
+            continue
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            command = ["optimum-prune", "--model", "packaged:smollm2-135m", *flags, "--dataset", "packaged:wiki-leads",
+                       "--num-samples", str(args.samples), "--seqlen", "512", "--gguf", "f32", "--output", folder,
+                       "--no-progress"]
+            print("$", " ".join(command), flush=True)
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            print(f"  pruned in {time.perf_counter() - start:.0f} s", flush=True)
+        folders[name] = folder
+    return folders
+
+
+def gguf_of(name: str, folder: str, work: str) -> str:
+    return os.path.join(work, "dense-f32.gguf") if name == "dense" else os.path.join(folder, f"{name}-f32.gguf")
+
+
+def prompts(tokenizer):
+    from optimum_prune.assets import wiki_leads
+
+    texts = wiki_leads("evaluation")
+    short = [tokenizer(text).input_ids[:48] for text in texts if len(tokenizer(text).input_ids) >= 48][:8]
+    long = tokenizer("\n\n".join(texts[20:60])).input_ids[:512]
+    return short, long
+
+
+def transformers_greedy(folder: str, prompt_ids, new_tokens: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_prune  # noqa: F401  (registers the heterogeneous classes)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            ids = torch.tensor([ids])
+            generated = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out.append(generated[0, ids.shape[1]:].tolist())
+    return out, sum(p.numel() for p in model.parameters())
+
+
+def llama_cpp(path: str, prompt_ids, speed_prompt, args):
+    from optimum_prune.evaluation.llamacpp import LlamaCpp
+
+    with LlamaCpp(path, context=1024, threads=args.threads) as engine:
+        greedy = [engine.generate(ids, args.new_tokens) for ids in prompt_ids]
+        engine.generate(speed_prompt, 8)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            engine.generate(speed_prompt, args.speed_new)
+            runs.append({"prompt_tps": engine.timings["prompt_per_second"],
+                         "generated_tps": engine.timings["predicted_per_second"]})
+    return {"greedy": greedy, "runs": runs}
+
+
+def ensure_vllm(venv: str) -> str:
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, "bin", "vllm")):
+        print(f"building the vLLM-CPU virtualenv in {venv} (several minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        for step in VLLM_SETUP:
+            subprocess.run([python, "-m", *step], check=step[0] != "pip" or step[1] != "uninstall")
+    return python
+
+
+def vllm(python: str, folder: str, prompt_ids, speed_prompt, args):
+    request = os.path.join(args.work, "vllm-request.json")
+    result = os.path.join(args.work, "vllm-result.json")
+    with open(request, "w") as handle:
+        json.dump({"prompts": prompt_ids, "new_tokens": args.new_tokens, "speed_prompt": speed_prompt,
+                   "speed_new": args.speed_new, "repeats": args.repeats}, handle)
+    if os.path.exists(result):
+        os.remove(result)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([python, os.path.join(HERE, "serve_vllm_worker.py"), folder, request, result], env=env,
+                          capture_output=True, text=True, timeout=3600)
+    if not os.path.exists(result):
+        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
+        return {"error": f"exit {done.returncode}: {tail[0] if tail else ''}"[:400]}
+    data = json.load(open(result))
+    if "error" in data:
+        return data
+    runs = [{"prompt_tps": len(speed_prompt) / t["prefill_seconds"],
+             "generated_tps": args.speed_new / (t["total_seconds"] - t["prefill_seconds"])} for t in data["timings"]]
+    return {"greedy": data["greedy"], "runs": runs}
+
+
+def summary(runs, key):
+    values = [run[key] for run in runs]
+    return statistics.mean(values), min(values), max(values)
+
+
+def size_mb(path: str) -> float:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors")) / 2**20
+    return os.path.getsize(path) / 2**20
+
+
+def write_page(rows: dict, args, output: str) -> None:
+    dense = rows["dense"]
+    lines = [
+        "# Serving pruned SmolLM2-135M: vLLM-CPU and llama.cpp",
+        "",
+        f"Command: `python benchmarks/serve.py` ({platform.machine()}, {args.threads} threads, fp32 everywhere; "
+        f"nothing else ran on the machine during the measurements). Rows pruned with `optimum-prune --model "
+        f"packaged:smollm2-135m ... --dataset packaged:wiki-leads --num-samples {args.samples} --seqlen 512 --gguf f32`; "
+        f"the flags of each row below. vLLM: vllm-cpu 0.32.0 in its own virtualenv; llama.cpp: xllamacpp "
+        f"{rows['dense'].get('xllamacpp', '?')}.",
+        "",
+        "Greedy: 8 held-out Wikipedia leads x 48 tokens, 32 new tokens (end-of-sequence ignored); the count of "
+        "prompts whose token ids equal transformers'. Throughput: one request, a 512-token prompt generating "
+        f"{args.speed_new} tokens, {args.repeats} repetitions (mean, min-max); the ratio is to the dense model in "
+        "the same engine.",
+        "",
+        "| row | flags | form | parameters | safetensors MB | GGUF MB | llama.cpp greedy | llama.cpp prompt tok/s | "
+        "llama.cpp generated tok/s | vLLM greedy | vLLM prompt tok/s | vLLM generated tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def rate(row, engine, key):
+        result = row.get(engine, {})
+        if "runs" not in result:
+            return "-"
+        mean, low, high = summary(result["runs"], key)
+        base = summary(dense[engine]["runs"], key)[0] if "runs" in dense.get(engine, {}) else None
+        ratio = f" ({mean / base:.2f}x)" if base else ""
+        return f"{mean:.1f}{ratio} [{low:.1f}-{high:.1f}]"
+
+    def greedy(row, engine):
+        result = row.get(engine, {})
+        if "error" in result:
+            return f"does not load: {result['error']}"
+        if "greedy" not in result:
+            return "-"
+        same = sum(a == b for a, b in zip(result["greedy"], row["transformers"]))
+        return f"{same}/{len(row['transformers'])}"
+
+    for name, row in rows.items():
+        flags = " ".join(ROWS[name]) if ROWS[name] else "-"
+        lines.append(f"| {name} | `{flags}` | {row['form']} | {row['parameters']:,} | {row['safetensors_mb']:.1f} | "
+                     f"{row['gguf_mb']:.1f} | {greedy(row, 'llama.cpp')} | {rate(row, 'llama.cpp', 'prompt_tps')} | "
+                     f"{rate(row, 'llama.cpp', 'generated_tps')} | {greedy(row, 'vllm')} | "
+                     f"{rate(row, 'vllm', 'prompt_tps')} | {rate(row, 'vllm', 'generated_tps')} |")
+    with open(output, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "serve"))
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens per prune")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--speed-new", type=int, default=128)
+    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--vllm-venv", default=os.path.expanduser("~/.cache/optimum-prune/vllm-venv"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results", "serving.md"))
+    args = parser.parse_args()
+
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    folders = {name: folder for name, folder in prune_rows(args).items() if name in args.rows}
+    tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
+    prompt_ids, speed_prompt = prompts(tokenizer)
+    python = None if args.skip_vllm else ensure_vllm(args.vllm_venv)
+    rows = {}
+    for name, folder in folders.items():
+        config = json.load(open(os.path.join(folder, "config.json")))
+        gguf = gguf_of(name, folder, args.work)
+        greedy, parameters = transformers_greedy(folder, prompt_ids, args.new_tokens)
+        row = {"form": config["model_type"], "parameters": parameters, "safetensors_mb": size_mb(folder),
+               "gguf_mb": size_mb(gguf), "transformers": greedy, "xllamacpp": version("xllamacpp")}
+        print(f"{name}: llama.cpp", flush=True)
+        row["llama.cpp"] = llama_cpp(gguf, prompt_ids, speed_prompt, args)
+        if python is not None:
+            print(f"{name}: vLLM", flush=True)
+            row["vllm"] = vllm(python, folder, prompt_ids, speed_prompt, args)
+        rows[name] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "transformers"}, default=str)[:600], flush=True)
+    with open(os.path.join(os.path.dirname(args.output), "serving-rows.json"), "w") as handle:
+        json.dump(rows, handle, indent=1)
+    write_page(rows, args, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
