@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -103,21 +104,44 @@ def transformers_greedy(folder: str, prompt_ids, new_tokens: int):
             ids = torch.tensor([ids])
             generated = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             out.append(generated[0, ids.shape[1]:].tolist())
-    return out, sum(p.numel() for p in model.parameters())
+    return model, out
 
 
-def llama_cpp(path: str, prompt_ids, speed_prompt, args):
+def divergences(model, prompt_ids, reference, engine_ids) -> list[dict]:
+    """Where an engine's greedy ids leave transformers': the prompt, the first differing new token,
+    and transformers' logit margin there between its choice and the engine's (a near tie is a
+    rounding difference, not a wrong model)."""
+    import torch
+
+    found = []
+    for index, (prompt, ours, theirs) in enumerate(zip(prompt_ids, reference, engine_ids)):
+        if ours == theirs:
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours[:at]])).logits[0, -1]
+        found.append({"prompt": index, "token": at, "margin": float(logits[ours[at]] - logits[theirs[at]])})
+    return found
+
+
+def llama_cpp(paths: dict[str, str], prompt_ids, speed_prompt, args) -> dict[str, dict]:
+    """Every row's GGUF in llama.cpp: greedy ids, then the throughput runs taken in turns (row after
+    row, ``--repeats`` rounds), so that the machine's drift reaches every row alike. One llama.cpp
+    runs at a time (an idle one's threads still poll for work and take the cores)."""
     from optimum_prune.evaluation.llamacpp import LlamaCpp
 
-    with LlamaCpp(path, context=1024, threads=args.threads) as engine:
-        greedy = [engine.generate(ids, args.new_tokens) for ids in prompt_ids]
-        engine.generate(speed_prompt, 8)  # warm-up
-        runs = []
-        for _ in range(args.repeats):
-            engine.generate(speed_prompt, args.speed_new)
-            runs.append({"prompt_tps": engine.timings["prompt_per_second"],
-                         "generated_tps": engine.timings["predicted_per_second"]})
-    return {"greedy": greedy, "runs": runs}
+    results = {}
+    for name, path in paths.items():
+        with LlamaCpp(path, context=1024, threads=args.threads) as engine:
+            results[name] = {"greedy": [engine.generate(ids, args.new_tokens) for ids in prompt_ids], "runs": []}
+    for _ in range(args.repeats):
+        for name, path in paths.items():
+            with LlamaCpp(path, context=1024, threads=args.threads) as engine:
+                engine.generate(speed_prompt, 8)  # warm-up
+                engine.generate(speed_prompt, args.speed_new)
+                results[name]["runs"].append({"prompt_tps": engine.timings["prompt_per_second"],
+                                              "generated_tps": engine.timings["predicted_per_second"]})
+    return results
 
 
 def ensure_vllm(venv: str) -> str:
@@ -142,12 +166,15 @@ def vllm(python: str, folder: str, prompt_ids, speed_prompt, args):
     env.pop("PYTHONPATH", None)
     done = subprocess.run([python, os.path.join(HERE, "serve_vllm_worker.py"), folder, request, result], env=env,
                           capture_output=True, text=True, timeout=3600)
+    with open(os.path.join(args.work, f"vllm-{os.path.basename(folder)}.log"), "w") as handle:
+        handle.write(done.stderr)
+    causes = [line.strip() for line in done.stderr.splitlines()  # "SomeError: why", engine-start wrapper left out
+              if re.match(r"\s*[\w.]*(Error|Exception): ", line) and "Engine core initialization failed" not in line]
     if not os.path.exists(result):
-        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
-        return {"error": f"exit {done.returncode}: {tail[0] if tail else ''}"[:400]}
+        return {"error": f"exit {done.returncode}: {causes[0] if causes else ''}"[:400]}
     data = json.load(open(result))
-    if "error" in data:
-        return data
+    if "error" in data:  # the engine process's first error says why; the main one only that it failed
+        return {"error": (causes[0] if causes else data["error"])[:400]}
     runs = [{"prompt_tps": len(speed_prompt) / t["prefill_seconds"],
              "generated_tps": args.speed_new / (t["total_seconds"] - t["prefill_seconds"])} for t in data["timings"]]
     return {"greedy": data["greedy"], "runs": runs}
@@ -177,8 +204,11 @@ def write_page(rows: dict, args, output: str) -> None:
         "",
         "Greedy: 8 held-out Wikipedia leads x 48 tokens, 32 new tokens (end-of-sequence ignored); the count of "
         "prompts whose token ids equal transformers'. Throughput: one request, a 512-token prompt generating "
-        f"{args.speed_new} tokens, {args.repeats} repetitions (mean, min-max); the ratio is to the dense model in "
-        "the same engine.",
+        f"{args.speed_new} tokens, {args.repeats} repetitions (mean [min-max]); the ratio is to the dense model in "
+        "the same engine. llama.cpp: the repetitions taken in turns, row after row, each run in a llama.cpp "
+        "started for it (the machine's drift reaches every row alike); vLLM: one process per row, one row after "
+        "the other. `fasp-30 as deci`: the fasp-30 weights written in llama.cpp's per-layer architecture "
+        "(`export_gguf(..., arch=\"deci\")`), to compare its two graphs on the same model.",
         "",
         "| row | flags | form | parameters | safetensors MB | GGUF MB | llama.cpp greedy | llama.cpp prompt tok/s | "
         "llama.cpp generated tok/s | vLLM greedy | vLLM prompt tok/s | vLLM generated tok/s |",
@@ -204,11 +234,17 @@ def write_page(rows: dict, args, output: str) -> None:
         return f"{same}/{len(row['transformers'])}"
 
     for name, row in rows.items():
-        flags = " ".join(ROWS[name]) if ROWS[name] else "-"
+        flags = " ".join(ROWS[name.split(" ")[0]] or ["-"])
         lines.append(f"| {name} | `{flags}` | {row['form']} | {row['parameters']:,} | {row['safetensors_mb']:.1f} | "
                      f"{row['gguf_mb']:.1f} | {greedy(row, 'llama.cpp')} | {rate(row, 'llama.cpp', 'prompt_tps')} | "
                      f"{rate(row, 'llama.cpp', 'generated_tps')} | {greedy(row, 'vllm')} | "
                      f"{rate(row, 'vllm', 'prompt_tps')} | {rate(row, 'vllm', 'generated_tps')} |")
+    notes = [f"- {name}, {engine}: prompt {d['prompt']} differs from new token {d['token']} on, where transformers' "
+             f"logit margin between its token and the engine's is {d['margin']:.4f}"
+             for name, row in rows.items() for engine in ("llama.cpp", "vllm")
+             for d in row.get(engine, {}).get("divergences", [])]
+    if notes:
+        lines += ["", "Where the greedy ids differ from transformers':", "", *notes]
     with open(output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -219,10 +255,12 @@ def main():
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens per prune")
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--speed-new", type=int, default=128)
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--reuse-vllm", action="store_true",
+                        help="keep the vLLM results of the last run's serving-rows.json (re-measure llama.cpp only)")
     parser.add_argument("--vllm-venv", default=os.path.expanduser("~/.cache/optimum-prune/vllm-venv"))
     parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results", "serving.md"))
     args = parser.parse_args()
@@ -231,25 +269,46 @@ def main():
 
     from transformers import AutoTokenizer
 
+    from optimum_prune.export.gguf import export_gguf
+
     folders = {name: folder for name, folder in prune_rows(args).items() if name in args.rows}
     tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
     prompt_ids, speed_prompt = prompts(tokenizer)
     python = None if args.skip_vllm else ensure_vllm(args.vllm_venv)
+    ggufs = {name: gguf_of(name, folder, args.work) for name, folder in folders.items()}
+    if "fasp-30" in folders:  # the same uniform weights in llama.cpp's per-layer (deci) graph
+        ggufs["fasp-30 as deci"] = os.path.join(args.work, "fasp-30-deci-f32.gguf")
+        if not os.path.exists(ggufs["fasp-30 as deci"]):
+            export_gguf(folders["fasp-30"], ggufs["fasp-30 as deci"], dtype="f32", arch="deci")
     rows = {}
     for name, folder in folders.items():
         config = json.load(open(os.path.join(folder, "config.json")))
-        gguf = gguf_of(name, folder, args.work)
-        greedy, parameters = transformers_greedy(folder, prompt_ids, args.new_tokens)
-        row = {"form": config["model_type"], "parameters": parameters, "safetensors_mb": size_mb(folder),
-               "gguf_mb": size_mb(gguf), "transformers": greedy, "xllamacpp": version("xllamacpp")}
-        print(f"{name}: llama.cpp", flush=True)
-        row["llama.cpp"] = llama_cpp(gguf, prompt_ids, speed_prompt, args)
-        if python is not None:
+        model, greedy = transformers_greedy(folder, prompt_ids, args.new_tokens)
+        rows[name] = {"form": config["model_type"], "parameters": sum(p.numel() for p in model.parameters()),
+                      "safetensors_mb": size_mb(folder), "gguf_mb": size_mb(ggufs[name]), "transformers": greedy,
+                      "xllamacpp": version("xllamacpp")}
+        del model
+    rows["fasp-30 as deci"] = {**rows["fasp-30"], "form": "llama (GGUF written as deci)"}
+    print("llama.cpp", flush=True)
+    for name, result in llama_cpp(ggufs, prompt_ids, speed_prompt, args).items():
+        rows[name]["llama.cpp"] = result
+    rows_path = os.path.join(os.path.dirname(args.output), "serving-rows.json")
+    previous = json.load(open(rows_path)) if args.reuse_vllm and os.path.exists(rows_path) else {}
+    for name, folder in folders.items():
+        if "vllm" in previous.get(name, {}):
+            rows[name]["vllm"] = previous[name]["vllm"]
+        elif python is not None:
             print(f"{name}: vLLM", flush=True)
-            row["vllm"] = vllm(python, folder, prompt_ids, speed_prompt, args)
-        rows[name] = row
-        print(json.dumps({k: v for k, v in row.items() if k != "transformers"}, default=str)[:600], flush=True)
-    with open(os.path.join(os.path.dirname(args.output), "serving-rows.json"), "w") as handle:
+            rows[name]["vllm"] = vllm(python, folder, prompt_ids, speed_prompt, args)
+    for name, row in rows.items():  # where greedy ids differ, how close transformers' choice was
+        model = None
+        for engine in ("llama.cpp", "vllm"):
+            if "greedy" in row.get(engine, {}) and row[engine]["greedy"] != row["transformers"]:
+                if model is None:
+                    model, _ = transformers_greedy(folders[name.split(" ")[0]], [], 0)
+                row[engine]["divergences"] = divergences(model, prompt_ids, row["transformers"], row[engine]["greedy"])
+        print(name, json.dumps({k: v for k, v in row.items() if k not in ("transformers",)}, default=str)[:400])
+    with open(rows_path, "w") as handle:
         json.dump(rows, handle, indent=1)
     write_page(rows, args, args.output)
     print(f"wrote {args.output}")

@@ -273,12 +273,13 @@ def _rope_metadata(writer, config: dict, layout: GGUFLayout):
 
 
 def export_gguf(folder: str | os.PathLike, path: str | os.PathLike | None = None, dtype: str = "f16",
-                pre_tokenizer: str | None = None) -> str:
+                pre_tokenizer: str | None = None, arch: str | None = None) -> str:
     """Write the model saved in ``folder`` as one GGUF file and return its path.
 
     ``path`` defaults to ``<folder>/<folder name>-<dtype>.gguf``; ``dtype``: ``f32``, ``f16``,
     ``bf16`` or ``q8_0`` (see the module docstring). ``pre_tokenizer`` names llama.cpp's
-    pre-tokenizer when the tokenizer's is not recognised. The file is written beside its final
+    pre-tokenizer when the tokenizer's is not recognised. ``arch="deci"`` writes a uniform model in
+    the per-layer architecture too (to compare llama.cpp's two graphs on the same weights). The file is written beside its final
     name and renamed into place: a failed export leaves nothing behind.
     """
     import gguf
@@ -295,6 +296,10 @@ def export_gguf(folder: str | os.PathLike, path: str | os.PathLike | None = None
     if refusal:
         raise PruningError(f"Cannot export GGUF: {refusal}.")
     layout = read_layout(config)
+    if arch is not None:
+        if arch != "deci":
+            raise PruningError(f"arch may only force 'deci' (the per-layer architecture), got {arch!r}.")
+        layout.arch = arch
     pre, tokens, token_types = _tokenizer(folder, config["vocab_size"], pre_tokenizer)
     weights = _read_weights(folder)
     name = os.path.basename(os.path.abspath(folder))
