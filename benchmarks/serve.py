@@ -166,10 +166,11 @@ def vllm(python: str, folder: str, prompt_ids, speed_prompt, args):
     env.pop("PYTHONPATH", None)
     done = subprocess.run([python, os.path.join(HERE, "serve_vllm_worker.py"), folder, request, result], env=env,
                           capture_output=True, text=True, timeout=3600)
+    log = done.stdout + done.stderr  # vLLM's engine processes log their tracebacks to stdout
     with open(os.path.join(args.work, f"vllm-{os.path.basename(folder)}.log"), "w") as handle:
-        handle.write(done.stderr)
-    causes = [line.strip() for line in done.stderr.splitlines()  # "SomeError: why", engine-start wrapper left out
-              if re.match(r"\s*[\w.]*(Error|Exception): ", line) and "Engine core initialization failed" not in line]
+        handle.write(log)
+    causes = [line.split("] ", 1)[-1].strip() for line in log.splitlines()  # "SomeError: why", wrappers left out
+              if re.search(r"(^|\] )\s*[\w.]*(Error|Exception): ", line) and "initialization failed" not in line]
     if not os.path.exists(result):
         return {"error": f"exit {done.returncode}: {causes[0] if causes else ''}"[:400]}
     data = json.load(open(result))
