@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from smollm2 import disk_mb, load_fp32
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STRUCTURED = ["--pattern", "structured", "--sparsity", "0.3"]
@@ -58,6 +60,8 @@ def prune_rows(args) -> dict[str, str]:
 
     folders = {}
     for name, flags in ROWS.items():
+        if name not in args.rows and name != "dense":  # dense: the reference of every ratio
+            continue
         folder = os.path.join(args.work, name)
         if flags is None:
             folders[name] = resolve_packaged_model("packaged:smollm2-135m")
@@ -91,20 +95,16 @@ def prompts(tokenizer):
     return short, long
 
 
-def transformers_greedy(folder: str, prompt_ids, new_tokens: int):
+def transformers_greedy(model, prompt_ids, new_tokens: int) -> list[list[int]]:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import optimum_prune  # noqa: F401  (registers the heterogeneous classes)
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for ids in prompt_ids:
             ids = torch.tensor([ids])
             generated = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             out.append(generated[0, ids.shape[1]:].tolist())
-    return model, out
+    return out
 
 
 def divergences(model, prompt_ids, reference, engine_ids) -> list[dict]:
@@ -184,12 +184,6 @@ def vllm(python: str, folder: str, prompt_ids, speed_prompt, args):
 def summary(runs, key):
     values = [run[key] for run in runs]
     return statistics.mean(values), min(values), max(values)
-
-
-def size_mb(path: str) -> float:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors")) / 2**20
-    return os.path.getsize(path) / 2**20
 
 
 def write_page(rows: dict, args, output: str) -> None:
@@ -272,7 +266,9 @@ def main():
 
     from optimum_prune.export.gguf import export_gguf
 
-    folders = {name: folder for name, folder in prune_rows(args).items() if name in args.rows}
+    import optimum_prune  # noqa: F401  (registers the heterogeneous classes)
+
+    folders = prune_rows(args)
     tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
     prompt_ids, speed_prompt = prompts(tokenizer)
     python = None if args.skip_vllm else ensure_vllm(args.vllm_venv)
@@ -284,12 +280,15 @@ def main():
     rows = {}
     for name, folder in folders.items():
         config = json.load(open(os.path.join(folder, "config.json")))
-        model, greedy = transformers_greedy(folder, prompt_ids, args.new_tokens)
+        model, _ = load_fp32(folder)
         rows[name] = {"form": config["model_type"], "parameters": sum(p.numel() for p in model.parameters()),
-                      "safetensors_mb": size_mb(folder), "gguf_mb": size_mb(ggufs[name]), "transformers": greedy,
+                      "safetensors_mb": disk_mb(folder), "gguf_mb": os.path.getsize(ggufs[name]) / 2**20,
+                      "transformers": transformers_greedy(model, prompt_ids, args.new_tokens),
                       "xllamacpp": version("xllamacpp")}
         del model
-    rows["fasp-30 as deci"] = {**rows["fasp-30"], "form": "llama (GGUF written as deci)"}
+    if "fasp-30" in folders:
+        rows["fasp-30 as deci"] = {**rows["fasp-30"], "form": "llama (GGUF written as deci)",
+                                   "gguf_mb": os.path.getsize(ggufs["fasp-30 as deci"]) / 2**20}
     print("llama.cpp", flush=True)
     for name, result in llama_cpp(ggufs, prompt_ids, speed_prompt, args).items():
         rows[name]["llama.cpp"] = result
@@ -306,7 +305,7 @@ def main():
         for engine in ("llama.cpp", "vllm"):
             if "greedy" in row.get(engine, {}) and row[engine]["greedy"] != row["transformers"]:
                 if model is None:
-                    model, _ = transformers_greedy(folders[name.split(" ")[0]], [], 0)
+                    model, _ = load_fp32(folders[name.split(" ")[0]])
                 row[engine]["divergences"] = divergences(model, prompt_ids, row["transformers"], row[engine]["greedy"])
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("transformers",)}, default=str)[:400])
     with open(rows_path, "w") as handle:

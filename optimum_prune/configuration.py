@@ -230,11 +230,10 @@ class PruningConfig(BaseConfig):
             raise PruningError(f"serve_with must be one of {', '.join(SERVING_ENGINES)}, got {self.serve_with!r}.")
         if self.pattern != "structured":
             return
-        multiple = ENGINE_WIDTH_MULTIPLE[self.serve_with]
-        if self.serve_with == "llama.cpp" or self.per_layer_widths(method_cls):
-            self.channel_multiple = math.lcm(self.channel_multiple, multiple)
-        if self.serve_with in WHOLE_ATTENTION_ENGINES and self.per_layer_widths(method_cls) and \
-                "*.self_attn" not in self.ignore:
+        per_layer = self.per_layer_widths(method_cls)
+        if per_layer or self.serve_with == "llama.cpp":  # llama.cpp: q8_0 rows, uniform widths too
+            self.channel_multiple = math.lcm(self.channel_multiple, ENGINE_WIDTH_MULTIPLE[self.serve_with])
+        if per_layer and self.serve_with in WHOLE_ATTENTION_ENGINES and "*.self_attn" not in self.ignore:
             self.ignore = [*self.ignore, "*.self_attn"]
 
     def per_layer_widths(self, method_cls=None) -> bool:

@@ -262,13 +262,12 @@ class Pruner:
         llama.cpp, when a ``gguf`` file will be written) could not run (`export.engines.check_servable`).
         ``model_config``: the model's ``config.json`` as a dict."""
         from .export.engines import check_servable
-        from .export.gguf import GGUF_TYPES, gguf_refusal
+        from .export.gguf import check_gguf_type, gguf_refusal
 
         cfg = self.config
         check_servable(cfg.serve_with, model_config, cfg.per_layer_widths(type(self.method)), cfg.pattern == "structured")
         if gguf is not None:
-            if gguf not in GGUF_TYPES:
-                raise PruningError(f"--gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}.")
+            check_gguf_type(gguf, "--gguf")
             refusal = gguf_refusal(model_config)
             if refusal:
                 raise PruningError(f"--gguf: {refusal}.")
@@ -348,11 +347,10 @@ def save_pruned(
     that vLLM, SGLang, TensorRT-LLM and MLX read (`optimum_prune.export.nemotron_nas`), where that
     form can express it. ``gguf`` (``f32``, ``f16``, ``bf16``, ``q8_0``): also write
     ``<folder name>-<gguf>.gguf`` for llama.cpp into the folder (`optimum_prune.export.gguf`)."""
-    if gguf is not None:
-        from .export.gguf import GGUF_TYPES
+    if gguf is not None:  # before anything is written
+        from .export.gguf import check_gguf_type
 
-        if gguf not in GGUF_TYPES:
-            raise PruningError(f"gguf must be one of {', '.join(GGUF_TYPES)}, got {gguf!r}.")
+        check_gguf_type(gguf)
     args = (model, save_directory, config, tokenizer, overwrite, extra_files, results, command, base_model, protect,
             gguf)
     if is_distributed():  # one writer: rank 0; the others wait until the folder is complete

@@ -2,17 +2,15 @@
 
 `check_servable` is what ``serve_with`` (``--serve-with``) checks on the model before any work;
 `PruningConfig` applies the rest of the engine's rules (MLP width grid, attention left whole) to the
-prune itself. `where_it_runs` is the
-"Where it runs" table of every model card (and of docs/deploy.md).
+prune itself. `where_it_runs` is the "Where it runs" table of every model card (and of
+docs/deploy.md).
 """
 
 from __future__ import annotations
 
-
 from ..errors import PruningError
 from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas
-from .gguf import GGUF_FAMILIES, gguf_refusal
-from ..configuration import SERVING_ENGINES  # noqa: F401 - re-exported: the engines this module knows
+from .gguf import gguf_refusal
 from .nemotron_nas import FFN_MULT_GRID, NAS_FAMILIES, nemotron_nas_refusal
 
 #: MoE families (their heterogeneous form is optimum-prune's own)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PruningError
+from ..modeling.modeling_nemotron_nas import ffn_mult_to_intermediate_size
 from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas, layer_widths_of
 
 #: ``--gguf`` values: the weights' type in the file
@@ -48,12 +49,16 @@ class LayerShape:
 class GGUFLayout:
     """What the exporter needs of a folder's ``config.json``."""
 
-    family: str  # llama | mistral | qwen2 (nemotron-nas folders: llama)
     arch: str  # the llama.cpp architecture written
     layers: list[LayerShape]
     hidden: int
     head_dim: int
-    qkv_bias: bool
+
+
+def check_gguf_type(value: str, name: str = "gguf") -> None:
+    """One line naming the types when ``value`` is not a GGUF type the export writes."""
+    if value not in GGUF_TYPES:
+        raise PruningError(f"{name} must be one of {', '.join(GGUF_TYPES)}, got {value!r}.")
 
 
 def gguf_refusal(config: dict) -> str | None:
@@ -91,7 +96,7 @@ def read_layout(config: dict) -> GGUFLayout:
             if mlp.get("no_op"):
                 width = 0
             elif mlp.get("ffn_mult") is not None:
-                width = -(-int(2 * mlp["ffn_mult"] * hidden / 3) // 256) * 256
+                width = ffn_mult_to_intermediate_size(mlp["ffn_mult"], hidden)
             else:
                 width = mlp["intermediate_size"]
             attention_heads = 0 if attention.get("no_op") else heads
@@ -104,7 +109,7 @@ def read_layout(config: dict) -> GGUFLayout:
         arch = "deci"
     else:
         arch = "qwen2" if family == "qwen2" else "llama"
-    return GGUFLayout(family, arch, layers, hidden, head_dim, qkv_bias=family == "qwen2")
+    return GGUFLayout(arch, layers, hidden, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +284,12 @@ def export_gguf(folder: str | os.PathLike, path: str | os.PathLike | None = None
     ``path`` defaults to ``<folder>/<folder name>-<dtype>.gguf``; ``dtype``: ``f32``, ``f16``,
     ``bf16`` or ``q8_0`` (see the module docstring). ``pre_tokenizer`` names llama.cpp's
     pre-tokenizer when the tokenizer's is not recognised. ``arch="deci"`` writes a uniform model in
-    the per-layer architecture too (to compare llama.cpp's two graphs on the same weights). The file is written beside its final
-    name and renamed into place: a failed export leaves nothing behind.
+    the per-layer architecture too (to compare llama.cpp's two graphs on the same weights). The file
+    is written beside its final name and renamed into place: a failed export leaves nothing behind.
     """
     import gguf
 
-    if dtype not in GGUF_TYPES:
-        raise PruningError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}.")
+    check_gguf_type(dtype, "GGUF type")
     folder = os.fspath(folder)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):

@@ -21,7 +21,7 @@ import shutil
 
 from ..errors import PruningError
 from ..modeling import DeciLMConfig
-from ..modeling import nemotron_nas as nas_modeling
+from ..modeling import modeling_nemotron_nas as nas_modeling
 from .families import active_window, family_of, layer_widths_of
 
 #: families whose layers the Nemotron-NAS form describes

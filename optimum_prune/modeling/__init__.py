@@ -9,18 +9,8 @@ without ``trust_remote_code`` once optimum-prune is imported.
 
 from __future__ import annotations
 
-from . import modeling_nemotron_nas as nemotron_nas
 from .modeling_nemotron_nas import DeciLMConfig, DeciLMForCausalLM
-from .modeling_pruned import LAYER_WIDTH_KEYS, PRUNED_CLASSES
-
-from . import modeling_pruned
-
-
-def layer_config(config, index: int):
-    """A copy of ``config`` with the widths of decoder layer ``index``, in either form."""
-    if config.model_type == DeciLMConfig.model_type:
-        return nemotron_nas.layer_config(config, index)
-    return modeling_pruned.layer_config(config, index)
+from .modeling_pruned import LAYER_WIDTH_KEYS, PRUNED_CLASSES, layer_config
 
 
 _REGISTERED = False
