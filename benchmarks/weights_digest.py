@@ -34,12 +34,26 @@ MORE = {
     "policy-gradient-30-spap-finish": dict(method="policy_gradient", pattern="structured", sparsity=0.3,
                                            method_kwargs={"steps": 6, "samples": 2, "local_method": "spap"}),
 }
+# tiny-model only: the other kinds of work (issue #38) — a sparsity profile, experts pruned, removed, narrowed
+TINY = {
+    "sparsegpt-50-owl": dict(method="sparsegpt", sparsity=0.5, sparsity_profile="owl"),
+    "sparsegpt-50-experts": dict(method="sparsegpt", sparsity=0.5, model="qwen2_moe"),
+    "expert-drop-50": dict(method="expert-drop", pattern="structured", sparsity=0.5, model="mixtral"),
+    "fasp-30-narrowed-experts": dict(method="fasp", pattern="structured", sparsity=0.3, model="qwen2_moe"),
+}
 
 
-def tiny_model():
+def tiny_model(family: str = "llama"):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    elif family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**common, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                             num_experts=4, num_experts_per_tok=2)
+    else:
+        config = transformers.LlamaConfig(**common)
     return transformers.AutoModelForCausalLM.from_config(config).eval(), None
 
 
@@ -62,8 +76,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)  # bit-exact across runs: one thread
     results = {}
-    configs = {**CONFIGS, **(MORE if args.all or not args.model else {})}
+    configs = {**CONFIGS, **(MORE if args.all or not args.model else {}), **({} if args.model else TINY)}
     for name, options in configs.items():
+        options = dict(options)
+        family = options.pop("model", "llama")
         if args.only and name not in args.only:
             continue
         if args.model:
@@ -72,7 +88,7 @@ def main():
             model, tokenizer = load_model(args.model, dtype=torch.float32)
             data = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
         else:
-            model, tokenizer = tiny_model()
+            model, tokenizer = tiny_model(family)
             data = torch.randint(0, 256, (args.num_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
         config = PruningConfig(num_calibration_samples=args.num_samples, seqlen=args.seqlen, **options)
         Pruner(config).prune(model, data, progress=False)
