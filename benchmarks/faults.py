@@ -22,8 +22,8 @@ import torch
 import transformers
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.calibration import resources
-from optimum_prune.calibration.checkpoint import STATE_NAME
+from optimum_prune.engine import resources
+from optimum_prune.engine.checkpoint import STATE_NAME
 from optimum_prune.calibration.statistics import InputStatistics
 from optimum_prune.patterns import Target
 from optimum_prune.pruner import load_model, save_pruned
@@ -206,7 +206,7 @@ def output_faults():
 
 def interrupted_checkpoint(folder: str) -> None:
     """A checkpoint of a prune interrupted (KeyboardInterrupt) when layer 2 of 4 starts."""
-    from optimum_prune.calibration import engine as engine_module
+    from optimum_prune.engine import layerwise as engine_module
 
     original = engine_module.LayerwiseEngine._prune_layer
 
@@ -317,7 +317,7 @@ def safety_faults():
     import shutil
 
     from optimum_prune import output as output_module
-    from optimum_prune.calibration.activations import ActivationStore
+    from optimum_prune.engine.activations import ActivationStore
 
     root = tempfile.mkdtemp()
     model_dir, calib = os.path.join(root, "model"), os.path.join(root, "calib.txt")
@@ -377,11 +377,11 @@ def safety_faults():
         lambda: in_use(f"from optimum_prune.output import OutputFolder\nOutputFolder({busy!r}).reserve()", args(busy)))
     ckpt = os.path.join(root, "ckpt")
     row("second run on a checkpoint folder in use",
-        lambda: in_use(f"from optimum_prune.calibration.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()",
+        lambda: in_use(f"from optimum_prune.engine.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()",
                        args(os.path.join(root, "o1"), "--checkpoint-dir", ckpt, "--resume")))
 
     def stale_lock():
-        proc = holder(f"from optimum_prune.calibration.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()")
+        proc = holder(f"from optimum_prune.engine.checkpoint import LayerCheckpoint\nLayerCheckpoint({ckpt!r}).acquire()")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return f"lock file left: {os.path.exists(os.path.join(ckpt, 'checkpoint.lock'))}; then {cli(*args(os.path.join(root, 'o2'), '--checkpoint-dir', ckpt))}"
@@ -511,7 +511,7 @@ def safety_faults():
         folder = os.path.join(root, "acts")
         os.makedirs(folder)
         subprocess.run([sys.executable, "-c", (
-            "import os, signal, torch\nfrom optimum_prune.calibration.activations import ActivationStore\n"
+            "import os, signal, torch\nfrom optimum_prune.engine.activations import ActivationStore\n"
             f"s = ActivationStore('disk', {folder!r})\ns.append(torch.ones(2, 3))\nos.kill(os.getpid(), signal.SIGKILL)")],
             env=ENV)
         left = len(os.listdir(folder))

@@ -25,13 +25,13 @@ import itertools
 import json
 import os
 import pkgutil
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from scaling import build_model, row_config  # noqa: E402
+from harness import parser as harness_parser
+
+from scaling import build_model, row_config
 
 CONSTANTS = ("SELECTION_OPS", "SWEEP_OPS", "FISTA_STEP_OPS", "FW_STEP_OPS")
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "fista", "sparsefw")
@@ -79,7 +79,7 @@ def solve_count(model, config, values: dict[str, float]) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, seqlen=256)
     here = os.path.dirname(__file__)
     parser.add_argument("--rows", default=os.path.join(here, "..", "docs", "results", "scaling-rows.jsonl"))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -88,7 +88,6 @@ def main(argv=None):
                              "on a duality gap that random layers close in ~200 iterations where the count assumes "
                              "the 55 of real ones)")
     parser.add_argument("--samples", type=int, default=8, help="calibration windows of the rows (scaling.py's)")
-    parser.add_argument("--seqlen", type=int, default=256)
     args = parser.parse_args(argv)
 
     with open(args.rows, encoding="utf-8") as handle:

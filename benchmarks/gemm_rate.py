@@ -1,6 +1,6 @@
 """How well the plan's matmul-rate sample predicts the rate that follows it (docs/results/scaling.md).
 
-Each trial takes the plan's sample (`calibration.cost.gemm_rate`: one 0.25 s run of 1024 x 1024
+Each trial takes the plan's sample (`engine.cost.gemm_rate`: one 0.25 s run of 1024 x 1024
 products) and the median of five bursts over 0.5 s (``bursts=5``, the alternative tried), then times ``--sustained`` seconds of 2048 x 2048 products
 (the long work a prune does at that rate); printed: each sample over the sustained rate, and over all
 trials the spread (standard deviation of the log ratio) of each. Run it alone: a benchmark beside it
@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from optimum_prune.calibration.cost import gemm_rate
+from optimum_prune.engine.cost import gemm_rate
 
 
 def main(argv=None) -> None:

@@ -25,18 +25,15 @@ packaged Wikipedia leads and the Python reference (stdlib ``pydoc_data.topics``)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from smollm2 import in_process, peak_rss_mb  # noqa: E402
-from texts import TEXTS, evaluation_text  # noqa: E402
+from harness import in_process, parser as harness_parser, peak_rss_mb
+from texts import TEXTS, evaluation_text
 
 
 #: whole-expert removal: "drop-<score>-<percent of the routed experts removed>"
@@ -334,18 +331,14 @@ def _drop_table(by_run, dense, args, info) -> list[str]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="moe.md", seqlen=256, samples=32, eval_windows=32)
     parser.add_argument("--runs", nargs="+", default=RUNS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--shared", type=int, default=512, help="MLP channels of the shared expert (always on)")
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--build-tokens", type=int, default=4096, help="tokens per layer for clustering and router fit")
     parser.add_argument("--cache", default=None, help="where the MoE is kept (default: the package cache folder)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "moe.md"))
     args = parser.parse_args()
     from optimum_prune.assets import cache_dir, smollm2_checkpoint
 

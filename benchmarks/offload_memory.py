@@ -13,7 +13,6 @@ run's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import resource
@@ -21,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from smollm2 import in_process
+from harness import in_process, parser as harness_parser
 
 
 def _rss_mb() -> float:
@@ -66,11 +65,8 @@ def _run(args, folder, mode, output, queue):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser = harness_parser(__doc__, output="offload.md", seqlen=512, samples=64)
     parser.add_argument("--cpu-budget", default="150MB", help="accelerate max_memory for the CPU in the offload run")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "offload.md"))
     args = parser.parse_args()
     from safetensors.torch import load_file
 

@@ -18,19 +18,16 @@ the pattern, ``sensitivity`` lets each layer take the pattern or one of ``--laye
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from smollm2 import in_process, load_fp32, peak_rss_mb  # noqa: E402
-from texts import TEXTS, evaluation_text  # noqa: E402
+from harness import Rows, command_line, in_process, load_fp32, parser as harness_parser, peak_rss_mb, write_report
+from texts import TEXTS, evaluation_text
 
 PROFILES = ("uniform", "owl", "sensitivity")
 METHODS = ("wanda", "sparsegpt", "alps")
@@ -244,14 +241,11 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="profiles.md", seqlen=512, samples=64, eval_windows=64, seeds=True,
+                            resume=True)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--levels", nargs="+", type=float, default=list(LEVELS))
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=PROFILES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--sensitivity-offsets", nargs="+", type=float, default=None,
                         help="sensitivity levels around the request (default: profiles.SENSITIVITY_OFFSETS)")
     parser.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda (default: the config's)")
@@ -263,38 +257,26 @@ def main(argv=None):
                         help="sensitivity with an N:M --pattern: the patterns a layer may take instead (4:8, 1:4, dense)")
     parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
                         help="the method's own options, e.g. eigh_dtype=float32 (rows are labelled with them)")
-    parser.add_argument("--resume", default=None, metavar="FILE.jsonl", help="finished rows: read, not re-run; new ones appended")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "profiles.md"))
     args = parser.parse_args(argv)
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    done = {}
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume, encoding="utf-8") as handle:
-            done = {row["key"]: row for row in map(json.loads, filter(str.strip, handle))}
+    done = Rows(args.resume, key=lambda row: row["key"])
 
     def measured(key, target, *extra):
-        if key in done:
-            return done[key]
-        row = in_process(target, args, *extra)
-        print(json.dumps(row), flush=True)
-        if args.resume:
-            with open(args.resume, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
-        return row
+        return done.measured(key, lambda: in_process(target, args, *extra))
 
     dense = measured("dense", _dense)
     rows = [measured(_key(_method(m, args.pattern, _options(args.options)), level, _label(args, p), seed), _prune, m,
                      level, p, seed)
             for level in args.levels for m in args.methods for seed in args.seeds for p in args.profiles]
-    rows += [r for key, r in done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
+    rows += [r for key, r in done.done.items() if key != "dense" and r not in rows]  # earlier runs of other sets
     rows.sort(key=lambda r: (-r["level"], METHODS.index(r["method"]) if r["method"] in METHODS else 9,
                              _display(r), _rank(r["profile"]), r["profile"], r["seed"]))
     image = plot(rows, os.path.splitext(args.output)[0] + "-layers.png")
     text = (
         "# Sparsity profiles on SmolLM2-135M\n\n"
-        f"Command: `python benchmarks/profiles.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"Command: `{command_line('profiles.py', argv)}`\n\n"
         f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens of the packaged Wikipedia "
         f"leads (calibration seed per row), perplexity on {args.eval_windows} x {args.seqlen} windows of each text: "
         "`wiki` = the evaluation split of the calibration corpus, `python` = the Python reference "
@@ -308,9 +290,7 @@ def main(argv=None):
         "Do the profiles rank the layers alike? Rank correlation (Spearman) of the per-layer sparsities "
         "each run chose, every owl run against every sensitivity run of this table:\n\n" + agreement(rows)
     )
-    print(text)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_report(args.output, text)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ seed 1, merges them, re-applies the sparsity masks and measures again. Each run 
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 
 import torch
-from smollm2 import in_process, load_fp32, peak_rss_mb, parse_run
+from harness import in_process, load_fp32, parser as harness_parser, peak_rss_mb
+from smollm2 import parse_run
 
 
 RUNS = ["wanda:0.5", "fasp:s0.2"]
@@ -64,18 +63,14 @@ def _dense(args, queue):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="recovery.md", seqlen=512, samples=64, eval_windows=64)
     parser.add_argument("--runs", nargs="+", default=RUNS)
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=256)
     parser.add_argument("--train-seqlen", type=int, default=256)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "recovery.md"))
     args = parser.parse_args()
     from optimum_prune.assets import smollm2_checkpoint
 

@@ -18,19 +18,17 @@ models (`docs/results/scaling.md`).
 
 from __future__ import annotations
 
-import argparse
 import ast
-import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import resource
 import sys
 import time
-from queue import Empty
 
 import torch
+
+from harness import Rows, in_process, parser as harness_parser, write_report
 
 SHAPES = {  # name -> (family, hidden, intermediate, heads, kv heads)
     "576": ("llama", 576, 1536, 9, 3),  # SmolLM2-135M
@@ -147,21 +145,8 @@ def _plan_only(args, shape, spec, queue):
 
 
 def run_capped(cap: float, *args, target=_row):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    deadline = time.monotonic() + cap
-    while True:
-        try:
-            return queue.get(timeout=5)
-        except Empty:
-            if not proc.is_alive():
-                return {"error": f"died (exit code {proc.exitcode})"}
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.join()
-                return {"error": f"stopped after {cap:.0f} s"}
+    """One row in its own process, stopped after ``cap`` seconds (an error row)."""
+    return in_process(target, *args, cap=cap)
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -177,29 +162,23 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="scaling.md", seqlen=256, resume=True)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cap", type=float, default=900.0, help="seconds a row may run before it is stopped")
-    parser.add_argument("--resume", default=None, metavar="FILE.jsonl")
     parser.add_argument("--report-only", action="store_true", help="write the report from --resume's rows, run nothing")
     parser.add_argument("--replan", action="store_true",
                         help="re-make the estimates of --resume's measured rows with the current code (rewrites the file; "
                              "times at each row's recorded matmul rate)")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "scaling.md"))
     args = parser.parse_args(argv)
-    done = {}
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume, encoding="utf-8") as handle:
-            done = {(r["shape"], r["spec"]): r for r in map(json.loads, filter(str.strip, handle))}
+    done = Rows(args.resume, key=lambda row: (row["shape"], row["spec"]))
     if args.replan:
-        for row in done.values():
+        for row in done.done.values():
             if "error" not in row:
                 row.setdefault("estimate_mb_at_run", row["estimate_mb"])  # what the code of the run estimated
                 row.setdefault("estimate_s_at_run", row["estimate_s"])
@@ -210,8 +189,7 @@ def main(argv=None):
                 row["estimate_phases"] = {k: v / rate for k, v in fresh["flops"].items()}
                 row["estimate_s"] = sum(row["estimate_phases"].values()) * args.layers
                 print(row["shape"], row["spec"], row["estimate_mb"], row["estimate_phases"], flush=True)
-        with open(args.resume, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in done.values())
+        done.rewrite()
     rows, last = [], {}  # spec -> (hidden, prune seconds) of its last measured row
     for shape in sorted(args.shapes, key=lambda s: SHAPES[s][1]):
         hidden = SHAPES[shape][1]
@@ -224,20 +202,14 @@ def main(argv=None):
                 row = {"shape": shape, "spec": spec, "method": spec.partition(":")[0],
                        "error": f"not run: ~{projected:.0f} s projected from width {last[spec][0]} > cap"}
             elif row is None:
-                row = {"shape": shape, "spec": spec, "method": spec.partition(":")[0], **run_capped(args.cap, args, shape, spec)}
-                print(json.dumps(row), flush=True)
-                if args.resume:
-                    with open(args.resume, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(row) + "\n")
+                row = done.add({"shape": shape, "spec": spec, "method": spec.partition(":")[0],
+                                **run_capped(args.cap, args, shape, spec)})
             if "error" not in row:
                 last[spec] = (hidden, row["prune_s"])
             elif row["error"].startswith("stopped"):
                 last[spec] = (hidden, args.cap)
             rows.append(row)
-    text = report(rows, args, argv if argv is not None else sys.argv[1:])
-    print(text)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_report(args.output, report(rows, args, argv if argv is not None else sys.argv[1:]))
 
 
 def report(rows, args, argv) -> str:

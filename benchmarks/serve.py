@@ -28,7 +28,6 @@ and runs ``benchmarks/serve_vllm_worker.py`` in it. Run alone: nothing else on t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from smollm2 import disk_mb, load_fp32
+from harness import disk_mb, load_fp32, parser as harness_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -245,7 +244,7 @@ def write_page(rows: dict, args, output: str) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="serving.md")
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "serve"))
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens per prune")
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
@@ -257,7 +256,6 @@ def main():
     parser.add_argument("--reuse-vllm", action="store_true",
                         help="keep the vLLM results of the last run's serving-rows.json (re-measure llama.cpp only)")
     parser.add_argument("--vllm-venv", default=os.path.expanduser("~/.cache/optimum-prune/vllm-venv"))
-    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results", "serving.md"))
     args = parser.parse_args()
 
     from importlib.metadata import version

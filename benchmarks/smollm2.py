@@ -20,18 +20,16 @@ fraction of decoder-layer parameters); method options go in brackets: ``fasp[res
 
 from __future__ import annotations
 
-import argparse
 import json
-import multiprocessing as mp
-from queue import Empty
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
 
 import torch
+
+from harness import Rows, disk_mb, in_process, load_fp32, parser as harness_parser, peak_rss_mb, write_report
 
 
 RUNS = [
@@ -105,19 +103,10 @@ def _model_size(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def disk_mb(folder: str) -> float:
-    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")) / 2**20
 
 
-def load_fp32(checkpoint, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def peak_mb(device: str) -> float:
@@ -203,20 +192,6 @@ def _prune(args, method, options, pattern, sparsity, queue):
                "widths": widths})
 
 
-def in_process(target, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"{target.__name__}{args[1:]} died (exit code {proc.exitcode}); see its traceback above")
-    proc.join()
-    return result
 
 
 def main():
@@ -224,11 +199,8 @@ def main():
         from profiles import main as profiles_main
 
         return profiles_main([arg for arg in sys.argv[1:] if arg != "--profiles"])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=64)
+    parser = harness_parser(__doc__, seqlen=512, samples=64, eval_windows=64, resume=True)
     parser.add_argument("--device", default="cpu", help="where the model lives and is pruned, e.g. cuda")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=None, help="method:sparsity, method:N:M or method:sSPARSITY")
     parser.add_argument("--structured", action="store_true", help=f"the structured runs: {' '.join(STRUCTURED_RUNS)}")
     parser.add_argument("--convex", action="store_true", help=f"FISTA and SparseFW vs the baselines: {' '.join(CONVEX_RUNS)}")
@@ -236,8 +208,6 @@ def main():
                         help=f"global vs uniform structured runs: {' '.join(GLOBAL_RUNS)}; plots per-layer widths")
     parser.add_argument("--one-pass", action="store_true", help="sequential=False (each layer runs once)")
     parser.add_argument("--channel-multiple", type=int, default=None, help="structured: PruningConfig.channel_multiple")
-    parser.add_argument("--resume", default=None, metavar="FILE.jsonl",
-                        help="rows of finished runs, one JSON object per line: read, not re-run; new rows appended")
     parser.add_argument("--output", default=None, help="markdown table (default: docs/results/smollm2.md or structured.md)")
     args = parser.parse_args()
     preset = ("global" if args.global_ else "structured" if args.structured else "convex" if args.convex
@@ -250,28 +220,15 @@ def main():
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    done = {}
-    if args.resume and os.path.exists(args.resume):
-        with open(args.resume, encoding="utf-8") as handle:
-            done = {row["spec"]: row for row in map(json.loads, filter(str.strip, handle)) if "spec" in row}
-    dense = done.get("dense") or {**in_process(_dense, args), "spec": "dense"}
+    done = Rows(args.resume, key=lambda row: row.get("spec"))
+    dense = done.measured("dense", lambda: {**in_process(_dense, args), "spec": "dense"})
     print(f"dense: ppl {dense['ppl']:.2f}, forward over calibration tokens {dense['forward_s']:.1f}s", flush=True)
-    if args.resume and "dense" not in done:
-        with open(args.resume, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(dense) + "\n")
-    rows = [dense]
-    for spec in args.runs:
-        if spec in done:
-            rows.append(done[spec])
-            continue
+
+    def measure(spec):
         row = in_process(_prune, args, *parse_run(spec))
-        row["x_forward"] = row["prune_s"] / dense["forward_s"]
-        row["spec"] = spec
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if args.resume:
-            with open(args.resume, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+        return {**row, "x_forward": row["prune_s"] / dense["forward_s"], "spec": spec}
+
+    rows = [dense] + [done.measured(spec, lambda spec=spec: measure(spec)) for spec in args.runs]
 
     reference_method = {"global": "spap", "structured": "wanda-sp"}.get(preset, "sparsegpt")
     header = (
@@ -305,19 +262,16 @@ def main():
 
         image = plot_perplexity(rows, os.path.splitext(args.output)[0] + "-ppl.png")
         table += f"\n![perplexity against sparsity]({os.path.basename(image)})\n"
-    print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        command = "python benchmarks/smollm2.py" + (f" --{preset}" if preset else "")
-        if args.runs != default_runs:
-            command += " --runs " + " ".join(args.runs)
-        if args.one_pass:
-            command += " --one-pass"
-        if args.device != "cpu":
-            command += f" --device {args.device}"
-        if args.channel_multiple is not None:
-            command += f" --channel-multiple {args.channel_multiple}"
-        handle.write(f"# Pruning SmolLM2-135M\n\nCommand: `{command}`\n\n{table}")
+    command = "python benchmarks/smollm2.py" + (f" --{preset}" if preset else "")
+    if args.runs != default_runs:
+        command += " --runs " + " ".join(args.runs)
+    if args.one_pass:
+        command += " --one-pass"
+    if args.device != "cpu":
+        command += f" --device {args.device}"
+    if args.channel_multiple is not None:
+        command += f" --channel-multiple {args.channel_multiple}"
+    write_report(args.output, f"# Pruning SmolLM2-135M\n\nCommand: `{command}`\n\n{table}")
 
 
 def _where(device: str) -> str:

@@ -12,14 +12,13 @@ the KV cache, parameter count, weight memory, safetensors size and the process's
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import tempfile
 
 import torch
-from smollm2 import disk_mb, in_process
+from harness import disk_mb, in_process, parser as harness_parser
 
 
 LEVELS = [0.2, 0.3, 0.38]  # 0.38 of the decoder-layer parameters is 30% of all parameters of SmolLM2-135M
@@ -54,14 +53,13 @@ def _measure(folder, args, queue):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness_parser(__doc__, output="speed.md")
     parser.add_argument("--levels", type=float, nargs="+", default=LEVELS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results", "speed.md"))
     args = parser.parse_args()
 
     from optimum_prune.assets import smollm2_checkpoint

@@ -8,11 +8,12 @@ that a refactor leaves every weight bit-identical (issue #22).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 
 import torch
+
+from harness import parser as harness_parser
 import transformers
 
 from optimum_prune import Pruner, PruningConfig
@@ -67,10 +68,8 @@ def digest(model) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness_parser(__doc__.splitlines()[0], seqlen=64, samples=8)
     parser.add_argument("--model", default=None, help="A model to load (default: a tiny random LLaMA).")
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--only", nargs="*", default=None, help="Names of the configurations to run.")
     parser.add_argument("--all", action="store_true", help="Also the MORE configurations with --model.")
     args = parser.parse_args()

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import ast
-import multiprocessing as mp
 
 import torch
+
+from harness import in_process
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "alps", "fista", "sparsefw"]
 # stacked rows x input width: SmolLM2's q/k/v, gate/up and down, and wider ones
@@ -67,12 +68,7 @@ def _solve_peak(method_name: str, options: dict, rows: int, cols: int, tokens: i
 
 
 def measure(method: str, options: dict, rows: int, cols: int, tokens: int) -> int:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(method, options, rows, cols, tokens, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+    result = in_process(_measure, method, options, rows, cols, tokens)
     if isinstance(result, BaseException):
         raise result
     return result

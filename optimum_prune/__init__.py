@@ -1,20 +1,19 @@
 """optimum-prune: one-shot pruning for Hugging Face causal language models.
 
-The public names load on first use. Importing the package registers the model classes of
-heterogeneous pruned checkpoints with transformers' Auto classes (``optimum_prune.modeling``), so
-that ``AutoModelForCausalLM.from_pretrained`` loads them without ``trust_remote_code``. The one
-exception is the optimum-cli registration hook, which imports the package only to list the
-``prune`` command: it must stay free of torch and transformers (seconds on every optimum-cli
-call), and the command registers the classes itself when it runs.
+Importing the package is light: no torch, no transformers modelling class (the optimum-cli
+registration hook and every CLI call import it). The public names load on first use, and the model
+classes of heterogeneous pruned checkpoints register with transformers' Auto classes when a config
+of theirs is first loaded (`auto_registration`), so that ``AutoModelForCausalLM.from_pretrained``
+loads them without ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import TYPE_CHECKING
 
 
+from .auto_registration import install as install_auto_registration
 from .version import __version__
 
 _LAZY = {
@@ -32,7 +31,7 @@ _LAZY = {
     "Target": "patterns",
     "perplexity": "evaluation.perplexity",
     "calibration_windows": "calibration.data",
-    "PruneReport": "calibration.report",
+    "PruneReport": "engine.report",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -47,13 +46,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'optimum_prune' has no attribute {name!r}")
 
 
-if "optimum.commands.register.register_prune" not in sys.modules:
-    from . import modeling  # noqa: E402,F401  (registers the Auto classes)
+install_auto_registration()
 
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration.data import calibration_windows
-    from .calibration.report import PruneReport
+    from .engine.report import PruneReport
     from .configuration import PruningConfig
     from .errors import PruningError
     from .evaluation.perplexity import perplexity

@@ -26,7 +26,8 @@ from typing import Any
 
 from optimum.configuration_utils import BaseConfig
 
-from .errors import PruningError, check_int
+from .errors import PruningError
+from .fields import ENGINE_WIDTH_MULTIPLE, WHOLE_ATTENTION_ENGINES, check_plain_fields
 from .patterns import SparsityPattern, resolve_sparsity  # noqa: F401 - re-exported: configuration speaks this vocabulary
 
 
@@ -47,24 +48,6 @@ def _check_patterns(value: Any, name: str) -> list[str]:
             except re.error as err:
                 raise PruningError(f"{name}: invalid regular expression {pattern!r} ({err}).") from None
     return list(value)
-
-
-#: What calibration data is taken as: conversations when present (auto), conversations only, text only.
-CALIBRATION_FORMATS = ("auto", "chat", "text")
-
-#: How an unstructured sparsity is spread over the decoder layers (see calibration/profiles.py).
-SPARSITY_PROFILES = ("uniform", "owl", "sensitivity")
-
-#: How fused MoE experts are calibrated: on the tokens routed to each, or on every token.
-EXPERT_CALIBRATION = ("routed", "all")
-
-#: ``serve_with``: the engine the output is meant for (optimum_prune/export/engines.py has its rules)
-SERVING_ENGINES = ("transformers", "vllm", "sglang", "tensorrt-llm", "mlx", "llama.cpp")
-#: MLP widths each engine reads when the layers differ in width (SGLang, TensorRT-LLM and MLX read
-#: Nemotron-NAS ``ffn_mult`` only: multiples of 256; llama.cpp's q8_0 rows: multiples of 32)
-ENGINE_WIDTH_MULTIPLE = {"transformers": 1, "vllm": 1, "sglang": 256, "tensorrt-llm": 256, "mlx": 256, "llama.cpp": 32}
-#: engines that keep every query head of a layer (Nemotron-NAS): no KV group removed per layer
-WHOLE_ATTENTION_ENGINES = ("vllm", "sglang", "tensorrt-llm", "mlx")
 
 
 #: Keyword arguments of `PruningConfig.from_pretrained` that locate the file (as elsewhere in Transformers).
@@ -168,8 +151,7 @@ class PruningConfig(BaseConfig):
             raise PruningError(f"Unknown pruning config field(s) {', '.join(sorted(kwargs))}; known fields: "
                                f"{', '.join(self.field_names())}.")
         super().__post_init__()
-        if not isinstance(self.method, str):
-            raise PruningError(f"method must be a registered method name, got {self.method!r}.")
+        check_plain_fields({name: getattr(self, name) for name in self.field_names()})
         method_cls = get_method(self.method)
         self.method = method_cls.name  # an alias ("pg") becomes the method's name
         parsed = SparsityPattern.parse(self.pattern)
@@ -193,15 +175,6 @@ class PruningConfig(BaseConfig):
             self._check_supported(method_cls, sub, f"overrides[{key!r}]: ")
             resolve_sparsity(value.get("sparsity"), sub, f"overrides[{key!r}]: ")
 
-        check_int(self.num_calibration_samples, "num_calibration_samples", 1)
-        check_int(self.seqlen, "seqlen", 2)
-        check_int(self.batch_size, "batch_size", 1)
-        check_int(self.seed, "seed", 0)
-        check_int(self.channel_multiple, "channel_multiple", 1)
-        check_int(self.min_expert_tokens, "min_expert_tokens", 0)
-        if self.expert_calibration not in EXPERT_CALIBRATION:
-            raise PruningError(f"expert_calibration must be one of {', '.join(EXPERT_CALIBRATION)}, "
-                               f"got {self.expert_calibration!r}.")
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
             0.0 <= self.dampening < 1e3
         ):
@@ -213,21 +186,21 @@ class PruningConfig(BaseConfig):
             if value is not None and not isinstance(value, str):
                 raise PruningError(f"{name} must be a string, got {value!r}.")
         self._check_profile(method_cls, parsed)
-        if self.calibration_format not in CALIBRATION_FORMATS:
-            raise PruningError(f"calibration_format must be one of {', '.join(CALIBRATION_FORMATS)}, "
-                               f"got {self.calibration_format!r}.")
         for name in ("dataset_split", "text_column", "messages_column"):
             if not isinstance(getattr(self, name), str):
                 raise PruningError(f"{name} must be a string, got {getattr(self, name)!r}.")
         if not isinstance(self.method_kwargs, dict):
             raise PruningError(f"method_kwargs must be a JSON object of the method's options, got {self.method_kwargs!r}.")
-        method_cls.parse_options(self.method_kwargs)  # raises with the list of known options
+        options = method_cls.parse_options(self.method_kwargs)  # raises with the list of known options
+        for option, name in method_cls.delegated_methods(options).items():
+            delegate = get_method(name)  # unknown name: PruningError listing the methods
+            if "structured" not in delegate.supported_patterns or delegate.is_global:
+                raise PruningError(f"{method_cls.name} option {option} must be a layer-wise structured method "
+                                   f"(fasp, spap, wanda-sp), got {name!r}.")
         self._apply_engine(method_cls)
 
     def _apply_engine(self, method_cls) -> None:
         """``serve_with``'s rules for a structured prune whose layers can differ in width."""
-        if self.serve_with not in SERVING_ENGINES:
-            raise PruningError(f"serve_with must be one of {', '.join(SERVING_ENGINES)}, got {self.serve_with!r}.")
         if self.pattern != "structured":
             return
         per_layer = self.per_layer_widths(method_cls)
@@ -245,9 +218,6 @@ class PruningConfig(BaseConfig):
         return bool(method_cls.is_global or self.overrides or self.sparsity_profile != "uniform")
 
     def _check_profile(self, method_cls, parsed: SparsityPattern) -> None:
-        if self.sparsity_profile not in SPARSITY_PROFILES:
-            raise PruningError(f"sparsity_profile must be one of {', '.join(SPARSITY_PROFILES)}, "
-                               f"got {self.sparsity_profile!r}.")
         for name in ("owl_lambda", "owl_threshold", "layer_sparsity_min", "layer_sparsity_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -124,13 +124,11 @@ def build_model_card(
     (engine, verdict, how to start it) of `optimum_prune.export.engines.where_it_runs` for the saved
     folder, and ``results["form"]``: which form a heterogeneous folder was saved in and why.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     results = dict(results or {})
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     pattern = config.pattern
-    tags = ["pruned", "optimum-prune", config.method, "structured-pruning" if pattern == "structured" else
-            ("semi-structured-sparsity" if ":" in pattern else "unstructured-sparsity")]
     origin = packaged_origin(base_model) if base_model else None
     if origin is not None:  # a packaged model: the Hub repo it comes from is the base
         hub_base, provenance = origin
@@ -139,56 +137,12 @@ def build_model_card(
         provenance = None
     name = os.path.basename(os.path.normpath(hub_base or base_model)) if base_model else "the base model"
     final = "recovered" if "recovery" in results else "after"
-    data = ModelCardData(
-        model_name=f"{name if base_model else 'model'}-{config.method}-pruned",
-        base_model=hub_base,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=tags + (["lora-recovery"] if "recovery" in results else []),
-        license=_base_license(base_model),
-        eval_results=_eval_results(results, final) or None,
-    )
+    data = _card_data(config, results, name if base_model else "model", base_model, hub_base, final)
     heterogeneous = _is_heterogeneous(model)
     what = _what_was_done(config, heterogeneous)
-    calibration = (f"{config.num_calibration_samples} windows x {config.seqlen} tokens of `{config.dataset}`"
-                   if config.dataset else f"{config.num_calibration_samples} windows x {config.seqlen} tokens (passed in code)")
-    setup = _rows([
-        ("method", f"`{config.method}`" + (f" with options `{json.dumps(config.method_kwargs)}`" if config.method_kwargs else "")),
-        ("pattern", f"`{pattern}`"),
-        ("sparsity (target)", f"{config.sparsity:g}" if config.sparsity is not None else None),
-        ("calibration", calibration),
-        ("seed", config.seed),
-        ("sequential", config.sequential),
-        ("dampening", config.dampening),
-    ])
-    params_before, params_after = results.get("parameters_before"), results.get("parameters_after")
-    measured = _rows([
-        ("measured sparsity", f"{results['sparsity']:.4f} of the targeted weights" if "sparsity" in results else None),
-        ("coverage", f"the targeted weights are {results['coverage']:.1%} of the decoder layers' weights"
-         if "coverage" in results else None),
-        ("left dense", results.get("unhandled_note")),
-        ("MoE experts", _experts_text(results.get("experts"))),
-        ("experts removed", _removed_experts_text(results.get("removed_experts"))),
-        ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
-        ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
-        ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
-        ("recovery", _recovery_text(results.get("recovery"))),
-        ("published as", f"[{results['hub_repo']}](https://huggingface.co/{results['hub_repo']})"
-         if results.get("hub_repo") else None),
-    ])
+    setup, measured = _setup_rows(config), _measured_rows(results)
     evaluation = _evaluation_section(results, name)
-    load_kwargs = ", trust_remote_code=True" if heterogeneous else ""
-    loading = (
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load_kwargs})\n'
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n```\n'
-    )
-    if heterogeneous:
-        loading += ("\nEvery decoder layer has its own width, which stock transformers classes cannot express: the "
-                    "modelling code ships in this folder (`trust_remote_code=True`), or `import optimum_prune` first "
-                    "and load without it.\n")
-    if results.get("form"):
-        loading += f"\n{results['form']}\n"
+    loading = _loading_section(heterogeneous, results)
     where = _serving_section(serving, config)
     reproduce = (f"```bash\n{command}\n```\n" if command else
                  "```python\nfrom optimum_prune import Pruner, PruningConfig\n\n"
@@ -208,6 +162,77 @@ def build_model_card(
         + "\nThe full pruning configuration is in `pruning_config.json` (also under `pruning_config` in `config.json`).\n"
     )
     return ModelCard(content)
+
+
+def _card_data(config: PruningConfig, results: dict, name: str, base_model, hub_base, final: str):
+    """The card's metadata (YAML header): base model, tags, license, evaluation results."""
+    from huggingface_hub import ModelCardData
+
+    pattern = config.pattern
+    tags = ["pruned", "optimum-prune", config.method, "structured-pruning" if pattern == "structured" else
+            ("semi-structured-sparsity" if ":" in pattern else "unstructured-sparsity")]
+    return ModelCardData(
+        model_name=f"{name}-{config.method}-pruned",
+        base_model=hub_base,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags + (["lora-recovery"] if "recovery" in results else []),
+        license=_base_license(base_model),
+        eval_results=_eval_results(results, final) or None,
+    )
+
+
+def _setup_rows(config: PruningConfig) -> str:
+    """The card's "How it was pruned" table."""
+    calibration = (f"{config.num_calibration_samples} windows x {config.seqlen} tokens of `{config.dataset}`"
+                   if config.dataset else f"{config.num_calibration_samples} windows x {config.seqlen} tokens (passed in code)")
+    return _rows([
+        ("method", f"`{config.method}`" + (f" with options `{json.dumps(config.method_kwargs)}`" if config.method_kwargs else "")),
+        ("pattern", f"`{config.pattern}`"),
+        ("sparsity (target)", f"{config.sparsity:g}" if config.sparsity is not None else None),
+        ("targets", ", ".join(f"`{p}`" for p in config.targets) if config.targets else None),
+        ("left out (ignore)", ", ".join(f"`{p}`" for p in config.ignore) if config.ignore else None),
+        ("calibration", calibration),
+        ("seed", config.seed),
+        ("sequential", config.sequential),
+        ("dampening", config.dampening),
+    ])
+
+
+def _measured_rows(results: dict) -> str:
+    """The card's "Result" table."""
+    params_before, params_after = results.get("parameters_before"), results.get("parameters_after")
+    return _rows([
+        ("measured sparsity", f"{results['sparsity']:.4f} of the targeted weights" if "sparsity" in results else None),
+        ("coverage", f"the targeted weights are {results['coverage']:.1%} of the decoder layers' weights"
+         if "coverage" in results else None),
+        ("left dense", results.get("unhandled_note")),
+        ("MoE experts", _experts_text(results.get("experts"))),
+        ("experts removed", _removed_experts_text(results.get("removed_experts"))),
+        ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
+        ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
+        ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),
+        ("recovery", _recovery_text(results.get("recovery"))),
+        ("published as", f"[{results['hub_repo']}](https://huggingface.co/{results['hub_repo']})"
+         if results.get("hub_repo") else None),
+    ])
+
+
+def _loading_section(heterogeneous: bool, results: dict) -> str:
+    """The card's "How to load it" section."""
+    load_kwargs = ", trust_remote_code=True" if heterogeneous else ""
+    loading = (
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load_kwargs})\n'
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n```\n'
+    )
+    if heterogeneous:
+        loading += ("\nEvery decoder layer has its own width, which stock transformers classes cannot express: the "
+                    "modelling code ships in this folder (`trust_remote_code=True`), or `import optimum_prune` first "
+                    "and load without it.\n")
+    if results.get("form"):
+        loading += f"\n{results['form']}\n"
+    return loading
 
 
 def _serving_section(serving, config: PruningConfig) -> str:

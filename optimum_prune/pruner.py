@@ -5,26 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import torch
 from torch import nn
 
-from .calibration.checkpoint import LayerCheckpoint
+from .engine.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows, check_seqlen
-from .calibration.distributed import is_distributed, is_main_process, shard_windows
-from .calibration.activations import check_place
-from .calibration.engine import LayerwiseEngine
-from .calibration.profiles import layer_sparsities
-from .calibration.offload import input_device
-from .calibration.report import PruneReport
-from .calibration.cost import estimate_phases, gemm_rate
-from .calibration.resources import PrunePlan, estimate_memory, profile_bytes, resident_bytes
-from .calibration.resources import check_memory as check_layer_memory
+from .runtime.distributed import is_distributed, is_main_process, shard_windows
+from .engine.activations import check_place
+from .engine.build import build_engine
+from .engine.layerwise import LayerwiseEngine
+from .runtime.offload import input_device
+from .engine.report import PruneReport
+from .engine.tasks import TASK_KINDS
+from .engine.cost import estimate_phases, gemm_rate
+from .engine.resources import PrunePlan, estimate_memory, profile_bytes, resident_bytes
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
 from .hub import check_repo_id, push_folder
 from .output import OutputFolder, preflight
 from .registry import get_method
+from .workflow import Evaluation, Recovery, report_results, summary_lines
 
 
 logger = logging.getLogger(__name__)
@@ -147,14 +149,12 @@ class Pruner:
                 and calibration data, else a `PruningError`); gives the weights an uninterrupted
                 run gives.
             check_memory: before touching the model, estimate the memory one layer needs
-                (`optimum_prune.calibration.resources`) and raise `PruningError` with the numbers
+                (`optimum_prune.engine.resources`) and raise `PruningError` with the numbers
                 when a device cannot hold it.
-            activations: where the calibration activations wait between decoder layers:
-                ``"device"`` (where they were produced), ``"cpu"``, or ``"disk"`` (one file per
-                batch; only the batch in flight is in memory). Same result either way
-                (`optimum_prune.calibration.activations`).
-            activation_folder: with ``activations="disk"``, the folder for those files (default:
-                the system's temporary folder); they are deleted as the prune goes.
+            activations: where the calibration activations wait between decoder layers: ``"device"``
+                (where produced), ``"cpu"``, or ``"disk"`` (one file per batch), same result either way.
+            activation_folder: with ``activations="disk"``, the folder for those files (default: the
+                system's temporary folder); they are deleted as the prune goes.
         """
         cfg = self.config
         self.check_arguments(calibration_data, checkpoint_dir, resume, activations, activation_folder)
@@ -166,58 +166,107 @@ class Pruner:
         if getattr(model, "config", None) is not None:
             self.check_serving(model.config.to_dict())
         self.checkpoint = None
-        if self.method.is_global:  # whole-model methods (policy gradient)
-            from .calibration.global_engine import GlobalStructuredEngine
-
-            engine = GlobalStructuredEngine(model, cfg, self.method, device=device, progress=progress,
-                                            activations=activations, activation_folder=activation_folder)
-        else:
-            engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=progress,
-                                     activations=activations, activation_folder=activation_folder)
-        windows = None
-        if self.method.needs_calibration:
-            data = calibration_data if calibration_data is not None else cfg.dataset
-            check_seqlen(getattr(model, "config", None), cfg.seqlen)
-            windows = calibration_windows(
-                data,
-                tokenizer,
-                cfg.num_calibration_samples,
-                cfg.seqlen,
-                cfg.seed,
-                **cfg.data_options(),
-            )
-        if is_distributed():
-            if not isinstance(engine, LayerwiseEngine):
-                raise PruningError(f"Method {cfg.method!r} does not run in several processes yet; run it in one.")
-            if checkpoint_dir is not None:
-                raise PruningError("checkpoint_dir (--checkpoint-dir) is not supported with several processes yet.")
-            windows = shard_windows(windows)  # each process calibrates on its share of the windows
-        if isinstance(engine, LayerwiseEngine) and cfg.sparsity_profile != "uniform":
-            engine.use_layer_sparsity(layer_sparsities(model, engine.planned, cfg, windows))  # dense model, before any change
-        if check_memory and isinstance(engine, LayerwiseEngine):
-            samples = 0 if windows is None else windows.shape[0]
-            check_layer_memory(engine, samples, cfg.seqlen, input_device(model), checkpoint=checkpoint_dir is not None)
-        if checkpoint_dir is not None:
-            self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
-            try:
-                self.report = engine.run(windows, checkpoint=self.checkpoint)
-            finally:
-                self.checkpoint.release()
-        else:
-            self.report = engine.run(windows)
+        engine = build_engine(model, cfg, self.method, device=device, progress=progress, activations=activations,
+                              activation_folder=activation_folder)
+        windows = self._windows(model, calibration_data, tokenizer, engine, checkpoint_dir)
+        engine.prepare(windows)  # on the dense model, before any change
+        if check_memory:
+            engine.check_memory(0 if windows is None else windows.shape[0], cfg.seqlen, input_device(model),
+                                checkpoint=checkpoint_dir is not None)
+        self.report = self._run_engine(engine, windows, checkpoint_dir, resume)
         self.engine = engine
         if getattr(model, "config", None) is not None:
             model.config.pruning_config = cfg.to_dict()
         self.model, self.tokenizer = model, tokenizer
-        logger.info("Pruned %d Linears to %.4f sparsity in %.1fs", len(self.report.sparsity), self.report.overall_sparsity, self.report.seconds)
+        logger.info("Pruned %d targets to %.4f sparsity in %.1fs", len(self.report.sparsity),
+                    self.report.overall_sparsity, self.report.seconds)
         return model
+
+    def run(self, model: str | os.PathLike, output, *, evaluation: Evaluation | None = None,
+            recovery: Recovery | None = None, gguf: str | None = None, push_to_hub: str | None = None,
+            private: bool | None = None, command: str | None = None, dtype="auto", device_map=None,
+            load_kwargs: dict | None = None, echo=None, **prune_kwargs) -> dict:
+        """The whole workflow: load ``model`` (a Hub id, folder or ``packaged:...``), measure it
+        (``evaluation``), prune it (``prune_kwargs``: `prune`'s keyword arguments), recover it
+        (``recovery``) and measure it again, save it into ``output`` (a folder, or an `OutputFolder`
+        reserved beforehand) with ``pruning_results.json`` and the card, optionally with a GGUF file,
+        and upload it to ``push_to_hub``. ``echo`` receives one line per step (default: the log).
+        Returns the results (what ``pruning_results.json`` holds)."""
+        echo = echo or logger.info
+        evaluation, progress = evaluation or Evaluation(), prune_kwargs.get("progress", True)
+        if load_kwargs and not device_map:
+            raise PruningError("--max-memory and --offload-folder need --device-map (e.g. auto).")
+        if push_to_hub:
+            check_repo_id(push_to_hub)
+        if recovery is not None and self.config.dataset is None:
+            raise PruningError("--recover trains on text from --dataset; pass --dataset (the config's dataset).")
+        loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, **(load_kwargs or {}))
+        if self.method.needs_calibration or evaluation.dataset is not None or recovery is not None:
+            check_seqlen(getattr(loaded, "config", None), self.config.seqlen)  # what runs windows of seqlen
+        results = {}
+        evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
+        results["parameters_before"] = sum(p.numel() for p in loaded.parameters())
+        start = time.perf_counter()
+        self.prune(loaded, tokenizer=tokenizer, **prune_kwargs)
+        results["prune_seconds"] = time.perf_counter() - start
+        results.update(report_results(self.report, self.config, self.method))
+        results["parameters_after"] = sum(p.numel() for p in loaded.parameters())
+        for line in summary_lines(self.report, self.config, self.method, results):
+            echo(line)
+        note = self.report.unhandled_note(self.engine.prefix)  # logged as a warning when the plan was made
+        if note:
+            results["unhandled_note"] = note
+        evaluation.measure("after", loaded, tokenizer, self.config, results, echo, progress)
+        if recovery is not None:
+            results["recovery"] = recovery.apply(loaded, tokenizer, self.config, echo, progress)
+            evaluation.measure("recovered", loaded, tokenizer, self.config, results, echo, progress)
+        results.update(evaluation.settings(self.config))
+        if push_to_hub:
+            results["hub_repo"] = push_to_hub  # named in the model card
+        extra = {"pruning_results.json": json.dumps(results, indent=2) + "\n"}
+        saved = self.save_pretrained(output, extra_files=extra, results=results, command=command,
+                                     base_model=os.fspath(model), gguf=gguf)
+        if self.checkpoint is not None:
+            self.checkpoint.clear()
+        echo(f"saved to {saved}")
+        if push_to_hub and is_main_process():
+            url = self.push_to_hub(push_to_hub, private=private)
+            echo(f"uploaded to https://huggingface.co/{push_to_hub} ({url})")
+        return results
+
+    def _windows(self, model, calibration_data, tokenizer, engine, checkpoint_dir) -> torch.Tensor | None:
+        """The calibration windows of the config (None for a method without calibration); under
+        several processes, this process's share of them."""
+        cfg, windows = self.config, None
+        if self.method.needs_calibration:
+            data = calibration_data if calibration_data is not None else cfg.dataset
+            check_seqlen(getattr(model, "config", None), cfg.seqlen)
+            windows = calibration_windows(data, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed,
+                                          **cfg.data_options())
+        if not is_distributed():
+            return windows
+        if not engine.supports_processes:
+            raise PruningError(f"Method {cfg.method!r} does not run in several processes yet; run it in one.")
+        if checkpoint_dir is not None:
+            raise PruningError("checkpoint_dir (--checkpoint-dir) is not supported with several processes yet.")
+        return shard_windows(windows)  # each process calibrates on its share of the windows
+
+    def _run_engine(self, engine, windows, checkpoint_dir, resume: bool) -> PruneReport:
+        """``engine.run``, committing every layer to a checkpoint in ``checkpoint_dir`` if given."""
+        if checkpoint_dir is None:
+            return engine.run(windows)
+        self.checkpoint = LayerCheckpoint(checkpoint_dir, resume=resume)
+        try:
+            return engine.run(windows, checkpoint=self.checkpoint)
+        finally:
+            self.checkpoint.release()
 
     def plan(self, model: nn.Module | str | os.PathLike, num_windows: int | None = None,
              device: str | torch.device | None = None, dtype="auto", checkpoint: bool = False) -> PrunePlan:
         """What `prune` would do with ``model`` and what it would cost, without touching a weight:
         the tasks per target, the estimated peak memory per device (what is held before the prune
-        plus the prune's own working set, `calibration.resources`) and the estimated time (the
-        operations of each phase over the compute device's measured matmul rate, `calibration.cost`).
+        plus the prune's own working set, `engine.resources`) and the estimated time (the
+        operations of each phase over the compute device's measured matmul rate, `engine.cost`).
 
         ``model``: a loaded model (left as it is), or a hub id / folder, of which only the
         configuration is read (weights on the meta device, counted where they would be loaded: the
@@ -237,18 +286,11 @@ class Pruner:
         compute = engine.compute_device(engine.layers[0])  # never meta: the CPU for meta weights
         source = input_device(model)
         source = home if source.type == "meta" else source
-        tasks, targets = {}, {}
+        tasks, targets = {kind.label: 0 for kind in TASK_KINDS}, {}
         for entry in engine.plan:
-            for kind, items in (("Linears", entry.linears), ("expert banks", entry.experts),
-                                ("channel groups", entry.groups), ("experts modules narrowed", entry.channels),
-                                ("MoE blocks losing experts", entry.drops)):
-                tasks[kind] = tasks.get(kind, 0) + len(items)
-            for task in entry.linears + entry.experts:
-                key = f"{task.target.pattern}" if task.target.is_nm else f"{task.target.sparsity:.0%}"
-                targets[key] = targets.get(key, 0) + 1
-            for task in entry.groups + entry.channels + entry.drops:
-                key = f"remove {task.remove} " + ("experts" if task in entry.drops else "units")
-                targets[key] = targets.get(key, 0) + 1
+            for task in entry:
+                tasks[task.label] = tasks.get(task.label, 0) + 1
+                targets[task.target_key()] = targets.get(task.target_key(), 0) + 1
         return PrunePlan(
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
             working=estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint),

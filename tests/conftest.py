@@ -145,7 +145,7 @@ def python_stdout(code: str, timeout: int = 240) -> str:
 def prune_interrupted(cfg, model, calib_ids, at_layer, **prune_kwargs):
     """``Pruner(cfg).prune(model, ...)`` that is interrupted (KeyboardInterrupt) when layer ``at_layer`` starts."""
     from optimum_prune import Pruner
-    from optimum_prune.calibration import engine as engine_module
+    from optimum_prune.engine import layerwise as engine_module
 
     original = engine_module.LayerwiseEngine._prune_layer
 

@@ -11,9 +11,9 @@ from conftest import prune_interrupted, tiny_model
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.calibration import engine as engine_module
-from optimum_prune.calibration.activations import ActivationStore
-from optimum_prune.calibration.checkpoint import STATE_NAME, save_batches
+from optimum_prune.engine import layerwise as engine_module
+from optimum_prune.engine.activations import ActivationStore
+from optimum_prune.engine.checkpoint import STATE_NAME, save_batches
 from optimum_prune.errors import PruningError
 
 
@@ -107,13 +107,13 @@ def test_activation_places_give_identical_weights(tmp_path, calib_ids, method, p
 
 def test_disk_activations_hold_only_one_batch_while_a_layer_runs(tmp_path, calib_ids, monkeypatch):
     seen = []
-    original = engine_module.LayerwiseEngine._run_layer
+    original = engine_module.run_layer
 
-    def watch(self, layer, inputs, kwargs, device, collector, keep):
+    def watch(layer, inputs, kwargs, device, collectors=(), keep=True):
         seen.append((type(inputs).__name__, inputs.nbytes() if isinstance(inputs, ActivationStore) else None))
-        return original(self, layer, inputs, kwargs, device, collector, keep)
+        return original(layer, inputs, kwargs, device, collectors, keep)
 
-    monkeypatch.setattr(engine_module.LayerwiseEngine, "_run_layer", watch)
+    monkeypatch.setattr(engine_module, "run_layer", watch)
     Pruner(config("sparsegpt", "unstructured")).prune(fresh(), calib_ids, progress=False, activations="disk",
                                                       activation_folder=tmp_path)
     layer_passes = [s for s in seen if s[0] == "ActivationStore"]

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from optimum_prune.calibration import allocator, profiles
+from optimum_prune.calibration import profiles
+from optimum_prune.runtime import host_memory as allocator
 from optimum_prune.structure import find_decoder_layers
 
 

@@ -173,6 +173,54 @@ def test_registration_import_is_light():
     assert python_stdout(code, timeout=60).strip() == "False False 1"
 
 
+def test_package_import_loads_no_modelling_class():
+    """``import optimum_prune`` (every CLI call pays it) loads neither torch nor any transformers
+    modelling module: ``-X importtime`` lists every module imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import optimum_prune"], capture_output=True,
+                            text=True, timeout=120, env=ENV)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert "optimum_prune" in imported
+    assert not [name for name in imported if name.startswith(("transformers.models", "torch"))]
+
+
+@pytest.mark.parametrize("flags", [["--sparsity", "1.5"], ["--method", "nope"], ["--pattern", "3:2"],
+                                   ["--seqlen", "1"], ["--method-kwargs", "{"], ["--sparsity-profile", "bad"]])
+def test_a_bad_flag_value_answers_before_torch_is_imported(flags, tmp_path):
+    code = ("import sys; from optimum_prune.commands.prune import main\n"
+            f"code = main(['--model', 'x', '--output', {str(tmp_path / 'out')!r}, *{flags!r}])\n"
+            "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    if flags[0] == "--sparsity-profile":  # argparse's own choice check
+        assert result.returncode == 2 and "invalid choice" in result.stderr
+    else:
+        assert result.stdout.split() == ["2", "False"], result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_a_heterogeneous_folder_loads_after_the_light_import(tmp_path, transformers_first):
+    """Our classes register when a config of theirs is first loaded, whether transformers' Auto
+    classes were imported before optimum_prune or after; logits equal the in-memory model's."""
+    from optimum_prune import Pruner, PruningConfig
+
+    model = tiny_model("qwen3")
+    cfg = PruningConfig(method="fasp", pattern="structured", sparsity=0.25, channel_multiple=1,
+                        num_calibration_samples=4, seqlen=16, overrides={"model.layers.0.*": {"sparsity": 0.5}})
+    pruner = Pruner(cfg)
+    pruner.prune(model, torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0)), progress=False)
+    pruner.save_pretrained(tmp_path / "out")
+    ids = torch.arange(12).view(1, 12)
+    torch.save(model(ids).logits.detach(), tmp_path / "logits.pt")
+    imports = ["from transformers import AutoModelForCausalLM", "import optimum_prune"]
+    code = "; ".join(imports if transformers_first else imports[::-1]).replace(
+        "from transformers", "import sys; from transformers") + "; " + (
+        f"import torch; m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}); "
+        f"same = torch.equal(m(torch.arange(12).view(1, 12)).logits, torch.load({str(tmp_path / 'logits.pt')!r})); "
+        "print(type(m).__name__, same)")
+    assert python_stdout(code).split() == ["PrunedQwen3ForCausalLM", "True"]
+
+
 def test_import_registers_pruned_classes():
     code = (
         "import optimum_prune; from transformers import AutoConfig; "

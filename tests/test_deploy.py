@@ -14,7 +14,7 @@ from test_structured import load_elsewhere
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, PruningError
-from optimum_prune.configuration import SERVING_ENGINES
+from optimum_prune.fields import SERVING_ENGINES
 from optimum_prune.export.engines import where_it_runs
 from optimum_prune.export.gguf import GGUF_TYPES, export_gguf
 from optimum_prune.modeling import DeciLMConfig, DeciLMForCausalLM

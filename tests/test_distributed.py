@@ -11,7 +11,7 @@ from distributed_worker import calibration_ids, config, model_for
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner
-from optimum_prune.calibration import distributed
+from optimum_prune.runtime import distributed
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

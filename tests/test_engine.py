@@ -172,7 +172,7 @@ def test_offloaded_dtype_is_read_from_the_index_not_the_tensor(tmp_path, monkeyp
     from accelerate.utils.offload import OffloadedWeightsLoader
     from safetensors.torch import save_file
 
-    from optimum_prune.calibration.offload import offload_store, stored_dtype
+    from optimum_prune.runtime.offload import offload_store, stored_dtype
 
     model = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",

@@ -11,8 +11,8 @@ import torch
 from conftest import make_tokenizer, tiny_model
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.calibration.cost import estimate_phases
-from optimum_prune.calibration.engine import LayerwiseEngine
+from optimum_prune.engine.cost import estimate_phases
+from optimum_prune.engine.layerwise import LayerwiseEngine
 from optimum_prune.commands.prune import main
 
 
@@ -132,7 +132,7 @@ def test_stacking_solvers_are_sized_for_the_stacked_problems():
     """Gram solvers solve q/k/v and gate/up as one tall matrix; their working copies are counted for
     those stacks (an upper bound: o_proj counts with q/k/v), per-Linear methods per Linear."""
     from optimum_prune import get_method
-    from optimum_prune.calibration.resources import solve_shapes
+    from optimum_prune.engine.tasks import LinearTask
 
     model = tiny_model("llama")
     cfg = model.config
@@ -141,7 +141,7 @@ def test_stacking_solvers_are_sized_for_the_stacked_problems():
     for name, stacked in (("alps", True), ("wanda", False)):
         config = PruningConfig(method=name, sparsity=0.5, num_calibration_samples=8, seqlen=32)
         engine = LayerwiseEngine(model, config, get_method(name)(), progress=False)
-        shapes = sorted(solve_shapes(engine.method, engine.plan[0].linears))
+        shapes = sorted(LinearTask.solve_shapes(list(engine.plan[0]), engine.method))
         if stacked:
             assert shapes == sorted([(2 * hidden + 2 * kv, hidden), (2 * inter, hidden), (hidden, inter)])
         else:
@@ -150,13 +150,13 @@ def test_stacking_solvers_are_sized_for_the_stacked_problems():
 
 def test_checkpointed_prunes_count_the_layer_held_until_its_commit():
     from optimum_prune import get_method
-    from optimum_prune.calibration.resources import estimate_memory
+    from optimum_prune.engine.resources import estimate_memory
 
     model = tiny_model("llama")
     config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=8, seqlen=32)
     engine = LayerwiseEngine(model, config, get_method("wanda")(), progress=False)
     plain = estimate_memory(engine, 8, 32, torch.device("cpu"))
     held = estimate_memory(engine, 8, 32, torch.device("cpu"), checkpoint=True)
-    layer = sum(t.linear.weight.numel() * 4 for t in engine.plan[0].linears)
+    layer = sum(t.linear.weight.numel() * 4 for t in engine.plan[0])
     assert "checkpoint" not in plain.parts["cpu"] and held.parts["cpu"]["checkpoint"] == layer
     assert held.total("cpu") == plain.total("cpu") + layer

@@ -17,8 +17,8 @@ from conftest import SLOW_CLI, make_texts, make_tokenizer, prune_interrupted, ti
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.calibration import resources
-from optimum_prune.calibration.checkpoint import STATE_NAME
+from optimum_prune.engine import resources
+from optimum_prune.engine.checkpoint import STATE_NAME
 from optimum_prune.calibration.statistics import InputStatistics
 from optimum_prune.errors import PruningError
 from optimum_prune.patterns import Target
@@ -275,7 +275,7 @@ def test_resource_guard_fails_early_with_the_numbers(monkeypatch, calib_ids):
 
 
 def test_memory_estimate_tracks_the_work(calib_ids):
-    from optimum_prune.calibration.engine import LayerwiseEngine
+    from optimum_prune.engine.layerwise import LayerwiseEngine
 
     def estimate(cfg, samples):
         engine = LayerwiseEngine(fresh(), cfg, Pruner(cfg).method)

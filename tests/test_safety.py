@@ -22,9 +22,9 @@ from conftest import SLOW_CLI, make_texts, make_tokenizer, tiny_model
 
 from optimum_prune import Pruner, PruningConfig, save_pruned
 from optimum_prune import output as output_module
-from optimum_prune.calibration import activations as activations_module
-from optimum_prune.calibration.activations import ActivationStore
-from optimum_prune.calibration.checkpoint import STATE_NAME, LayerCheckpoint
+from optimum_prune.engine import activations as activations_module
+from optimum_prune.engine.activations import ActivationStore
+from optimum_prune.engine.checkpoint import STATE_NAME, LayerCheckpoint
 from optimum_prune.commands.prune import main
 from optimum_prune.errors import PruningError
 from optimum_prune.output import OutputFolder
@@ -152,7 +152,7 @@ def test_2_and_5_a_second_run_on_the_same_output_or_checkpoint_is_refused(tmp_pa
 def test_5_the_lock_of_a_killed_run_does_not_block(tmp_path):
     ckpt = tmp_path / "ckpt"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom optimum_prune.calibration.checkpoint import LayerCheckpoint\n"
+        "import sys, time\nfrom optimum_prune.engine.checkpoint import LayerCheckpoint\n"
         f"LayerCheckpoint({str(ckpt)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(600)\n")],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -388,7 +388,7 @@ def test_10_sparsity_close_to_one_never_empties_a_budget(method):
 def test_11_disk_activations_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
     (tmp_path / "optimum-prune-activations-mine.txt").write_text("a file of the user's with a similar name")
     killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal, torch\nfrom optimum_prune.calibration.activations import ActivationStore\n"
+        "import os, signal, torch\nfrom optimum_prune.engine.activations import ActivationStore\n"
         f"store = ActivationStore('disk', {str(tmp_path)!r})\nstore.append(torch.ones(2, 3))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")], env=ENV)
     assert killed.returncode == -signal.SIGKILL
@@ -405,7 +405,7 @@ def test_11_disk_activations_of_a_killed_run_are_removed_by_the_next_run(tmp_pat
 
 
 def test_11_ctrl_c_says_how_to_resume(tmp_path, assets, capsys, monkeypatch):
-    from optimum_prune.calibration import engine as engine_module
+    from optimum_prune.engine import layerwise as engine_module
 
     original = engine_module.LayerwiseEngine._prune_layer
 

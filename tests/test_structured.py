@@ -322,7 +322,7 @@ def test_structured_prune_with_offloaded_layers_matches_in_memory(tmp_path, cali
 
 @pytest.mark.parametrize("method, producers_hooked", [("fasp", False), ("spap", False), ("sparsefw", False), ("wanda-sp", True)])
 def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooked):
-    from optimum_prune.calibration.engine import LayerwiseEngine
+    from optimum_prune.engine.layerwise import LayerwiseEngine
     from optimum_prune.registry import get_method
 
     model = tiny_model("llama")
@@ -337,7 +337,7 @@ def test_statistics_pass_hooks_only_what_the_method_uses(method, producers_hooke
 def test_engine_takes_given_widths_and_units(calib_ids):
     """The layer-wise engine shrinks to widths (``removals``) or units (``kept_units``) decided by
     the caller — how a global method hands its allocation to a layer-wise solver."""
-    from optimum_prune.calibration.engine import LayerwiseEngine
+    from optimum_prune.engine.layerwise import LayerwiseEngine
     from optimum_prune.registry import get_method
 
     cfg = PruningConfig(method="fasp", pattern="structured", sparsity=0.3, num_calibration_samples=8, seqlen=32,

@@ -1,9 +1,8 @@
-"""Calibration: data windows, input statistics and the sequential layer engine."""
+"""Calibration: the data windows, the input statistics, the hooks that collect them and the
+sparsity profiles measured on the dense model."""
 
 from .data import calibration_windows, load_calibration_source
-from .engine import LayerwiseEngine
-from .report import PruneReport
 from .statistics import InputStatistics
 
 
-__all__ = ["InputStatistics", "LayerwiseEngine", "PruneReport", "calibration_windows", "load_calibration_source"]
+__all__ = ["InputStatistics", "calibration_windows", "load_calibration_source"]

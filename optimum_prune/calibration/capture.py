@@ -19,7 +19,7 @@ from ..errors import PruningError
 from ..methods.structured import ExpertUsage
 from ..structure.experts import ExpertBank
 from ..structure.moe import MoEBlock
-from .offload import input_device, to_device
+from ..runtime.offload import input_device, to_device
 from .statistics import InputStatistics
 
 

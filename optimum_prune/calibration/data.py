@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..assets import PACKAGED_PREFIX, packaged_texts
-from ..configuration import CALIBRATION_FORMATS
+from ..fields import CALIBRATION_FORMATS
 from ..errors import PruningError, first_line
 
 
@@ -77,50 +77,13 @@ def load_calibration_source(
     if isinstance(data, torch.Tensor):
         return data.reshape(-1).long()
     if isinstance(data, (list, tuple)):
-        if calibration_format != "text" and data and all(_is_conversation(c) for c in data):
-            return Conversations(data)
-        if calibration_format != "text" and data and all(isinstance(r, dict) and _is_conversation(r.get(messages_column))
-                                                         for r in data):
-            return Conversations(r[messages_column] for r in data)
-        if calibration_format == "chat":
-            raise PruningError(f"calibration_format='chat' needs conversations: lists of {{'role', 'content'}} "
-                               f"messages, or records with a {messages_column!r} entry holding one.")
-        if not all(isinstance(t, str) for t in data):
-            raise PruningError("A calibration list must contain strings (texts) or conversations (lists of "
-                               "{'role', 'content'} messages).")
-        return list(data)
+        return _from_list(data, messages_column, calibration_format)
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if isinstance(data, str):
         if data.startswith(PACKAGED_PREFIX):
             return packaged_texts(data)
-        import datasets
-
-        ext = os.path.splitext(data)[1].lower()
-        if os.path.isfile(data):
-            if ext not in _LOCAL_BUILDERS:
-                raise PruningError(f"Calibration file {data} must be .txt, .json or .jsonl.")
-            if os.path.getsize(data) == 0:
-                raise PruningError(f"The calibration data is empty: {data} has no content.")
-            try:
-                if ext == ".txt":
-                    dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
-                else:
-                    dataset = datasets.load_dataset("json", data_files=data, split="train")
-            except Exception as err:  # malformed file: one line naming it
-                raise PruningError(f"Could not read calibration file {data}: {first_line(err)}.") from None
-            return _texts_from_dataset(dataset, **columns)
-        if os.path.exists(data) or ext in _LOCAL_BUILDERS:
-            raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
-        try:
-            dataset = datasets.load_dataset(data, dataset_config, split=split)
-        except Exception as err:  # hub or network errors: one line naming the fix
-            raise PruningError(
-                f"Could not load calibration dataset {data!r} (config={dataset_config!r}, split={split!r}): "
-                f"{first_line(err)}. "
-                f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
-            ) from None
-        return _texts_from_dataset(dataset, **columns)
+        return _from_name(data, dataset_config, split, columns)
     try:
         import datasets
 
@@ -129,6 +92,53 @@ def load_calibration_source(
     except ImportError:  # pragma: no cover - datasets is a hard dependency
         pass
     raise PruningError(f"Unsupported calibration data of type {type(data).__name__}.")
+
+
+def _from_list(data, messages_column: str, calibration_format: str) -> list[str] | Conversations:
+    """Texts or conversations from a list (of texts, conversations, or records holding one)."""
+    if calibration_format != "text" and data and all(_is_conversation(c) for c in data):
+        return Conversations(data)
+    if calibration_format != "text" and data and all(isinstance(r, dict) and _is_conversation(r.get(messages_column))
+                                                     for r in data):
+        return Conversations(r[messages_column] for r in data)
+    if calibration_format == "chat":
+        raise PruningError(f"calibration_format='chat' needs conversations: lists of {{'role', 'content'}} "
+                           f"messages, or records with a {messages_column!r} entry holding one.")
+    if not all(isinstance(t, str) for t in data):
+        raise PruningError("A calibration list must contain strings (texts) or conversations (lists of "
+                           "{'role', 'content'} messages).")
+    return list(data)
+
+
+def _from_name(data: str, dataset_config, split: str, columns: dict) -> list[str] | Conversations:
+    """Texts or conversations from a local .txt/.json/.jsonl file or a dataset name."""
+    import datasets
+
+    ext = os.path.splitext(data)[1].lower()
+    if os.path.isfile(data):
+        if ext not in _LOCAL_BUILDERS:
+            raise PruningError(f"Calibration file {data} must be .txt, .json or .jsonl.")
+        if os.path.getsize(data) == 0:
+            raise PruningError(f"The calibration data is empty: {data} has no content.")
+        try:
+            if ext == ".txt":
+                dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
+            else:
+                dataset = datasets.load_dataset("json", data_files=data, split="train")
+        except Exception as err:  # malformed file: one line naming it
+            raise PruningError(f"Could not read calibration file {data}: {first_line(err)}.") from None
+        return _texts_from_dataset(dataset, **columns)
+    if os.path.exists(data) or ext in _LOCAL_BUILDERS:
+        raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
+    try:
+        dataset = datasets.load_dataset(data, dataset_config, split=split)
+    except Exception as err:  # hub or network errors: one line naming the fix
+        raise PruningError(
+            f"Could not load calibration dataset {data!r} (config={dataset_config!r}, split={split!r}): "
+            f"{first_line(err)}. "
+            f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
+        ) from None
+    return _texts_from_dataset(dataset, **columns)
 
 
 def tokenize_joined(texts: list[str], tokenizer, max_chars: int | None = _MAX_CHARS) -> torch.Tensor:

@@ -33,10 +33,10 @@ from torch import nn
 
 from ..allocation import allocate, choose_options, outlier_allocation
 from ..patterns import SparsityPattern
-from .allocator import releasing_after
+from ..runtime.host_memory import releasing_after
 from .capture import StatisticsCollector, StopForward, check_called, run_windows
-from .distributed import reduce_statistics, reduce_sums, world_size
-from .offload import input_device, read_weight, swapped
+from ..runtime.distributed import reduce_statistics, reduce_sums, world_size
+from ..runtime.offload import input_device, read_weight, swapped
 
 SENSITIVITY_OFFSETS = (-0.2, -0.1, 0.0, 0.1)  # levels measured around the requested sparsity
 
@@ -197,7 +197,8 @@ def layer_sparsities(model: nn.Module, plan, config, windows: torch.Tensor | Non
     budget covers the targeted weights the overrides leave free."""
     if config.sparsity_profile == "uniform":
         return None
-    layer_linears = [{task.name: task.linear for task in tasks.linears} for tasks in plan.entries]
+    layer_linears = [{name: linear for name, (linear, _) in plan.hooked_linears(tasks).items()}
+                     for tasks in plan.entries]
     weights = torch.tensor([float(plan.free_weights(index)) for index in range(len(plan.entries))])
     if float(weights.sum()) == 0:
         return None

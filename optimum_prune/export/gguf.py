@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PruningError
+from ..fields import GGUF_TYPES
 from ..modeling.modeling_nemotron_nas import ffn_mult_to_intermediate_size
 from .families import active_window, family_of, is_heterogeneous, is_nemotron_nas, layer_widths_of
 
 #: ``--gguf`` values: the weights' type in the file
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 #: families (``model_type`` after optimum-prune's prefix) the exporter reads
 GGUF_FAMILIES = ("llama", "mistral", "qwen2")

@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 
 from ..errors import check_choice, check_int, check_positive_int, check_positive_number
-from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import masked_least_squares, unit_diagonal
 from ..patterns import Target
@@ -106,8 +105,8 @@ def alps_solve(
     return (D / s.unsqueeze(0)).masked_fill_(prune, 0.0), prune
 
 
-@register_method("alps")
 class ALPS(GramSolverMethod):
+    name = "alps"
     Options = ALPSOptions
     # float64 eigendecomposition of H and its eigenvectors; W, W H Q, D, V, W', Z, the mask's
     # temporaries, the PCG vectors (measured: benchmarks/workspace.py, 6.1 / 14.5 at 1024-14336 wide;

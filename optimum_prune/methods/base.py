@@ -43,7 +43,10 @@ SWEEP_OPS = 14000.0
 
 
 class PruningMethod:
+    #: The name the registry knows the method by (``optimum_prune.registry``), and shorter ones
+    #: that configs accept and turn into it.
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
     #: The method's options dataclass; ``PruningConfig.method_kwargs`` is validated against it.
     Options: ClassVar[type] = NoOptions
     #: Pattern families the method can produce: "unstructured", "n:m", "structured".
@@ -59,7 +62,7 @@ class PruningMethod:
     #: working copies are then those of the stacked rows).
     stacks_shared_inputs: ClassVar[bool] = False
     #: True for methods that optimise the whole model at once (policy gradient): the pruner runs
-    #: them through `calibration.global_engine` instead of the layer-by-layer engine.
+    #: them through `engine.global_search` instead of the layer-by-layer engine.
     is_global: ClassVar[bool] = False
     #: True for methods that remove whole experts of MoE blocks (``structured`` pattern): the plan
     #: holds MoE blocks instead of channel groups and the engine hands the method `ExpertUsage`.
@@ -145,11 +148,17 @@ class PruningMethod:
         """The units every channel group keeps (one 0/1 mask per group), for the whole model at once."""
         raise NotImplementedError(f"Method {self.name!r} is not a global method.")
 
-    def finishing_method(self) -> tuple["PruningMethod", bool]:
-        """The layer-wise structured method that shrinks the model to the widths `optimise` chose,
-        and whether it keeps the chosen units (True: it only restores the consumers) or picks the
-        units of each width itself (False)."""
+    def finishing_step(self) -> tuple[str, bool]:
+        """The name of the layer-wise structured method that shrinks the model to the widths
+        `optimise` chose, and whether it keeps the chosen units (True: it only restores the
+        consumers) or picks the units of each width itself (False). The engine looks it up."""
         raise NotImplementedError(f"Method {self.name!r} is not a global method.")
+
+    @classmethod
+    def delegated_methods(cls, options) -> dict[str, str]:
+        """Option name -> the name of another method these options make this one run (the config
+        checks that each is a registered layer-wise structured method)."""
+        return {}
 
 
 class GramSolverMethod(PruningMethod):

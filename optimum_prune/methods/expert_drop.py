@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PruningError
-from ..registry import register_method
 from .base import PruningMethod
 
 
@@ -39,8 +38,9 @@ class ExpertDropOptions:
             raise PruningError(f"expert-drop option seed must be an integer, got {self.seed!r}.")
 
 
-@register_method("expert-drop", aliases=("reap",))
 class ExpertDrop(PruningMethod):
+    name = "expert-drop"
+    aliases = ("reap",)
     Options = ExpertDropOptions
     supported_patterns = ("structured",)
     removes_experts = True

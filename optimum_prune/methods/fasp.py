@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PruningError
-from ..registry import register_method
 from .base import PruningMethod
 from .structured import LeastSquaresRestore, column_scores
 
@@ -27,8 +26,8 @@ class FASPOptions:
             raise PruningError(f"fasp option restore must be true or false, got {self.restore!r}.")
 
 
-@register_method("fasp")
 class FASP(LeastSquaresRestore, PruningMethod):
+    name = "fasp"
     # the consumer's Gram matrix and its kept block's factor; the consumer weight, its restored
     # columns and products (fitted to benchmarks/scaling.py's 2048 and 4096 rows)
     workspace_copies = (2, 4)

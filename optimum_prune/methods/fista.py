@@ -34,7 +34,6 @@ from typing import Sequence
 import torch
 
 from ..errors import check_bool, check_choice, check_int, check_positive_int
-from ..registry import register_method
 from .base import SELECTION_OPS, GramSolverMethod
 from .linalg import inverse_cholesky_upper, layer_objective, masked_least_squares, unit_diagonal
 from ..patterns import Target
@@ -79,14 +78,22 @@ def soft_threshold(Z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fista_solve(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    target: Target,
-    options: FISTAOptions,
-    row_sizes: Sequence[int] | None = None,
-    history: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def accelerated_proximal(start: torch.Tensor, Hn: torch.Tensor, WnHn: torch.Tensor, L: float,
+                         threshold: torch.Tensor, iterations: int) -> torch.Tensor:
+    """FISTA's accelerated proximal-gradient iterations for ``min 1/2 tr(Z Hn Z^T) - tr(Z (Wn Hn)^T)
+    + threshold * L * |Z|_1`` (step ``1/L``) from ``start``, rows in parallel."""
+    Z = start.clone()
+    Y, t = Z.clone(), 1.0
+    for _ in range(iterations):
+        Z_next = soft_threshold(Y - (Y @ Hn - WnHn) / L, threshold)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        Y = Z_next + ((t - 1.0) / t_next) * (Z_next - Z)
+        Z, t = Z_next, t_next
+    return Z
+
+
+def fista_solve(W: torch.Tensor, H: torch.Tensor, target: Target, options: FISTAOptions,
+                row_sizes: Sequence[int] | None = None, history: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask).
 
     ``history`` (optional) receives one dict per round: the natural sparsity of the l1 solution,
@@ -125,13 +132,7 @@ def fista_solve(
     for rnd in range(options.rounds):
         lam = torch.exp((log_lo + log_hi) / 2)
         threshold = lam / L
-        Z = best.clone()  # every round restarts from the best rounded candidate so far
-        Y, t = Z.clone(), 1.0
-        for _ in range(options.iterations):
-            Z_next = soft_threshold(Y - (Y @ Hn - WnHn) / L, threshold)
-            t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-            Y = Z_next + ((t - 1.0) / t_next) * (Z_next - Z)
-            Z, t = Z_next, t_next
+        Z = accelerated_proximal(best, Hn, WnHn, L, threshold, options.iterations)  # from the best candidate so far
         natural = (Z == 0).float().mean(1, keepdim=True)
         too_sparse = natural > natural_target
         log_hi = torch.where(too_sparse, torch.log(lam), log_hi)
@@ -143,18 +144,14 @@ def fista_solve(
         best_prune = torch.where(better.unsqueeze(1), cand_prune, best_prune)
         best_err = torch.minimum(err, best_err)
         if history is not None:
-            history.append({
-                "round": rnd,
-                "natural_sparsity": float(natural.mean()),
-                "candidate_error": float(layer_objective(cand, Hn, Wn).sum()),
-                "best_error": float(layer_objective(best, Hn, Wn).sum()),
-                "rows_improved": int(better.sum()),
-            })
+            history.append({"round": rnd, "natural_sparsity": float(natural.mean()),
+                            "candidate_error": float(layer_objective(cand, Hn, Wn).sum()),
+                            "best_error": float(layer_objective(best, Hn, Wn).sum()), "rows_improved": int(better.sum())})
     return (best / s.unsqueeze(0)).masked_fill_(best_prune, 0.0), best_prune
 
 
-@register_method("fista")
 class FISTAPruner(GramSolverMethod):
+    name = "fista"
     Options = FISTAOptions
     # FISTA iterates, momentum, best candidates, CG refit (measured: benchmarks/workspace.py, 2.4 / 17.4)
     workspace_copies = (3, 17)

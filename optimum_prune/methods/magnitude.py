@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import check_choice
-from ..registry import register_method
 from .base import PruneResult, PruningMethod
 from .masks import prune_mask
 from .structured import column_scores, row_scores
@@ -25,8 +24,8 @@ class MagnitudeOptions:
         check_choice(self.scope, "magnitude option scope", ("matrix", "row"))
 
 
-@register_method("magnitude")
 class Magnitude(PruningMethod):
+    name = "magnitude"
     Options = MagnitudeOptions
     supported_patterns = ("unstructured", "n:m", "structured")
     # |W| and the k-th value of the whole matrix (default scope; measured 5.5, benchmarks/workspace.py)

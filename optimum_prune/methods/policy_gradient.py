@@ -16,7 +16,7 @@ least one per group; the consumers can then be re-fitted by least squares on the
 (FASP's restoration). Layers end up with different widths: the model is saved through
 ``optimum_prune.modeling``.
 
-The method itself is pure optimisation: the engine (``calibration/global_engine.py``) gives it
+The method itself is pure optimisation: the engine (``engine/global_search.py``) gives it
 the units, their costs and initial scores, and a function that returns the loss of each sampled
 mask; it never sees hooks or the model.
 """
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from ..allocation import allocate, shift_into_budget
 from ..errors import PruningError, check_choice, check_int, check_positive_number
-from ..registry import register_method
 from .base import PruningMethod
 from ..structure.budget import round_kept
 from .structured import GlobalProblem, LeastSquaresRestore
@@ -109,13 +108,9 @@ class PolicyGradientOptions:
         for name in ("restore", "sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
-        if self.local_method is not None:
-            from ..registry import get_method
-
-            method = get_method(self.local_method)  # unknown name: PruningError listing the methods
-            if "structured" not in method.supported_patterns or method.is_global:
-                raise PruningError(f"policy_gradient option local_method must be a layer-wise structured method "
-                                   f"(fasp, spap, wanda-sp), got {self.local_method!r}.")
+        if self.local_method is not None and not isinstance(self.local_method, str):
+            raise PruningError(f"policy_gradient option local_method must be a method name (fasp, spap, wanda-sp), "
+                               f"got {self.local_method!r}.")
 
     @property
     def layerwise_finish(self) -> bool:
@@ -157,8 +152,9 @@ def round_widths(keep: torch.Tensor, s: torch.Tensor, group_of: torch.Tensor, gr
     return keep
 
 
-@register_method("policy_gradient", aliases=("pg",))
 class PolicyGradient(LeastSquaresRestore, PruningMethod):
+    name = "policy_gradient"
+    aliases = ("pg",)
     Options = PolicyGradientOptions
     supported_patterns = ("structured",)
     is_global = True
@@ -174,14 +170,16 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
     def unit_scores(self, problem):
         return wanda_sp_scores(problem)
 
-    def finishing_method(self) -> tuple[PruningMethod, bool]:
+    def finishing_step(self) -> tuple[str, bool]:
         """FASP's least squares on the learned units, or ``local_method`` choosing the units of the
         learned widths itself."""
-        from ..registry import get_method
-
         if self.options.local_method is not None:
-            return get_method(self.options.local_method)(dampening=self.dampening), False
-        return get_method("fasp")(dampening=self.dampening), True  # restore=True: least squares on the kept units
+            return self.options.local_method, False
+        return "fasp", True  # restore=True: least squares on the kept units
+
+    @classmethod
+    def delegated_methods(cls, options) -> dict[str, str]:
+        return {} if options.local_method is None else {"local_method": options.local_method}
 
     # ------------------------------------------------------------------ the optimisation
     def _partitions(self, problem, group_of):
@@ -248,15 +246,10 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         return curves
 
     @torch.no_grad()
-    def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
-        """Boolean keep mask per group."""
+    def _initial_probabilities(self, problem: GlobalProblem, sizes, partitions, group_of) -> torch.Tensor:
+        """Log-scores (per parameter) centred within each group or each budget partition (or at each
+        group's measured sensitivity share), through a sigmoid; 0.5 everywhere for a uniform start."""
         opts = self.options
-        sizes = [len(scores) for scores in problem.scores]
-        group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
-        partitions = self._partitions(problem, group_of)
-        # initial probabilities: log-scores (per parameter) centred within each group or each
-        # budget partition, through a sigmoid
         log_scores = torch.cat([torch.log((scores.double() / params).clamp_min(1e-12))
                                 for scores, params in zip(problem.scores, problem.unit_params)])
         centre = torch.empty_like(log_scores)
@@ -271,6 +264,16 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
                 centre[scope] = log_scores[scope].median()
         logits = (log_scores - centre) * opts.init_temperature
         y = torch.sigmoid(logits) if opts.init == "wanda-sp" else torch.full_like(logits, 0.5)
+        return y
+
+    def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
+        """Boolean keep mask per group."""
+        opts = self.options
+        sizes = [len(scores) for scores in problem.scores]
+        group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
+        partitions = self._partitions(problem, group_of)
+        y = self._initial_probabilities(problem, sizes, partitions, group_of)
         budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
 
         def project(values):

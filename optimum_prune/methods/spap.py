@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PruningError, check_choice, check_int, check_positive_number
-from ..registry import register_method
 from .base import PruningMethod
 from .linalg import prepare_hessian, robust_cholesky
 from ..structure.groups import unit_indices
@@ -72,8 +71,8 @@ def layer_error(W: torch.Tensor, H: torch.Tensor, X: torch.Tensor, cols: torch.T
     return float(((D @ H) * D).sum())
 
 
-@register_method("spap")
 class SPAP(PruningMethod):
+    name = "spap"
     Options = SPAPOptions
     # H, Hn, the penalised M, its factor and its inverse; W, Wn, H W^T, the weight step and its
     # square, the restored consumer and the best one so far

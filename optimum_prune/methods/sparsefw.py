@@ -33,7 +33,6 @@ import torch
 
 from ..patterns import SparsityPattern
 from ..errors import PruningError, check_bool, check_choice, check_int, check_positive_int
-from ..registry import register_method
 from .base import SELECTION_OPS, GramSolverMethod
 from .linalg import masked_least_squares
 from ..patterns import Target
@@ -157,8 +156,8 @@ def sparsefw_solve(W, H, target, options: SparseFWOptions, row_sizes=None, input
     return W.masked_fill(prune, 0.0), prune
 
 
-@register_method("sparsefw")
 class SparseFW(GramSolverMethod):
+    name = "sparsefw"
     Options = SparseFWOptions
     # relaxed mask, gradient, E H, vertex, rounding (measured: benchmarks/workspace.py, 3.7 / 12.9)
     workspace_copies = (4, 13)

@@ -18,7 +18,6 @@ from typing import Sequence
 import torch
 
 from ..errors import check_positive_int
-from ..registry import register_method
 from .base import GramSolverMethod
 from .linalg import inverse_cholesky_upper
 from ..patterns import Target
@@ -74,8 +73,8 @@ def sparsegpt_solve(
     return W, mask
 
 
-@register_method("sparsegpt")
 class SparseGPT(GramSolverMethod):
+    name = "sparsegpt"
     workspace_copies = (3, 3)  # H, its inverse factor and a block; W, its updates (measured 2.9 / 3.0)
     Options = SparseGPTOptions
 

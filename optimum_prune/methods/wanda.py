@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import check_choice
-from ..registry import register_method
 from .base import PruneResult, PruningMethod
 from .masks import prune_mask
 
@@ -26,8 +25,8 @@ def wanda_scores(weight, stats):
     return weight.abs() * stats.input_norm.to(weight.dtype).unsqueeze(0)
 
 
-@register_method("wanda")
 class Wanda(PruningMethod):
+    name = "wanda"
     Options = WandaOptions
     statistics = frozenset({"sq_norm"})
 

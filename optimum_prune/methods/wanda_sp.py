@@ -7,7 +7,6 @@ and the consumer columns (against the intermediate activation's norms). No weigh
 
 from __future__ import annotations
 
-from ..registry import register_method
 from .base import PruningMethod
 from .structured import column_scores, row_scores
 
@@ -19,8 +18,8 @@ def wanda_sp_scores(problem):
     )
 
 
-@register_method("wanda-sp")
 class WandaSP(PruningMethod):
+    name = "wanda-sp"
     supported_patterns = ("structured",)
     statistics = frozenset({"sq_norm"})
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.offload import offload_hook
+from ..runtime.offload import offload_hook
 from ..errors import PruningError, check_int, check_positive_int, check_positive_number
 from ..structure.layers import find_decoder_layers, select_target_linears
 
@@ -67,6 +67,33 @@ def _layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, linear in select_target_linears(layer, f"{prefix}.{i}", None, None).items()}
 
 
+def _train(peft_model, windows: torch.Tensor, config: LoraRecoveryConfig, device, progress: bool) -> list[float]:
+    """The training loop: AdamW on the adapters over shuffled windows; returns the losses per step."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    peft_model.train()
+    bar = tqdm(range(config.steps), desc="LoRA recovery", unit="step", disable=not progress)
+    with torch.enable_grad():
+        for step in bar:
+            if order.numel() < config.batch_size:
+                order = torch.cat([order, torch.randperm(windows.shape[0], generator=generator)])
+            batch, order = windows[order[: config.batch_size]].to(device), order[config.batch_size:]
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise PruningError(f"LoRA recovery diverged at step {step} (loss {float(loss)}); lower the lr.")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
 def _lr_at(step: int, config: LoraRecoveryConfig) -> float:
     warmup = max(1, config.steps // 10)
     if step < warmup:
@@ -103,30 +130,8 @@ def recover_lora(
     was_training = model.training
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     peft_model = get_peft_model(model, lora)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    device = model.get_input_embeddings().weight.device
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.empty(0, dtype=torch.long)
-    losses = []
-    peft_model.train()
-    bar = tqdm(range(config.steps), desc="LoRA recovery", unit="step", disable=not progress)
     try:
-        with torch.enable_grad():
-            for step in bar:
-                if order.numel() < config.batch_size:
-                    order = torch.cat([order, torch.randperm(windows.shape[0], generator=generator)])
-                batch, order = windows[order[: config.batch_size]].to(device), order[config.batch_size:]
-                for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, config)
-                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise PruningError(f"LoRA recovery diverged at step {step} (loss {float(loss)}); lower the lr.")
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses = _train(peft_model, windows, config, model.get_input_embeddings().weight.device, progress)
     finally:
         merged = peft_model.merge_and_unload()
         merged.train(was_training)

@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import PruningError, first_line
 from ..locks import RunLock
 from ..output import remove_empty_folder
-from .offload import SAFETENSORS_DTYPES, current_value
+from ..runtime.offload import SAFETENSORS_DTYPES, current_value
 
 
 logger = logging.getLogger(__name__)

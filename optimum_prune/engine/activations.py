@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import PruningError
+from ..fields import ACTIVATION_PLACES
 from ..locks import RunLock, is_stale
 from ..output import remove_empty_folder
 
@@ -42,7 +43,7 @@ from ..output import remove_empty_folder
 logger = logging.getLogger(__name__)
 
 
-PLACES = ("device", "cpu", "disk")
+PLACES = ACTIVATION_PLACES
 FOLDER_PREFIX = "optimum-prune-activations-"
 _LOCK_NAME = "store.lock"
 _BATCH_NAMES = re.compile(r"batch-[0-9]{6}\.pt")

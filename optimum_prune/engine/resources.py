@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..structure.groups import ChannelGroup
 
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
         tasks = engine.plan[index]
         if not tasks.prunes_anything():
             continue
-        parts = {}
+        parts, kinds = {}, tasks.by_kind()
         if method.needs_calibration:
             hooked = {name: lin for name, (lin, _) in engine.hooked_linears(tasks).items()}
             per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
@@ -96,25 +95,16 @@ def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.d
             # in the engine, but which do is only known once the layer has run
             parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
             # fused MoE banks: one accumulator per expert and matrix, all alive during the pass
-            banks = [t.bank for t in tasks.experts]
-            for t in tasks.channels:  # narrower experts: the down projections' inputs (and the up ones' if scored)
-                banks += [t.channels.down] + ([t.channels.up] if method.producer_statistics else [])
+            banks = [bank for kind, members in kinds.items() for bank in kind.statistics_banks(members, method)]
             parts["statistics"] += sum(b.num_experts * (per_input * b.in_features**2 + 4 * b.in_features) for b in banks)
             batch = min(config.batch_size, num_windows)
             widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
             heads = getattr(model_config, "num_attention_heads", 1) or 1
             parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
-        parts["solver"] = max([_group_solve_bytes(method, task.group) for task in tasks.groups]
-                              + [method.workspace_bytes(rows, cols) for rows, cols in solve_shapes(method, tasks.linears)]
-                              + [method.workspace_bytes(t.bank.out_features, t.bank.in_features)
-                                 for t in tasks.experts]
-                              # narrower experts: one expert's problem at a time, plus the new banks
-                              + [method.workspace_bytes(2 * t.channels.width, t.channels.up.in_features)
-                                 + method.workspace_bytes(t.channels.down.out_features, t.channels.width)
-                                 + 4 * t.channels.params for t in tasks.channels], default=0)
+        parts["solver"] = max([size for kind, members in kinds.items() for size in kind.solver_bytes(members, method)],
+                              default=0)
         if checkpoint:
-            parts["checkpoint"] = sum(t.linear.weight.numel() * t.linear.weight.element_size() for t in tasks.linears)
-            parts["checkpoint"] += sum(t.bank.tensor.numel() * t.bank.tensor.element_size() for t in tasks.experts)
+            parts["checkpoint"] = sum(kind.checkpoint_bytes(members) for kind, members in kinds.items())
         if any((home if p.device.type == "meta" and home is not None else p.device) != device
                for p in layer.parameters()):
             parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -229,28 +219,6 @@ class PrunePlan:
         lines.append(f"  time: about {self.seconds:.3g} s ({phases}; at {self.rate / 1e9:.0f} GFLOP/s measured on "
                      f"the compute device; a model of the cost, see docs/results/scaling.md)")
         return "\n".join(lines)
-
-
-def solve_shapes(method, linears) -> list[tuple[int, int]]:
-    """(rows, input width) of each problem ``method`` solves for one layer's `LinearTask`s. A method
-    that stacks Linears reading one tensor (`stacks_shared_inputs`) gets one problem per parent
-    module, input width and target: q/k/v, gate/up. Which Linears read one tensor is only known
-    once the layer runs, so this is an upper bound (an attention block's output projection counts
-    with q/k/v; the gated MLP's stack is the larger one in the models we know)."""
-    if not method.stacks_shared_inputs:
-        return [(t.linear.out_features, t.linear.in_features) for t in linears]
-    stacks: dict[tuple, int] = {}
-    for t in linears:
-        key = (t.name.rpartition(".")[0], t.linear.in_features, t.target)
-        stacks[key] = stacks.get(key, 0) + t.linear.out_features
-    return [(rows, key[1]) for key, rows in stacks.items()]
-
-
-def _group_solve_bytes(method, group: ChannelGroup) -> int:
-    """A channel group's solve: the method's copies of the consumer problem (out x the group's
-    width), plus the producers' kept rows, sliced once (rows x their own input width)."""
-    producers = sum(4 * p.rows_per_unit * group.units * p.linear.in_features for p in group.producers)
-    return producers + method.workspace_bytes(group.consumer.out_features, group.consumer.in_features)
 
 
 def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,

@@ -18,9 +18,9 @@ from ..structure.experts import ExpertBank, expert_matrix, set_expert_matrix
 from ..structure.moe import ExpertChannels
 from ..structure.groups import ChannelGroup
 from ..structure.shrink import shrink_group
-from .offload import commit_value, current_value, editable_value, read_weight, set_param
+from ..runtime.offload import commit_value, current_value, editable_value, read_weight, set_param
 from .report import PruneReport
-from .statistics import InputStatistics
+from ..calibration.statistics import InputStatistics
 
 
 def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_stats):

@@ -20,19 +20,23 @@ from torch import nn
 from ..configuration import PruningConfig
 from ..errors import PruningError
 from ..methods.structured import GlobalProblem
+from ..registry import get_method
 from ..structure.groups import ChannelGroup, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
 from ..structure.shrink import describe_widths
 from .problems import apply_to_group, read_group_problem
-from .capture import StatisticsCollector, check_called, run_windows
-from .offload import input_device
+from ..calibration.capture import StatisticsCollector, check_called, run_windows
+from ..runtime.offload import input_device
+from .base import Engine
 from .report import PruneReport
 
 
 logger = logging.getLogger(__name__)
 
 
-class GlobalStructuredEngine:
+class GlobalStructuredEngine(Engine):
+    """Policy-gradient-style methods: every channel group of the model in one problem."""
+
     def __init__(self, model: nn.Module, config: PruningConfig, method, device=None, progress: bool = True,
                  activations: str = "device", activation_folder=None):
         if config.overrides:
@@ -112,7 +116,7 @@ class GlobalStructuredEngine:
 
     # ------------------------------------------------------------------ the prune
     @torch.no_grad()
-    def run(self, windows: torch.Tensor | None) -> PruneReport:
+    def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
         if windows is None or windows.numel() == 0:
             raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
         start = time.perf_counter()
@@ -157,13 +161,14 @@ class GlobalStructuredEngine:
 
     def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor]) -> PruneReport:
         """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
-        already-pruned ones, with the method's `finishing_method` (policy gradient: the kept units
+        already-pruned ones, with the method's `finishing_step` (policy gradient: the kept units
         restored by FASP's least squares, or its ``local_method`` choosing the units itself)."""
-        from .engine import LayerwiseEngine
+        from .layerwise import LayerwiseEngine
 
         common = dict(device=self.device, progress=self.progress, activations=self.activations,
                       activation_folder=self.activation_folder)
-        local, keeps_units = self.method.finishing_method()
+        name, keeps_units = self.method.finishing_step()
+        local = get_method(name)(dampening=self.method.dampening)
         if keeps_units:
             kept = {g.name: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)}
             engine = LayerwiseEngine(self.model, self.config, local, kept_units=kept, **common)

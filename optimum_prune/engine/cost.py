@@ -8,7 +8,7 @@ forward that feeds the next layer. Each phase is counted in floating-point opera
 by the matrix-multiply rate measured on the compute device (`gemm_rate`, a fraction of a second);
 memory-bound work (selections, element-wise updates) is counted in operations at that rate with
 constants fitted on CPU. Linears a method stacks are counted as the stacked problems
-(`resources.solve_shapes`). Estimates against measured prunes: docs/results/scaling.md.
+(`LinearTask.solve_shapes`). Estimates against measured prunes: docs/results/scaling.md.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 
 import torch
 from torch import nn
-
-from .resources import solve_shapes
 
 
 def gemm_rate(device: torch.device, size: int = 1024, seconds: float = 0.25, bursts: int = 1) -> float:
@@ -86,13 +84,7 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
                 phases["forward"] += forward
         if not tasks.prunes_anything():
             continue
-        solve = sum(method.solve_flops(rows, cols) for rows, cols in solve_shapes(method, tasks.linears))
-        solve += sum(t.bank.num_experts * method.solve_flops(t.bank.out_features, t.bank.in_features)
-                     for t in tasks.experts)
-        solve += sum(method.solve_flops(t.group.consumer.out_features, t.group.consumer.in_features)
-                     for t in tasks.groups)
-        solve += sum(t.channels.num_experts * method.solve_flops(t.channels.down.out_features, t.channels.width)
-                     for t in tasks.channels)
+        solve = sum(kind.solve_flops(members, method) for kind, members in tasks.by_kind().items())
         phases["solve"] += solve
     if config.sparsity_profile != "uniform" and method.needs_calibration:
         # the profile's dense pass over every layer, and for "sensitivity" every layer pruned alone

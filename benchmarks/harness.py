@@ -1,0 +1,142 @@
+"""The benchmarks' shared harness: arguments every benchmark spells the same way, one process
+runner (each measurement in a fresh spawned process, optionally capped in time), a rows file that
+a re-run resumes from, the report writer, and the measurements every benchmark makes of memory,
+disk and the packaged model.
+
+Scripts run as ``python benchmarks/<name>.py``; this folder is then first on ``sys.path``, so
+``from harness import ...`` needs no path edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from queue import Empty
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "..", "docs", "results")
+
+
+def parser(doc: str, *, output: str | None = None, seqlen: int | None = None, samples: int | None = None,
+           eval_windows: int | None = None, seeds: bool = False, resume: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the shared arguments asked for: ``--output`` (default
+    ``docs/results/<output>``), ``--seqlen``, ``--num-samples``, ``--eval-windows``, ``--seeds``,
+    ``--resume FILE.jsonl``."""
+    found = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if output is not None:
+        found.add_argument("--output", default=os.path.join(RESULTS, output), help="the report (markdown)")
+    if seqlen is not None:
+        found.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per window (default {seqlen})")
+    if samples is not None:
+        found.add_argument("--num-samples", type=int, default=samples,
+                           help=f"calibration windows (default {samples})")
+    if eval_windows is not None:
+        found.add_argument("--eval-windows", type=int, default=eval_windows,
+                           help=f"evaluation windows per text (default {eval_windows})")
+    if seeds:
+        found.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds (default 0)")
+    if resume:
+        found.add_argument("--resume", default=None, metavar="FILE.jsonl",
+                           help="finished rows: read, not re-run; new ones appended")
+    return found
+
+
+def in_process(target, *args, cap: float | None = None):
+    """``target(*args, queue)`` in a fresh spawned process; returns what it put on the queue. A
+    process that dies raises (without ``cap``) or gives ``{"error": ...}`` (with ``cap``: seconds
+    after which it is stopped, also an error row)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    deadline = None if cap is None else time.monotonic() + cap
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            proc.join()
+            return result
+        except Empty:
+            if not proc.is_alive():
+                if cap is None:
+                    raise RuntimeError(f"{target.__name__}{args[1:]} died (exit code {proc.exitcode}); see its "
+                                       f"traceback above") from None
+                return {"error": f"died (exit code {proc.exitcode})"}
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                return {"error": f"stopped after {cap:.0f} s"}
+
+
+class Rows:
+    """A JSON-lines file of finished rows, keyed by ``key(row)``: a re-run reads them instead of
+    measuring again and appends the new ones (no file: nothing kept)."""
+
+    def __init__(self, path: str | None, key):
+        self.path, self.key = path, key
+        self.done: dict = {}
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                self.done = {key(row): row for row in map(json.loads, filter(str.strip, handle))}
+
+    def get(self, key):
+        return self.done.get(key)
+
+    def add(self, row: dict) -> dict:
+        """Record a new row (printed, appended to the file) and return it."""
+        print(json.dumps(row), flush=True)
+        self.done[self.key(row)] = row
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return row
+
+    def measured(self, key, measure):
+        """The row of ``key``: the finished one, or ``measure()``'s, recorded."""
+        return self.done[key] if key in self.done else self.add(measure())
+
+    def rewrite(self) -> None:
+        """Write every row back (after they were edited in place)."""
+        if self.path:
+            with open(self.path, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in self.done.values())
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that made a report, as the report names it."""
+    return f"python benchmarks/{script} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+
+
+def write_report(path: str, text: str, echo: bool = True) -> None:
+    """Write a report (printed too), whole or not at all."""
+    if echo:
+        print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def disk_mb(folder: str) -> float:
+    """The weight files (``*.safetensors``) of ``folder``, in MiB."""
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors")) / 2**20
+
+
+def load_fp32(checkpoint, device: str = "cpu"):
+    """A checkpoint (the packaged SmolLM2 by default elsewhere) in float32, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)

@@ -1,0 +1,90 @@
+"""A Linear sparsified to a target (unstructured or N:M): the unstructured kind of work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...methods.base import PruningMethod
+from ...patterns import Target
+from ...runtime.offload import read_weight, write_weight
+from ...structure.layers import select_target_linears
+from ..problems import check_finite_result, check_finite_weight
+from .base import LayerRun, TargetTask
+
+
+@dataclass(frozen=True)
+class LinearTask(TargetTask):
+    """Prune the weight of the Linear ``name`` to ``target`` (unstructured or N:M)."""
+
+    label = "Linears"
+    name: str
+    linear: nn.Linear
+    target: Target
+
+    @classmethod
+    def candidates(cls, layer, layer_name, config):
+        found = select_target_linears(layer, layer_name, config.targets, config.ignore)
+        return {name: (linear, linear.in_features) for name, linear in found.items()}
+
+    @classmethod
+    def of(cls, name, holder, target):
+        return cls(name, holder, target)
+
+    def linears(self):
+        return [self.linear]
+
+    def free_weights(self) -> int:
+        return self.linear.weight.numel()
+
+    def hooked(self, method):
+        return {self.name: (self.linear, method.statistics)}
+
+    @classmethod
+    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
+        """Linears that read the same tensor (same statistics object) and share a target are
+        handed to the method together."""
+        batches: dict[tuple[int, Target], list[LinearTask]] = {}
+        for task in tasks:
+            batches.setdefault((id(stats.get(task.name, task.name)), task.target), []).append(task)
+        for (_, target), members in batches.items():
+            weights = [read_weight(task.linear, run.device) for task in members]
+            for task, weight in zip(members, weights):
+                check_finite_weight(task.name, weight)
+            results = run.method.prune_linears(weights, stats.get(members[0].name), target)
+            for task, result in zip(members, results):
+                check_finite_result(run.method.name, task.name, result.weight)
+                run.note({task.name: write_weight(task.linear, result.weight, result.mask)})
+                run.report.record(task.name, int(result.mask.sum()), result.mask.numel())
+
+    def replay(self, changes, device) -> None:
+        if self.name in changes:
+            write_weight(self.linear, changes[self.name])
+
+    @classmethod
+    def solve_shapes(cls, tasks: list["LinearTask"], method: PruningMethod) -> list[tuple[int, int]]:
+        """(rows, input width) of each problem ``method`` solves for one layer's Linears. A method
+        that stacks Linears reading one tensor (`stacks_shared_inputs`) gets one problem per parent
+        module, input width and target: q/k/v, gate/up. Which Linears read one tensor is only known
+        once the layer runs, so this is an upper bound (an attention block's output projection
+        counts with q/k/v; the gated MLP's stack is the larger one in the models we know)."""
+        if not method.stacks_shared_inputs:
+            return [(t.linear.out_features, t.linear.in_features) for t in tasks]
+        stacks: dict[tuple, int] = {}
+        for t in tasks:
+            key = (t.name.rpartition(".")[0], t.linear.in_features, t.target)
+            stacks[key] = stacks.get(key, 0) + t.linear.out_features
+        return [(rows, key[1]) for key, rows in stacks.items()]
+
+    @classmethod
+    def solver_bytes(cls, tasks, method):
+        return [method.workspace_bytes(rows, cols) for rows, cols in cls.solve_shapes(tasks, method)]
+
+    @classmethod
+    def checkpoint_bytes(cls, tasks):
+        return sum(t.linear.weight.numel() * t.linear.weight.element_size() for t in tasks)
+
+    @classmethod
+    def solve_flops(cls, tasks, method):
+        return sum(method.solve_flops(rows, cols) for rows, cols in cls.solve_shapes(tasks, method))

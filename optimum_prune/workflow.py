@@ -1,0 +1,143 @@
+"""The pieces of a whole prune run that `Pruner.run` strings together: what is evaluated before
+and after (`Evaluation`), what recovers the pruned model (`Recovery`), and the results a run
+records (``pruning_results.json``, the model card) and prints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import PruningError, check_positive_int
+
+
+@dataclass
+class Evaluation:
+    """What is measured before pruning, after it and after recovery: perplexity on ``dataset``
+    (``windows`` non-overlapping windows of the config's ``seqlen``; None: none) and lm-eval
+    ``tasks`` (None: none)."""
+
+    dataset: str | None = None
+    windows: int = 64
+    tasks: list[str] | None = None
+    tasks_limit: float | None = None  # documents per task (>= 1) or a fraction (< 1)
+    tasks_fewshot: int = 0
+    tasks_include: str | None = None
+    tasks_batch_size: int = 8
+
+    def __post_init__(self):
+        check_positive_int(self.windows, "--eval-windows")
+        if self.tasks_limit is not None and not self.tasks_limit > 0:
+            raise PruningError("--tasks-limit must be a positive count or fraction.")
+        if self.tasks_fewshot < 0 or self.tasks_batch_size < 1:
+            raise PruningError("--tasks-fewshot must be >= 0 and --tasks-batch-size >= 1.")
+        if self.tasks:
+            import importlib.util
+
+            from .evaluation.zero_shot import parse_tasks
+
+            self.tasks = parse_tasks(self.tasks)
+            if importlib.util.find_spec("lm_eval") is None:
+                raise PruningError("--tasks needs lm-eval: pip install 'optimum-prune[eval]' (or lm-eval).")
+
+    @property
+    def limit(self):
+        return None if self.tasks_limit is None else (int(self.tasks_limit) if self.tasks_limit >= 1 else self.tasks_limit)
+
+    def measure(self, stage: str, model, tokenizer, config, results: dict, echo: Callable[[str], None],
+                progress: bool = True) -> None:
+        """Record the measurements of ``stage`` (before, after, recovered) in ``results``."""
+        if self.dataset is not None:
+            from .evaluation.perplexity import perplexity
+
+            value = perplexity(model, tokenizer, self.dataset, seqlen=config.seqlen, max_windows=self.windows,
+                               progress=progress)
+            results[f"perplexity_{stage}"] = value
+            echo(f"perplexity {stage}: {value:.3f}")
+        if self.tasks:
+            from .evaluation.zero_shot import zero_shot
+
+            results[f"zero_shot_{stage}"] = zero_shot(
+                model, tokenizer, self.tasks, num_fewshot=self.tasks_fewshot, limit=self.limit,
+                batch_size=self.tasks_batch_size, include_path=self.tasks_include, seed=config.seed)
+            echo(f"zero-shot {stage}: {json.dumps(results[f'zero_shot_{stage}'])}")
+
+    def settings(self, config) -> dict:
+        """What the results record of the evaluation itself."""
+        found = {}
+        if self.dataset is not None:
+            found["eval"] = {"dataset": self.dataset, "seqlen": config.seqlen, "max_windows": self.windows}
+        if self.tasks:
+            found["zero_shot_settings"] = {"tasks": self.tasks, "num_fewshot": self.tasks_fewshot,
+                                           "limit": self.tasks_limit}
+        return found
+
+
+@dataclass
+class Recovery:
+    """A short LoRA fine-tune after pruning (`optimum_prune.recovery.recover_lora`) on ``samples``
+    windows of the calibration source, drawn with the config's seed + 1."""
+
+    lora: object = None  # a LoraRecoveryConfig (default: its defaults)
+    samples: int = 256
+
+    def __post_init__(self):
+        check_positive_int(self.samples, "--recover-samples")
+        if self.lora is None:
+            from .recovery import LoraRecoveryConfig
+
+            self.lora = LoraRecoveryConfig()
+
+    def apply(self, model, tokenizer, config, echo: Callable[[str], None], progress: bool = True) -> dict:
+        from .calibration.data import calibration_windows
+        from .recovery import recover_lora
+
+        windows = calibration_windows(config.dataset, tokenizer, self.samples, config.seqlen, config.seed + 1,
+                                      **config.data_options())
+        found = recover_lora(model, windows, self.lora, progress=progress)
+        echo(f"LoRA recovery: {self.lora.steps} steps in {found['seconds']:.1f}s, training loss "
+             f"{found['loss_first']:.3f} -> {found['loss_last']:.3f}")
+        return found
+
+
+def report_results(report, config, method) -> dict:
+    """What a run records of its prune (``report``, a `PruneReport`)."""
+    results = {"sparsity": report.overall_sparsity}
+    if report.coverage is not None:
+        results["coverage"] = report.coverage
+    if report.unhandled:
+        results["unhandled_weights"] = dict(report.unhandled)
+    if report.expert_matrices:
+        results["experts"] = {"matrices": report.expert_matrices, "calibration": config.expert_calibration,
+                              "min_tokens": config.min_expert_tokens,
+                              "magnitude_fallbacks": sum(report.expert_fallbacks.values())}
+        if report.expert_fallbacks:
+            results["experts"]["fallbacks_per_bank"] = dict(report.expert_fallbacks)
+    if report.removed_experts:
+        results["removed_experts"] = dict(report.removed_experts)
+    if report.layer_sparsity is not None:
+        results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
+        if report.layer_patterns is not None:
+            results["layer_sparsity"]["patterns"] = list(report.layer_patterns)
+    return results
+
+
+def summary_lines(report, config, method, results: dict) -> list[str]:
+    """The lines a run prints once the prune is done."""
+    lines = []
+    if report.layer_sparsity is not None:
+        lines.append(f"{config.sparsity_profile} profile: layer sparsities {min(report.layer_sparsity):.3f} to "
+                     f"{max(report.layer_sparsity):.3f}")
+    what = "channel groups" if config.pattern == "structured" else "Linears"
+    if method.removes_experts:
+        what = f"MoE blocks ({sum(map(len, report.removed_experts.values()))} experts removed)"
+    if report.expert_matrices:
+        what = f"Linears and expert banks ({report.expert_matrices} expert matrices)"
+    coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"
+                if report.coverage is not None else "")
+    lines.append(f"pruned {len(report.sparsity)} {what} with {config.method} ({config.pattern}) to sparsity "
+                 f"{results['sparsity']:.4f}{coverage} in {results['prune_seconds']:.1f}s; parameters "
+                 f"{results['parameters_before']:,} -> {results['parameters_after']:,}")
+    return lines
+
+
