@@ -229,8 +229,8 @@ class Pruner:
         if self.checkpoint is not None:
             self.checkpoint.clear()
         echo(f"saved to {saved}")
-        if push_to_hub and is_main_process():
-            url = self.push_to_hub(push_to_hub, private=private)
+        url = self.push_to_hub(push_to_hub, private=private) if push_to_hub else None
+        if url is not None:
             echo(f"uploaded to https://huggingface.co/{push_to_hub} ({url})")
         return results
 
@@ -357,11 +357,14 @@ class Pruner:
         return self.saved_to
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | bool | None = None,
-                    commit_message: str | None = None) -> str:
+                    commit_message: str | None = None) -> str | None:
         """Upload the folder of the last successful `save_pretrained` to the Hub repo ``repo_id``
-        (created if missing); returns the commit URL. Nothing is uploaded before a save succeeded."""
+        (created if missing); returns the commit URL (None on the processes other than rank 0).
+        Nothing is uploaded before a save succeeded."""
         if self.saved_to is None:
             raise PruningError("Nothing to upload: save_pretrained(folder) first; push_to_hub uploads that folder.")
+        if not is_main_process():  # several processes: rank 0 saved the folder and uploads it
+            return None
         return push_folder(self.saved_to, repo_id, private=private, token=token, commit_message=commit_message)
 
 

@@ -1,17 +1,18 @@
-"""The sequential layer engine: the walk over the decoder layers. What each layer gets is planned
-in `plan.py`, hooks live in `capture.py`, devices and offload stores in `offload.py`.
+"""The layer-wise engine: the walk over the decoder layers. What each layer gets is planned in
+`plan.py` (one task per piece of work, `tasks/`), the passes over one layer live in `passes.py`,
+hooks in `calibration/capture.py`, devices and offload stores in `runtime/offload.py`.
 
 1. Run the calibration windows through the model until the first decoder layer and capture its
    inputs (hidden states and the keyword arguments the layer needs).
-2. For each decoder layer: bring it onto the compute device, hook its target Linears and run the
-   captured inputs through it to accumulate the statistics the method declared; hand each group
-   of Linears that read the same tensor to the method; write the new weights back; run the layer
-   again so that the next layer sees the outputs of the *pruned* layer (``sequential=True``), or
-   keep the dense outputs of the statistics pass (``sequential=False``, one pass per layer).
-
-Fused mixture-of-experts banks are pruned expert by expert: the statistics pass also feeds an
-`ExpertCollector` (each expert's inputs, from the tokens routed to it), and every expert's matrix
-is handed to the method as its own 2-D problem (read and written one expert at a time).
+2. For each decoder layer: bring it onto the compute device and run the captured inputs through it
+   once, feeding every task of the layer what it declared (the inputs of hooked Linears, each
+   kind's own collector: per-expert statistics, expert usage); let each kind solve its tasks and
+   write the new weights back; run the layer again so that the next layer sees the outputs of the
+   *pruned* layer (``sequential=True``), or keep the dense outputs of the statistics pass
+   (``sequential=False``, one pass per layer). With intra-layer error correction the Linears are
+   first pruned stage by stage (`passes.prune_linears_staged`).
+3. With a checkpoint, commit each finished layer (the changes each task noted, the next inputs);
+   a resume replays the commits through each task's ``replay``.
 """
 
 from __future__ import annotations
