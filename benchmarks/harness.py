@@ -106,6 +106,31 @@ class Rows:
             with open(self.path, "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.done.values())
 
+def parse_run(spec: str):
+    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity).
+    Options are the method's, except ``targets`` / ``ignore`` (JSON lists), which go to `PruningConfig`."""
+    head, _, rest = spec.partition(":")
+    method, _, options_text = head.partition("[")
+    options = {}
+    if options_text.endswith("]"):
+        options_text = options_text[:-1]
+    items, depth, current = [], 0, ""
+    for char in options_text:  # commas inside JSON lists do not separate options
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    for item in filter(None, items + [current]):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    if ":" in rest:
+        return method, options, rest, None
+    if rest.startswith("s"):
+        return method, options, "structured", float(rest[1:])
+    return method, options, "unstructured", float(rest)
+
 
 def command_line(script: str, argv=None) -> str:
     """The command that made a report, as the report names it."""

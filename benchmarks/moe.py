@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from harness import in_process, parser as harness_parser, peak_rss_mb
+from harness import in_process, parser as harness_parser, peak_rss_mb, write_report
 from texts import TEXTS, evaluation_text
 
 
@@ -271,8 +271,7 @@ def write_results(path, args, info, dense, rows):
     # raw rows without the per-block lists of removed experts (kept in the cache next to the model)
     lines += ["", "Raw rows:", "", "```json", *(json.dumps({k: v for k, v in r.items() if k != "removed_experts"})
                                                  for r in rows), "```", ""]
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines))
+    write_report(path, "\n".join(lines), echo=False)
 
 
 def _stored_parameters(folder: str) -> int:

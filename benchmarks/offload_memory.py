@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from harness import in_process, parser as harness_parser
+from harness import in_process, parser as harness_parser, write_report
 
 
 def _rss_mb() -> float:
@@ -99,8 +99,8 @@ def main():
         f"Largest difference between an offloaded run's saved weights and the in-memory run's: {max_diff:.3g}.\n"
     )
     print(table)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(f"# Pruning with offload: peak memory\n\nCommand: `python benchmarks/offload_memory.py`\n\n{table}")
+    write_report(args.output, f"# Pruning with offload: peak memory\n\nCommand: `python benchmarks/offload_memory.py`\n\n{table}",
+                 echo=False)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from __future__ import annotations
 import platform
 
 import torch
-from harness import in_process, load_fp32, parser as harness_parser, peak_rss_mb
-from smollm2 import parse_run
+from harness import in_process, load_fp32, parse_run, parser as harness_parser, peak_rss_mb, write_report
 
 
 RUNS = ["wanda:0.5", "fasp:s0.2"]
@@ -105,8 +104,7 @@ def main():
     command = (f"python benchmarks/recovery.py --steps {args.steps} --lr {args.lr:g} --rank {args.rank} "
                f"--batch-size {args.batch_size} --train-seqlen {args.train_seqlen}"
                + ("" if args.runs == RUNS else " --runs " + " ".join(args.runs)))
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(f"# LoRA recovery on SmolLM2-135M\n\nCommand: `{command}`\n\n{table}")
+    write_report(args.output, f"# LoRA recovery on SmolLM2-135M\n\nCommand: `{command}`\n\n{table}", echo=False)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from harness import disk_mb, load_fp32, parser as harness_parser
+from harness import disk_mb, load_fp32, parser as harness_parser, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -239,8 +239,7 @@ def write_page(rows: dict, args, output: str) -> None:
              for d in row.get(engine, {}).get("divergences", [])]
     if notes:
         lines += ["", "Where the greedy ids differ from transformers':", "", *notes]
-    with open(output, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_report(output, "\n".join(lines) + "\n", echo=False)
 
 
 def main():

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from harness import Rows, disk_mb, in_process, load_fp32, parser as harness_parser, peak_rss_mb, write_report
+from harness import Rows, disk_mb, in_process, parse_run, load_fp32, parser as harness_parser, peak_rss_mb, write_report
 
 
 RUNS = [
@@ -69,30 +69,6 @@ GLOBAL_RUNS = ["spap:s0.2", "spap:s0.3", f"{GLOBAL_PG}:s0.3", f"{GLOBAL_PG}:s0.2
 CONFIG_OPTIONS = ("targets", "ignore", "sparsity_profile", "owl_lambda", "owl_threshold", "sensitivity_samples")
 
 
-def parse_run(spec: str):
-    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity).
-    Options are the method's, except ``targets`` / ``ignore`` (JSON lists), which go to `PruningConfig`."""
-    head, _, rest = spec.partition(":")
-    method, _, options_text = head.partition("[")
-    options = {}
-    if options_text.endswith("]"):
-        options_text = options_text[:-1]
-    items, depth, current = [], 0, ""
-    for char in options_text:  # commas inside JSON lists do not separate options
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    for item in filter(None, items + [current]):
-        key, _, value = item.partition("=")
-        options[key] = json.loads(value)
-    if ":" in rest:
-        return method, options, rest, None
-    if rest.startswith("s"):
-        return method, options, "structured", float(rest[1:])
-    return method, options, "unstructured", float(rest)
 
 
 def _label(method, options) -> str:

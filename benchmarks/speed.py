@@ -18,7 +18,7 @@ import platform
 import tempfile
 
 import torch
-from harness import disk_mb, in_process, parser as harness_parser
+from harness import disk_mb, in_process, parser as harness_parser, write_report
 
 
 LEVELS = [0.2, 0.3, 0.38]  # 0.38 of the decoder-layer parameters is 30% of all parameters of SmolLM2-135M
@@ -99,10 +99,8 @@ def main():
         )
     table = "\n".join(lines) + "\n"
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        handle.write(f"# Speed and size of structurally pruned SmolLM2-135M\n\nCommand: `python benchmarks/speed.py"
-                     f"{'' if args.device == 'cpu' else ' --device ' + args.device}`\n\n{table}")
+    write_report(args.output, f"# Speed and size of structurally pruned SmolLM2-135M\n\nCommand: `python benchmarks/speed.py"
+                              f"{'' if args.device == 'cpu' else ' --device ' + args.device}`\n\n{table}", echo=False)
 
 
 if __name__ == "__main__":

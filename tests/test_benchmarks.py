@@ -43,6 +43,7 @@ def test_no_benchmark_defines_the_shared_arguments_itself():
         for flag in ('"--seqlen"', '"--num-samples"', '"--eval-windows"', '"--resume"'):
             assert f"add_argument({flag}" not in text, f"{name} defines {flag}; use harness.parser"
         assert "sys.path.insert" not in text and "def in_process" not in text and "mp.get_context" not in text, name
+        assert 'open(args.output, "w"' not in text, f"{name} writes its report itself; use harness.write_report"
 
 
 def test_rows_resume(tmp_path):

@@ -372,3 +372,19 @@ def test_examples_parse_their_arguments():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("ok ") == 6, result.stdout
+
+
+def test_flag_choices_come_from_one_place():
+    """Every flag with a fixed set of values takes it from optimum_prune.fields (what the config checks)."""
+    import argparse
+
+    from optimum_prune import fields
+    from optimum_prune.commands.prune import add_prune_arguments
+
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    lists = [value for value in vars(fields).values() if isinstance(value, tuple)]
+    with_choices = [action for action in parser._actions if action.choices]
+    assert len(with_choices) >= 8
+    assert all(any(action.choices is found for found in lists) for action in with_choices), \
+        [action.dest for action in with_choices if not any(action.choices is found for found in lists)]

@@ -15,7 +15,7 @@ import sys
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from optimum_prune.fields import (ACTIVATION_PLACES, CALIBRATION_FORMATS, EXPERT_CALIBRATION, GGUF_TYPES, LOAD_DTYPES,
-                                  SERVING_ENGINES, SPARSITY_PROFILES)
+                                  RECOVERY_METHODS, SERVING_ENGINES, SPARSITY_PROFILES)
 
 
 # The PruningConfig fields that are CLI flags: (field, group, argparse keywords), in --help order.
@@ -131,7 +131,7 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--tasks-batch-size", type=int, default=8, help="Batch size of the lm-eval runs.")
 
     recovery = parser.add_argument_group("recovery (after pruning, before saving)")
-    recovery.add_argument("--recover", choices=["lora"], default=None,
+    recovery.add_argument("--recover", choices=RECOVERY_METHODS, default=None,
                           help="Short LoRA fine-tune on the calibration text, merged back; sparsity masks re-applied.")
     recovery.add_argument("--recover-steps", type=int, default=100, help="Optimiser steps (default 100).")
     recovery.add_argument("--recover-lr", type=float, default=2e-4, help="Peak learning rate (default 2e-4).")
