@@ -27,7 +27,7 @@ import time
 import torch
 
 from harness import Rows, command_line, in_process, load_fp32, parser as harness_parser, peak_rss_mb, write_report
-from texts import TEXTS, evaluation_text
+from texts import TEXTS, perplexities
 
 PROFILES = ("uniform", "owl", "sensitivity")
 METHODS = ("wanda", "sparsegpt", "alps")
@@ -41,10 +41,7 @@ def _windows(args, tokenizer, seed: int):
 
 
 def _perplexities(args, model, tokenizer) -> dict:
-    from optimum_prune.evaluation import perplexity
-
-    return {name: perplexity(model, tokenizer, evaluation_text(name), seqlen=args.seqlen,
-                             max_windows=args.eval_windows) for name in TEXTS}
+    return perplexities(model, tokenizer, args.seqlen, args.eval_windows)
 
 
 def _dense(args, queue):

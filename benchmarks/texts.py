@@ -16,3 +16,11 @@ def python_reference() -> list[str]:
 def evaluation_text(name: str):
     """What `optimum_prune.evaluation.perplexity` takes for the text ``name`` of `TEXTS`."""
     return python_reference() if TEXTS[name] == "pydoc" else TEXTS[name]
+
+
+def perplexities(model, tokenizer, seqlen: int, max_windows: int) -> dict:
+    """Perplexity of ``model`` on every text of `TEXTS` (non-overlapping windows of ``seqlen``)."""
+    from optimum_prune.evaluation import perplexity
+
+    return {name: perplexity(model, tokenizer, evaluation_text(name), seqlen=seqlen, max_windows=max_windows)
+            for name in TEXTS}

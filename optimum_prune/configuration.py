@@ -215,6 +215,8 @@ class PruningConfig(BaseConfig):
             from .registry import get_method
 
             method_cls = get_method(self.method)
+        if method_cls.removes_layers:  # fewer layers, every one as wide as before: a stock config
+            return False
         return bool(method_cls.is_global or self.overrides or self.sparsity_profile != "uniform")
 
     def _check_profile(self, method_cls, parsed: SparsityPattern) -> None:

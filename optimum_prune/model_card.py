@@ -33,8 +33,12 @@ def _is_heterogeneous(model) -> bool:
     return getattr(getattr(model, "config", None), "layer_widths", None) is not None
 
 
-def _what_was_done(config: PruningConfig, heterogeneous: bool) -> str:
+def _what_was_done(config: PruningConfig, heterogeneous: bool, results: dict) -> str:
     pattern = config.pattern
+    if "removed_layers" in results:
+        return (f"{len(results['removed_layers'])} whole decoder layers removed (depth pruning, "
+                f"{config.sparsity:.0%} of the decoder layers' parameters asked for): a stock architecture with fewer "
+                f"layers")
     if pattern == "structured" and heterogeneous:
         return (f"{config.sparsity:.0%} of the parameters of the channel groups it prunes (MLP channels, KV groups) "
                 "removed, spread unevenly over the layers: every decoder layer has its own width")
@@ -139,7 +143,7 @@ def build_model_card(
     final = "recovered" if "recovery" in results else "after"
     data = _card_data(config, results, name if base_model else "model", base_model, hub_base, final)
     heterogeneous = _is_heterogeneous(model)
-    what = _what_was_done(config, heterogeneous)
+    what = _what_was_done(config, heterogeneous, results)
     setup, measured = _setup_rows(config), _measured_rows(results)
     evaluation = _evaluation_section(results, name)
     loading = _loading_section(heterogeneous, results)
@@ -209,6 +213,8 @@ def _measured_rows(results: dict) -> str:
         ("left dense", results.get("unhandled_note")),
         ("MoE experts", _experts_text(results.get("experts"))),
         ("experts removed", _removed_experts_text(results.get("removed_experts"))),
+        ("decoder layers removed", ", ".join(map(str, results["removed_layers"])) if results.get("removed_layers")
+         else None),
         ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 #: name -> "module of optimum_prune.methods:class"; aliases -> name
 BUILTIN_METHODS = {
     "alps": "alps:ALPS",
+    "block-influence": "block_influence:BlockInfluence",
     "expert-drop": "expert_drop:ExpertDrop",
     "fasp": "fasp:FASP",
     "fista": "fista:FISTAPruner",
@@ -34,7 +35,7 @@ BUILTIN_METHODS = {
     "wanda": "wanda:Wanda",
     "wanda-sp": "wanda_sp:WandaSP",
 }
-BUILTIN_ALIASES = {"pg": "policy_gradient", "reap": "expert-drop"}
+BUILTIN_ALIASES = {"pg": "policy_gradient", "reap": "expert-drop", "shortgpt": "block-influence"}
 
 _METHODS: dict[str, type["PruningMethod"]] = {}
 _ALIASES: dict[str, str] = {}

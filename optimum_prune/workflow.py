@@ -115,6 +115,9 @@ def report_results(report, config, method) -> dict:
             results["experts"]["fallbacks_per_bank"] = dict(report.expert_fallbacks)
     if report.removed_experts:
         results["removed_experts"] = dict(report.removed_experts)
+    if report.layer_influence is not None:
+        results["removed_layers"] = list(report.removed_layers)
+        results["layer_influence"] = list(report.layer_influence)
     if report.layer_sparsity is not None:
         results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
         if report.layer_patterns is not None:
@@ -131,6 +134,8 @@ def summary_lines(report, config, method, results: dict) -> list[str]:
     what = "channel groups" if config.pattern == "structured" else "Linears"
     if method.removes_experts:
         what = f"MoE blocks ({sum(map(len, report.removed_experts.values()))} experts removed)"
+    if method.removes_layers:
+        what = f"decoder layers ({len(report.removed_layers)} removed: {report.removed_layers})"
     if report.expert_matrices:
         what = f"Linears and expert banks ({report.expert_matrices} expert matrices)"
     coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"

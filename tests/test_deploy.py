@@ -45,6 +45,11 @@ def pruned(family, kind, **config):
     model = bpe_model(family)
     if kind == "dense":
         return model, None
+    if kind == "depth":  # whole layers removed: a stock checkpoint with fewer layers
+        pruner = Pruner(PruningConfig(method="block-influence", pattern="structured", sparsity=0.34,
+                                      num_calibration_samples=8, seqlen=32, batch_size=4, **config))
+        pruner.prune(model, calibration(), progress=False)
+        return model, pruner
     overrides = HETERO if kind == "heterogeneous" else {}
     pruner = Pruner(PruningConfig(method="fasp", pattern="structured", sparsity=0.3, overrides=overrides,
                                   num_calibration_samples=8, seqlen=32, batch_size=4, channel_multiple=1, **config))
@@ -58,13 +63,24 @@ def greedy(model, ids, tokens=32):
     return out[0, ids.shape[1]:].tolist()
 
 
+def decided(model, ids, generated, margin=1e-3) -> int:
+    """How many of transformers' greedy tokens are decided by more than ``margin`` in its logits:
+    past a near-tie two correct engines may part (float summation order), so comparisons stop there."""
+    sequence = torch.tensor([ids[0].tolist() + generated])
+    with torch.no_grad():
+        logits = model(sequence).logits[0, ids.shape[1] - 1:-1]
+    top2 = logits.topk(2, dim=-1).values
+    ties = ((top2[:, 0] - top2[:, 1]) < margin).nonzero()
+    return int(ties[0]) if ties.numel() else len(generated)
+
+
 def llama_cpp_tokens(path, ids, tokens=32):
     with llamacpp.LlamaCpp(path, context=256, threads=2) as engine:
         return engine.generate(ids[0].tolist(), tokens), engine.tokenize(PROMPT)
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
-@pytest.mark.parametrize("kind", ["dense", "uniform", "heterogeneous"])
+@pytest.mark.parametrize("kind", ["dense", "uniform", "heterogeneous", "depth"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_generates_what_transformers_generates(family, kind, tmp_path):
     """32 greedy tokens from the f32 GGUF in llama.cpp equal transformers' (and llama.cpp tokenises
@@ -84,12 +100,15 @@ def test_gguf_generates_what_transformers_generates(family, kind, tmp_path):
         assert any("num_key_value_heads" in w for w in widths)  # per-layer KV groups too
     else:
         assert widths is None
+    if kind == "depth":
+        assert config["num_hidden_layers"] == 2 and model.config.num_hidden_layers == 2
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     expected = greedy(model, ids)
     path = export_gguf(folder, dtype="f32")
     generated, prompt_ids = llama_cpp_tokens(path, ids)
     assert prompt_ids == ids[0].tolist()
-    assert generated == expected
+    upto = decided(model, ids, expected)  # 32 unless a near-tie (checked: only the Llama and Mistral depth models have one, at token 23)
+    assert upto >= 16 and generated[:upto] == expected[:upto]
     quantised = export_gguf(folder, dtype="q8_0")
     assert os.path.getsize(quantised) < 0.5 * os.path.getsize(path)
     generated, _ = llama_cpp_tokens(quantised, ids)

@@ -187,6 +187,7 @@ def test_nobody_asks_which_engine_or_task_it_holds():
     """The engines share one interface (`engine.base.Engine`) and the kinds of work one protocol
     (`engine.tasks.base.Task`): no ``isinstance`` on their classes outside their own modules."""
     classes = {"Engine": "optimum_prune.engine.base", "LayerwiseEngine": "optimum_prune.engine.layerwise",
+               "DepthEngine": "optimum_prune.engine.depth",
                "GlobalStructuredEngine": "optimum_prune.engine.global_search",
                "Task": "optimum_prune.engine.tasks.base", "LinearTask": "optimum_prune.engine.tasks.linear",
                "ExpertTask": "optimum_prune.engine.tasks.expert_bank",

@@ -6,9 +6,13 @@ from .base import Engine
 
 
 def build_engine(model, config, method, **options) -> Engine:
-    """The engine for ``method``: the whole model at once for global methods (policy gradient),
-    else layer by layer. ``options``: the engines' keyword arguments (device, progress, activations,
+    """The engine for ``method``: whole layers removed for depth methods (block influence), the whole
+    model at once for global methods (policy gradient), else layer by layer. ``options``: the engines' keyword arguments (device, progress, activations,
     activation_folder)."""
+    if method.removes_layers:
+        from .depth import DepthEngine
+
+        return DepthEngine(model, config, method, **options)
     if method.is_global:
         from .global_search import GlobalStructuredEngine
 

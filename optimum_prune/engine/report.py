@@ -25,6 +25,8 @@ class PruneReport:
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
     layer_sparsity: list[float] | None = None  # each decoder layer's target under a sparsity profile (None: uniform)
     layer_patterns: list[str] | None = None  # each decoder layer's N:M pattern or "dense" (mixed patterns)
+    removed_layers: list[int] = field(default_factory=list)  # depth pruning: indices of the decoder layers removed
+    layer_influence: list[float] | None = None  # depth pruning: each decoder layer's measured influence
     # "statistics" / "solve" / "forward" -> seconds of this run (like ``seconds``, not in to_dict: a
     # resumed run times only the layers it ran)
     phase_seconds: dict[str, float] = field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from .alps import ALPS
 from .base import PruneResult, PruningMethod
+from .block_influence import BlockInfluence
 from .expert_drop import ExpertDrop
 from .fasp import FASP
 from .fista import FISTAPruner
@@ -17,6 +18,7 @@ from .wanda_sp import WandaSP
 
 __all__ = [
     "ALPS",
+    "BlockInfluence",
     "ExpertDrop",
     "FASP",
     "FISTAPruner",

@@ -67,6 +67,9 @@ class PruningMethod:
     #: True for methods that remove whole experts of MoE blocks (``structured`` pattern): the plan
     #: holds MoE blocks instead of channel groups and the engine hands the method `ExpertUsage`.
     removes_experts: ClassVar[bool] = False
+    #: True for methods that remove whole decoder layers (depth pruning, ``structured`` pattern): the
+    #: pruner runs them through `engine.depth`, which hands them one influence per layer.
+    removes_layers: ClassVar[bool] = False
 
     def __init__(self, options=None, dampening: float = 0.01):
         self.options = options if options is not None else self.Options()
@@ -147,6 +150,11 @@ class PruningMethod:
     def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
         """The units every channel group keeps (one 0/1 mask per group), for the whole model at once."""
         raise NotImplementedError(f"Method {self.name!r} is not a global method.")
+
+    def select_layers(self, influence: torch.Tensor, params: torch.Tensor, remove_params: float,
+                      candidates: torch.Tensor) -> torch.Tensor:
+        """Depth methods: the indices of the decoder layers to remove."""
+        raise NotImplementedError(f"Method {self.name!r} does not remove layers.")
 
     def finishing_step(self) -> tuple[str, bool]:
         """The name of the layer-wise structured method that shrinks the model to the widths
