@@ -1,5 +1,6 @@
-"""Depth against width on SmolLM2-135M: whole decoder layers removed by block influence (ShortGPT)
-next to FASP's uniform channel pruning, at the same fraction of the decoder layers' parameters.
+"""Depth against width on SmolLM2-135M: whole decoder layers removed by block influence (ShortGPT),
+attention and MLP blocks removed by block influence (``granularity="block"``), next to FASP's uniform
+channel pruning, at the same fraction of the decoder layers' parameters.
 
 Perplexity on the two held-out texts of benchmarks/texts.py (the Wikipedia evaluation split, the
 Python reference), several calibration seeds (mean ± standard deviation), parameters left. Each
@@ -19,7 +20,8 @@ from harness import Rows, command_line, in_process, load_fp32, parse_run, parser
 from texts import TEXTS, perplexities
 
 
-RUNS = ["block-influence:s0.2", "block-influence:s0.3", "fasp:s0.2", "fasp:s0.3"]
+BLOCKS = 'block-influence[granularity="block"]'
+RUNS = ["block-influence:s0.2", "block-influence:s0.3", f"{BLOCKS}:s0.2", "fasp:s0.2", f"{BLOCKS}:s0.3", "fasp:s0.3"]
 
 
 def _dense(args, queue):
@@ -42,7 +44,8 @@ def _prune(args, spec, seed, queue):
     pruner.prune(model, windows, progress=False)
     queue.put({"key": f"{spec}:{seed}", "spec": spec, "seed": seed, "prune_s": time.perf_counter() - start,
                "params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
-               "removed_layers": pruner.report.removed_layers, "sparsity": pruner.report.overall_sparsity,
+               "removed_layers": pruner.report.removed_layers, "removed_blocks": pruner.report.removed_blocks,
+               "sparsity": pruner.report.overall_sparsity,
                "ppl": perplexities(model, tokenizer, args.seqlen, args.eval_windows)})
 
 
@@ -50,16 +53,27 @@ def _mean_spread(values) -> str:
     return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
+def _removed(row: dict) -> str:
+    """``[12, 13]`` for whole layers, ``+ attn 3 5, mlp 7`` after them for blocks left out."""
+    text = str(row["removed_layers"])
+    blocks = row.get("removed_blocks") or []
+    for kind, short in (("self_attn", "attn"), ("mlp", "mlp")):
+        layers = [name.split(".")[-2] for name in blocks if name.endswith("." + kind)]
+        if layers:
+            text += f" + {short} {' '.join(layers)}"
+    return text
+
+
 def table(rows: list[dict], dense: dict) -> str:
     lines = ["| run | seeds | decoder layers | parameters | " + " | ".join(f"ppl {t}" for t in TEXTS)
-             + " | layers removed (per seed) |", "|---|---|---|---|" + "---|" * len(TEXTS) + "---|",
+             + " | layers removed; blocks left out (per seed) |", "|---|---|---|---|" + "---|" * len(TEXTS) + "---|",
              f"| dense | - | {dense['layers']} | {dense['params']:,} | "
              + " | ".join(f"{dense['ppl'][t]:.2f}" for t in TEXTS) + " | - |"]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         runs = [r for r in rows if r["spec"] == spec]
         lines.append(f"| {spec} | {len(runs)} | {runs[0]['layers']} | {runs[0]['params']:,} | "
                      + " | ".join(_mean_spread([r["ppl"][t] for r in runs]) for t in TEXTS) + " | "
-                     + "; ".join(str(r["removed_layers"]) for r in runs) + " |")
+                     + "; ".join(_removed(r) for r in runs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,8 +95,9 @@ def main(argv=None):
             f"Wikipedia leads (seed per row), perplexity on {args.eval_windows} x {args.seqlen} windows of each text "
             "(`wiki`: the evaluation split of the calibration corpus; `python`: the Python reference). "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Sparsity: the fraction of the decoder "
-            "layers' parameters removed (block-influence: whole layers, the first and last kept; fasp: MLP channels "
-            "and KV groups of every layer, uniform).\n\n" + table(rows, dense))
+            "layers' parameters removed (block-influence: whole layers, the first and last kept; with "
+            "granularity=block: attention and MLP blocks ranked together, a layer losing both removed whole; fasp: MLP "
+            "channels and KV groups of every layer, uniform).\n\n" + table(rows, dense))
     write_report(args.output, text)
 
 

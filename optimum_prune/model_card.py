@@ -35,6 +35,11 @@ def _is_heterogeneous(model) -> bool:
 
 def _what_was_done(config: PruningConfig, heterogeneous: bool, results: dict) -> str:
     pattern = config.pattern
+    if results.get("removed_blocks"):
+        return (f"{len(results['removed_blocks'])} attention / MLP blocks left out and "
+                f"{len(results['removed_layers'])} whole decoder layers removed (depth pruning, {config.sparsity:.0%} "
+                f"of the decoder layers' parameters asked for): the layers that lost a block pass the residual "
+                f"stream through it (`no_op` blocks)")
     if "removed_layers" in results:
         return (f"{len(results['removed_layers'])} whole decoder layers removed (depth pruning, "
                 f"{config.sparsity:.0%} of the decoder layers' parameters asked for): a stock architecture with fewer "
@@ -215,6 +220,7 @@ def _measured_rows(results: dict) -> str:
         ("experts removed", _removed_experts_text(results.get("removed_experts"))),
         ("decoder layers removed", ", ".join(map(str, results["removed_layers"])) if results.get("removed_layers")
          else None),
+        ("blocks left out", ", ".join(results["removed_blocks"]) if results.get("removed_blocks") else None),
         ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),

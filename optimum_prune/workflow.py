@@ -118,6 +118,10 @@ def report_results(report, config, method) -> dict:
     if report.layer_influence is not None:
         results["removed_layers"] = list(report.removed_layers)
         results["layer_influence"] = list(report.layer_influence)
+        if report.block_influence:
+            results["block_influence"] = {kind: list(values) for kind, values in report.block_influence.items()}
+        if report.removed_blocks:
+            results["removed_blocks"] = list(report.removed_blocks)
     if report.layer_sparsity is not None:
         results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
         if report.layer_patterns is not None:
@@ -136,6 +140,8 @@ def summary_lines(report, config, method, results: dict) -> list[str]:
         what = f"MoE blocks ({sum(map(len, report.removed_experts.values()))} experts removed)"
     if method.removes_layers:
         what = f"decoder layers ({len(report.removed_layers)} removed: {report.removed_layers})"
+        if report.removed_blocks:
+            what += f" and blocks ({len(report.removed_blocks)} left out: {', '.join(report.removed_blocks)})"
     if report.expert_matrices:
         what = f"Linears and expert banks ({report.expert_matrices} expert matrices)"
     coverage = (f" (the targeted weights: {report.coverage:.1%} of the decoder layers' weights)"

@@ -46,7 +46,7 @@ def test_reads_pruning_config_from_model_config(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"method": "nope"}, "choose one of: alps, expert-drop, fasp, fista, magnitude, policy_gradient, spap, sparsefw, sparsegpt, wanda, wanda-sp"),
+        ({"method": "nope"}, "choose one of: alps, block-influence, expert-drop, fasp, fista, magnitude, policy_gradient, spap, sparsefw, sparsegpt, wanda, wanda-sp"),
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
         ({"sparsity": "half"}, "must be a number"),

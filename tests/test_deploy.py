@@ -42,12 +42,14 @@ def calibration():
 
 
 def pruned(family, kind, **config):
-    model = bpe_model(family)
+    model = bpe_model(family, seed=1 if kind == "blocks" else 0)  # seed 0's block model has a near-tie at token 9
     if kind == "dense":
         return model, None
-    if kind == "depth":  # whole layers removed: a stock checkpoint with fewer layers
+    if kind in ("depth", "blocks"):  # whole layers removed (a stock checkpoint with fewer layers), or blocks
+        options = {"granularity": "block", "keep_ends": False} if kind == "blocks" else {}
         pruner = Pruner(PruningConfig(method="block-influence", pattern="structured", sparsity=0.34,
-                                      num_calibration_samples=8, seqlen=32, batch_size=4, **config))
+                                      num_calibration_samples=8, seqlen=32, batch_size=4, method_kwargs=options,
+                                      **config))
         pruner.prune(model, calibration(), progress=False)
         return model, pruner
     overrides = HETERO if kind == "heterogeneous" else {}
@@ -80,7 +82,7 @@ def llama_cpp_tokens(path, ids, tokens=32):
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
-@pytest.mark.parametrize("kind", ["dense", "uniform", "heterogeneous", "depth"])
+@pytest.mark.parametrize("kind", ["dense", "uniform", "heterogeneous", "depth", "blocks"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_generates_what_transformers_generates(family, kind, tmp_path):
     """32 greedy tokens from the f32 GGUF in llama.cpp equal transformers' (and llama.cpp tokenises
@@ -98,6 +100,10 @@ def test_gguf_generates_what_transformers_generates(family, kind, tmp_path):
     if kind == "heterogeneous":
         assert len({w.get("intermediate_size") for w in widths}) == 3
         assert any("num_key_value_heads" in w for w in widths)  # per-layer KV groups too
+    elif kind == "blocks":  # layer 1 without attention (a no_op block, the Nemotron-NAS form), layer 2 removed
+        assert config["model_type"] == "nemotron-nas" and config["num_hidden_layers"] == 2
+        assert [block["attention"]["no_op"] for block in config["block_configs"]] == [False, True]
+        assert pruner.report.removed_blocks == ["model.layers.1.self_attn"] and pruner.report.removed_layers == [2]
     else:
         assert widths is None
     if kind == "depth":

@@ -75,7 +75,7 @@ def test_the_budget_ends_and_ignore():
     kept = Pruner(config(sparsity=0.34, ignore=["model.layers.1", "model.layers.2"]))
     kept.prune(tiny_model("llama", num_hidden_layers=6), ids(), progress=False)
     assert not {1, 2} & set(kept.report.removed_layers) and len(kept.report.removed_layers) == 2
-    with pytest.raises(PruningError, match="less than half a layer"):
+    with pytest.raises(PruningError, match="less than half of the smallest layer"):
         Pruner(config(sparsity=0.05)).prune(tiny_model("llama", num_hidden_layers=6), ids(), progress=False)
     with pytest.raises(PruningError, match="overrides do not apply"):
         Pruner(config(overrides={"model.layers.1": {"sparsity": 0.5}})).prune(tiny_model("llama"), ids(), progress=False)
@@ -131,3 +131,119 @@ def test_cli_depth_prune_records_the_removed_layers(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
     assert "decoder layers removed" in (tmp_path / "out" / "README.md").read_text()
     assert "decoder layers (1 removed" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+BLOCK_FAMILIES = sorted(f for f in FAMILIES if f != "opt")
+
+
+def zero_output(module, args, output):
+    """A block whose contribution to the residual stream is zeroed."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+@pytest.mark.parametrize("granularity", ["attention", "mlp"])
+@pytest.mark.parametrize("family", BLOCK_FAMILIES)
+def test_a_removed_block_equals_a_block_whose_output_is_zeroed(family, granularity):
+    """The pruned model (the block absent, its norms too) computes the dense model's logits with that
+    block's output replaced by zeros; it is saved and reloaded with identical logits."""
+    dense, pruned = build(family), build(family)
+    pruner = Pruner(config(sparsity=0.49, ignore=["*.layers.0"],  # one candidate: the block of layer 1
+                           method_kwargs={"keep_ends": False, "granularity": granularity}))
+    pruner.prune(pruned, ids(), progress=False)
+    removed = pruner.report.removed_blocks
+    assert len(removed) == 1 and removed[0].rsplit(".", 1)[-1] in ("self_attn", "attention", "mlp")
+    assert pruner.report.removed_layers == [] and pruned.config.num_hidden_layers == dense.config.num_hidden_layers
+    index = int(removed[0].split(".")[-2])
+    assert pruned.config.layer_widths[index]["no_op"] == [granularity]
+    handle = dense.get_submodule(removed[0]).register_forward_hook(zero_output)
+    x = ids(16, seed=1).view(1, 16)
+    with torch.no_grad():
+        expected, got = dense(x).logits, pruned(x).logits
+    handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not any(name.startswith(removed[0] + ".") for name, _ in pruned.named_parameters())
+
+
+def test_block_influence_by_hand():
+    """Attention block: ``1 - cos(h, h + a)``; MLP block: ``1 - cos(h + a, out)``, where ``h + a`` is the
+    layer's output with its MLP zeroed."""
+    from optimum_prune import calibration_windows
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    cfg = config(sparsity=0.05, method_kwargs={"keep_ends": False, "granularity": "block"})
+    windows = calibration_windows(ids(), None, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
+    _, layers = find_decoder_layers(model)
+
+    def cos(a, b):
+        return 1 - float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+    attention, mlp = [], []
+    with torch.no_grad():
+        states = model(windows, output_hidden_states=True).hidden_states
+        for i in range(3):
+            handle = layers[i].mlp.register_forward_hook(zero_output)
+            middle = model(windows, output_hidden_states=True).hidden_states[i + 1]  # earlier layers unchanged
+            handle.remove()
+            attention.append(cos(states[i], middle))
+            mlp.append(cos(middle, states[i + 1]))
+    pruner = Pruner(cfg)
+    pruner.prune(model, ids(), progress=False)
+    assert pruner.report.block_influence["attention"][:3] == pytest.approx(attention, rel=1e-6)
+    assert pruner.report.block_influence["mlp"][:3] == pytest.approx(mlp, rel=1e-6)
+    # the budget (5% of the decoder: 7,398 parameters) holds half an attention block (12,352), not half an
+    # MLP block (24,640): the least influential attention block goes, whatever the MLP blocks measure
+    attention = {f"model.layers.{i}.self_attn": v for i, v in enumerate(pruner.report.block_influence["attention"])}
+    assert pruner.report.removed_blocks == [min(attention, key=attention.get)]
+
+
+def test_both_blocks_of_a_layer_make_a_removed_layer_and_refusals():
+    model = tiny_model("llama", num_hidden_layers=4)
+    pruner = Pruner(config(sparsity=0.99, method_kwargs={"keep_ends": False, "granularity": "block"}))
+    pruner.prune(model, ids(), progress=False)
+    # every block but one: three layers removed whole, the one left keeps a single block
+    assert len(pruner.report.removed_layers) == 3 and len(pruner.report.removed_blocks) == 1
+    assert model.config.num_hidden_layers == 1 and len(model.config.layer_widths[0]["no_op"]) == 1
+    with pytest.raises(PruningError, match="granularity must be one of"):
+        PruningConfig(method="block-influence", pattern="structured", sparsity=0.2,
+                      method_kwargs={"granularity": "heads"})
+    with pytest.raises(PruningError, match="use granularity=layer"):
+        Pruner(config(method_kwargs={"granularity": "attention"})).prune(build("opt"), ids(), progress=False)
+    ignored = Pruner(config(sparsity=0.2, ignore=["*.self_attn"], method_kwargs={"granularity": "block"}))
+    ignored.prune(tiny_model("llama", num_hidden_layers=4), ids(), progress=False)
+    assert ignored.report.removed_blocks and all(b.endswith(".mlp") for b in ignored.report.removed_blocks)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_saved_blocks_load_in_a_fresh_interpreter(tmp_path, family):
+    """A layer without its attention block: the Nemotron-NAS form for Llama, optimum-prune's form for
+    Gemma-2; loaded without optimum-prune (trust_remote_code), identical logits and greedy generation
+    (the absent attention keeps the KV cache's length)."""
+    model = tiny_model("llama", num_hidden_layers=4) if family == "llama" else build(family)
+    pruner = Pruner(config(sparsity=0.05 if family == "llama" else 0.2,  # one attention block
+                           method_kwargs={"keep_ends": False, "granularity": "attention"}))
+    pruner.prune(model, ids(), progress=False)
+    pruner.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    index = int(pruner.report.removed_blocks[0].split(".")[-2])
+    if family == "llama":
+        assert saved["model_type"] == "nemotron-nas" and saved["block_configs"][index]["attention"]["no_op"]
+    else:
+        assert saved["model_type"] == "optimum_pruned_gemma2" and saved["layer_widths"][index] == {"no_op": ["attention"]}
+    x = ids(12, seed=2).view(1, 12)
+    with torch.no_grad():
+        torch.save({"logits": model(x).logits, "greedy": model.generate(x, max_new_tokens=6, do_sample=False)},
+                   tmp_path / "ref.pt")
+    code = (
+        "import sys, torch; sys.modules['optimum_prune'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True).eval()\n"
+        f"ref = torch.load({str(tmp_path / 'ref.pt')!r}); x = torch.tensor({x.tolist()!r})\n"
+        "with torch.no_grad():\n"
+        "    same = torch.equal(m(x).logits, ref['logits'])\n"
+        "    gen = torch.equal(m.generate(x, max_new_tokens=6, do_sample=False), ref['greedy'])\n"
+        "print(same, gen)\n"
+    )
+    assert python_stdout(code).split() == ["True", "True"]

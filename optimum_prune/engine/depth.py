@@ -1,10 +1,15 @@
-"""The depth engine: whole decoder layers removed by a method that ranks them (`removes_layers`).
+"""The depth engine: whole decoder layers, or their attention / MLP blocks, removed by a method that
+ranks them (`removes_layers`).
 
-One pass of the calibration windows through the dense model, a forward hook on every decoder
-layer accumulating the cosine similarity of the hidden state it reads and the one it writes (per
-token, in float64); the method turns one influence per layer (``1 - mean cosine``) into the layers
-to remove within the budget, and `structure.shrink.remove_layers` deletes them (the rest renumbered
-for the KV cache, ``num_hidden_layers`` / ``layer_types`` updated: a stock config).
+One pass of the calibration windows through the dense model. Hooks on every decoder layer read the
+residual stream where it enters the layer (``h``), after the attention block added to it
+(``h + a``, from the module whose output is added: the attention, or Gemma's norm after it) and where
+it leaves (``out``), and accumulate per token, in float64, the cosines ``cos(h, out)`` (the layer),
+``cos(h, h + a)`` (the attention block) and ``cos(h + a, out)`` (the MLP block). The method turns one
+influence per unit (``1 - mean cosine``) into the units to remove within the budget;
+`structure.shrink.remove_layers` deletes whole layers (a stock config with fewer layers) and
+`structure.shrink.remove_blocks` leaves blocks out (``no_op`` blocks: the heterogeneous classes, the
+Nemotron-NAS form for the Llama family).
 """
 
 from __future__ import annotations
@@ -17,56 +22,105 @@ from torch import nn
 from ..calibration.capture import first_output, run_windows
 from ..configuration import PruningConfig
 from ..errors import PruningError
+from ..modeling import BLOCK_MODULES
 from ..runtime.distributed import reduce_sums
+from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers, matches
-from ..structure.shrink import remove_layers
+from ..structure.shrink import remove_blocks, remove_layers
 from .base import Engine
 from .report import PruneReport
 
+#: the kinds of unit, as ``granularity`` names them
+UNIT_KINDS = {"layer": ("layer",), "attention": ("attention",), "mlp": ("mlp",), "block": ("attention", "mlp")}
+#: families whose attention block adds the output of a norm after the attention to the residual stream
+_ATTENTION_OUTPUT = {"gemma2": "post_attention_layernorm", "gemma3_text": "post_attention_layernorm"}
+
 
 class DepthEngine(Engine):
-    """Removes the decoder layers ``method.select_layers`` picks from their measured influence."""
+    """Removes the units (layers, or attention / MLP blocks) ``method.select`` picks from their measured
+    influence."""
 
     supports_processes = True
 
     def __init__(self, model: nn.Module, config: PruningConfig, method, device=None, progress: bool = True,
                  activations: str = "device", activation_folder=None):
         if config.overrides:
-            raise PruningError(f"Method {method.name!r} removes whole decoder layers; per-module overrides do not "
-                               f"apply. Use ignore=[...] to keep layers (e.g. 'model.layers.0').")
+            raise PruningError(f"Method {method.name!r} removes whole decoder layers or blocks; per-module overrides "
+                               f"do not apply. Use ignore=[...] to keep layers (e.g. 'model.layers.0').")
         self.model, self.config, self.method, self.progress = model, config, method, progress
         self.prefix, self.layers = find_decoder_layers(model)
-        names = [f"{self.prefix}.{i}" for i in range(len(self.layers))]
-        self.candidates = torch.tensor([(not config.targets or matches(n, config.targets))
-                                        and not matches(n, config.ignore) for n in names])
+        self.family = base_model_type(model.config)
+        self.kinds = UNIT_KINDS[getattr(method.options, "granularity", "layer")]
+        if self.kinds != ("layer",) and self.family not in BLOCK_MODULES:
+            raise PruningError(f"{self.family} decoder layers cannot lose their attention or MLP block alone "
+                               f"(supported: {', '.join(sorted(BLOCK_MODULES))}); use granularity=layer.")
+        self.units = [(index, kind) for index in range(len(self.layers)) for kind in self.kinds]
+        self.candidates = torch.tensor([self._allowed(index, kind) for index, kind in self.units])
         if not bool(self.candidates.any()):
-            raise PruningError(f"No decoder layer ({self.prefix}.N) matches targets={config.targets} "
+            raise PruningError(f"No decoder layer or block ({self.prefix}.N) matches targets={config.targets} "
                                f"ignore={config.ignore}; nothing could be removed.")
-        self.params = torch.tensor([sum(p.numel() for p in layer.parameters()) for layer in self.layers],
-                                   dtype=torch.float64)
+        self.params = torch.tensor([self._unit_params(index, kind) for index, kind in self.units], dtype=torch.float64)
+        self.layer_params = sum(sum(p.numel() for p in layer.parameters()) for layer in self.layers)
+
+    def unit_name(self, index: int, kind: str) -> str:
+        """``model.layers.3`` for a layer, ``model.layers.3.self_attn`` / ``.mlp`` for a block."""
+        name = f"{self.prefix}.{index}"
+        return name if kind == "layer" else f"{name}.{BLOCK_MODULES[self.family][kind][0]}"
+
+    def _allowed(self, index: int, kind: str) -> bool:
+        layer, name = f"{self.prefix}.{index}", self.unit_name(index, kind)
+        targeted = not self.config.targets or matches(layer, self.config.targets) or matches(name, self.config.targets)
+        return targeted and not matches(layer, self.config.ignore) and not matches(name, self.config.ignore)
+
+    def _unit_params(self, index: int, kind: str) -> int:
+        layer = self.layers[index]
+        modules = [layer] if kind == "layer" else [getattr(layer, n) for n in BLOCK_MODULES[self.family][kind]]
+        return sum(p.numel() for module in modules for p in module.parameters())
 
     @torch.no_grad()
-    def influence(self, windows: torch.Tensor) -> torch.Tensor:
-        """``1 - mean cos(x_in, x_out)`` of every decoder layer over the tokens of ``windows``."""
-        sums = torch.zeros(len(self.layers), dtype=torch.float64)
-        counts = torch.zeros(len(self.layers), dtype=torch.float64)
+    def influence(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``1 - mean cos`` over the tokens of ``windows`` of every layer (``"layer"``) and, for the
+        families whose blocks can go, of every attention and MLP block."""
+        kinds = ("layer", "attention", "mlp") if self.family in BLOCK_MODULES else ("layer",)
+        sums = torch.zeros(len(kinds), len(self.layers), dtype=torch.float64)
+        count = torch.zeros(len(self.layers), dtype=torch.float64)
+        seen: dict[str, torch.Tensor] = {}
 
-        def hook(index):
-            def accumulate(module, args, kwargs, output):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                cos = torch.nn.functional.cosine_similarity(hidden.double(), first_output(output).double(), dim=-1)
-                sums[index] += float(cos.sum())
-                counts[index] += cos.numel()
-            return accumulate
+        def cos(a, b):
+            return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
 
-        handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        def hooks(index):
+            def enter(module, args, kwargs):
+                seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+            def attention(module, args, output):
+                seen["mid"] = seen["in"] + first_output(output)
+
+            def leave(module, args, kwargs, output):
+                out = first_output(output)
+                sums[0, index] += cos(seen["in"], out)
+                if len(kinds) > 1:
+                    sums[1, index] += cos(seen["in"], seen["mid"])
+                    sums[2, index] += cos(seen["mid"], out)
+                count[index] += out.shape[:-1].numel()
+                seen.clear()
+            return enter, attention, leave
+
+        handles = []
+        for index, layer in enumerate(self.layers):
+            enter, attention, leave = hooks(index)
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(layer.register_forward_hook(leave, with_kwargs=True))
+            if len(kinds) > 1:
+                output = _ATTENTION_OUTPUT.get(self.family, BLOCK_MODULES[self.family]["attention"][0])
+                handles.append(layer.get_submodule(output).register_forward_hook(attention))
         try:
             run_windows(self.model, windows, self.config.batch_size, progress=self.progress)
         finally:
             for handle in handles:
                 handle.remove()
-        reduce_sums([sums, counts])  # several processes: the cosines of all their windows
-        return 1.0 - sums / counts.clamp(min=1)
+        reduce_sums([sums, count])  # several processes: the cosines of all their windows
+        return {kind: 1.0 - sums[row] / count.clamp(min=1) for row, kind in enumerate(kinds)}
 
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
         if windows is None or windows.numel() == 0:
@@ -78,12 +132,31 @@ class DepthEngine(Engine):
             influence = self.influence(windows)
         finally:
             self.model.train(was_training)
-        drop = self.method.select_layers(influence, self.params, self.config.sparsity * float(self.params.sum()),
-                                         self.candidates)
-        report = PruneReport(layer_influence=[float(v) for v in influence],
-                             removed_layers=[int(i) for i in drop])
-        for index, params in enumerate(self.params.tolist()):
-            report.record(f"{self.prefix}.{index}", int(params) if index in report.removed_layers else 0, int(params))
-        remove_layers(self.model, drop)
+        per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
+        layer_of = torch.tensor([index for index, _ in self.units])
+        drop = self.method.select(per_unit, self.params, self.config.sparsity * self.layer_params, self.candidates,
+                                  layer_of)
+        chosen = [self.units[int(i)] for i in drop]
+        report = self._report(influence, chosen)
+        if self.kinds == ("layer",):
+            remove_layers(self.model, report.removed_layers)
+        else:
+            remove_blocks(self.model, chosen)
         report.seconds = time.perf_counter() - start
+        return report
+
+    def _report(self, influence: dict[str, torch.Tensor], chosen: list[tuple[int, str]]) -> PruneReport:
+        by_layer: dict[int, set[str]] = {}
+        for index, kind in chosen:
+            by_layer.setdefault(index, set()).update(("attention", "mlp") if kind == "layer" else (kind,))
+        report = PruneReport(
+            layer_influence=[float(v) for v in influence["layer"]],
+            block_influence={kind: [float(v) for v in influence[kind]] for kind in ("attention", "mlp")
+                             if kind in influence},
+            removed_layers=sorted(i for i, kinds in by_layer.items() if kinds == {"attention", "mlp"}),
+            removed_blocks=[self.unit_name(i, kind) for i, kind in chosen
+                            if kind != "layer" and by_layer[i] != {"attention", "mlp"}])
+        removed = set(chosen)
+        for unit, params in zip(self.units, self.params.tolist()):
+            report.record(self.unit_name(*unit), int(params) if unit in removed else 0, int(params))
         return report

@@ -27,6 +27,10 @@ class PruneReport:
     layer_patterns: list[str] | None = None  # each decoder layer's N:M pattern or "dense" (mixed patterns)
     removed_layers: list[int] = field(default_factory=list)  # depth pruning: indices of the decoder layers removed
     layer_influence: list[float] | None = None  # depth pruning: each decoder layer's measured influence
+    # depth pruning at block granularity: the blocks left out of layers that stay (``model.layers.3.self_attn``),
+    # and each block's influence ("attention" / "mlp" -> one value per decoder layer)
+    removed_blocks: list[str] = field(default_factory=list)
+    block_influence: dict[str, list[float]] = field(default_factory=dict)
     # "statistics" / "solve" / "forward" -> seconds of this run (like ``seconds``, not in to_dict: a
     # resumed run times only the layers it ran)
     phase_seconds: dict[str, float] = field(default_factory=dict)

@@ -36,9 +36,18 @@ def active_window(config: dict) -> int | None:
 
 def layer_widths_of(config: dict) -> list[dict]:
     """Each decoder layer's ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size``
-    of a stock or optimum-prune-form ``config.json`` (``layer_widths`` entries over the global fields)."""
+    of a stock or optimum-prune-form ``config.json`` (``layer_widths`` entries over the global fields;
+    0 for a block the layer does not have, ``no_op``)."""
     heads = config["num_attention_heads"]
     common = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads") or heads,
               "intermediate_size": config["intermediate_size"]}
     own = config.get("layer_widths") or [{}] * config["num_hidden_layers"]
-    return [{**common, **{key: value for key, value in entry.items() if key in common}} for entry in own]
+    widths = []
+    for entry in own:
+        layer = {**common, **{key: value for key, value in entry.items() if key in common}}
+        if "attention" in entry.get("no_op", ()):
+            layer.update(num_attention_heads=0, num_key_value_heads=0)
+        if "mlp" in entry.get("no_op", ()):
+            layer["intermediate_size"] = 0
+        widths.append(layer)
+    return widths

@@ -61,16 +61,21 @@ def ffn_entry(width: int, hidden: int) -> dict:
     return entry
 
 
+#: a block the layer does not have (depth pruning at block granularity)
+_NO_OP = {"no_op": True, "replace_with_linear": False}
+
+
 def block_configs(config: dict) -> list[dict]:
     """One Nemotron-NAS block per layer of a ``config.json`` dict (stock or ``layer_widths``)."""
     heads = config["num_attention_heads"]
     blocks = []
     for index, widths in enumerate(layer_widths_of(config)):
-        kv = widths["num_key_value_heads"]
-        if heads % kv:
+        kv, width = widths["num_key_value_heads"], widths["intermediate_size"]
+        if kv and heads % kv:
             raise PruningError(f"layer {index}: {heads} query heads do not split into {kv} KV groups.")
-        blocks.append({"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv},
-                       "ffn": ffn_entry(widths["intermediate_size"], config["hidden_size"])})
+        attention = {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv} if kv else _NO_OP
+        ffn = ffn_entry(width, config["hidden_size"]) if width else _NO_OP
+        blocks.append({"attention": dict(attention), "ffn": dict(ffn)})
     return blocks
 
 
@@ -83,7 +88,8 @@ def nemotron_nas_config(config: dict) -> dict:
     data = {key: value for key, value in config.items() if key not in _DROPPED}
     if family_of(config) == "qwen2":  # biases on q, k and v only
         data.update(attention_bias=False, qkv_bias=True)
-    data["intermediate_size"] = max(block["ffn"]["intermediate_size"] for block in blocks)
+    data["intermediate_size"] = max((block["ffn"]["intermediate_size"] for block in blocks if not block["ffn"]["no_op"]),
+                                    default=config["intermediate_size"])
     data["block_configs"] = blocks
     converted = DeciLMConfig.from_dict(data).to_dict()  # validated by the config class
     for key in ("transformers_version", "_name_or_path"):

@@ -1,4 +1,5 @@
-"""Block influence: remove whole decoder layers, the least influential first (depth pruning).
+"""Block influence: remove whole decoder layers, or their attention / MLP blocks, the least
+influential first (depth pruning).
 
 ShortGPT (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You
 Expect") measures how much a decoder layer changes the residual stream: its block influence is
@@ -10,6 +11,14 @@ to remove within the budget (``sparsity``: the fraction of the decoder layers' p
 
 Removing whole layers keeps a stock architecture (fewer ``num_hidden_layers``), which every serving
 engine loads as it is.
+
+``granularity`` picks the units: ``layer`` (ShortGPT), ``attention`` (attention blocks only, "Attention
+Drop" of He et al. 2024, "What Matters in Transformers? Not All Attention is Needed"), ``mlp``, or
+``block`` (attention and MLP blocks ranked together; a layer that loses both is removed whole). A
+block's influence is the same measure on the residual stream around the block alone:
+``1 - cos(h, h + a)`` for the attention block, ``1 - cos(h + a, h + a + m)`` for the MLP block. Layers
+that keep one block are saved with the other as a ``no_op`` block (the Nemotron-NAS form for the
+Llama family).
 """
 
 from __future__ import annotations
@@ -22,15 +31,24 @@ from ..errors import PruningError
 from .base import PruningMethod
 
 
+GRANULARITIES = ("layer", "attention", "mlp", "block")
+
+
 @dataclass
 class BlockInfluenceOptions:
     #: Never remove the first and the last decoder layer (their influence is large in every model
     #: measured; kept out of the ranking to be safe against a misleading calibration text).
     keep_ends: bool = True
+    #: The units removed: "layer" (whole decoder layers), "attention" or "mlp" (those blocks only),
+    #: "block" (attention and MLP blocks ranked together).
+    granularity: str = "layer"
 
     def __post_init__(self):
         if not isinstance(self.keep_ends, bool):
             raise PruningError(f"block-influence option keep_ends must be true or false, got {self.keep_ends!r}.")
+        if self.granularity not in GRANULARITIES:
+            raise PruningError(f"block-influence option granularity must be one of {', '.join(GRANULARITIES)}, got "
+                               f"{self.granularity!r}.")
 
 
 class BlockInfluence(PruningMethod):
@@ -46,26 +64,28 @@ class BlockInfluence(PruningMethod):
     def needs_calibration(self) -> bool:
         return True
 
-    def select_layers(self, influence: torch.Tensor, params: torch.Tensor, remove_params: float,
-                      candidates: torch.Tensor) -> torch.Tensor:
-        """The indices (sorted) of the layers to remove: the candidates of lowest ``influence``
-        first, each taken while the parameters removed stay nearest to ``remove_params`` (a layer
-        is taken when at least half of it fits in what is left of the budget)."""
+    def select(self, influence: torch.Tensor, params: torch.Tensor, remove_params: float, candidates: torch.Tensor,
+               layer_of: torch.Tensor) -> torch.Tensor:
+        """The indices (sorted) of the units to remove (``layer_of``: each unit's decoder layer): the
+        candidates in order of increasing ``influence``, each taken when at least half of it fits in
+        what is left of the budget ``remove_params`` (one that does not fit is passed over: a smaller
+        unit after it may)."""
         allowed = candidates.clone()
-        if self.options.keep_ends and allowed.numel() > 2:
-            allowed[0] = allowed[-1] = False
+        if self.options.keep_ends and int(layer_of.max()) > 1:
+            allowed &= (layer_of != 0) & (layer_of != layer_of.max())
         order = [int(i) for i in torch.argsort(influence.double(), stable=True) if allowed[i]]
         removed, chosen = 0.0, []
         for index in order:
-            if len(chosen) + 1 >= influence.numel():  # keep at least one layer
+            if len(chosen) + 1 >= influence.numel():  # keep at least one unit
                 break
             if removed + float(params[index]) / 2 > remove_params:
-                break
+                continue
             chosen.append(index)
             removed += float(params[index])
         if not chosen:
-            smallest = float(params[order[0]]) if order else float(params.max())
-            raise PruningError(f"block-influence removes whole decoder layers: a sparsity of "
-                               f"{remove_params / float(params.sum()):.3f} of the decoder layers' parameters is less "
-                               f"than half a layer ({smallest / float(params.sum()):.3f} each); raise the sparsity.")
+            unit = {"layer": "layer", "block": "attention or MLP block"}.get(self.options.granularity,
+                                                                               f"{self.options.granularity} block")
+            smallest = float(params[order].min()) if order else float(params.max())
+            raise PruningError(f"block-influence removes whole units ({unit}s): a sparsity of {remove_params:,.0f} "
+                               f"parameters is less than half of the smallest {unit} ({smallest:,.0f}); raise the sparsity.")
         return torch.tensor(sorted(chosen), dtype=torch.long)

@@ -10,7 +10,8 @@ without ``trust_remote_code`` once optimum-prune is imported.
 from __future__ import annotations
 
 from .modeling_nemotron_nas import DeciLMConfig, DeciLMForCausalLM
-from .modeling_pruned import LAYER_WIDTH_KEYS, PRUNED_CLASSES, layer_config
+from .modeling_pruned import (BLOCK_MODULES, LAYER_WIDTH_KEYS, PRUNED_CLASSES, absent_blocks, build_layer, drop_block,
+                              layer_config)
 
 
 _REGISTERED = False
@@ -31,4 +32,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["LAYER_WIDTH_KEYS", "PRUNED_CLASSES", "DeciLMConfig", "DeciLMForCausalLM", "layer_config", "register"]
+__all__ = ["BLOCK_MODULES", "LAYER_WIDTH_KEYS", "PRUNED_CLASSES", "DeciLMConfig", "DeciLMForCausalLM", "absent_blocks",
+           "build_layer", "drop_block", "layer_config", "register"]

@@ -7,7 +7,9 @@ MoE models whose layers keep different numbers of experts, Mixtral / Qwen2-MoE /
 DeepSeek-V3 / gpt-oss) plus one config entry, ``layer_widths``: a list with, for every decoder
 layer, the values that differ from the global config (``intermediate_size`` or ``ffn_dim``,
 ``num_attention_heads``, ``num_key_value_heads``, the number of routed experts, the experts' width
-``moe_intermediate_size`` / ``intermediate_size``).
+``moe_intermediate_size`` / ``intermediate_size``) and ``no_op``: the blocks (``"attention"``,
+``"mlp"``) the layer does not have (depth pruning at block granularity; the residual stream passes
+through, the block's norms are gone with it).
 Each layer is built from a copy of the config with its own widths; everything else (attention
 kernels, KV cache, generation) is the stock code.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+from torch import nn
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
@@ -57,7 +61,87 @@ from transformers import (
 
 #: The per-layer entries ``layer_widths`` may set.
 LAYER_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads",
-                    "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+                    "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "no_op")
+
+_LLAMA_BLOCKS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
+#: Per family, the modules of a decoder layer's attention block and MLP block, the block itself
+#: first, then the norms that feed or follow it (gone with the block: a ``no_op`` block).
+BLOCK_MODULES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                     "deepseek_v3", "gpt_oss"), _LLAMA_BLOCKS),
+    **dict.fromkeys(("gemma2", "gemma3_text"), {
+        "attention": ("self_attn", "input_layernorm", "post_attention_layernorm"),
+        "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm")}),
+    "gpt_neox": {"attention": ("attention", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")},
+}
+
+
+class AbsentAttention(nn.Module):
+    """An attention block that is not there: it adds nothing to the residual stream. It still tells
+    the KV cache how many tokens it has seen (one zero head), so that the cache's length is right
+    whichever layer it is asked of."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = next((kwargs[key] for key in ("cache", "past_key_values", "layer_past") if kwargs.get(key) is not None),
+                     None)
+        if cache is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+#: families whose MLP block returns (hidden states, router scores)
+_MLP_WITH_SCORES = ("gpt_oss",)
+
+
+class AbsentMLP(nn.Module):
+    """An MLP block that is not there: it adds nothing to the residual stream."""
+
+    def __init__(self, with_scores: bool = False):
+        super().__init__()
+        self.with_scores = with_scores
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.with_scores else zeros
+
+
+def _family(config) -> str:
+    model_type = config.model_type
+    return model_type[len("optimum_pruned_"):] if model_type.startswith("optimum_pruned_") else model_type
+
+
+def drop_block(layer: nn.Module, family: str, block: str, layer_idx: int) -> None:
+    """Make ``block`` (``"attention"`` or ``"mlp"``) of decoder ``layer`` absent, its norms too."""
+    modules = BLOCK_MODULES.get(family, {}).get(block)
+    if modules is None:
+        raise ValueError(f"no {block} block of {family} decoder layers can be left out; "
+                         f"supported: {sorted(BLOCK_MODULES)} (attention, mlp)")
+    main, *norms = modules
+    setattr(layer, main, AbsentAttention(layer_idx) if block == "attention" else AbsentMLP(family in _MLP_WITH_SCORES))
+    for name in norms:
+        setattr(layer, name, nn.Identity())
+
+
+def absent_blocks(layer: nn.Module) -> list[str]:
+    """The blocks of decoder ``layer`` that are absent (``no_op``), in the order attention, MLP."""
+    kinds = {AbsentAttention: "attention", AbsentMLP: "mlp"}
+    found = {kinds[type(module)] for module in layer.children() if type(module) in kinds}
+    return [block for block in ("attention", "mlp") if block in found]
+
+
+def build_layer(layer_cls, config, index: int) -> nn.Module:
+    """Decoder layer ``index`` of a heterogeneous model: built from its own config, its ``no_op``
+    blocks absent."""
+    own = layer_config(config, index)
+    layer = layer_cls(own, index)
+    for block in getattr(own, "no_op", None) or ():
+        drop_block(layer, _family(config), block, index)
+    return layer
 
 
 def layer_config(config, index: int):
@@ -84,7 +168,7 @@ class _HeterogeneousLayers:
         layer_cls = type(layers[0])
         for index in range(len(layers)):
             if widths[index]:
-                layers[index] = layer_cls(layer_config(self.config, index), index)
+                layers[index] = build_layer(layer_cls, self.config, index)
         self.post_init()
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..modeling import PRUNED_CLASSES, layer_config
+from ..modeling import BLOCK_MODULES, PRUNED_CLASSES, absent_blocks, build_layer, drop_block, layer_config
 from .groups import (LAYOUTS, ChannelGroup, assign_offsets, attention_rows, base_model_type, head_dim_of,
                      unit_indices)
 from .moe import expert_channel_modules, expert_count_key, expert_width_key, moe_blocks
@@ -92,9 +92,10 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
     widths = []
     for layer in layers:
         entry = {}
-        if layout is not None:
+        absent = absent_blocks(layer)
+        if layout is not None and "mlp" not in absent:
             entry[layout.mlp_width_key] = layer.get_submodule(layout.mlp_consumer).in_features
-        if layout is not None and layout.attention is not None:
+        if layout is not None and layout.attention is not None and "attention" not in absent:
             head_dim = head_dim_of(model.config)
             q, k, o = (layer.get_submodule(layout.attention[i]) for i in (0, 1, 3))
             query_rows, kv_rows = attention_rows(q, k, o)
@@ -106,6 +107,8 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
         experts = expert_channel_modules(layer, "") if layout is None else []
         if experts:  # a MoE family: the experts' own width (narrower experts)
             entry[expert_width_key(model.config)] = experts[0].width
+        if absent:
+            entry["no_op"] = absent
         widths.append(entry)
     return widths
 
@@ -139,7 +142,7 @@ def describe_widths(model: nn.Module) -> bool:
     """Write the model's per-layer widths into its config; returns True if it is heterogeneous."""
     config = model.config
     widths = layer_widths(model)
-    common = _common_widths(widths)
+    common = None if any("no_op" in entry for entry in widths) else _common_widths(widths)
     # channel-group families: an explicit head_dim (hidden_size / num_heads no longer gives it)
     explicit = {"head_dim": head_dim_of(config)} if base_model_type(config) in LAYOUTS else {}
     already_pruned_class = config.model_type.startswith("optimum_pruned_")
@@ -177,7 +180,7 @@ def check_described(model: nn.Module) -> None:
     for index, layer in enumerate(layers):
         try:
             with torch.device("meta"):
-                built = type(layer)(layer_config(config, index), index)
+                built = build_layer(type(layer), config, index)
         except TypeError:  # a layer class built another way: not checked
             return
         expected = {name: tuple(p.shape) for name, p in built.named_parameters()}
@@ -215,6 +218,30 @@ def _sync_modules(model: nn.Module, widths: list[dict[str, int]], heterogeneous:
             for key in _COUNTS:
                 if key in widths[index] and isinstance(getattr(module, key, None), int):
                     setattr(module, key, widths[index][key])
+
+
+def remove_blocks(model: nn.Module, blocks) -> None:
+    """Leave out attention / MLP blocks of decoder layers: ``blocks`` holds ``(layer index, "attention" |
+    "mlp")`` pairs. A layer that loses both is removed whole (`remove_layers`); the others keep the
+    blocks left and say which are gone (``no_op`` in ``layer_widths``: the heterogeneous classes)."""
+    family = base_model_type(model.config)
+    if family not in BLOCK_MODULES:
+        raise PruningError(f"{family} decoder layers cannot lose their attention or MLP block alone (supported: "
+                           f"{', '.join(sorted(BLOCK_MODULES))}); remove whole layers instead.")
+    _, layers = find_decoder_layers(model)
+    gone: dict[int, set[str]] = {}
+    for index, block in blocks:
+        gone.setdefault(int(index), set()).add(block)
+    for index, layer in enumerate(layers):
+        gone.setdefault(index, set()).update(absent_blocks(layer))
+    whole = sorted(i for i, kinds in gone.items() if kinds >= {"attention", "mlp"})
+    remove_layers(model, whole)
+    kept = [i for i in range(len(layers)) if i not in whole]
+    _, layers = find_decoder_layers(model)
+    for new_index, old_index in enumerate(kept):
+        for block in sorted(gone[old_index] - set(absent_blocks(layers[new_index]))):
+            drop_block(layers[new_index], family, block, new_index)
+    describe_widths(model)
 
 
 def remove_layers(model: nn.Module, drop) -> None:
