@@ -3,25 +3,31 @@ attention and MLP blocks removed by block influence (``granularity="block"``), n
 channel pruning, at the same fraction of the decoder layers' parameters.
 
 Perplexity on the two held-out texts of benchmarks/texts.py (the Wikipedia evaluation split, the
-Python reference), several calibration seeds (mean ± standard deviation), parameters left. Each
-row runs in its own process; rows resume from ``--resume``.
+Python reference), several calibration seeds (mean ± standard deviation), parameters left. With
+``--speed``, each run's seed-0 model is saved and measured in a fresh process (prefill tokens/s,
+decode ms/token in transformers: `harness.speed_of`), and a perplexity-against-speed plot is drawn
+next to the report. Each row runs in its own process; rows resume from ``--resume``.
 
-    python benchmarks/depth.py --seeds 0 1 2 --resume /tmp/depth-rows.jsonl
+    python benchmarks/depth.py --seeds 0 1 2 --speed --resume /tmp/depth-rows.jsonl
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 
-from harness import Rows, command_line, in_process, load_fp32, parse_run, parser as harness_parser, write_report
+from harness import (Rows, add_speed_arguments, command_line, in_process, load_fp32, parse_run,
+                     parser as harness_parser, speed_of, write_report)
 from texts import TEXTS, perplexities
 
 
 BLOCKS = 'block-influence[granularity="block"]'
-RUNS = ["block-influence:s0.2", "block-influence:s0.3", f"{BLOCKS}:s0.2", "fasp:s0.2", f"{BLOCKS}:s0.3", "fasp:s0.3"]
+LOSS = 'block-influence[score="loss"]'  # the measured baseline: loss increase of each layer removed alone
+RUNS = [f"{name}:s{level}" for level in (0.2, 0.3) for name in ("block-influence", BLOCKS, LOSS, "fasp")]
 
 
 def _dense(args, queue):
@@ -30,7 +36,7 @@ def _dense(args, queue):
                "params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers})
 
 
-def _prune(args, spec, seed, queue):
+def _pruned(args, spec, seed):
     from optimum_prune import Pruner, PruningConfig
     from optimum_prune.calibration.data import calibration_windows
 
@@ -42,11 +48,63 @@ def _prune(args, spec, seed, queue):
     pruner = Pruner(config)
     start = time.perf_counter()
     pruner.prune(model, windows, progress=False)
-    queue.put({"key": f"{spec}:{seed}", "spec": spec, "seed": seed, "prune_s": time.perf_counter() - start,
+    return model, tokenizer, pruner, time.perf_counter() - start
+
+
+def _prune(args, spec, seed, queue):
+    model, tokenizer, pruner, seconds = _pruned(args, spec, seed)
+    queue.put({"key": f"{spec}:{seed}", "spec": spec, "seed": seed, "prune_s": seconds,
                "params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
                "removed_layers": pruner.report.removed_layers, "removed_blocks": pruner.report.removed_blocks,
                "sparsity": pruner.report.overall_sparsity,
                "ppl": perplexities(model, tokenizer, args.seqlen, args.eval_windows)})
+
+
+def _prune_and_save(args, spec, folder, queue):
+    _, tokenizer, pruner, _ = _pruned(args, spec, 0)
+    pruner.save_pretrained(folder, tokenizer=tokenizer)
+    queue.put(folder)
+
+
+def _speed_rows(args, done: Rows) -> dict:
+    """spec (or "dense") -> the speed of its seed-0 model, each saved and measured in fresh processes."""
+    speeds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in ["dense", *args.runs]:
+            def measure(spec=spec):
+                folder = args.checkpoint if spec == "dense" else os.path.join(tmp, f"run{len(speeds)}")
+                if spec != "dense":
+                    in_process(_prune_and_save, args, spec, folder)
+                return {"key": f"speed:{spec}", **in_process(speed_of, folder, args)}
+            speeds[spec] = done.measured(f"speed:{spec}", measure)
+    return speeds
+
+
+def plot(rows: list[dict], dense: dict, speeds: dict, path: str) -> str:
+    """Mean perplexity (both texts, log scale) against decode speed-up over the dense model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2), sharex=True)
+    base = speeds["dense"]["decode_ms_per_token"]
+    for ax, text in zip(axes, TEXTS):
+        for spec in dict.fromkeys(r["spec"] for r in rows):
+            ppl = statistics.mean(r["ppl"][text] for r in rows if r["spec"] == spec)
+            ax.scatter([base / speeds[spec]["decode_ms_per_token"]], [ppl], zorder=3)
+            ax.annotate(spec.replace('[granularity="block"]', " blocks").replace('[score="loss"]', " loss"),
+                        (base / speeds[spec]["decode_ms_per_token"], ppl), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+        ax.scatter([1.0], [dense["ppl"][text]], marker="s", color="gray")
+        ax.annotate("dense", (1.0, dense["ppl"][text]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set(xlabel="decode speed-up over dense (transformers, CPU)", ylabel=f"perplexity {text} (log)",
+               yscale="log", title=f"SmolLM2-135M: {text}")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _mean_spread(values) -> str:
@@ -64,16 +122,26 @@ def _removed(row: dict) -> str:
     return text
 
 
-def table(rows: list[dict], dense: dict) -> str:
+def _speed_cells(speed: dict | None, dense: dict | None) -> str:
+    if not speed:
+        return ""
+    return (f" {speed['prefill_tokens_per_s']:.0f} | {speed['decode_ms_per_token']:.2f} | "
+            f"{dense['decode_ms_per_token'] / speed['decode_ms_per_token']:.2f}x |")
+
+
+def table(rows: list[dict], dense: dict, speeds: dict) -> str:
+    timed = " prefill tok/s | decode ms/token | decode speed-up |" if speeds else ""
     lines = ["| run | seeds | decoder layers | parameters | " + " | ".join(f"ppl {t}" for t in TEXTS)
-             + " | layers removed; blocks left out (per seed) |", "|---|---|---|---|" + "---|" * len(TEXTS) + "---|",
+             + " | layers removed; blocks left out (per seed) |" + timed,
+             "|---|---|---|---|" + "---|" * len(TEXTS) + "---|" + "---|" * timed.count("|"),
              f"| dense | - | {dense['layers']} | {dense['params']:,} | "
-             + " | ".join(f"{dense['ppl'][t]:.2f}" for t in TEXTS) + " | - |"]
+             + " | ".join(f"{dense['ppl'][t]:.2f}" for t in TEXTS) + " | - |"
+             + _speed_cells(speeds.get("dense"), speeds.get("dense"))]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         runs = [r for r in rows if r["spec"] == spec]
         lines.append(f"| {spec} | {len(runs)} | {runs[0]['layers']} | {runs[0]['params']:,} | "
                      + " | ".join(_mean_spread([r["ppl"][t] for r in runs]) for t in TEXTS) + " | "
-                     + "; ".join(_removed(r) for r in runs) + " |")
+                     + "; ".join(_removed(r) for r in runs) + " |" + _speed_cells(speeds.get(spec), speeds.get("dense")))
     return "\n".join(lines) + "\n"
 
 
@@ -81,11 +149,14 @@ def main(argv=None):
     parser = harness_parser(__doc__, output="depth.md", seqlen=512, samples=64, eval_windows=64, seeds=True,
                             resume=True)
     parser.add_argument("--runs", nargs="+", default=RUNS)
+    parser.add_argument("--speed", action="store_true", help="also measure each run's seed-0 model (run alone)")
+    add_speed_arguments(parser)
     args = parser.parse_args(argv)
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
     done = Rows(args.resume, key=lambda row: row["key"])
+    speeds = _speed_rows(args, done) if args.speed else {}  # first: timings want a quiet machine
     dense = done.measured("dense", lambda: in_process(_dense, args))
     rows = [done.measured(f"{spec}:{seed}", lambda spec=spec, seed=seed: in_process(_prune, args, spec, seed))
             for spec in args.runs for seed in args.seeds]
@@ -96,8 +167,15 @@ def main(argv=None):
             "(`wiki`: the evaluation split of the calibration corpus; `python`: the Python reference). "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Sparsity: the fraction of the decoder "
             "layers' parameters removed (block-influence: whole layers, the first and last kept; with "
-            "granularity=block: attention and MLP blocks ranked together, a layer losing both removed whole; fasp: MLP "
-            "channels and KV groups of every layer, uniform).\n\n" + table(rows, dense))
+            "granularity=block: attention and MLP blocks ranked together, a layer losing both removed whole; with "
+            "score=loss: layers ranked by the loss increase of removing each alone on 8 calibration windows; fasp: MLP "
+            "channels and KV groups of every layer, uniform).\n\n" + table(rows, dense, speeds))
+    if speeds:
+        figure = plot(rows, dense, speeds, os.path.splitext(args.output)[0] + ".png")
+        text += (f"\nSpeed: each run's seed-0 model saved and loaded in a fresh process, transformers fp32 on "
+                 f"{args.device}, prefill {args.batch_size} x {args.prompt_length} tokens, decode {args.new_tokens} greedy "
+                 f"steps through the KV cache, median of {args.repeats} runs.\n\n![perplexity against decode speed-up]"
+                 f"({os.path.basename(figure)})\n")
     write_report(args.output, text)
 
 

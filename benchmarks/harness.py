@@ -47,6 +47,33 @@ def parser(doc: str, *, output: str | None = None, seqlen: int | None = None, sa
     return found
 
 
+def add_speed_arguments(found: argparse.ArgumentParser, batch_size: int = 4, prompt_length: int = 512,
+                        new_tokens: int = 32, repeats: int = 5) -> None:
+    """The arguments of `speed_of`: ``--device``, ``--batch-size``, ``--prompt-length``, ``--new-tokens``,
+    ``--repeats``."""
+    found.add_argument("--device", default="cpu")
+    found.add_argument("--batch-size", type=int, default=batch_size, help="prompts per prefill")
+    found.add_argument("--prompt-length", type=int, default=prompt_length, help="tokens per prompt")
+    found.add_argument("--new-tokens", type=int, default=new_tokens, help="greedy decode steps")
+    found.add_argument("--repeats", type=int, default=repeats, help="timed runs (median)")
+
+
+def speed_of(folder: str, args, queue) -> None:
+    """The speed and size of the model saved in ``folder`` (`optimum_prune.evaluation.speed.measure_speed`,
+    the arguments of `add_speed_arguments`), put on ``queue``; run it with `in_process` (a fresh process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_prune  # noqa: F401  (registers the pruned classes)
+    from optimum_prune.evaluation.speed import measure_speed
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device)
+    report = measure_speed(model, batch_size=args.batch_size, prompt_length=args.prompt_length,
+                           new_tokens=args.new_tokens, repeats=args.repeats)
+    queue.put({**report.to_dict(), "disk_mb": disk_mb(folder)})
+
+
 def in_process(target, *args, cap: float | None = None):
     """``target(*args, queue)`` in a fresh spawned process; returns what it put on the queue. A
     process that dies raises (without ``cap``) or gives ``{"error": ...}`` (with ``cap``: seconds

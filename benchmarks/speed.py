@@ -18,7 +18,7 @@ import platform
 import tempfile
 
 import torch
-from harness import disk_mb, in_process, parser as harness_parser, write_report
+from harness import add_speed_arguments, in_process, parser as harness_parser, speed_of, write_report
 
 
 LEVELS = [0.2, 0.3, 0.38]  # 0.38 of the decoder-layer parameters is 30% of all parameters of SmolLM2-135M
@@ -39,27 +39,10 @@ def _prune_and_save(checkpoint, sparsity, folder, queue):
     queue.put(pruner.report.overall_sparsity)
 
 
-def _measure(folder, args, queue):
-    from transformers import AutoModelForCausalLM
-
-    import optimum_prune  # noqa: F401  (registers the pruned classes)
-    from optimum_prune.evaluation.speed import measure_speed
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device)
-    report = measure_speed(model, batch_size=args.batch_size, prompt_length=args.prompt_length,
-                           new_tokens=args.new_tokens, repeats=args.repeats)
-    queue.put({**report.to_dict(), "disk_mb": disk_mb(folder)})
-
-
 def main():
     parser = harness_parser(__doc__, output="speed.md")
     parser.add_argument("--levels", type=float, nargs="+", default=LEVELS)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--prompt-length", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_speed_arguments(parser)
     args = parser.parse_args()
 
     from optimum_prune.assets import smollm2_checkpoint
@@ -73,7 +56,7 @@ def main():
             achieved = in_process(_prune_and_save, checkpoint, level, folder)
             folders.append((f"fasp structured {level:.0%}", achieved, folder))
         for label, achieved, folder in folders:
-            row = {"model": label, "decoder_sparsity": achieved, **in_process(_measure, folder, args)}
+            row = {"model": label, "decoder_sparsity": achieved, **in_process(speed_of, folder, args)}
             print(json.dumps(row), flush=True)
             rows.append(row)
 

@@ -122,6 +122,8 @@ def report_results(report, config, method) -> dict:
             results["block_influence"] = {kind: list(values) for kind, values in report.block_influence.items()}
         if report.removed_blocks:
             results["removed_blocks"] = list(report.removed_blocks)
+        if report.unit_scores:
+            results["unit_scores"] = dict(report.unit_scores)
     if report.layer_sparsity is not None:
         results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
         if report.layer_patterns is not None:

@@ -247,3 +247,43 @@ def test_saved_blocks_load_in_a_fresh_interpreter(tmp_path, family):
         "print(same, gen)\n"
     )
     assert python_stdout(code).split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_loss_score_is_the_loss_increase_of_removing_each_unit_alone(granularity):
+    """score=loss: each unit's score is the next-token loss (over the first score_samples windows) of
+    the model with that unit really removed minus the dense model's; the lowest within budget goes."""
+    from optimum_prune import calibration_windows
+    from optimum_prune.structure.shrink import remove_blocks, remove_layers
+
+    options = {"keep_ends": False, "granularity": granularity, "score": "loss", "score_samples": 2}
+    cfg = config(sparsity=0.34 if granularity == "layer" else 0.1, method_kwargs=options)
+    windows = calibration_windows(ids(), None, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)[:2]
+
+    def loss(model):
+        with torch.no_grad():
+            return float(model(windows, labels=windows).loss)
+
+    base = loss(tiny_model("llama", num_hidden_layers=3))
+    expected = {}
+    for index in range(3):
+        for kind in (("layer",) if granularity == "layer" else ("attention", "mlp")):
+            model = tiny_model("llama", num_hidden_layers=3)
+            if kind == "layer":
+                remove_layers(model, [index])
+                expected[f"model.layers.{index}"] = loss(model) - base
+            else:
+                remove_blocks(model, [(index, kind)])
+                expected[f"model.layers.{index}.{'self_attn' if kind == 'attention' else 'mlp'}"] = loss(model) - base
+    pruner = Pruner(cfg)
+    pruner.prune(tiny_model("llama", num_hidden_layers=3), ids(), progress=False)
+    scores = pruner.report.unit_scores
+    assert scores.keys() == expected.keys()
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value, rel=1e-4, abs=1e-5)  # float32 losses of ~5.5
+    fits = [name for name in scores if granularity == "layer" or not name.endswith(".mlp")]  # the budget's
+    removed = ([f"model.layers.{i}" for i in pruner.report.removed_layers] if granularity == "layer"
+               else pruner.report.removed_blocks)
+    assert removed == [min(fits, key=scores.get)]
+    with pytest.raises(PruningError, match="score must be influence or loss"):
+        PruningConfig(method="block-influence", pattern="structured", sparsity=0.2, method_kwargs={"score": "cos"})

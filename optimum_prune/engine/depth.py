@@ -24,6 +24,7 @@ from ..configuration import PruningConfig
 from ..errors import PruningError
 from ..modeling import BLOCK_MODULES
 from ..runtime.distributed import reduce_sums
+from ..runtime.offload import input_device
 from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers, matches
 from ..structure.shrink import remove_blocks, remove_layers
@@ -122,6 +123,40 @@ class DepthEngine(Engine):
         reduce_sums([sums, count])  # several processes: the cosines of all their windows
         return {kind: 1.0 - sums[row] / count.clamp(min=1) for row, kind in enumerate(kinds)}
 
+    @torch.no_grad()
+    def loss_increase(self, windows: torch.Tensor) -> torch.Tensor:
+        """Per unit: the mean next-token loss on the first ``score_samples`` windows with the unit
+        removed (a layer passing its input through, a block's output zeroed: what removal computes)
+        minus the loss of the model as it is. Units that are not candidates score 0 (never chosen)."""
+        windows = windows[: self.method.options.score_samples]
+        device = input_device(self.model)
+
+        def loss() -> float:
+            total = 0.0
+            for batch in windows.split(self.config.batch_size):
+                batch = batch.to(device)
+                logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                                 reduction="sum"))
+            return total
+
+        sums = torch.zeros(len(self.units) + 1, dtype=torch.float64)
+        sums[0] = loss()
+        for i, (index, kind) in enumerate(self.units):
+            if not self.candidates[i]:
+                sums[i + 1] = sums[0]
+                continue
+            layer = self.layers[index]
+            module = layer if kind == "layer" else getattr(layer, BLOCK_MODULES[self.family][kind][0])
+            handle = module.register_forward_hook(_pass_through if kind == "layer" else _zeroed, with_kwargs=True)
+            try:
+                sums[i + 1] = loss()
+            finally:
+                handle.remove()
+        count = torch.tensor([float(windows[:, 1:].numel())], dtype=torch.float64)
+        reduce_sums([sums, count])
+        return (sums[1:] - sums[0]) / count
+
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
         if windows is None or windows.numel() == 0:
             raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
@@ -130,14 +165,17 @@ class DepthEngine(Engine):
         self.model.eval()
         try:
             influence = self.influence(windows)
+            per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
+            if getattr(self.method.options, "score", "influence") == "loss":
+                per_unit = self.loss_increase(windows)
         finally:
             self.model.train(was_training)
-        per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
         layer_of = torch.tensor([index for index, _ in self.units])
         drop = self.method.select(per_unit, self.params, self.config.sparsity * self.layer_params, self.candidates,
                                   layer_of)
         chosen = [self.units[int(i)] for i in drop]
         report = self._report(influence, chosen)
+        report.unit_scores = {self.unit_name(*unit): float(v) for unit, v in zip(self.units, per_unit)}
         if self.kinds == ("layer",):
             remove_layers(self.model, report.removed_layers)
         else:
@@ -160,3 +198,16 @@ class DepthEngine(Engine):
         for unit, params in zip(self.units, self.params.tolist()):
             report.record(self.unit_name(*unit), int(params) if unit in removed else 0, int(params))
         return report
+
+
+def _pass_through(module, args, kwargs, output):
+    """A decoder layer that returns its input: what a removed layer computes."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+def _zeroed(module, args, kwargs, output):
+    """A block whose output is zeros: what a removed block computes."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)

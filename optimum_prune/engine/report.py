@@ -31,6 +31,7 @@ class PruneReport:
     # and each block's influence ("attention" / "mlp" -> one value per decoder layer)
     removed_blocks: list[str] = field(default_factory=list)
     block_influence: dict[str, list[float]] = field(default_factory=dict)
+    unit_scores: dict[str, float] = field(default_factory=dict)  # depth pruning: what ranked each unit (name -> score)
     # "statistics" / "solve" / "forward" -> seconds of this run (like ``seconds``, not in to_dict: a
     # resumed run times only the layers it ran)
     phase_seconds: dict[str, float] = field(default_factory=dict)

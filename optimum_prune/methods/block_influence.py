@@ -19,6 +19,9 @@ block's influence is the same measure on the residual stream around the block al
 ``1 - cos(h, h + a)`` for the attention block, ``1 - cos(h + a, h + a + m)`` for the MLP block. Layers
 that keep one block are saved with the other as a ``no_op`` block (the Nemotron-NAS form for the
 Llama family).
+
+``score="loss"`` ranks by a measured baseline instead: the increase of the next-token loss on
+``score_samples`` calibration windows when the unit alone is removed (one pass per candidate unit).
 """
 
 from __future__ import annotations
@@ -42,10 +45,19 @@ class BlockInfluenceOptions:
     #: The units removed: "layer" (whole decoder layers), "attention" or "mlp" (those blocks only),
     #: "block" (attention and MLP blocks ranked together).
     granularity: str = "layer"
+    #: What ranks the units: "influence" (1 - cosine, one pass) or "loss" (the calibration loss
+    #: increase when the unit alone is removed: one pass per unit over ``score_samples`` windows).
+    score: str = "influence"
+    score_samples: int = 8
 
     def __post_init__(self):
         if not isinstance(self.keep_ends, bool):
             raise PruningError(f"block-influence option keep_ends must be true or false, got {self.keep_ends!r}.")
+        if self.score not in ("influence", "loss"):
+            raise PruningError(f"block-influence option score must be influence or loss, got {self.score!r}.")
+        if isinstance(self.score_samples, bool) or not isinstance(self.score_samples, int) or self.score_samples < 1:
+            raise PruningError(f"block-influence option score_samples must be a whole number >= 1, got "
+                               f"{self.score_samples!r}.")
         if self.granularity not in GRANULARITIES:
             raise PruningError(f"block-influence option granularity must be one of {', '.join(GRANULARITIES)}, got "
                                f"{self.granularity!r}.")
