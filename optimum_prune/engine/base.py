@@ -3,9 +3,30 @@ it holds (`engine.build.build_engine` picks the engine a method needs)."""
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
+import torch
+from torch import nn
+
+from ..errors import PruningError
 from .report import PruneReport
+
+
+def require_windows(windows: torch.Tensor | None, method) -> None:
+    """Refuse a run of a method that needs calibration data without any."""
+    if windows is None or windows.numel() == 0:
+        raise PruningError(f"Method {method.name!r} needs calibration data; none was given.")
+
+
+@contextlib.contextmanager
+def in_eval_mode(model: nn.Module):
+    """The model in eval mode for the block, its train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Engine:

@@ -28,7 +28,7 @@ from ..runtime.offload import input_device
 from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers, matches
 from ..structure.shrink import remove_blocks, remove_layers
-from .base import Engine
+from .base import Engine, in_eval_mode, require_windows
 from .report import PruneReport
 
 #: the kinds of unit, as ``granularity`` names them
@@ -158,18 +158,13 @@ class DepthEngine(Engine):
         return (sums[1:] - sums[0]) / count
 
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
-        if windows is None or windows.numel() == 0:
-            raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
+        require_windows(windows, self.method)
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with in_eval_mode(self.model):
             influence = self.influence(windows)
             per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
             if getattr(self.method.options, "score", "influence") == "loss":
                 per_unit = self.loss_increase(windows)
-        finally:
-            self.model.train(was_training)
         layer_of = torch.tensor([index for index, _ in self.units])
         drop = self.method.select(per_unit, self.params, self.config.sparsity * self.layer_params, self.candidates,
                                   layer_of)

@@ -27,7 +27,7 @@ from ..structure.shrink import describe_widths
 from .problems import apply_to_group, read_group_problem
 from ..calibration.capture import StatisticsCollector, check_called, run_windows
 from ..runtime.offload import input_device
-from .base import Engine
+from .base import Engine, in_eval_mode, require_windows
 from .report import PruneReport
 
 
@@ -117,12 +117,9 @@ class GlobalStructuredEngine(Engine):
     # ------------------------------------------------------------------ the prune
     @torch.no_grad()
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
-        if windows is None or windows.numel() == 0:
-            raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
+        require_windows(windows, self.method)
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with in_eval_mode(self.model):
             producer_stats, consumer_stats = self._collect_statistics(windows)
             evaluate, handles = self._evaluator(windows)
             global_problem = GlobalProblem(
@@ -141,8 +138,6 @@ class GlobalStructuredEngine(Engine):
             finally:
                 for handle in handles:
                     handle.remove()
-        finally:
-            self.model.train(was_training)
         self.history = global_problem.history
         if self.method.options.layerwise_finish:
             report = self._finish_layerwise(windows, keeps)
