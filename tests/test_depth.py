@@ -287,3 +287,20 @@ def test_loss_score_is_the_loss_increase_of_removing_each_unit_alone(granularity
     assert removed == [min(fits, key=scores.get)]
     with pytest.raises(PruningError, match="score must be influence or loss"):
         PruningConfig(method="block-influence", pattern="structured", sparsity=0.2, method_kwargs={"score": "cos"})
+
+
+def test_reported_sparsity_times_coverage_is_the_fraction_of_the_decoder_removed():
+    """granularity=attention ranks attention blocks only: the report's sparsity is over those, and its
+    coverage says what share of the decoder they are; a second prune never picks a block already gone."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    _, layers = find_decoder_layers(model)
+    before = sum(p.numel() for layer in layers for p in layer.parameters())
+    pruner = Pruner(config(sparsity=0.1, method_kwargs={"keep_ends": False, "granularity": "attention"}))
+    pruner.prune(model, ids(), progress=False)
+    _, layers = find_decoder_layers(model)
+    after = sum(p.numel() for layer in layers for p in layer.parameters())
+    report = pruner.report
+    assert report.coverage < 1 and report.overall_sparsity * report.coverage == pytest.approx(1 - after / before)
+    again = Pruner(config(sparsity=0.1, method_kwargs={"keep_ends": False, "granularity": "attention"}))
+    again.prune(model, ids(), progress=False)
+    assert not set(again.report.removed_blocks) & set(report.removed_blocks)

@@ -56,11 +56,12 @@ class DepthEngine(Engine):
             raise PruningError(f"{self.family} decoder layers cannot lose their attention or MLP block alone "
                                f"(supported: {', '.join(sorted(BLOCK_MODULES))}); use granularity=layer.")
         self.units = [(index, kind) for index in range(len(self.layers)) for kind in self.kinds]
-        self.candidates = torch.tensor([self._allowed(index, kind) for index, kind in self.units])
+        self.params = torch.tensor([self._unit_params(index, kind) for index, kind in self.units], dtype=torch.float64)
+        # a block already absent (a model pruned before) has nothing left to remove
+        self.candidates = torch.tensor([self._allowed(index, kind) for index, kind in self.units]) & (self.params > 0)
         if not bool(self.candidates.any()):
             raise PruningError(f"No decoder layer or block ({self.prefix}.N) matches targets={config.targets} "
                                f"ignore={config.ignore}; nothing could be removed.")
-        self.params = torch.tensor([self._unit_params(index, kind) for index, kind in self.units], dtype=torch.float64)
         self.layer_params = sum(sum(p.numel() for p in layer.parameters()) for layer in self.layers)
 
     def unit_name(self, index: int, kind: str) -> str:
@@ -191,7 +192,10 @@ class DepthEngine(Engine):
                             if kind != "layer" and by_layer[i] != {"attention", "mlp"}])
         removed = set(chosen)
         for unit, params in zip(self.units, self.params.tolist()):
-            report.record(self.unit_name(*unit), int(params) if unit in removed else 0, int(params))
+            if params:  # a block already absent: nothing to record
+                report.record(self.unit_name(*unit), int(params) if unit in removed else 0, int(params))
+        # the ranked units' share of the decoder layers: sparsity x coverage = the fraction of the decoder removed
+        report.layer_weights, report.covered_weights = int(self.layer_params), report.total_params
         return report
 
 
