@@ -15,6 +15,8 @@ Nothing here knows about models, hooks or methods: tensors and lists in, numbers
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -22,17 +24,21 @@ def shift_into_budget(y: torch.Tensor, cost: torch.Tensor, total: float, low: fl
     """``clip(y - lambda, low, high)`` with the shift ``lambda`` found by bisection so that
     ``sum(cost * value) = total`` (to bisection precision): every part moves by the same amount
     until it meets its bound."""
-    def spent(lam):
-        return float((cost * (y - lam).clamp(low, high)).sum())
+    lam = bisect_shift(lambda lam: float((cost * (y - lam).clamp(low, high)).sum()), total,
+                       float(y.min()) - 1.0, float(y.max()) + 1.0)
+    return (y - lam).clamp(low, high)
 
-    lo, hi = float(y.min()) - 1.0, float(y.max()) + 1.0
-    for _ in range(60):
+
+def bisect_shift(spent: Callable[[float], float], total: float, lo: float, hi: float, rounds: int = 60) -> float:
+    """The shift ``lambda`` in ``[lo, hi]`` at which ``spent(lambda)`` (non-increasing in it) meets
+    ``total``, by bisection."""
+    for _ in range(rounds):
         mid = 0.5 * (lo + hi)
         if spent(mid) > total:
             lo = mid
         else:
             hi = mid
-    return (y - 0.5 * (lo + hi)).clamp(low, high)
+    return 0.5 * (lo + hi)
 
 
 def _lower_hull(r: torch.Tensor, d: torch.Tensor) -> list[tuple[float, float]]:

@@ -216,3 +216,95 @@ def test_layerwise_finish_takes_the_activation_place(calib_ids, tmp_path):
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         assert torch.equal(a, b)
     assert not list(tmp_path.iterdir())
+
+
+def planted_dead_block(layers=3):
+    """A model whose MLP block of layer 1 adds nothing (zero down_proj) while the other MLPs dominate the
+    residual stream, and windows of its own greedy continuations."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=layers, intermediate_size=32)
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            layer.mlp.down_proj.weight.mul_(0 if index == 1 else 8)
+        model.lm_head.weight.mul_(10)
+    starts = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(1))
+    return model, model.generate(starts, max_new_tokens=28, min_new_tokens=28, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("blocks", ["mlp", "block"])
+def test_learns_to_drop_a_planted_dead_block(blocks, tmp_path):
+    """Channels and blocks in one search: the MLP block that adds nothing is gated off and removed
+    (the budget is exactly its parameters), the other layers keep every channel, and the pruned
+    model computes what the dense one did; saved and reloaded, identical logits."""
+    model, windows = planted_dead_block()
+    with torch.no_grad():
+        dense = model(windows[:4]).logits
+    mlp_params = sum(p.numel() for p in model.model.layers[1].mlp.parameters())
+    decoder = sum(p.numel() for layer in model.model.layers for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    cfg = config(sparsity=mlp_params / decoder, ignore=["*.self_attn"], num_calibration_samples=16,
+                 method_kwargs={"steps": 60, "samples": 4, "lr": 0.5, "blocks": blocks, "restore": False})
+    pruner = Pruner(cfg)
+    pruner.prune(model, windows, progress=False)
+    assert pruner.report.removed_blocks == ["model.layers.1.mlp"] and pruner.report.removed_layers == []
+    assert pruner.report.unit_scores["model.layers.1.mlp"] < 0.5 < pruner.report.unit_scores["model.layers.0.mlp"]
+    assert [layer.mlp.__class__.__name__ for layer in model.model.layers] == ["LlamaMLP", "AbsentMLP", "LlamaMLP"]
+    assert [layer.mlp.down_proj.in_features for i, layer in enumerate(model.model.layers) if i != 1] == [32, 32]
+    removed = pruner.report.overall_sparsity * (pruner.report.coverage or 1)  # one-pass restoration: no coverage
+    assert removed == pytest.approx(mlp_params / decoder, rel=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows[:4]).logits, dense, rtol=1e-5, atol=1e-4)
+    pruner.save_pretrained(tmp_path / "pg")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pg")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(windows[:4]).logits, model(windows[:4]).logits, rtol=0, atol=0)
+
+
+def test_learns_to_drop_a_planted_dead_layer_and_finishes_layer_by_layer():
+    """``blocks="layer"``: the layer that adds nothing (zero o_proj and down_proj) goes whole, the layers
+    after it move up (the layer-wise finish restores them under their new names) and the checkpoint
+    is a stock one with fewer layers."""
+    model, windows = planted_dead_block()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        dense = model(windows[:4]).logits
+    layer_params = sum(p.numel() for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear)
+                       for p in m.parameters())
+    decoder = sum(p.numel() for layer in model.model.layers for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    cfg = config(sparsity=layer_params / decoder, num_calibration_samples=16,
+                 method_kwargs={"steps": 60, "samples": 4, "lr": 0.1, "blocks": "layer"})
+    pruner = Pruner(cfg)
+    pruner.prune(model, windows, progress=False)
+    assert pruner.report.removed_layers == [1] and model.config.num_hidden_layers == 2
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert pruner.report.overall_sparsity * pruner.report.coverage == pytest.approx(layer_params / decoder, rel=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows[:4]).logits, dense, rtol=1e-4, atol=1e-3)
+
+
+def test_block_gates_need_one_budget_and_a_sensible_start():
+    with pytest.raises(PruningError, match="needs one global budget"):
+        config(sparsity=0.2, method_kwargs={"blocks": "layer", "budget": "separate"})
+    with pytest.raises(PruningError, match="block_start must be in"):
+        config(sparsity=0.2, method_kwargs={"blocks": "layer", "block_start": 1.0})
+    with pytest.raises(PruningError, match="blocks must be one of"):
+        config(sparsity=0.2, method_kwargs={"blocks": "heads"})
+    assert config(sparsity=0.2, method_kwargs={"blocks": "block"}).method_kwargs["blocks"] == "block"
+
+
+def test_expected_parameters_count_a_channel_only_while_its_gate_is_on():
+    from optimum_prune.methods.policy_gradient import ExpectedParams
+    from optimum_prune.methods.structured import Gate
+
+    group_of = torch.tensor([0, 0, 1, 1, 1])  # group 0 under gate 0, group 1 under no gate
+    cost = torch.tensor([2.0, 2.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    expected = ExpectedParams([Gate(groups=[0], params=10, score=0.1)], group_of, cost)
+    assert expected.total == 2 * 2 + 3 * 3 + 10
+    s = torch.tensor([1.0, 0.5, 1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    assert expected(s) == pytest.approx(0.5 * (2 + 1) + 6 + 0.5 * 10)
+    kept, live, left = expected.decode(torch.tensor([0.2], dtype=torch.float64), keep_params=9.0)
+    assert not kept[0] and live.tolist() == [False, False, True, True, True] and left == 9.0
+    kept, _, left = expected.decode(torch.tensor([0.2], dtype=torch.float64), keep_params=20.0)  # 3 to remove
+    assert kept[0] and left == 10.0  # the gate (14 parameters) is far more than the removal asks

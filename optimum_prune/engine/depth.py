@@ -19,22 +19,16 @@ import time
 import torch
 from torch import nn
 
-from ..calibration.capture import first_output, run_windows
 from ..configuration import PruningConfig
 from ..errors import PruningError
-from ..modeling import BLOCK_MODULES
 from ..runtime.distributed import reduce_sums
 from ..runtime.offload import input_device
 from ..structure.groups import base_model_type
-from ..structure.layers import find_decoder_layers, matches
+from ..structure.layers import find_decoder_layers
 from ..structure.shrink import remove_blocks, remove_layers
 from .base import Engine, in_eval_mode, require_windows
+from .blocks import DepthUnits, measure_influence, pass_through, zeroed
 from .report import PruneReport
-
-#: the kinds of unit, as ``granularity`` names them
-UNIT_KINDS = {"layer": ("layer",), "attention": ("attention",), "mlp": ("mlp",), "block": ("attention", "mlp")}
-#: families whose attention block adds the output of a norm after the attention to the residual stream
-_ATTENTION_OUTPUT = {"gemma2": "post_attention_layernorm", "gemma3_text": "post_attention_layernorm"}
 
 
 class DepthEngine(Engine):
@@ -51,14 +45,11 @@ class DepthEngine(Engine):
         self.model, self.config, self.method, self.progress = model, config, method, progress
         self.prefix, self.layers = find_decoder_layers(model)
         self.family = base_model_type(model.config)
-        self.kinds = UNIT_KINDS[getattr(method.options, "granularity", "layer")]
-        if self.kinds != ("layer",) and self.family not in BLOCK_MODULES:
-            raise PruningError(f"{self.family} decoder layers cannot lose their attention or MLP block alone "
-                               f"(supported: {', '.join(sorted(BLOCK_MODULES))}); use granularity=layer.")
-        self.units = [(index, kind) for index in range(len(self.layers)) for kind in self.kinds]
-        self.params = torch.tensor([self._unit_params(index, kind) for index, kind in self.units], dtype=torch.float64)
+        self.depth = DepthUnits(self.prefix, self.layers, self.family, getattr(method.options, "granularity", "layer"),
+                                config.targets, config.ignore)
+        self.kinds, self.units, self.params = self.depth.kinds, self.depth.units, self.depth.params
         # a block already absent (a model pruned before) has nothing left to remove
-        self.candidates = torch.tensor([self._allowed(index, kind) for index, kind in self.units]) & (self.params > 0)
+        self.candidates = self.depth.candidates
         if not bool(self.candidates.any()):
             raise PruningError(f"No decoder layer or block ({self.prefix}.N) matches targets={config.targets} "
                                f"ignore={config.ignore}; nothing could be removed.")
@@ -66,63 +57,11 @@ class DepthEngine(Engine):
 
     def unit_name(self, index: int, kind: str) -> str:
         """``model.layers.3`` for a layer, ``model.layers.3.self_attn`` / ``.mlp`` for a block."""
-        name = f"{self.prefix}.{index}"
-        return name if kind == "layer" else f"{name}.{BLOCK_MODULES[self.family][kind][0]}"
+        return self.depth.name(index, kind)
 
-    def _allowed(self, index: int, kind: str) -> bool:
-        layer, name = f"{self.prefix}.{index}", self.unit_name(index, kind)
-        targeted = not self.config.targets or matches(layer, self.config.targets) or matches(name, self.config.targets)
-        return targeted and not matches(layer, self.config.ignore) and not matches(name, self.config.ignore)
-
-    def _unit_params(self, index: int, kind: str) -> int:
-        layer = self.layers[index]
-        modules = [layer] if kind == "layer" else [getattr(layer, n) for n in BLOCK_MODULES[self.family][kind]]
-        return sum(p.numel() for module in modules for p in module.parameters())
-
-    @torch.no_grad()
     def influence(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``1 - mean cos`` over the tokens of ``windows`` of every layer (``"layer"``) and, for the
-        families whose blocks can go, of every attention and MLP block."""
-        kinds = ("layer", "attention", "mlp") if self.family in BLOCK_MODULES else ("layer",)
-        sums = torch.zeros(len(kinds), len(self.layers), dtype=torch.float64)
-        count = torch.zeros(len(self.layers), dtype=torch.float64)
-        seen: dict[str, torch.Tensor] = {}
-
-        def cos(a, b):
-            return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
-
-        def hooks(index):
-            def enter(module, args, kwargs):
-                seen["in"] = args[0] if args else kwargs["hidden_states"]
-
-            def attention(module, args, output):
-                seen["mid"] = seen["in"] + first_output(output)
-
-            def leave(module, args, kwargs, output):
-                out = first_output(output)
-                sums[0, index] += cos(seen["in"], out)
-                if len(kinds) > 1:
-                    sums[1, index] += cos(seen["in"], seen["mid"])
-                    sums[2, index] += cos(seen["mid"], out)
-                count[index] += out.shape[:-1].numel()
-                seen.clear()
-            return enter, attention, leave
-
-        handles = []
-        for index, layer in enumerate(self.layers):
-            enter, attention, leave = hooks(index)
-            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(layer.register_forward_hook(leave, with_kwargs=True))
-            if len(kinds) > 1:
-                output = _ATTENTION_OUTPUT.get(self.family, BLOCK_MODULES[self.family]["attention"][0])
-                handles.append(layer.get_submodule(output).register_forward_hook(attention))
-        try:
-            run_windows(self.model, windows, self.config.batch_size, progress=self.progress)
-        finally:
-            for handle in handles:
-                handle.remove()
-        reduce_sums([sums, count])  # several processes: the cosines of all their windows
-        return {kind: 1.0 - sums[row] / count.clamp(min=1) for row, kind in enumerate(kinds)}
+        """``1 - mean cos`` of every layer and block (`blocks.measure_influence`)."""
+        return measure_influence(self.model, self.layers, self.family, windows, self.config.batch_size, self.progress)
 
     @torch.no_grad()
     def loss_increase(self, windows: torch.Tensor) -> torch.Tensor:
@@ -147,9 +86,8 @@ class DepthEngine(Engine):
             if not self.candidates[i]:
                 sums[i + 1] = sums[0]
                 continue
-            layer = self.layers[index]
-            module = layer if kind == "layer" else getattr(layer, BLOCK_MODULES[self.family][kind][0])
-            handle = module.register_forward_hook(_pass_through if kind == "layer" else _zeroed, with_kwargs=True)
+            handle = self.depth.output_module(index, kind).register_forward_hook(
+                pass_through if kind == "layer" else zeroed, with_kwargs=True)
             try:
                 sums[i + 1] = loss()
             finally:
@@ -198,15 +136,3 @@ class DepthEngine(Engine):
         report.layer_weights, report.covered_weights = int(self.layer_params), report.total_params
         return report
 
-
-def _pass_through(module, args, kwargs, output):
-    """A decoder layer that returns its input: what a removed layer computes."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
-
-
-def _zeroed(module, args, kwargs, output):
-    """A block whose output is zeros: what a removed block computes."""
-    if isinstance(output, tuple):
-        return (torch.zeros_like(output[0]), *output[1:])
-    return torch.zeros_like(output)

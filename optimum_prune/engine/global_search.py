@@ -19,15 +19,17 @@ from torch import nn
 
 from ..configuration import PruningConfig
 from ..errors import PruningError
-from ..methods.structured import GlobalProblem
+from ..methods.structured import Gate, GlobalProblem
+from ..modeling import BLOCK_MODULES
 from ..registry import get_method
-from ..structure.groups import ChannelGroup, group_selected, layer_groups
+from ..structure.groups import ChannelGroup, base_model_type, group_selected, layer_groups
 from ..structure.layers import find_decoder_layers, linear_params
-from ..structure.shrink import describe_widths
+from ..structure.shrink import describe_widths, remove_blocks, remove_layers
 from .problems import apply_to_group, read_group_problem
 from ..calibration.capture import StatisticsCollector, check_called, run_windows
 from ..runtime.offload import input_device
 from .base import Engine, in_eval_mode, require_windows
+from .blocks import DepthUnits, gated, measure_influence
 from .report import PruneReport
 
 
@@ -58,6 +60,24 @@ class GlobalStructuredEngine(Engine):
         if not self.groups:
             raise PruningError(f"No channel group matches targets={config.targets} ignore={config.ignore}.")
         self.layer_params = sum(linear_params(layer) for layer in self.layers)  # every decoder-layer Linear
+        self.family = base_model_type(model.config)
+        blocks = getattr(method.options, "blocks", "none")
+        # depth units gated beside the channels: (layer index, kind) and the channel groups inside each
+        self.gate_units, self.gate_groups, self.gate_params, self.whole_params = [], [], [], {}
+        if blocks != "none":
+            self.depth = DepthUnits(self.prefix, self.layers, self.family, blocks, config.targets, config.ignore)
+            for unit, candidate in zip(self.depth.units, self.depth.candidates.tolist()):
+                index, kind = unit
+                inside = [i for i, g in enumerate(self.groups) if g.layer_index == index and kind in ("layer", g.kind)]
+                if candidate:
+                    self.whole_params[unit] = self.depth.linear_params(index, kind)
+                    self.gate_units.append(unit)
+                    self.gate_groups.append(inside)
+                    own = self.depth.linear_params(index, kind) - sum(self.groups[i].params for i in inside)
+                    self.gate_params.append(max(own, 0))
+            if not self.gate_units:
+                raise PruningError(f"blocks={blocks!r}: no decoder layer or block ({self.prefix}.N) matches "
+                                   f"targets={config.targets} ignore={config.ignore}.")
 
     # ------------------------------------------------------------------ statistics of the dense model
     def _collect_statistics(self, windows: torch.Tensor):
@@ -112,6 +132,12 @@ class GlobalStructuredEngine(Engine):
             return nll.view(samples, -1).mean(1).cpu()
 
         handles = [g.consumer.register_forward_pre_hook(make_hook(i, g.cols_per_unit)) for i, g in enumerate(self.groups)]
+        for b, (index, kind) in enumerate(self.gate_units):
+            def gate(rows, b=b):
+                values = state["masks"][-1][:, b]  # (K,): one per sample, its rows in turn
+                return values.repeat_interleave(rows // values.shape[0])
+            module = self.depth.output_module(index, kind)
+            handles.append(module.register_forward_hook(gated(gate, layer=kind == "layer"), with_kwargs=True))
         return evaluate, handles
 
     # ------------------------------------------------------------------ the prune
@@ -121,6 +147,7 @@ class GlobalStructuredEngine(Engine):
         start = time.perf_counter()
         with in_eval_mode(self.model):
             producer_stats, consumer_stats = self._collect_statistics(windows)
+            gates = self._gates(windows) if self.gate_units else []
             evaluate, handles = self._evaluator(windows)
             global_problem = GlobalProblem(
                 kinds=[g.kind for g in self.groups],
@@ -132,6 +159,7 @@ class GlobalStructuredEngine(Engine):
                 progress=self.progress,
                 seed=self.config.seed,
                 channel_multiple=self.config.channel_multiple,
+                gates=gates,
             )
             try:
                 keeps = self.method.optimise(global_problem)
@@ -139,22 +167,88 @@ class GlobalStructuredEngine(Engine):
                 for handle in handles:
                     handle.remove()
         self.history = global_problem.history
+        removed = [unit for unit, kept in zip(self.gate_units, getattr(self.method, "kept_gates", [])) if not kept]
         if self.method.options.layerwise_finish:
-            report = self._finish_layerwise(windows, keeps)
+            renamed = self._remove_units(removed)  # first: the finish calibrates on the shallower model
+            if any(0 < int(keep.sum()) < keep.numel() for keep in keeps):
+                report = self._finish_layerwise(windows, keeps, renamed)
+            else:  # whole units went, no channel: nothing left to restore
+                report = PruneReport()
+                for group, keep in zip(self.groups, keeps):
+                    if keep.any():
+                        report.record(renamed[group.name], 0, group.params)
+                _, layers = find_decoder_layers(self.model)
+                report.layer_weights = sum(linear_params(layer) for layer in layers)
+                report.covered_weights = report.total_params
+            self._report_units(report, removed)
             report.seconds = time.perf_counter() - start
             return report
         report = PruneReport()
         for i, (group, keep_mask) in enumerate(zip(self.groups, keeps)):
+            if not keep_mask.any():  # inside a removed layer or block
+                continue
             # weights are read again here rather than held as float32 copies through the optimisation
             problem, weights = self._problem(i, producer_stats, consumer_stats)
             keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
             apply_to_group(group, keep, weights, self.method.restore(problem, keep), report, self.method.name)
+        self._remove_units(removed)
+        self._report_units(report, removed)
         report.total_params = self.layer_params
         describe_widths(self.model)
         report.seconds = time.perf_counter() - start
         return report
 
-    def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor]) -> PruneReport:
+    # ------------------------------------------------------------------ depth units
+    def _gates(self, windows: torch.Tensor) -> list[Gate]:
+        """The gated units, each scored by its influence on the residual stream (one dense pass)."""
+        influence = measure_influence(self.model, self.layers, self.family, windows, self.config.batch_size,
+                                      self.progress)
+        self.influence = influence
+        return [Gate(groups=inside, params=own, score=float(influence[kind][index]))
+                for (index, kind), inside, own in zip(self.gate_units, self.gate_groups, self.gate_params)]
+
+    def _remove_units(self, removed: list[tuple[int, str]]) -> dict[str, str]:
+        """Remove the gated-off layers and blocks; the new name of every channel group left (layers
+        after a removed one move up)."""
+        if not removed:
+            return {g.name: g.name for g in self.groups}
+        layer_objects = list(self.layers)
+        if self.family in BLOCK_MODULES:
+            remove_blocks(self.model, [(i, block) for i, kind in removed
+                                       for block in (("attention", "mlp") if kind == "layer" else (kind,))])
+        else:
+            remove_layers(self.model, [i for i, _ in removed])
+        _, layers = find_decoder_layers(self.model)
+        position = {id(layer): new for new, layer in enumerate(layers)}
+        renamed = {}
+        for group in self.groups:
+            new = position.get(id(layer_objects[group.layer_index]))
+            old = f"{self.prefix}.{group.layer_index}."
+            if new is not None and group.name.startswith(old):
+                renamed[group.name] = f"{self.prefix}.{new}.{group.name[len(old):]}"
+        return renamed
+
+    def _report_units(self, report: PruneReport, removed: list[tuple[int, str]]) -> None:
+        """The removed layers and blocks in the report: their Linear parameters count as pruned (and in
+        the decoder's weights, which the finish measured on the shallower model)."""
+        gone: dict[int, set[str]] = {}
+        for index, kind in removed:
+            gone.setdefault(index, set()).update(("attention", "mlp") if kind == "layer" else (kind,))
+        report.removed_layers = sorted(i for i, kinds in gone.items() if kinds == {"attention", "mlp"})
+        report.removed_blocks = [self.depth.name(i, kind) for i, kind in removed
+                                 if kind != "layer" and gone[i] != {"attention", "mlp"}]
+        if self.gate_units:
+            report.layer_influence = [float(v) for v in self.influence["layer"]]
+            report.unit_scores = {self.depth.name(*unit): float(p)
+                                  for unit, p in zip(self.gate_units, self.method.gate_probabilities)}
+        for index, kind in removed:
+            params = self.whole_params[(index, kind)]
+            report.record(self.depth.name(index, kind), params, params)
+            if report.layer_weights:
+                report.layer_weights += params
+                report.covered_weights += params
+
+    def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor], renamed: dict[str, str]) -> PruneReport:
         """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
         already-pruned ones, with the method's `finishing_step` (policy gradient: the kept units
         restored by FASP's least squares, or its ``local_method`` choosing the units itself)."""
@@ -165,10 +259,12 @@ class GlobalStructuredEngine(Engine):
         name, keeps_units = self.method.finishing_step()
         local = get_method(name)(dampening=self.method.dampening)
         if keeps_units:
-            kept = {g.name: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)}
+            kept = {renamed[g.name]: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)
+                    if g.name in renamed and keep.any()}
             engine = LayerwiseEngine(self.model, self.config, local, kept_units=kept, **common)
         else:
-            removals = {g.name: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)}
+            removals = {renamed[g.name]: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)
+                        if g.name in renamed and keep.any()}
             engine = LayerwiseEngine(self.model, self.config, local, removals=removals, **common)
         return engine.run(windows)
 
@@ -179,7 +275,7 @@ class GlobalStructuredEngine(Engine):
     def _group_sparsity(self) -> float:
         """The groups' share of the removal so that ``sparsity`` of all decoder-layer Linear
         parameters goes (Linears that cannot shrink, such as OPT's attention, count in the total)."""
-        group_params = sum(g.params for g in self.groups)
+        group_params = sum(g.params for g in self.groups) + sum(self.gate_params)
         share = self.config.sparsity * self.layer_params / group_params
         if share >= 1:
             raise PruningError(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..allocation import allocate, shift_into_budget
+from ..allocation import allocate, bisect_shift, shift_into_budget
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from .base import PruningMethod
 from ..structure.budget import round_kept
@@ -51,7 +51,8 @@ class PolicyGradientOptions:
     baseline: str = "leave-one-out"
     baseline_decay: float = 0.9
     #: "separate": attention and MLP each lose ``sparsity`` of their parameters; "global": one budget.
-    budget: str = "separate"
+    #: Default: "separate" for channels alone, "global" with ``blocks`` (the only one they allow).
+    budget: str | None = None
     #: Probabilities are kept in [eps, 1 - eps].
     eps: float = 0.01
     #: Initial probabilities: "wanda-sp" scores, or "uniform" (every unit the same probability).
@@ -82,13 +83,28 @@ class PolicyGradientOptions:
     #: "wanda-sp"): keep the width the policy learned for every channel group but let that method
     #: choose the units and restore, layer by layer (global allocation, local solver).
     local_method: str | None = None
+    #: Depth units gated beside the channels: "none", "layer" (whole decoder layers), "attention" /
+    #: "mlp" (those blocks of every layer) or "block" (both, each gated alone). A gate is one more
+    #: Bernoulli unit; the budget counts a kept unit's channels only while its gate is on.
+    blocks: str = "none"
+    #: Initial keep probability of the gate of median influence (1 - cosine of the residual stream
+    #: around it); gates of higher influence start higher (``init_temperature`` sets how much).
+    block_start: float = 0.95
 
     def __post_init__(self):
         for name in ("steps", "samples", "windows_per_step", "sensitivity_rounds"):
             check_int(getattr(self, name), f"policy_gradient option {name}", 1 if name != "steps" else 0)
         for name in ("lr", "init_temperature"):
             check_positive_number(getattr(self, name), f"policy_gradient option {name}")
+        check_choice(self.blocks, "policy_gradient option blocks", ("none", "layer", "attention", "mlp", "block"))
+        if self.budget is None:
+            self.budget = "separate" if self.blocks == "none" else "global"
         check_choice(self.budget, "policy_gradient option budget", ("separate", "global"))
+        if self.blocks != "none" and self.budget != "global":
+            raise PruningError("policy_gradient option blocks needs one global budget (a layer holds attention and MLP "
+                               "parameters); drop budget or set budget='global'.")
+        if not (isinstance(self.block_start, (int, float)) and 0 < self.block_start < 1):
+            raise PruningError(f"policy_gradient option block_start must be in (0, 1), got {self.block_start!r}.")
         check_choice(self.init, "policy_gradient option init", ("wanda-sp", "uniform"))
         check_choice(self.init_scope, "policy_gradient option init_scope", ("group", "budget", "sensitivity"))
         check_choice(self.baseline, "policy_gradient option baseline", ("moving", "leave-one-out"))
@@ -267,28 +283,75 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         return y
 
     def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
-        """Boolean keep mask per group."""
+        """Boolean keep mask per group (all false for a group whose gate is off); with gates,
+        ``kept_gates`` says which stay."""
         opts = self.options
         sizes = [len(scores) for scores in problem.scores]
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
         partitions = self._partitions(problem, group_of)
         y = self._initial_probabilities(problem, sizes, partitions, group_of)
-        budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
+        gated = bool(problem.gates)
+        if gated:
+            expected = ExpectedParams(problem.gates, group_of, cost)
+            keep_params = (1 - problem.sparsity) * expected.total
 
-        def project(values):
-            out = values.clone()
-            for part, keep_params in zip(partitions, budgets):
-                out[part] = project_to_budget(values[part], cost[part], keep_params, opts.eps)
-            return out
+            def shift(values, spent):
+                return bisect_shift(spent, keep_params, float(values.min()) - 1.0, float(values.max()) + 1.0)
 
-        s = project(y)
+            def project(values):
+                return _clip(values - shift(values, lambda lam: expected(_clip(values - lam, opts.eps))), opts.eps)
+
+            # the gates start where _initial_gates puts them: the channels alone take the first shift
+            gates = _clip(self._initial_gates(problem.gates), opts.eps)
+            start = shift(y, lambda lam: expected(torch.cat([_clip(y - lam, opts.eps), gates])))
+            y = torch.cat([y, gates + start])
+        else:
+            budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
+
+            def project(values):
+                out = values.clone()
+                for part, keep_params in zip(partitions, budgets):
+                    out[part] = project_to_budget(values[part], cost[part], keep_params, opts.eps)
+                return out
+
+        splits = sizes + [len(problem.gates)] if gated else sizes
+        s = self._search(problem, project(y), project, splits)
+        if gated:
+            s, gate_s = s[:len(group_of)], s[len(group_of):]
+            self.kept_gates, live, channel_budget = expected.decode(gate_s, keep_params)
+            self.gate_probabilities = gate_s.float()
+            partitions = [live]
+            budgets = [channel_budget]
+        else:
+            live = torch.ones_like(group_of, dtype=torch.bool)
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        for part, keep_params in zip(partitions, budgets):
+            keep[part] = final_keep(s[part], cost[part], keep_params)
+        mlp_groups = [g for g, kind in enumerate(problem.kinds) if kind == "mlp" and bool(live[group_of == g].all())]
+        keep = round_widths(keep, s, group_of, mlp_groups, problem.channel_multiple)
+        # every group keeps at least one unit: its most probable one, paid for by the least probable kept unit
+        for g in range(len(sizes)):
+            members = (group_of == g).nonzero().squeeze(1)
+            if not keep[members].any() and bool(live[members].all()):
+                keep[members[s[members].argmax()]] = True
+                same_part = next(p for p in partitions if p[members[0]])
+                others = (keep & same_part & (group_of != g)).nonzero().squeeze(1)
+                if others.numel():
+                    keep[others[s[others].argmin()]] = False
+        self.probabilities = [p.float() for p in s.split(sizes)]
+        return list(keep.split(sizes))
+
+    def _search(self, problem: GlobalProblem, s: torch.Tensor, project, splits) -> torch.Tensor:
+        """REINFORCE over Bernoulli keep masks from probabilities ``s``: leave-one-out or moving-average
+        baseline, cosine learning rate, each step projected back onto the budget by ``project``."""
+        opts = self.options
         generator = torch.Generator().manual_seed(problem.seed)
         baseline = None
         bar = tqdm(range(opts.steps), desc="policy gradient", disable=not problem.progress)
         for step in bar:
             masks = torch.bernoulli(s.expand(opts.samples, -1), generator=generator)
-            losses = problem.evaluate([m.float() for m in masks.split(sizes, dim=1)]).double()
+            losses = problem.evaluate([m.float() for m in masks.split(splits, dim=1)]).double()
             mean = float(losses.mean())
             baseline = mean if baseline is None else opts.baseline_decay * baseline + (1 - opts.baseline_decay) * mean
             if opts.baseline == "leave-one-out":
@@ -300,19 +363,55 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
             s = project(s - lr * grad)
             problem.history.append({"step": step, "loss": mean, "baseline": baseline, "lr": lr})
             bar.set_postfix(loss=f"{mean:.4f}")
-        keep = torch.zeros_like(s, dtype=torch.bool)
-        for part, keep_params in zip(partitions, budgets):
-            keep[part] = final_keep(s[part], cost[part], keep_params)
-        mlp_groups = [g for g, kind in enumerate(problem.kinds) if kind == "mlp"]
-        keep = round_widths(keep, s, group_of, mlp_groups, problem.channel_multiple)
-        # every group keeps at least one unit: its most probable one, paid for by the least probable kept unit
-        for g in range(len(sizes)):
-            members = (group_of == g).nonzero().squeeze(1)
-            if not keep[members].any():
-                keep[members[s[members].argmax()]] = True
-                same_part = next(p for p in partitions if p[members[0]])
-                others = (keep & same_part & (group_of != g)).nonzero().squeeze(1)
-                if others.numel():
-                    keep[others[s[others].argmin()]] = False
-        self.probabilities = [p.float() for p in s.split(sizes)]
-        return list(keep.split(sizes))
+        return s
+
+    def _initial_gates(self, gates) -> torch.Tensor:
+        """``sigmoid(logit(block_start) + init_temperature * (log score - median log score))``; every
+        gate at ``block_start`` for a uniform start."""
+        start = math.log(self.options.block_start / (1 - self.options.block_start))
+        if self.options.init == "uniform":
+            return torch.full((len(gates),), self.options.block_start, dtype=torch.float64)
+        log_scores = torch.log(torch.tensor([g.score for g in gates], dtype=torch.float64).clamp_min(1e-12))
+        return torch.sigmoid(start + self.options.init_temperature * (log_scores - log_scores.median()))
+
+
+def _clip(values: torch.Tensor, eps: float) -> torch.Tensor:
+    return values.clamp(eps, 1 - eps)
+
+
+class ExpectedParams:
+    """The parameters a sample keeps, in expectation over channel probabilities and gate
+    probabilities (the last ``len(gates)`` entries): a channel unit counts only while the gate over
+    it (if any) is on, a gate's own parameters while it is on."""
+
+    def __init__(self, gates, group_of: torch.Tensor, cost: torch.Tensor):
+        self.units, self.cost = len(group_of), cost
+        self.gate_of = torch.full((len(group_of),), -1, dtype=torch.long)
+        for b, gate in enumerate(gates):
+            for g in gate.groups:
+                self.gate_of[group_of == g] = b
+        self.own = torch.tensor([float(gate.params) for gate in gates], dtype=torch.float64)
+        under = self.gate_of >= 0
+        # everything a gate removes: its own parameters and every channel unit under it
+        self.whole = self.own.clone().index_add_(0, self.gate_of[under], cost[under])
+        self.total = float(cost.sum() + self.own.sum())
+
+    def __call__(self, s: torch.Tensor) -> float:
+        units, gates = s[:self.units], s[self.units:]
+        factor = torch.where(self.gate_of >= 0, gates[self.gate_of.clamp_min(0)], torch.ones_like(units))
+        return float((self.cost * units * factor).sum() + (self.own * gates).sum())
+
+    def decode(self, gates: torch.Tensor, keep_params: float):
+        """(kept gates, the channel units still live, the parameters left for them): the gates whose
+        probability ended below one half go, least probable first, each while at least half of it fits
+        in the removal the budget asks for."""
+        remove, removed = self.total - keep_params, 0.0
+        kept = torch.ones_like(gates, dtype=torch.bool)
+        for b in torch.argsort(gates, stable=True).tolist():
+            if float(gates[b]) >= 0.5:
+                break
+            if removed + float(self.whole[b]) / 2 <= remove:
+                kept[b] = False
+                removed += float(self.whole[b])
+        live = (self.gate_of < 0) | kept[self.gate_of.clamp_min(0)]
+        return kept, live, keep_params - float(self.own[kept].sum())

@@ -109,17 +109,30 @@ class LeastSquaresRestore:
 
 
 @dataclass
+class Gate:
+    """A depth unit beside the channel groups: a decoder layer, or its attention or MLP block, kept or
+    removed whole. Removing it removes the units of ``groups`` with it."""
+
+    groups: list[int]  # the channel groups inside the unit (indices into the problem's groups)
+    params: int  # the unit's parameters outside those groups (counted in the budget, removed with it)
+    score: float  # initial importance (e.g. block influence: 1 - cosine of the residual stream around it)
+
+
+@dataclass
 class GlobalProblem:
-    """Every prunable unit of the model, grouped as the engine's channel groups."""
+    """Every prunable unit of the model, grouped as the engine's channel groups, and optionally
+    ``gates``: layers or blocks that can go whole."""
 
     kinds: list[str]  # per group: "mlp" | "attention"
     unit_params: list[int]  # per group: parameters removed with one unit
     scores: list[torch.Tensor]  # per group: initial importance of each unit
-    sparsity: float  # fraction of the groups' parameters to remove
-    #: masks (one float tensor K x units per group), optional batch index -> per-mask language-model
-    #: loss (K,); without an index each call takes the next calibration batch in turn
+    sparsity: float  # fraction of the groups' (and gates') parameters to remove
+    #: masks (one float tensor K x units per group, then, when there are gates, one K x gates),
+    #: optional batch index -> per-mask language-model loss (K,); without an index each call takes
+    #: the next calibration batch in turn
     evaluate: Callable[..., torch.Tensor]
     progress: bool = False
     seed: int = 0
     channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
+    gates: list[Gate] = field(default_factory=list)
     history: list = field(default_factory=list)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..modeling import absent_blocks
 from .layers import names_selected
 
 
@@ -146,10 +147,12 @@ def head_dim_of(config) -> int:
 
 
 def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int) -> list[ChannelGroup]:
-    """The channel groups of one decoder layer (attention first, then MLP)."""
+    """The channel groups of one decoder layer (attention first, then MLP); a block left out (``no_op``)
+    has none."""
     layout = layout_for(model)
     groups = []
-    if layout.attention is not None:
+    absent = absent_blocks(layer)
+    if layout.attention is not None and "attention" not in absent:
         q, k, v, o = (layer.get_submodule(n) for n in layout.attention)
         head_dim = head_dim_of(model.config)
         query_rows, kv_rows = attention_rows(q, k, o)
@@ -162,6 +165,8 @@ def layer_groups(model: nn.Module, layer: nn.Module, layer_name: str, index: int
         ]
         groups.append(_group("attention", f"{layer_name}.{layout.attention_name}", index, producers,
                              f"{layer_name}.{layout.attention[3]}", o, rep * head_dim, kv_heads))
+    if "mlp" in absent:
+        return groups
     producers = [Producer(f"{layer_name}.{n}", layer.get_submodule(n), 1) for n in layout.mlp_producers]
     consumer = layer.get_submodule(layout.mlp_consumer)
     groups.append(_group("mlp", f"{layer_name}.{layout.mlp_name}", index, producers,
