@@ -1,12 +1,14 @@
 """Depth against width on SmolLM2-135M: whole decoder layers removed by block influence (ShortGPT),
 attention and MLP blocks removed by block influence (``granularity="block"``), next to FASP's uniform
-channel pruning, at the same fraction of the decoder layers' parameters.
+channel pruning, and the policy-gradient search over channels alone or over channels and block gates
+together, at the same fraction of the decoder layers' parameters.
 
 Perplexity on the two held-out texts of benchmarks/texts.py (the Wikipedia evaluation split, the
 Python reference), several calibration seeds (mean ± standard deviation), parameters left. With
 ``--speed``, each run's seed-0 model is saved and measured in a fresh process (prefill tokens/s,
 decode ms/token in transformers: `harness.speed_of`), and a perplexity-against-speed plot is drawn
-next to the report. Each row runs in its own process; rows resume from ``--resume``.
+next to the report. Each row runs in its own process; rows resume from ``--resume``, and the report
+also shows the other seeds that file holds for the requested runs (the seeds column counts them).
 
     python benchmarks/depth.py --seeds 0 1 2 --speed --resume /tmp/depth-rows.jsonl
 """
@@ -51,30 +53,30 @@ def _pruned(args, spec, seed):
     return model, tokenizer, pruner, time.perf_counter() - start
 
 
-def _prune(args, spec, seed, queue):
+def _prune(args, spec, seed, folder, queue):
+    """One row (perplexities, what went); with ``folder``, the pruned model is also saved there."""
     model, tokenizer, pruner, seconds = _pruned(args, spec, seed)
+    if folder:
+        pruner.save_pretrained(folder, tokenizer=tokenizer)
     queue.put({"key": f"{spec}:{seed}", "spec": spec, "seed": seed, "prune_s": seconds,
                "params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
                "removed_layers": pruner.report.removed_layers, "removed_blocks": pruner.report.removed_blocks,
-               "sparsity": pruner.report.overall_sparsity,
+               "unit_scores": pruner.report.unit_scores, "sparsity": pruner.report.overall_sparsity,
                "ppl": perplexities(model, tokenizer, args.seqlen, args.eval_windows)})
 
 
-def _prune_and_save(args, spec, folder, queue):
-    _, tokenizer, pruner, _ = _pruned(args, spec, 0)
-    pruner.save_pretrained(folder, tokenizer=tokenizer)
-    queue.put(folder)
-
-
 def _speed_rows(args, done: Rows) -> dict:
-    """spec (or "dense") -> the speed of its seed-0 model, each saved and measured in fresh processes."""
+    """spec (or "dense") -> the speed of its seed-0 model, saved by the prune that makes its seed-0 row
+    (pruned again only when that row is already finished) and measured in a fresh process."""
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for spec in ["dense", *args.runs]:
             def measure(spec=spec):
                 folder = args.checkpoint if spec == "dense" else os.path.join(tmp, f"run{len(speeds)}")
                 if spec != "dense":
-                    in_process(_prune_and_save, args, spec, folder)
+                    done.measured(f"{spec}:0", lambda: in_process(_prune, args, spec, 0, folder))
+                    if not os.path.isdir(folder):
+                        in_process(_prune, args, spec, 0, folder)  # the row was finished before: the model again
                 return {"key": f"speed:{spec}", **in_process(speed_of, folder, args)}
             speeds[spec] = done.measured(f"speed:{spec}", measure)
     return speeds
@@ -93,7 +95,7 @@ def plot(rows: list[dict], dense: dict, speeds: dict, path: str) -> str:
         for spec in dict.fromkeys(r["spec"] for r in rows):
             ppl = statistics.mean(r["ppl"][text] for r in rows if r["spec"] == spec)
             ax.scatter([base / speeds[spec]["decode_ms_per_token"]], [ppl], zorder=3)
-            ax.annotate(spec.replace('[granularity="block"]', " blocks").replace('[score="loss"]', " loss"),
+            ax.annotate(_label(spec),
                         (base / speeds[spec]["decode_ms_per_token"], ppl), fontsize=7, xytext=(4, 2),
                         textcoords="offset points")
         ax.scatter([1.0], [dense["ppl"][text]], marker="s", color="gray")
@@ -105,6 +107,14 @@ def plot(rows: list[dict], dense: dict, speeds: dict, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _label(spec: str) -> str:
+    """A run's name on the plot: options shortened."""
+    for long, short in (('[granularity="block"]', " blocks"), ('[score="loss"]', " loss"), ("policy_gradient", "pg"),
+                        ('blocks="block"', "+blocks"), ('blocks="layer"', "+layers"), ("block_start=", "start ")):
+        spec = spec.replace(long, short)
+    return spec
 
 
 def _mean_spread(values) -> str:
@@ -158,8 +168,10 @@ def main(argv=None):
     done = Rows(args.resume, key=lambda row: row["key"])
     speeds = _speed_rows(args, done) if args.speed else {}  # first: timings want a quiet machine
     dense = done.measured("dense", lambda: in_process(_dense, args))
-    rows = [done.measured(f"{spec}:{seed}", lambda spec=spec, seed=seed: in_process(_prune, args, spec, seed))
+    rows = [done.measured(f"{spec}:{seed}", lambda spec=spec, seed=seed: in_process(_prune, args, spec, seed, None))
             for spec in args.runs for seed in args.seeds]
+    # seeds finished earlier for these runs (e.g. more seeds for a few of them) join their rows
+    rows += [row for row in done.done.values() if row.get("spec") in args.runs and row["seed"] not in args.seeds]
     text = ("# Depth against width on SmolLM2-135M\n\n"
             f"Command: `{command_line('depth.py', argv)}`\n\n"
             f"SmolLM2-135M-Instruct (fp32), calibration {args.num_samples} x {args.seqlen} tokens of the packaged "
@@ -169,7 +181,9 @@ def main(argv=None):
             "layers' parameters removed (block-influence: whole layers, the first and last kept; with "
             "granularity=block: attention and MLP blocks ranked together, a layer losing both removed whole; with "
             "score=loss: layers ranked by the loss increase of removing each alone on 8 calibration windows; fasp: MLP "
-            "channels and KV groups of every layer, uniform).\n\n" + table(rows, dense, speeds))
+            "channels and KV groups of every layer, uniform; policy_gradient: the global search over MLP channels and "
+            "KV groups, 200 steps, with blocks= also over layer or attention / MLP block gates under one parameter "
+            "budget, started at block_start for the median-influence gate).\n\n" + table(rows, dense, speeds))
     if speeds:
         figure = plot(rows, dense, speeds, os.path.splitext(args.output)[0] + ".png")
         text += (f"\nSpeed: each run's seed-0 model saved and loaded in a fresh process, transformers fp32 on "
