@@ -28,6 +28,7 @@ from optimum.configuration_utils import BaseConfig
 
 from .errors import PruningError
 from .fields import ENGINE_WIDTH_MULTIPLE, WHOLE_ATTENTION_ENGINES, check_plain_fields
+from .paths import looks_local, missing_local
 from .patterns import SparsityPattern, resolve_sparsity  # noqa: F401 - re-exported: configuration speaks this vocabulary
 
 
@@ -415,6 +416,9 @@ class PruningConfig(BaseConfig):
                 if isinstance(data, dict) and "pruning_config" in data:
                     return cls.from_dict(data["pruning_config"], **kwargs)
             raise PruningError(f"No {CONFIG_NAME} (nor a config.json with 'pruning_config') in {folder}.")
+        if looks_local(path, suffixes=(".json",)):
+            raise PruningError(f"No pruning config: {missing_local(path)}; give a pruning_config.json, a folder "
+                               f"holding one, or a Hub repo id (org/name).")
         return cls.from_dict(_hub_config(path, hub), **kwargs)
 
 
@@ -428,6 +432,8 @@ def _read_json(path: str):
         raise PruningError(f"Cannot read the pruning config {path} ({err.strerror or err}).") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PruningError(f"{path} is not valid JSON ({err}); fix or regenerate the file.") from None
+    except RecursionError:
+        raise PruningError(f"{path} is nested too deeply to be a pruning config; fix or regenerate the file.") from None
 
 
 def _hub_config(repo_id: str, hub: dict) -> dict:

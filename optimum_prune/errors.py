@@ -9,6 +9,13 @@ class PruningError(ValueError):
     """Invalid input to optimum-prune; the message names the fix."""
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is the operating system saying the disk (or the user's quota) is full."""
+    import errno
+
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (or of its cause's), for one-line error reports."""
     cause = err.__cause__ or err
@@ -30,9 +37,11 @@ def check_positive_int(value, name: str) -> None:
     check_int(value, name, minimum=1, what="a positive integer")
 
 
-def check_int(value, name: str, minimum: int = 0, what: str | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PruningError(f"{name} must be {what or f'an integer >= {minimum}'}, got {value!r}.")
+def check_int(value, name: str, minimum: int = 0, what: str | None = None, maximum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        expected = f"an integer in [{minimum}, {maximum}]" if maximum is not None else f"an integer >= {minimum}"
+        raise PruningError(f"{name} must be {what or expected}, got {value!r}.")
 
 
 def check_positive_number(value, name: str) -> None:

@@ -40,6 +40,9 @@ LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: integer fields and their minimum
 INT_FIELDS = {"num_calibration_samples": 1, "seqlen": 2, "batch_size": 1, "seed": 0, "channel_multiple": 1,
               "min_expert_tokens": 0}
+#: integer fields with a largest value: seeds feed torch and numpy generators (numpy's take < 2**32;
+#: the recovery draws its windows with seed + 1)
+INT_MAXIMA = {"seed": 2**32 - 2}
 #: fields with a fixed set of values
 CHOICE_FIELDS = {"sparsity_profile": SPARSITY_PROFILES, "expert_calibration": EXPERT_CALIBRATION,
                  "calibration_format": CALIBRATION_FORMATS, "serve_with": SERVING_ENGINES}
@@ -62,7 +65,7 @@ def check_plain_fields(values: dict[str, Any]) -> SparsityPattern | None:
             resolve_sparsity(values["sparsity"], parsed)
     for name, minimum in INT_FIELDS.items():
         if name in values:
-            check_int(values[name], name, minimum)
+            check_int(values[name], name, minimum, maximum=INT_MAXIMA.get(name))
     for name, choices in CHOICE_FIELDS.items():
         if name in values and values[name] not in choices:
             raise PruningError(f"{name} must be one of {', '.join(choices)}, got {values[name]!r}.")

@@ -2,7 +2,8 @@
 
 Only a folder that was saved completely is uploaded (the caller saves first), whole and as it is
 on disk: weights, tokenizer, ``pruning_config.json``, ``pruning_results.json``, the model card and,
-for heterogeneous models, the modelling file named by ``auto_map``. A failed upload leaves the
+for heterogeneous models, the modelling file named by ``auto_map`` (not the local record of the
+files a save wrote, ``.optimum-prune-output.json``). A failed upload leaves the
 local folder untouched and ends in one `PruningError` line.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 from .errors import PruningError
+from .output import OUTPUT_MARKER
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -36,7 +38,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", ignore_patterns=[OUTPUT_MARKER],
                                  commit_message=commit_message or "Upload model pruned with optimum-prune")
     except Exception as err:  # network, authentication, permissions, quota
         first = str(err).splitlines()[0] if str(err) else ""

@@ -5,6 +5,9 @@ folder, a folder of disk activations. The locks are ``flock`` locks taken throug
 library, so the operating system drops them when the process dies: a killed run never blocks the
 next one. A second run is refused at once (no waiting) with one line naming the run that holds the
 lock, read from the lock file, where the holder writes its process id, host, start time and command.
+The holder also notes there each temporary path it makes beside what it guards (`RunLock.record_made`)
+before making it: after a kill, the next run cleans exactly those (`RunLock.previous`), never
+folders that only look like ours.
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ def read_holder(path: str) -> str:
         return "another optimum-prune run"
 
 
-_HELD: dict[str, list] = {}  # lock path -> [FileLock, holders in this process]
+def read_record(path: str) -> dict | None:
+    """What lock file ``path`` records (its holder, and the paths that run made: ``made``), or None
+    when it holds no record of ours."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and {"pid", "host", "started"} <= set(record) else None
+
+
+_HELD: dict[str, list] = {}  # lock path -> [FileLock, holders in this process, record, previous record]
 
 
 class RunLock:
@@ -62,6 +76,7 @@ class RunLock:
             return self
         entry = _HELD.get(self.path)
         if entry is None:
+            previous = read_record(self.path)  # before acquiring: some filelock versions truncate the file
             lock = FileLock(self.path, timeout=0)
             try:
                 lock.acquire()
@@ -71,15 +86,42 @@ class RunLock:
             except OSError as err:
                 raise PruningError(f"Cannot create the lock file {self.path} ({err.strerror or err}); "
                                    f"make its folder writable or choose another one.") from None
-            entry = _HELD[self.path] = [lock, 0]
-            try:
-                with open(self.path, "w", encoding="utf-8") as handle:  # same inode: the lock is unaffected
-                    json.dump(describe_process(), handle)
-            except OSError:
-                pass  # the lock holds without the description
+            entry = _HELD[self.path] = [lock, 0, describe_process(), previous]
+            self._write(entry[2])
         entry[1] += 1
         self._held = True
         return self
+
+    @property
+    def previous(self) -> dict | None:
+        """The record a run killed while holding this lock left in the lock file (None when the
+        file was new or held no record of ours): the paths it made are in ``previous["made"]``."""
+        entry = _HELD.get(self.path)
+        return entry[3] if entry is not None else None
+
+    def record_made(self, path: str) -> None:
+        """Note in the lock file, before making it, a path this run makes and removes again (a
+        staging folder): the proof a later run needs to clean it up after a kill."""
+        entry = _HELD[self.path]
+        entry[2].setdefault("made", []).append(os.path.abspath(path))
+        self._write(entry[2], required=True)
+
+    def forget_made(self, path: str) -> None:
+        """``path`` (noted with `record_made`) is gone or is the output now: no longer ours to clean."""
+        entry = _HELD[self.path]
+        made = entry[2].get("made", [])
+        if os.path.abspath(path) in made:
+            made.remove(os.path.abspath(path))
+            self._write(entry[2])
+
+    def _write(self, record: dict, required: bool = False) -> None:
+        try:
+            with open(self.path, "w", encoding="utf-8") as handle:  # same inode: the lock is unaffected
+                json.dump(record, handle)
+        except OSError as err:
+            if required:  # without the note, a kill would leave a folder no later run may remove
+                raise PruningError(f"Cannot write the lock file {self.path} ({err.strerror or err}); make its folder "
+                                   f"writable or free space there.") from None
 
     def release(self) -> None:
         if not self._held:
@@ -90,10 +132,11 @@ class RunLock:
         if entry[1]:
             return
         del _HELD[self.path]
-        try:  # removed while still held: a run that opened it just before sees a deleted file
-            os.remove(self.path)
-        except OSError:
-            pass
+        if not entry[2].get("made"):  # else kept: the record of what an interrupted write left, for the next run
+            try:  # removed while still held: a run that opened it just before sees a deleted file
+                os.remove(self.path)
+            except OSError:
+                pass
         entry[0].release()
 
     def __enter__(self) -> "RunLock":

@@ -3,15 +3,17 @@
 The policy (docs/reliability.md, "Output folders"):
 
 - ``--output`` is a new folder, an empty one, or — with ``--overwrite`` — a previous output of
-  optimum-prune (it holds ``pruning_config.json``). Nothing else is ever replaced.
+  optimum-prune, proven so: its ``.optimum-prune-output.json`` (written last by every save) lists
+  every file in it, at the size the save wrote. Nothing else is ever replaced.
 - It is never the working directory, a home directory, a filesystem root (mount point), the model,
   the data, the checkpoint, activation or offload folders, nor an ancestor of any of them; it is not
   a symbolic link; no two folders a run writes (output, checkpoint, activations, offload) are the
   same or nested.
 - The run holds a lock beside the output from the preflight to the end of the save, so a second
   run aiming at the same output is refused at once.
-- The new folder is written into a hidden sibling (``.NAME.tmp-XXXX``) and swapped in when
-  complete; on Linux the swap with an existing output is one atomic ``renameat2(RENAME_EXCHANGE)``,
+- The new folder is written into a hidden sibling (``.NAME.tmp-XXXX``, noted in the lock file
+  before it is made: after a kill, the next run removes the folders noted there and nothing that
+  merely looks like them) and swapped in when complete; on Linux the swap with an existing output is one atomic ``renameat2(RENAME_EXCHANGE)``,
   so a kill at any instant leaves the old or the new output, never neither. The folder gets the
   permissions ``mkdir`` gives under the user's umask.
 
@@ -23,19 +25,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable
 
-from .errors import PruningError
+from .errors import PruningError, is_disk_full
 from .locks import RunLock
 
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_MARKER = "pruning_config.json"  # what makes a folder a previous output of optimum-prune
+#: written last into every output folder: the files the save wrote, with their sizes. A folder is a
+#: previous output that --overwrite may replace only when this proves every entry in it ours.
+OUTPUT_MARKER = ".optimum-prune-output.json"
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -61,16 +67,56 @@ def nearest_existing(path: str) -> str:
     return path
 
 
+def describe_entry(path: str) -> str:
+    """What ``path`` is, for a message: 'a folder', 'a file', 'a FIFO (named pipe)', 'a device file', ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a file"
+
+
 def check_writable_folder(path: str, flag: str) -> None:
     """``path`` is, or can be created as, a folder this process may write into."""
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise PruningError(f"{flag} {path} is a file; choose a folder.")
+        raise PruningError(f"{flag} {path} is {describe_entry(path)}; choose a folder.")
     existing = nearest_existing(path)
     if not os.path.isdir(existing):
-        raise PruningError(f"{flag} {path} cannot be created: {existing} is a file; choose another folder.")
+        raise PruningError(f"{flag} {path} cannot be created: {existing} is {describe_entry(existing)}; "
+                           f"choose another folder.")
     if not writable(existing):
         raise PruningError(f"{flag} {path} cannot be written: {existing} is read-only for this user; "
                            f"choose a writable location.")
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the disk that holds ``path`` (or would hold it: its nearest existing folder)."""
+    return shutil.disk_usage(nearest_existing(os.path.abspath(path))).free
+
+
+def size_text(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""  # unreachable
+
+
+def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output") -> None:
+    """Refuse, before the work, an output whose disk cannot hold ``needed`` bytes."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    free = free_bytes(path)
+    if free < needed:
+        raise PruningError(f"{flag} {path} is on a disk with {size_text(free)} free, and the pruned model takes about "
+                           f"{size_text(needed)}; free space there or choose an output on another disk.")
 
 
 def _protected(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> list[tuple[str, str]]:
@@ -101,16 +147,72 @@ def check_output(path: str | os.PathLike, overwrite: bool = False,
             raise PruningError(f"{flag} {path} contains {what} ({other}); name a new folder for the pruned model, "
                                f"e.g. {path.rstrip(os.sep)}-pruned.")
     check_writable_folder(os.path.dirname(path), f"The folder of {flag}")
-    if os.path.isfile(path):
-        raise PruningError(f"{flag} {path} is a file; choose a folder.")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise PruningError(f"{flag} {path} is {describe_entry(path)}; choose a folder.")
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
             raise PruningError(f"{flag} {path} exists and is not empty; choose another folder or pass overwrite "
                                f"(--overwrite) to replace a previous optimum-prune output.")
-        if not os.path.isfile(os.path.join(path, OUTPUT_MARKER)):
-            raise PruningError(f"{flag} {path} is not an optimum-prune output (no {OUTPUT_MARKER}); --overwrite only "
+        reason = not_our_output(path)
+        if reason:
+            raise PruningError(f"{flag} {path} is not an optimum-prune output as written ({reason}); --overwrite only "
                                f"replaces those: choose another folder, or empty this one yourself.")
     return path
+
+
+def _entries(folder: str) -> dict[str, int | None]:
+    """Every entry under ``folder`` (relative path -> size of a file; None for anything else: a
+    folder, a link, a FIFO, ...), links not followed."""
+    found = {}
+    for directory, folders, files in os.walk(folder):
+        for name in folders + files:
+            full = os.path.join(directory, name)
+            rel = os.path.relpath(full, folder)
+            found[rel] = os.lstat(full).st_size if os.path.isfile(full) and not os.path.islink(full) else None
+    return found
+
+
+def write_marker(folder: str) -> None:
+    """Record in ``folder`` (a staging folder, complete) every file the save wrote and its size."""
+    from .version import __version__
+
+    files = {rel: size for rel, size in _entries(folder).items() if size is not None}
+    with open(os.path.join(folder, OUTPUT_MARKER), "w", encoding="utf-8") as handle:
+        json.dump({"written_by": "optimum-prune", "version": __version__, "files": files}, handle, indent=1)
+
+
+def not_our_output(path: str) -> str | None:
+    """Why folder ``path`` is not proven a previous optimum-prune output (None when it is): its
+    marker is missing or unreadable, or it holds an entry the marker does not list (a file of the
+    user's), or a listed file changed size since the save."""
+    marker = os.path.join(path, OUTPUT_MARKER)
+    if not os.path.isfile(marker) or os.path.islink(marker):
+        return f"no {OUTPUT_MARKER}, the record each save writes"
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            files = json.load(handle)["files"]
+        files = {str(name): int(size) for name, size in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return f"its {OUTPUT_MARKER} is unreadable"
+    folders = {folder for name in files for folder in _ancestors(os.path.dirname(name))}
+    for rel, size in _entries(path).items():
+        if rel == OUTPUT_MARKER or (rel in folders and os.path.isdir(os.path.join(path, rel))
+                                    and not os.path.islink(os.path.join(path, rel))):
+            continue
+        if rel not in files or size is None:
+            return f"it holds {rel}, which the save did not write"
+        if files[rel] != size:
+            return f"{rel} changed since the save wrote it"
+    return None
+
+
+def _ancestors(rel: str) -> list[str]:
+    """``a/b/c`` -> [``a/b/c``, ``a/b``, ``a``] (a relative folder and the folders above it)."""
+    found = []
+    while rel:
+        found.append(rel)
+        rel = os.path.dirname(rel)
+    return found
 
 
 def check_disjoint(folders: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
@@ -219,13 +321,17 @@ class OutputFolder:
         self.release()
 
     def _ours(self, kind: str) -> list[str]:
-        prefix = f".{self.name}.{kind}-"
-        return [os.path.join(self.parent, entry) for entry in sorted(os.listdir(self.parent))
-                if entry.startswith(prefix) and os.path.isdir(os.path.join(self.parent, entry))]
+        """The ``kind`` folders (``tmp``: staging, ``old``: a previous output moved aside) a killed
+        run of this output recorded in its lock file before making them: only those are ours."""
+        prefix = os.path.join(self.parent, f".{self.name}.{kind}-")
+        made = (self.lock.previous or {}).get("made", [])
+        return [path for path in made if isinstance(path, str) and path.startswith(prefix)
+                and os.path.dirname(path) == self.parent and os.path.isdir(path) and not os.path.islink(path)]
 
     def _recover(self) -> None:
         """Under the lock: undo what a killed save of this output left (an output moved aside by the
-        two-rename fallback goes back; staging folders are removed)."""
+        two-rename fallback goes back; staging folders are removed): the folders its lock file
+        records, nothing found by name alone."""
         for aside in self._ours("old"):
             if not os.path.lexists(self.path):
                 logger.warning("Restoring %s, moved aside by an interrupted save.", self.path)
@@ -241,13 +347,21 @@ class OutputFolder:
         self.reserve()
         check_output(self.path, self.overwrite, self.inputs, self.flag)  # again: the folder may have changed meanwhile
         staging = os.path.join(self.parent, f".{self.name}.tmp-{secrets.token_hex(4)}")
+        self.lock.record_made(staging)
         os.mkdir(staging)  # mode 0o777 less the umask, as a plain mkdir
         try:
             writer(staging)
+            write_marker(staging)
             self._swap_in(staging)
-        except BaseException:
+            self.lock.forget_made(staging)
+        except BaseException as err:
             if os.path.isdir(staging):
                 remove_tree(staging)
+            self.lock.forget_made(staging)
+            if is_disk_full(err):
+                raise PruningError(f"No space left on the disk of {self.flag} {self.path} while saving "
+                                   f"({err.strerror}); nothing was written there: free space or choose an output on "
+                                   f"another disk.") from None
             raise
         return self.path
 
@@ -259,6 +373,8 @@ class OutputFolder:
             remove_tree(staging)
             return
         aside = os.path.join(self.parent, f".{self.name}.old-{secrets.token_hex(4)}")
+        self.lock.record_made(aside)
         os.rename(self.path, aside)  # a kill here leaves the old output under `aside`: restored by `_recover`
         os.rename(staging, self.path)
         remove_tree(aside)
+        self.lock.forget_made(aside)

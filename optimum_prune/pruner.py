@@ -16,7 +16,7 @@ from .runtime.distributed import is_distributed, is_main_process, shard_windows
 from .engine.activations import check_place
 from .engine.build import build_engine
 from .engine.layerwise import LayerwiseEngine
-from .runtime.offload import input_device
+from .runtime.offload import check_device, check_materialized, input_device
 from .engine.report import PruneReport
 from .engine.tasks import TASK_KINDS
 from .engine.cost import estimate_phases, gemm_rate
@@ -24,7 +24,8 @@ from .engine.resources import PrunePlan, estimate_memory, profile_bytes, residen
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
 from .hub import check_repo_id, push_folder
-from .output import OutputFolder, preflight
+from .output import OutputFolder, check_free_space, preflight
+from .paths import looks_local, missing_local
 from .registry import get_method
 from .workflow import Evaluation, Recovery, report_results, summary_lines
 
@@ -57,10 +58,10 @@ def resolve_model_id(model_id: str | os.PathLike) -> str:
     model_id = os.fspath(model_id)
     if model_id.startswith(PACKAGED_PREFIX):
         return resolve_packaged_model(model_id)
-    if os.path.isabs(model_id) or model_id.startswith(("./", "../", "~")):
-        if not os.path.isdir(os.path.expanduser(model_id)):
-            raise PruningError(f"Model folder {model_id} does not exist; give a local folder or a Hub id (org/name).")
+    if os.path.isdir(os.path.expanduser(model_id)):
         return os.path.expanduser(model_id)
+    if looks_local(model_id):
+        raise PruningError(f"Model folder {missing_local(model_id)}; give a local folder or a Hub id (org/name).")
     return model_id
 
 
@@ -157,14 +158,8 @@ class Pruner:
                 system's temporary folder); they are deleted as the prune goes.
         """
         cfg = self.config
-        self.check_arguments(calibration_data, checkpoint_dir, resume, activations, activation_folder)
-        if isinstance(model, (str, os.PathLike)):
-            model, loaded_tokenizer = load_model(model)
-            tokenizer = tokenizer or loaded_tokenizer
-        if not isinstance(model, nn.Module):
-            raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
-        if getattr(model, "config", None) is not None:
-            self.check_serving(model.config.to_dict())
+        self.check_arguments(calibration_data, checkpoint_dir, resume, activations, activation_folder, device)
+        model, tokenizer = self._model_to_prune(model, tokenizer)
         self.checkpoint = None
         engine = build_engine(model, cfg, self.method, device=device, progress=progress, activations=activations,
                               activation_folder=activation_folder)
@@ -181,6 +176,19 @@ class Pruner:
         logger.info("Pruned %d targets to %.4f sparsity in %.1fs", len(self.report.sparsity),
                     self.report.overall_sparsity, self.report.seconds)
         return model
+
+    def _model_to_prune(self, model, tokenizer):
+        """``model`` (an object, or loaded from a hub id / path) checked: a module, its weights
+        materialised, its output servable by ``config.serve_with``; and its tokenizer."""
+        if isinstance(model, (str, os.PathLike)):
+            model, loaded_tokenizer = load_model(model)
+            tokenizer = tokenizer or loaded_tokenizer
+        if not isinstance(model, nn.Module):
+            raise PruningError(f"model must be a PreTrainedModel or a hub id / path, got {type(model).__name__}.")
+        check_materialized(model)
+        if getattr(model, "config", None) is not None:
+            self.check_serving(model.config.to_dict())
+        return model, tokenizer
 
     def run(self, model: str | os.PathLike, output, *, evaluation: Evaluation | None = None,
             recovery: Recovery | None = None, gguf: str | None = None, push_to_hub: str | None = None,
@@ -201,6 +209,8 @@ class Pruner:
         if recovery is not None and self.config.dataset is None:
             raise PruningError("--recover trains on text from --dataset; pass --dataset (the config's dataset).")
         loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, **(load_kwargs or {}))
+        if is_main_process():  # the writer: the output's disk holds the model, before hours of work
+            check_free_space(getattr(output, "path", output), saved_bytes(loaded, gguf))
         if self.method.needs_calibration or evaluation.dataset is not None or recovery is not None:
             check_seqlen(getattr(loaded, "config", None), self.config.seqlen)  # what runs windows of seqlen
         results = {}
@@ -279,7 +289,7 @@ class Pruner:
                                f"layer-wise methods.")
         if isinstance(model, (str, os.PathLike)):
             model = load_empty_model(model, dtype)
-        engine = LayerwiseEngine(model, cfg, self.method, device=device, progress=False)
+        engine = LayerwiseEngine(model, cfg, self.method, device=check_device(device), progress=False)
         windows = cfg.num_calibration_samples if num_windows is None else num_windows
         calibrated = windows if self.method.needs_calibration else 0  # windows the prune runs
         home = torch.device("cpu")
@@ -315,9 +325,10 @@ class Pruner:
                 raise PruningError(f"--gguf: {refusal}.")
 
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
-                        activations: str = "device", activation_folder=None) -> None:
+                        activations: str = "device", activation_folder=None, device=None) -> None:
         """The checks of `prune`'s arguments that need no model, in seconds (`PruningError` names the
         fix): `prune` makes them first, and the CLI calls this before it loads the model."""
+        check_device(device)
         check_place(activations)
         if activation_folder is not None and activations != "disk":
             raise PruningError("activation_folder (--activation-folder) is where activations='disk' (--activations "
@@ -366,6 +377,17 @@ class Pruner:
         if not is_main_process():  # several processes: rank 0 saved the folder and uploads it
             return None
         return push_folder(self.saved_to, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+_GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # bytes per weight of each GGUF type
+
+
+def saved_bytes(model: nn.Module, gguf: str | None = None) -> int:
+    """About what saving ``model`` writes: its weights as they are stored (a pruned model is at
+    most as large as the dense one), and the GGUF file when one is written."""
+    count = sum(p.numel() for p in model.parameters())
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(stored + (count * _GGUF_BYTES[gguf] if gguf in _GGUF_BYTES else 0))
 
 
 def model_source(model) -> str | None:

@@ -112,7 +112,7 @@ def test_python_module_entry_point(assets):
         (["--method", "wanda", "--dataset", "EMPTY"], "calibration data is empty"),
         (["--method", "wanda", "--dataset", "SHORT"], "fewer than seqlen"),
         (["--method", "wanda", "--no-dataset"], "needs calibration data: pass --dataset"),
-        (["--method", "wanda", "--model", "NOT_A_MODEL"], "Could not load model"),
+        (["--method", "wanda", "--model", "NOT_A_MODEL"], "Could not read the configuration of model"),
         (["--method", "wanda", "--output", "NONEMPTY"], "exists and is not empty"),
         (["--method", "wanda", "--eval"], "--eval needs --eval-dataset"),
     ],

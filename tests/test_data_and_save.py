@@ -99,7 +99,11 @@ def test_output_folder_rules(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     previous = tmp_path / "previous"
     save_pruned(model, previous, cfg)
-    (previous / "notes.txt").write_text("x")
+    (previous / "notes.txt").write_text("x")  # a file of the user's: the folder is not only our output any more
+    with pytest.raises(PruningError, match="it holds notes.txt, which the save did not write"):
+        save_pruned(model, previous, cfg, overwrite=True)
+    assert (previous / "notes.txt").read_text() == "x"
+    (previous / "notes.txt").unlink()
     save_pruned(model, previous, cfg, overwrite=True)
     assert (previous / CONFIG_NAME).is_file() and not (previous / "notes.txt").exists()
 

@@ -180,11 +180,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cli_assets):
 
 # ---------------------------------------------------------------------------------------------
 def test_stray_temporary_folders_are_removed_by_the_next_save(tmp_path):
-    stray = tmp_path / ".out.tmp-abc123"
-    stray.mkdir()
-    (stray / "model.safetensors").write_bytes(b"half")
+    """The staging folder of a save killed half-way (noted in the lock file the killed run left)
+    is removed by the next save; a folder merely named like one is not ours and stays."""
+    from optimum_prune.locks import describe_process
+
+    stray, lookalike = tmp_path / ".out.tmp-abc123", tmp_path / ".out.tmp-user01"
+    for folder in (stray, lookalike):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.lock").write_text(json.dumps({**describe_process(), "made": [str(stray)]}))
     save_pruned(tiny_model("llama"), tmp_path / "out", PruningConfig(method="magnitude"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-user01", "out"]
 
 
 @pytest.mark.parametrize(

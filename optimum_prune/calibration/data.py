@@ -18,6 +18,7 @@ conversation it reaches, as a truncating trainer would cut it). ``calibration_fo
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -26,11 +27,15 @@ import torch
 from ..assets import PACKAGED_PREFIX, packaged_texts
 from ..fields import CALIBRATION_FORMATS
 from ..errors import PruningError, first_line
+from ..paths import looks_local
 
+
+logger = logging.getLogger(__name__)
 
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json"}
 _CHUNK_CHARS, _CHUNK_DOCS = 1_000_000, 256  # tokenize longer text in groups of documents (memory)
 _MAX_CHARS = 20_000_000  # enough text for thousands of 2048-token windows; bounds tokenizing time
+_MAX_NAME_CHARS = 200  # a Hub dataset name ("org/name") is far shorter
 
 
 class Conversations(list):
@@ -65,9 +70,10 @@ def _texts_from_dataset(dataset, text_column: str, messages_column: str = "messa
 
 def load_calibration_source(
     data: Any, *, dataset_config: str | None = None, split: str = "train", text_column: str = "text",
-    messages_column: str = "messages", calibration_format: str = "auto",
+    messages_column: str = "messages", calibration_format: str = "auto", what: str = "The calibration data",
 ) -> list[str] | torch.Tensor | Conversations:
-    """Texts, conversations, or a 1-D tensor of token ids, from any accepted source."""
+    """Texts, conversations, or a 1-D tensor of token ids, from any accepted source. ``what`` names
+    the data in messages (the evaluation reads its text through here too)."""
     if calibration_format not in CALIBRATION_FORMATS:
         raise PruningError(f"calibration_format must be one of {', '.join(CALIBRATION_FORMATS)}, got "
                            f"{calibration_format!r}.")
@@ -83,7 +89,7 @@ def load_calibration_source(
     if isinstance(data, str):
         if data.startswith(PACKAGED_PREFIX):
             return packaged_texts(data)
-        return _from_name(data, dataset_config, split, columns)
+        return _from_name(data, dataset_config, split, columns, what)
     try:
         import datasets
 
@@ -110,16 +116,16 @@ def _from_list(data, messages_column: str, calibration_format: str) -> list[str]
     return list(data)
 
 
-def _from_name(data: str, dataset_config, split: str, columns: dict) -> list[str] | Conversations:
+def _from_name(data: str, dataset_config, split: str, columns: dict, what: str) -> list[str] | Conversations:
     """Texts or conversations from a local .txt/.json/.jsonl file or a dataset name."""
     import datasets
 
     ext = os.path.splitext(data)[1].lower()
     if os.path.isfile(data):
         if ext not in _LOCAL_BUILDERS:
-            raise PruningError(f"Calibration file {data} must be .txt, .json or .jsonl.")
+            raise PruningError(f"{what} file {data} must be .txt, .json or .jsonl.")
         if os.path.getsize(data) == 0:
-            raise PruningError(f"The calibration data is empty: {data} has no content.")
+            raise PruningError(f"{what} is empty: {data} has no content.")
         try:
             if ext == ".txt":
                 dataset = datasets.load_dataset("text", data_files=data, split="train", sample_by="paragraph")
@@ -128,8 +134,11 @@ def _from_name(data: str, dataset_config, split: str, columns: dict) -> list[str
         except Exception as err:  # malformed file: one line naming it
             raise PruningError(f"Could not read calibration file {data}: {first_line(err)}.") from None
         return _texts_from_dataset(dataset, **columns)
-    if os.path.exists(data) or ext in _LOCAL_BUILDERS:
-        raise PruningError(f"Calibration data {data!r} is not a readable .txt/.json/.jsonl file.")
+    if os.path.exists(data) or ext in _LOCAL_BUILDERS or looks_local(data):
+        raise PruningError(f"{what} {_quoted(data)} is not a readable .txt/.json/.jsonl file.")
+    if len(data) > _MAX_NAME_CHARS or any(c.isspace() for c in data):  # no dataset name has spaces
+        raise PruningError(f"{what} {_quoted(data)} is a string but neither a file nor a dataset name; texts go "
+                           f"in a list (calibration_data=[text, ...]), files and dataset names as a string.")
     try:
         dataset = datasets.load_dataset(data, dataset_config, split=split)
     except Exception as err:  # hub or network errors: one line naming the fix
@@ -139,6 +148,11 @@ def _from_name(data: str, dataset_config, split: str, columns: dict) -> list[str
             f"Pass a local .txt/.json/.jsonl file or a list of texts instead."
         ) from None
     return _texts_from_dataset(dataset, **columns)
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message, shortened to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def tokenize_joined(texts: list[str], tokenizer, max_chars: int | None = _MAX_CHARS) -> torch.Tensor:
@@ -261,6 +275,7 @@ def calibration_windows(
         raise PruningError(
             f"The calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}; give more text or lower seqlen."
         )
+    _warn_overlap(ids.numel(), num_samples, seqlen, None if allowed is None else allowed.numel())
     generator = torch.Generator().manual_seed(seed)
     if allowed is not None:
         allowed = allowed[allowed <= ids.numel() - seqlen]
@@ -268,3 +283,16 @@ def calibration_windows(
     else:
         starts = torch.randint(0, ids.numel() - seqlen + 1, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _warn_overlap(tokens: int, num_samples: int, seqlen: int, starts: int | None) -> None:
+    """A warning when the data cannot give ``num_samples`` distinct windows: more window tokens than
+    the data holds (windows overlap), or more windows than conversations to start them at."""
+    if starts is not None and num_samples > starts:
+        logger.warning("The calibration data holds %d conversations for %d windows: windows repeat; give more "
+                       "conversations or fewer samples (num_calibration_samples / --num-samples).", starts, num_samples)
+    elif num_samples * seqlen > tokens:
+        logger.warning("The calibration data holds %d tokens, fewer than the %d x %d the windows take: they overlap "
+                       "(each token is in about %.1f windows); give more text or fewer samples "
+                       "(num_calibration_samples / --num-samples).", tokens, num_samples, seqlen,
+                       num_samples * seqlen / tokens)

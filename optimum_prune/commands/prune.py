@@ -69,6 +69,13 @@ CONFIG_FLAGS = (
 )
 
 
+#: flags that name a file, folder or Hub id: an empty value is refused at once
+PATH_FLAGS = (("--model", "model"), ("--output", "output"), ("--config", "config"), ("--dataset", "dataset"),
+              ("--eval-dataset", "eval_dataset"), ("--checkpoint-dir", "checkpoint_dir"),
+              ("--activation-folder", "activation_folder"), ("--offload-folder", "offload_folder"),
+              ("--tasks-include", "tasks_include"), ("--push-to-hub", "push_to_hub"))
+
+
 def _flag(field: str, options: dict) -> str:
     return options.get("flag", "--" + field.replace("_", "-"))
 
@@ -91,7 +98,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Print the plan (tasks per target), the estimated peak memory per device and time, "
                             "and exit: only the model's configuration is read, nothing is written.")
     model.add_argument("--overwrite", action="store_true",
-                       help="Replace --output if it is a previous optimum-prune output (holds pruning_config.json).")
+                       help="Replace --output if it is a previous optimum-prune output, proven so: nothing in it but the "
+                            "files its save wrote (listed in its .optimum-prune-output.json).")
     model.add_argument("--gguf", default=None, choices=GGUF_TYPES,
                        help="Also write a GGUF file of this type into --output for llama.cpp / Ollama / LM Studio "
                             "(Llama, Mistral, Qwen2; checked before the prune).")
@@ -176,6 +184,9 @@ def flag_fields(args) -> dict:
             fields["method_kwargs"] = json.loads(args.method_kwargs)
         except json.JSONDecodeError as err:
             raise PruningError(f"--method-kwargs must be a JSON object ({err}), e.g. '{{\"blocksize\": 64}}'.") from None
+        except RecursionError:
+            raise PruningError("--method-kwargs is nested too deeply to read; give a flat JSON object of method "
+                               "options, e.g. '{\"blocksize\": 64}'.") from None
     return fields
 
 
@@ -185,6 +196,9 @@ def check_flags(args) -> None:
     from optimum_prune.errors import PruningError
     from optimum_prune.fields import check_plain_fields
 
+    for flag, value in ((flag, getattr(args, dest)) for flag, dest in PATH_FLAGS):
+        if value is not None and not value.strip():
+            raise PruningError(f"{flag} is empty; give a path (or leave the flag out).")
     fields = flag_fields(args)
     check_plain_fields(fields if args.config else {"pattern": "unstructured", **fields})
     if args.output is None and not args.dry_run:
@@ -322,26 +336,23 @@ def _run(args) -> int:
     check_flags(args)  # before torch is imported
 
     from optimum_prune.errors import PruningError
-    from optimum_prune.pruner import Pruner
     from optimum_prune.runtime.distributed import init_from_env
 
     config = build_config(args)
+    pruner, output, evaluation, recovery = check_run(args, config)
     if args.dry_run:
-        return _dry_run(args, config)
-    output = check_paths(args, config)
+        print(pruner.plan(args.model, device=args.device, dtype=args.dtype,
+                          checkpoint=args.checkpoint_dir is not None).describe(), flush=True)
+        return 0
     if args.no_progress:  # also the bars of transformers (loading, saving) and datasets (reading files)
         import datasets
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    evaluation, recovery = _evaluation(args, config), _recovery(args, config)
     if init_from_env(args.device) and (recovery is not None or evaluation.tasks):  # torchrun / accelerate launch
         raise PruningError("--recover and --tasks run in one process only; evaluate or recover the saved model in "
                            "a separate single-process run.")
-    pruner = Pruner(config)
-    pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
-    _check_serving(args, pruner)
     checkpoint = reserve_paths(args, output)
     try:
         pruner.run(args.model, output, evaluation=evaluation, recovery=recovery, gguf=args.gguf,
@@ -355,6 +366,23 @@ def _run(args) -> int:
         if checkpoint is not None:
             checkpoint.release()
         output.release()
+
+
+def check_run(args, config):
+    """Every check a run makes before its work, the same for ``--dry-run`` (which then prints the
+    plan) and the real run (which then loads the model): paths, evaluation and recovery flags, the
+    method's arguments, the device, and the model's ``config.json`` against the sequence length and
+    the serving engine. Returns the `Pruner`, the (unreserved) `OutputFolder` or None, the
+    `Evaluation` and the `Recovery`."""
+    from optimum_prune.pruner import Pruner
+
+    output = check_paths(args, config)
+    evaluation, recovery = _evaluation(args, config), _recovery(args, config)
+    pruner = Pruner(config)
+    pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder,
+                           device=args.device)
+    _check_model_config(args, pruner, evaluation, recovery)
+    return pruner, output, evaluation, recovery
 
 
 def _echo(line: str) -> None:
@@ -405,25 +433,17 @@ def _recovery(args, config):
     return Recovery(lora, samples=args.recover_samples)
 
 
-def _check_serving(args, pruner) -> None:
-    """--serve-with and --gguf against the model's config.json, before the model loads."""
-    if pruner.config.serve_with == "transformers" and args.gguf is None:
-        return
+def _check_model_config(args, pruner, evaluation, recovery) -> None:
+    """The model's ``config.json`` (read alone, before the weights): windows of --seqlen fit its
+    positions where anything runs them, and --serve-with / --gguf can take its output."""
+    from optimum_prune.calibration.data import check_seqlen
     from optimum_prune.pruner import load_model_config
 
-    pruner.check_serving(load_model_config(args.model).to_dict(), gguf=args.gguf)
-
-
-def _dry_run(args, config) -> int:
-    """``--dry-run``: the plan and its estimates, from the model's configuration alone; nothing written."""
-    from optimum_prune.pruner import Pruner
-
-    pruner = Pruner(config)
-    pruner.check_arguments(config.dataset, args.checkpoint_dir, args.resume, args.activations, args.activation_folder)
-    _check_serving(args, pruner)
-    print(pruner.plan(args.model, device=args.device, dtype=args.dtype,
-                      checkpoint=args.checkpoint_dir is not None).describe(), flush=True)
-    return 0
+    model_config = load_model_config(args.model)
+    if pruner.method.needs_calibration or evaluation.dataset is not None or recovery is not None:
+        check_seqlen(model_config, pruner.config.seqlen)
+    if pruner.config.serve_with != "transformers" or args.gguf is not None:
+        pruner.check_serving(model_config.to_dict(), gguf=args.gguf)
 
 
 class PruneCommand(BaseOptimumCLICommand):

@@ -29,14 +29,13 @@ import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import PruningError
 from ..fields import ACTIVATION_PLACES
-from ..locks import RunLock, is_stale
+from ..locks import RunLock, is_stale, read_record
 from ..output import remove_empty_folder
 
 
@@ -145,10 +144,11 @@ def _remove_store_files(folder: str) -> None:
                 pass
 
 
-def remove_stale_folders(parent: str, grace_seconds: float = 60.0) -> list[str]:
-    """Remove the activation folders in ``parent`` left by killed runs: those whose lock no live
-    process holds (and empty ones older than ``grace_seconds``, killed before taking the lock).
-    Returns the folders removed."""
+def remove_stale_folders(parent: str) -> list[str]:
+    """Remove the activation folders in ``parent`` left by killed runs: those holding our lock file
+    (its record of the run that made the folder) that no live process holds; their batch files and
+    the lock go, and the folder if nothing else is in it. A folder merely named like ours is left
+    alone. Returns the folders removed."""
     removed = []
     try:
         entries = os.listdir(parent)
@@ -160,13 +160,10 @@ def remove_stale_folders(parent: str, grace_seconds: float = 60.0) -> list[str]:
             continue
         lock = os.path.join(folder, _LOCK_NAME)
         try:
-            if os.path.exists(lock):
-                if not is_stale(lock):
-                    continue
-                _remove_store_files(folder)
-                os.remove(lock)
-            elif os.listdir(folder) or time.time() - os.stat(folder).st_mtime < grace_seconds:
+            if read_record(lock) is None or not is_stale(lock):
                 continue
+            _remove_store_files(folder)
+            os.remove(lock)
         except OSError:
             continue
         if remove_empty_folder(folder):

@@ -269,8 +269,18 @@ class LayerCheckpoint:
     def _atomic(self, name: str, write) -> None:
         final = os.path.join(self.directory, name)
         tmp = final + ".tmp"
-        write(tmp)
-        os.replace(tmp, final)
+        try:
+            write(tmp)
+            os.replace(tmp, final)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if not is_disk_full(err):
+                raise
+            done = self.state.get("next_layer", 0) if self.state else 0
+            raise PruningError(f"No space left on the disk of the checkpoint folder {self.directory} while writing "
+                               f"{name} ({err.strerror}); the {done} finished layer(s) committed before are intact: "
+                               f"free space there and run again with resume (--resume).") from None
 
     def clear(self) -> None:
         """Delete the checkpoint's files (after the pruned model was saved): exactly those

@@ -12,14 +12,16 @@ from tqdm.auto import tqdm
 from ..assets import PACKAGED_PREFIX
 from ..calibration.data import load_calibration_source, tokenize_joined
 from ..errors import PruningError
+from ..paths import looks_local
 
 
 def evaluation_windows(data, tokenizer, seqlen: int = 512, max_windows: int | None = None) -> torch.Tensor:
     """Tokenize the joined text once (no BOS) and cut it into consecutive ``seqlen`` windows."""
-    if isinstance(data, str) and not (data.startswith(PACKAGED_PREFIX) or os.path.isfile(data)):
+    if isinstance(data, str) and not (data.startswith(PACKAGED_PREFIX) or os.path.isfile(data)
+                                      or looks_local(data, suffixes=(".txt", ".json", ".jsonl"))):
         source = [data]  # raw text
     else:
-        source = load_calibration_source(data)
+        source = load_calibration_source(data, what="The evaluation text")
     ids = source if isinstance(source, torch.Tensor) else tokenize_joined(source, tokenizer, max_chars=None)
     count = ids.numel() // seqlen
     if max_windows is not None:

@@ -13,7 +13,48 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import PruningError
 from ..structure.shrink import replace_param
+
+
+def check_device(device, flag: str = "device (--device)") -> torch.device | None:
+    """``device`` as a `torch.device` this machine can compute on, or one `PruningError` line: an
+    unknown name, the meta device, or a device torch cannot reach here (no CUDA build, index past
+    the devices present). None stays None (each layer runs where it lives)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PruningError(f"{flag} {device!r} is not a device torch knows; give cpu, cuda, cuda:N, mps or xpu.") from None
+    if parsed.type == "meta":
+        raise PruningError(f"{flag} meta holds no data and cannot compute; give cpu or an accelerator (cuda:N).")
+    if parsed.type == "cpu":
+        return parsed
+    module = getattr(torch, parsed.type, None)
+    if parsed.type == "mps":  # torch.mps has no is_available
+        available = torch.backends.mps.is_available()
+    else:
+        available = bool(module is not None and hasattr(module, "is_available") and module.is_available())
+    if not available:
+        raise PruningError(f"{flag} {device!r} is not available on this machine (this torch build or machine has no "
+                           f"{parsed.type} device); use cpu or a device it has.")
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise PruningError(f"{flag} {device!r} does not exist: this machine has {count} {parsed.type} device(s) "
+                           f"({parsed.type}:0 to {parsed.type}:{count - 1}).")
+    return parsed
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the meta device without an accelerate offload hook that
+    loads them (built under ``torch.device("meta")`` or ``init_empty_weights``): nothing to prune."""
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if param.device.type == "meta" and offload_hook(module) is None:
+                raise PruningError(f"The model's weight {name + '.' if name else ''}{pname} is on the meta device (no "
+                                   f"data: built empty, e.g. under init_empty_weights); load the weights "
+                                   f"(from_pretrained) or dispatch them with accelerate before pruning.")
 
 
 def to_device(obj, device):
