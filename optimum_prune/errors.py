@@ -10,10 +10,13 @@ class PruningError(ValueError):
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err`` is the operating system saying the disk (or the user's quota) is full."""
+    """Whether ``err`` is the operating system saying the disk (or the user's quota) is full: an
+    `OSError`, or a writer's own error that wraps it (safetensors: "... (os error 28)")."""
     import errno
 
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {code})" in str(err) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def first_line(err: BaseException) -> str:

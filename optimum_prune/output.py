@@ -357,11 +357,11 @@ class OutputFolder:
         except BaseException as err:
             if os.path.isdir(staging):
                 remove_tree(staging)
-            self.lock.forget_made(staging)
+            if not os.path.lexists(staging):  # else its note stays in the lock file, for the next run to clean
+                self.lock.forget_made(staging)
             if is_disk_full(err):
-                raise PruningError(f"No space left on the disk of {self.flag} {self.path} while saving "
-                                   f"({err.strerror}); nothing was written there: free space or choose an output on "
-                                   f"another disk.") from None
+                raise PruningError(f"No space left on the disk of {self.flag} {self.path} while saving; nothing was "
+                                   f"written there: free space or choose an output on another disk.") from None
             raise
         return self.path
 

@@ -34,7 +34,7 @@ import time
 import torch
 from torch import nn
 
-from ..errors import PruningError, first_line
+from ..errors import PruningError, first_line, is_disk_full
 from ..locks import RunLock
 from ..output import remove_empty_folder
 from ..runtime.offload import SAFETENSORS_DTYPES, current_value
@@ -272,15 +272,15 @@ class LayerCheckpoint:
         try:
             write(tmp)
             os.replace(tmp, final)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - safetensors wraps the OS error in its own type
             if os.path.exists(tmp):
                 os.remove(tmp)
             if not is_disk_full(err):
                 raise
             done = self.state.get("next_layer", 0) if self.state else 0
             raise PruningError(f"No space left on the disk of the checkpoint folder {self.directory} while writing "
-                               f"{name} ({err.strerror}); the {done} finished layer(s) committed before are intact: "
-                               f"free space there and run again with resume (--resume).") from None
+                               f"{name}; the {done} finished layer(s) committed before are intact: free space there "
+                               f"and run again with resume (--resume).") from None
 
     def clear(self) -> None:
         """Delete the checkpoint's files (after the pruned model was saved): exactly those
