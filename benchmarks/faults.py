@@ -523,10 +523,139 @@ def safety_faults():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def mounted_tmpfs(parent: str, size: str) -> str | None:
+    """A tmpfs of ``size`` mounted in a new folder of ``parent``, or None where mounting is refused."""
+    folder = tempfile.mkdtemp(dir=parent)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+    return folder if done.returncode == 0 else None
+
+
+def trust_faults():
+    """Issue #40's second adversarial pass, each also a test in tests/test_trust.py."""
+    import shutil
+
+    from optimum_prune import save_pruned
+    from optimum_prune.calibration.data import calibration_windows
+
+    root = tempfile.mkdtemp()
+    model_dir, calib = os.path.join(root, "model"), os.path.join(root, "calib.txt")
+    tiny().save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    with open(calib, "w") as handle:
+        handle.write(" ".join(["a"] * 2000))
+
+    def args(output, *extra):
+        return ["--model", model_dir, "--method", "sparsegpt", "--sparsity", "0.5", "--dataset", calib,
+                "--num-samples", "4", "--seqlen", "32", "--no-progress", "--output", output, *extra]
+
+    def recipe():
+        folder = os.path.join(root, "recipe")
+        config().save_pretrained(folder)
+        with open(os.path.join(folder, "notes.md"), "w") as handle:
+            handle.write("why these settings")
+        return f"{cli(*args(folder, '--overwrite'))}; files kept: {sorted(os.listdir(folder))}"
+
+    row("`--overwrite` of a recipe folder (a saved pruning_config.json and the user's notes)", recipe)
+
+    def edited_output():
+        folder = os.path.join(root, "prev")
+        cli(*args(folder))
+        with open(os.path.join(folder, "my-eval.txt"), "w") as handle:
+            handle.write("results")
+        return f"{cli(*args(folder, '--overwrite'))}; my-eval.txt kept: {os.path.isfile(os.path.join(folder, 'my-eval.txt'))}"
+
+    row("`--overwrite` of a previous output the user added a file to", edited_output)
+
+    def lookalike():
+        mine = os.path.join(root, ".o1.tmp-0a1b2c3d")
+        os.makedirs(mine)
+        return f"{cli(*args(os.path.join(root, 'o1')))}; {os.path.basename(mine)} kept: {os.path.isdir(mine)}"
+
+    row("a folder `.NAME.tmp-0a1b2c3d` of the user's beside the output", lookalike)
+
+    import optimum_prune.pruner as prune_module
+
+    def small_disk(size, checkpoint=False, patch=False):
+        disk = mounted_tmpfs(root, size)
+        if disk is None:
+            return "tmpfs not mountable here: see tests/test_trust.py (patched writer)"
+        original = prune_module.check_free_space
+        if patch:  # the disk fills during the run, after the check
+            prune_module.check_free_space = lambda *a: None
+        try:
+            if checkpoint:
+                result = cli(*args(os.path.join(root, "o-disk"), "--checkpoint-dir", os.path.join(disk, "ckpt")))
+            else:
+                result = cli(*args(os.path.join(disk, "out")))
+            return f"{result}; left on the disk: {sorted(os.listdir(disk))}"
+        finally:
+            prune_module.check_free_space = original
+            subprocess.run(["umount", "-l", disk], capture_output=True)
+
+    row("output on a 64 KiB disk (the model takes about 700 KiB)", lambda: small_disk("64k"))
+    row("disk fills while saving", lambda: small_disk("64k", patch=True))
+    row("disk fills while checkpointing (300 KiB)", lambda: small_disk("300k", checkpoint=True))
+    row("`--output \"\"`", lambda: cli(*args("")))
+    os.mkfifo(os.path.join(root, "fifo"))
+    row("`--output` a FIFO", lambda: cli(*args(os.path.join(root, "fifo"))))
+    row("`--output /dev/null`", lambda: cli(*args("/dev/null")))
+    row("`--seed 18446744073709551617`", lambda: cli(*args(os.path.join(root, "o2"), "--seed", str(2**64 + 1))))
+    row("`--device cuda:3` on this CPU build", lambda: cli(*args(os.path.join(root, "o2"), "--device", "cuda:3")))
+    row("`--device banana`", lambda: cli(*args(os.path.join(root, "o2"), "--device", "banana")))
+    deep = os.path.join(root, "deep.json")
+    with open(deep, "w") as handle:
+        handle.write("[" * 100_000 + "]" * 100_000)
+    row("`--config` of JSON nested 100,000 deep", lambda: cli(*args(os.path.join(root, "o2"), "--config", deep)))
+
+    def meta_model():
+        with torch.device("meta"):
+            model = tiny()
+        Pruner(config()).prune(model, IDS, progress=False)
+
+    row("Python API: a model with its weights on the meta device", meta_model)
+    dry = ["--model", model_dir, "--method", "sparsegpt", "--dataset", calib, "--dry-run"]
+    row("`--dry-run --seqlen 100000`", lambda: cli(*dry, "--seqlen", "100000"))
+    with open(os.path.join(root, "afile"), "w") as handle:
+        handle.write("x")
+    row("`--dry-run --output` a file", lambda: cli(*dry, "--output", os.path.join(root, "afile")))
+
+    def local(flag, name):
+        start = time.perf_counter()
+        here = os.getcwd()
+        os.chdir(root)
+        try:
+            result = cli(*args(os.path.join(root, "o3"), flag, name))
+        finally:
+            os.chdir(here)
+        return f"{result} ({time.perf_counter() - start:.1f} s)"
+
+    row("`--model model/missing` (a folder `model` exists here)", lambda: local("--model", "model/missing"))
+    row("`--config ./missing.json`", lambda: local("--config", "./missing.json"))
+    empty = os.path.join(root, "empty.txt")
+    open(empty, "w").close()
+    row("empty `--eval-dataset`", lambda: cli(*args(os.path.join(root, "o4"), "--eval", "--eval-dataset", empty)))
+    row("a long text given as calibration_data (a string, not a list)",
+        lambda: calibration_windows("A paragraph meant as calibration text. " * 30, _tokenizer(), 4, 32))
+
+    def overlapping():
+        with tempfile.TemporaryFile("w+") as log:
+            handler = logging.StreamHandler(log)
+            logging.getLogger("optimum_prune").addHandler(handler)
+            try:
+                calibration_windows([" ".join(["a"] * 300)], _tokenizer(), 64, 32)
+            finally:
+                logging.getLogger("optimum_prune").removeHandler(handler)
+            log.seek(0)
+            return "warning: " + log.read().strip().splitlines()[0]
+
+    row("`--num-samples 64` x 32 tokens from a 300-token text", overlapping)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     logging.basicConfig(level=logging.ERROR)
     for group in (config_faults, model_faults, numeric_faults, output_faults, checkpoint_faults, signal_faults,
-                  safety_faults):
+                  safety_faults, trust_faults):
         group()
     print("| fault or bad input | what happens |")
     print("|---|---|")

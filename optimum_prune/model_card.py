@@ -216,6 +216,7 @@ def _measured_rows(results: dict) -> str:
         ("coverage", f"the targeted weights are {results['coverage']:.1%} of the decoder layers' weights"
          if "coverage" in results else None),
         ("left dense", results.get("unhandled_note")),
+        ("left dense on purpose", (results.get("left_out_note") or "").removeprefix("left dense: ") or None),
         ("MoE experts", _experts_text(results.get("experts"))),
         ("experts removed", _removed_experts_text(results.get("removed_experts"))),
         ("decoder layers removed", ", ".join(map(str, results["removed_layers"])) if results.get("removed_layers")

@@ -226,6 +226,10 @@ class Pruner:
         note = self.report.unhandled_note(self.engine.prefix)  # logged as a warning when the plan was made
         if note:
             results["unhandled_note"] = note
+        left_out = self.report.left_out_note(self.engine.prefix)
+        if left_out:
+            results["left_out_note"] = left_out
+            echo(left_out)
         evaluation.measure("after", loaded, tokenizer, self.config, results, echo, progress)
         if recovery is not None:
             results["recovery"] = recovery.apply(loaded, tokenizer, self.config, echo, progress)

@@ -107,6 +107,10 @@ def report_results(report, config, method) -> dict:
         results["coverage"] = report.coverage
     if report.unhandled:
         results["unhandled_weights"] = dict(report.unhandled)
+    if report.routers:
+        results["router_weights"] = dict(report.routers)  # left dense on purpose
+    if report.ignored:
+        results["ignored_weights"] = dict(report.ignored)  # left dense by targets / ignore
     if report.expert_matrices:
         results["experts"] = {"matrices": report.expert_matrices, "calibration": config.expert_calibration,
                               "min_tokens": config.min_expert_tokens,

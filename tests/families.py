@@ -57,6 +57,13 @@ UNSUPPORTED_EXPERTS = {
 }
 
 
+def fully_covered(report) -> bool:
+    """Every matrix of the decoder layers is either pruned or a router left out on purpose, and
+    the report accounts for each one (nothing unhandled, nothing ignored)."""
+    return (not report.unhandled and not report.ignored
+            and report.covered_weights + sum(report.routers.values()) == report.layer_weights)
+
+
 def build(family: str, seed: int = 0):
     factory = FAMILIES[family] if family in FAMILIES else UNSUPPORTED_EXPERTS[family][0]
     torch.manual_seed(seed)

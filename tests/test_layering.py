@@ -17,6 +17,7 @@ ROOMS = ("optimum_prune.calibration", "optimum_prune.engine", "optimum_prune.run
 TOP = ("optimum_prune.pruner", "optimum_prune.commands")
 LOWER_LAYERS = {
     "optimum_prune.errors": ("optimum_prune.",),
+    "optimum_prune.paths": ("optimum_prune.",),
     "optimum_prune.patterns": ("optimum_prune.configuration", "optimum_prune.methods", "optimum_prune.structure",
                                *ROOMS, *TOP),
     "optimum_prune.structure": ("optimum_prune.methods", "optimum_prune.configuration", *ROOMS, *TOP,

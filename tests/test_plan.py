@@ -102,7 +102,10 @@ def test_cli_dry_run_reads_only_the_config_and_writes_nothing(tmp_path, capsys, 
     assert not (tmp_path / "out").exists() and os.listdir(work) == []
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == files
     assert main(["--model", str(folder), "--method", "wanda", "--sparsity", "0.5", "--dataset", "packaged:wiki-leads",
-                 "--dry-run"]) == 0  # no --output needed
+                 "--seqlen", "64", "--dry-run"]) == 0  # no --output needed
+    # and it refuses what the real run refuses: the default 512 tokens exceed this model's 256 positions
+    assert main(["--model", str(folder), "--method", "wanda", "--sparsity", "0.5", "--dataset", "packaged:wiki-leads",
+                 "--dry-run"]) == 2
 
 
 def test_cli_without_output_names_the_fix(tmp_path, capsys):

@@ -39,7 +39,7 @@ from ..structure.shrink import describe_widths
 from .activations import ActivationStore, check_place
 from .base import Engine
 from .checkpoint import LayerCheckpoint, fingerprint
-from .passes import capture_first_layer_inputs, prune_linears_staged, run_layer
+from .passes import capture_layer_inputs, prune_linears_staged, run_layer
 from .plan import LayerPlan, LayerTasks
 from .report import PruneReport
 from .resources import check_memory as check_layer_memory
@@ -122,14 +122,15 @@ class LayerwiseEngine(Engine):
         from it when it holds an earlier, interrupted run of the same prune)."""
         start = time.perf_counter()
         report = PruneReport(layer_weights=self.coverage.layer_weights, covered_weights=self.coverage.covered_weights,
-                             unhandled=dict(self.coverage.unhandled), layer_sparsity=self.layer_sparsity,
+                             unhandled=dict(self.coverage.unhandled), routers=dict(self.coverage.routers),
+                             ignored=dict(self.coverage.ignored), layer_sparsity=self.layer_sparsity,
                              layer_patterns=self.layer_patterns)
         inputs = kwargs = None
         if self.method.needs_calibration:
             if calibration is None or calibration.numel() == 0:
                 raise PruningError(f"Method {self.method.name!r} needs calibration data; none was given.")
-            inputs, kwargs = capture_first_layer_inputs(self.model, self.layers[0], calibration, self.config.batch_size,
-                                                        ActivationStore(self.activations, self.activation_folder))
+            inputs, kwargs = capture_layer_inputs(self.model, self.layers, calibration, self.config.batch_size,
+                                                  ActivationStore(self.activations, self.activation_folder))
         first = 0
         if checkpoint is not None:
             first, inputs, elapsed = self._resume(checkpoint, calibration, inputs, report)
@@ -140,7 +141,7 @@ class LayerwiseEngine(Engine):
         try:
             for index in bar:
                 self._changes = {} if checkpoint is not None else None
-                outputs = self._prune_layer(index, inputs, kwargs, report)
+                outputs = self._prune_layer(index, inputs, None if kwargs is None else kwargs[index], report)
                 if inputs is not None:
                     inputs.close()
                 inputs = outputs

@@ -22,7 +22,7 @@ from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..patterns import SparsityPattern, Target, resolve_sparsity
 from ..structure.groups import ChannelGroup
-from ..structure.layers import first_match, weight_inventory
+from ..structure.layers import first_match, is_router, weight_inventory
 from .report import PruneReport
 from .tasks import TASK_KINDS, Task
 
@@ -58,10 +58,6 @@ class LayerTasks:
             banks.update(task.banks())
         return banks
 
-    def covered_weights(self) -> int:
-        """Weights of the distinct Linears and expert banks the tasks touch."""
-        linears = {id(linear): linear for task in self.tasks for linear in task.linears()}
-        return sum(linear.weight.numel() for linear in linears.values()) + sum(self.expert_banks().values())
 
 
 class LayerPlan:
@@ -138,15 +134,21 @@ class LayerPlan:
         return plan
 
     def _measure_coverage(self) -> PruneReport:
-        """A report holding only what the plan covers of the decoder layers' weights."""
-        coverage = PruneReport()
+        """A report holding only what the plan covers of the decoder layers' matrices, and naming
+        every matrix it leaves out: routers (on purpose), by targets / ignore, or unhandled."""
+        covered = set()
         for index, layer in enumerate(self.layers):
-            total, unhandled = weight_inventory(layer, f"{self.prefix}.{index}", self.config.targets, self.config.ignore)
-            coverage.layer_weights += total
-            covered = set(self.entries[index].expert_banks())
-            coverage.unhandled.update({name: n for name, n in unhandled.items() if name not in covered})
-            coverage.covered_weights += self.entries[index].covered_weights()
-        return coverage
+            linears = {id(linear) for task in self.entries[index].tasks for linear in task.linears()}
+            # a structured layer's budget is a share of all its Linears, those it cannot shrink
+            # included (`fixed_params`): they are in the targeted weights, at zero removed
+            whole = self.fixed_params[index] > 0
+            covered.update(f"{self.prefix}.{index}.{name}.weight" for name, module in layer.named_modules()
+                           if id(module) in linears or (whole and isinstance(module, nn.Linear)
+                                                        and not is_router(module, name, layer)))
+            covered.update(self.entries[index].expert_banks())
+        inventory = weight_inventory(self.layers, self.prefix, self.config.targets, self.config.ignore, covered)
+        return PruneReport(layer_weights=inventory.total, covered_weights=inventory.covered,
+                           unhandled=inventory.unhandled, routers=inventory.routers, ignored=inventory.ignored)
 
     def module_sparsity(self, names: list[str]) -> float:
         """The structured sparsity of a module known by ``names`` (most specific first): the first

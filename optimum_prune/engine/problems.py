@@ -101,7 +101,7 @@ def solve_expert_bank(method: PruningMethod, bank: ExpertBank, target: Target,
         check_finite_result(method.name, where, result.weight)
         value = result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)
         set_expert_matrix(bank, stored, expert, value.to(stored.device))
-        pruned += int(result.mask.sum())
+        pruned += int((value == 0).sum())  # the zeros it holds: the mask's, and any the solve left (dead inputs)
         total += result.mask.numel()
     commit_value(bank.module, bank.param, stored)
     return SolvedBank(stored, pruned, total, fallbacks)

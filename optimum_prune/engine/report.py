@@ -17,9 +17,13 @@ class PruneReport:
     pruned_params: int = 0
     total_params: int = 0
     seconds: float = 0.0
-    layer_weights: int = 0  # weights in the decoder layers' matrices (routers left out); 0: not measured
+    layer_weights: int = 0  # weights in every matrix of the decoder layers (biases aside); 0: not measured
     covered_weights: int = 0  # of those, the ones in tensors the prune targeted
-    unhandled: dict[str, int] = field(default_factory=dict)  # matrices no pruning path handles: name -> weights
+    # the rest, by name -> weights: no pruning path handles them / routers and gates (left out on
+    # purpose) / left out by targets and ignore; covered + these = layer_weights (when measured)
+    unhandled: dict[str, int] = field(default_factory=dict)
+    routers: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
     expert_matrices: int = 0  # expert matrices of fused MoE banks pruned (each its own problem)
     expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert bank -> experts pruned by magnitude
     removed_experts: dict[str, list[int]] = field(default_factory=dict)  # MoE block -> indices of the experts removed
@@ -72,10 +76,22 @@ class PruneReport:
                 f"optimum-prune cannot prune yet and stay dense: {shown}; the sparsity counts only the targeted "
                 f"weights (leave them out with ignore=[...] / --ignore to silence this).")
 
+    def left_out_note(self, prefix: str) -> str | None:
+        """One line naming the matrices left dense on purpose (routers and gates) and by the
+        config's targets / ignore, with their share of the decoder layers' weights; None if none."""
+        parts = []
+        for what, names in (("routers and gates, on purpose", self.routers), ("by targets / ignore", self.ignored)):
+            if names and self.layer_weights:
+                count, shown = sum(names.values()), summarize_names(names, prefix)
+                listed = ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+                parts.append(f"{count:,} weights ({count / self.layer_weights:.1%}) {what}: {listed}")
+        return "left dense: " + "; ".join(parts) if parts else None
+
     def to_dict(self) -> dict:
         return {"sparsity": dict(self.sparsity), "pruned_params": self.pruned_params, "total_params": self.total_params,
                 "layer_weights": self.layer_weights, "covered_weights": self.covered_weights,
-                "unhandled": dict(self.unhandled), "expert_matrices": self.expert_matrices,
+                "unhandled": dict(self.unhandled), "routers": dict(self.routers), "ignored": dict(self.ignored),
+                "expert_matrices": self.expert_matrices,
                 "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
                 "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns}
 
@@ -85,6 +101,8 @@ class PruneReport:
         self.layer_weights = int(data.get("layer_weights", self.layer_weights))
         self.covered_weights = int(data.get("covered_weights", self.covered_weights))
         self.unhandled = dict(data.get("unhandled", self.unhandled))
+        self.routers = dict(data.get("routers", self.routers))
+        self.ignored = dict(data.get("ignored", self.ignored))
         self.expert_matrices = int(data.get("expert_matrices", self.expert_matrices))
         self.expert_fallbacks = dict(data.get("expert_fallbacks", self.expert_fallbacks))
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -64,7 +65,7 @@ def select_target_linears(layer: nn.Module, layer_prefix: str, targets, ignore) 
     """Full-name -> Linear for the Linears of one decoder layer selected by ``targets``/``ignore``."""
     selected = {}
     for sub_name, module in layer.named_modules():
-        if not isinstance(module, nn.Linear) or is_router(module, sub_name):
+        if not isinstance(module, nn.Linear) or is_router(module, sub_name, layer):
             continue
         full = f"{layer_prefix}.{sub_name}"
         if targets and not matches(full, targets):
@@ -84,37 +85,86 @@ def linear_params(module: nn.Module) -> int:
     )
 
 
-def is_router(module: nn.Module, name: str = "") -> bool:
-    """Whether ``module`` (named ``name`` in its layer) is a mixture-of-experts router or gate
-    (kept dense by design: it decides where tokens go, and it is a tiny share of the weights): a
-    router class (``*Router``, ``*MoeGate``, ``*TopKGate``) or a Linear named ``gate`` /
-    ``*_gate`` (Qwen2-MoE's ``shared_expert_gate``; not ``gate_proj``)."""
+def is_router(module: nn.Module, name: str = "", layer: nn.Module | None = None) -> bool:
+    """Whether ``module`` (named ``name`` in decoder layer ``layer``) is a mixture-of-experts router
+    or gate (kept dense by design: it decides where tokens go, and it is a tiny share of the
+    weights): a router class (``*Router``, ``*MoeGate``, ``*TopKGate``), or a Linear named ``gate``
+    beside the experts (Mixtral's older form) or ``*expert*_gate`` (Qwen2-MoE's
+    ``shared_expert_gate``). Other Linears named like gates (Gemma 4's ``per_layer_input_gate``,
+    a projection) are not routers."""
     cls = type(module).__name__.lower()
     if cls.endswith(("router", "moegate", "topkgate")):
         return True
-    return isinstance(module, nn.Linear) and re.fullmatch(r"(.*_)?gate", name.rsplit(".", 1)[-1]) is not None
+    if not isinstance(module, nn.Linear):
+        return False
+    parent_name, _, last = name.rpartition(".")
+    if re.fullmatch(r".*expert.*_gate", last):
+        return True
+    if last != "gate":
+        return False
+    if layer is None:
+        return True
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    return any("expert" in child for child, _ in parent.named_children())
 
 
-def weight_inventory(layer: nn.Module, layer_prefix: str, targets, ignore) -> tuple[int, dict[str, int]]:
-    """The weights of one decoder layer as a prune sees them: (the number of weights in matrices,
-    routers and biases left out; the matrices no pruning path handles — parameters of 2 or more dimensions
-    that are not the weight of an ``nn.Linear``, e.g. the 3-D expert banks of fused MoE layers —
-    that ``targets``/``ignore`` do not leave out on purpose: full name -> number of weights)."""
-    total, unhandled = 0, {}
+@dataclass
+class WeightInventory:
+    """Every matrix-shaped parameter of decoder layers (2 or more dimensions, not a bias), each
+    counted once and sorted into one of four kinds: ``covered`` (in a tensor the prune targets),
+    ``routers`` (routers and gates of mixture-of-experts blocks: left out on purpose), ``ignored``
+    (left out by ``targets`` / ``ignore``), ``unhandled`` (selected, but no pruning path handles
+    it: stays dense, and the user is told). ``total`` is the sum of all four."""
+
+    total: int = 0
+    covered: int = 0
+    routers: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
+    unhandled: dict[str, int] = field(default_factory=dict)
+
+
+def layer_matrices(layer: nn.Module, layer_prefix: str):
+    """(full name, module's full name, parameter, whether it belongs to a router) for every
+    matrix-shaped parameter of one decoder layer (biases left out, also per-expert 2-D ones)."""
+    routers = []
     for sub_name, module in layer.named_modules():
-        if is_router(module, sub_name):
-            continue
         full_module = f"{layer_prefix}.{sub_name}" if sub_name else layer_prefix
+        if is_router(module, sub_name, layer):
+            routers.append(full_module + ".")
+        in_router = any((full_module + ".").startswith(router) for router in routers)
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() < 2 or param_name.endswith("bias"):  # norms and biases (also per-expert ones)
+            if param.dim() >= 2 and not param_name.endswith("bias"):
+                yield f"{full_module}.{param_name}", full_module, param, in_router
+
+
+def weight_inventory(layers, prefix: str, targets, ignore, covered: set[str]) -> WeightInventory:
+    """The `WeightInventory` of ``layers`` (decoder layer ``i`` named ``prefix.i``); ``covered``:
+    full names of the parameters the prune's tasks touch. A parameter shared by several layers
+    counts once."""
+    inventory, seen = WeightInventory(), set()
+    for index, layer in enumerate(layers):
+        for full, full_module, param, router in layer_matrices(layer, f"{prefix}.{index}"):
+            if id(param) in seen:
                 continue
-            total += param.numel()
-            if isinstance(module, nn.Linear) and param_name == "weight":
-                continue
-            full = f"{full_module}.{param_name}"
-            if parameter_selected(full_module, full, targets, ignore):
-                unhandled[full] = param.numel()
-    return total, unhandled
+            seen.add(id(param))
+            count = param.numel()
+            inventory.total += count
+            if full in covered:
+                inventory.covered += count
+            elif router:
+                inventory.routers[full] = count
+            elif not parameter_selected(full_module, full, targets, ignore):
+                inventory.ignored[full] = count
+            else:
+                inventory.unhandled[full] = count
+    return inventory
+
+
+def matrix_weights(layers) -> int:
+    """Weights in the matrix-shaped parameters of ``layers`` (what a report's coverage divides by)."""
+    seen = {id(param): param.numel() for index, layer in enumerate(layers)
+            for _, _, param, _ in layer_matrices(layer, str(index))}
+    return sum(seen.values())
 
 
 def names_selected(names, targets, ignore) -> bool:

@@ -19,6 +19,11 @@ from .base import HeldTask, LayerRun
 from .channel_group import GroupTask
 
 
+#: fused expert banks run through torch's grouped matmul, whose rows must span a multiple of 16
+#: bytes: experts keep a multiple of 8 intermediate channels (16 bytes in half precision)
+GROUPED_MM_CHANNELS = 8
+
+
 @dataclass(frozen=True)
 class ExpertChannelTask(HeldTask):
     """Remove ``remove`` intermediate channels (possibly 0) of every expert of ``channels`` (structured)."""
@@ -46,7 +51,7 @@ class ExpertChannelTask(HeldTask):
             sparsity = planner.module_sparsity([channels.name, channels.name.rsplit(".", 1)[0], layer_name])
             width = channels.width
             kept = max(1, width - math.floor(sparsity * width + 0.5))
-            kept = round_kept(kept, width, config.channel_multiple)
+            kept = round_kept(kept, width, max(config.channel_multiple, GROUPED_MM_CHANNELS))
             tasks.append(cls(channels, width - kept))
             block_name = channels.name.rsplit(".", 1)[0]
             block = layer.get_submodule(block_name[len(layer_name) + 1:]) if block_name != layer_name else layer

@@ -55,8 +55,10 @@ class LinearTask(TargetTask):
             results = run.method.prune_linears(weights, stats.get(members[0].name), target)
             for task, result in zip(members, results):
                 check_finite_result(run.method.name, task.name, result.weight)
-                run.note({task.name: write_weight(task.linear, result.weight, result.mask)})
-                run.report.record(task.name, int(result.mask.sum()), result.mask.numel())
+                written = write_weight(task.linear, result.weight, result.mask)
+                run.note({task.name: written})
+                # the zeros it holds: the mask's, and any the solve left (a dead input zeroes its column)
+                run.report.record(task.name, int((written == 0).sum()), result.mask.numel())
 
     def replay(self, changes, device) -> None:
         if self.name in changes:
