@@ -186,11 +186,16 @@ def output_faults():
     row("disk full while saving", failing_save)
 
     def stray():
-        os.makedirs(os.path.join(root, ".out2.tmp-x1y2"))
+        from optimum_prune.locks import describe_process
+
+        stray = os.path.join(root, ".out2.tmp-x1y2")
+        os.makedirs(stray)
+        with open(os.path.join(root, ".out2.lock"), "w") as handle:  # what the killed save's lock file noted
+            json.dump({**describe_process(), "made": [stray]}, handle)
         save_pruned(tiny(2), os.path.join(root, "out2"), config())
         return f"stray folder removed (warning logged); folder contents: {sorted(os.listdir(root))}"
 
-    row("temporary folder left by a save killed half-way", stray)
+    row("temporary folder left by a save killed half-way (noted in its lock file)", stray)
     row("output folder exists and is not empty", lambda: save_pruned(tiny(2), os.path.join(root, "out2"), config()))
 
     def memory():
