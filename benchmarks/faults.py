@@ -318,22 +318,33 @@ def holder(code: str) -> subprocess.Popen:
     return proc
 
 
-def safety_faults():
-    import shutil
-
-    from optimum_prune import output as output_module
-    from optimum_prune.engine.activations import ActivationStore
-
+def cli_workspace() -> tuple[str, str, str]:
+    """A temporary folder with a tiny model (and tokenizer) and a calibration text: (root, model, text)."""
     root = tempfile.mkdtemp()
     model_dir, calib = os.path.join(root, "model"), os.path.join(root, "calib.txt")
     tiny().save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)
     with open(calib, "w") as handle:
         handle.write(" ".join(["a"] * 2000))
+    return root, model_dir, calib
+
+
+def cli_args(model: str, calib: str, output: str, *extra, method: str = "sparsegpt") -> list[str]:
+    """The flags of a small CLI prune of ``model`` on ``calib`` into ``output``."""
+    return ["--model", model, "--method", method, "--sparsity", "0.5", "--dataset", calib, "--num-samples", "4",
+            "--seqlen", "32", "--no-progress", "--output", output, *extra]
+
+
+def safety_faults():
+    import shutil
+
+    from optimum_prune import output as output_module
+    from optimum_prune.engine.activations import ActivationStore
+
+    root, model_dir, calib = cli_workspace()
 
     def args(output, *extra, method="sparsegpt", model=model_dir):
-        return ["--model", model, "--method", method, "--sparsity", "0.5", "--dataset", calib, "--num-samples", "4",
-                "--seqlen", "32", "--no-progress", "--output", output, *extra]
+        return cli_args(model, calib, output, *extra, method=method)
 
     def files(folder):
         return sorted(os.listdir(folder))
@@ -542,34 +553,23 @@ def trust_faults():
     from optimum_prune import save_pruned
     from optimum_prune.calibration.data import calibration_windows
 
-    root = tempfile.mkdtemp()
-    model_dir, calib = os.path.join(root, "model"), os.path.join(root, "calib.txt")
-    tiny().save_pretrained(model_dir)
-    _tokenizer().save_pretrained(model_dir)
-    with open(calib, "w") as handle:
-        handle.write(" ".join(["a"] * 2000))
+    root, model_dir, calib = cli_workspace()
 
     def args(output, *extra):
-        return ["--model", model_dir, "--method", "sparsegpt", "--sparsity", "0.5", "--dataset", calib,
-                "--num-samples", "4", "--seqlen", "32", "--no-progress", "--output", output, *extra]
+        return cli_args(model_dir, calib, output, *extra)
 
-    def recipe():
-        folder = os.path.join(root, "recipe")
-        config().save_pretrained(folder)
-        with open(os.path.join(folder, "notes.md"), "w") as handle:
-            handle.write("why these settings")
+    def users_file_then_overwrite(name: str, make, users_file: str) -> str:
+        """``make(folder)``, then a file of the user's in it, then ``--overwrite`` on it."""
+        folder = os.path.join(root, name)
+        make(folder)
+        with open(os.path.join(folder, users_file), "w") as handle:
+            handle.write("the user's")
         return f"{cli(*args(folder, '--overwrite'))}; files kept: {sorted(os.listdir(folder))}"
 
-    row("`--overwrite` of a recipe folder (a saved pruning_config.json and the user's notes)", recipe)
-
-    def edited_output():
-        folder = os.path.join(root, "prev")
-        cli(*args(folder))
-        with open(os.path.join(folder, "my-eval.txt"), "w") as handle:
-            handle.write("results")
-        return f"{cli(*args(folder, '--overwrite'))}; my-eval.txt kept: {os.path.isfile(os.path.join(folder, 'my-eval.txt'))}"
-
-    row("`--overwrite` of a previous output the user added a file to", edited_output)
+    row("`--overwrite` of a recipe folder (a saved pruning_config.json and the user's notes)",
+        lambda: users_file_then_overwrite("recipe", config().save_pretrained, "notes.md"))
+    row("`--overwrite` of a previous output the user added a file to",
+        lambda: users_file_then_overwrite("prev", lambda folder: cli(*args(folder)), "my-eval.txt"))
 
     def lookalike():
         mine = os.path.join(root, ".o1.tmp-0a1b2c3d")
