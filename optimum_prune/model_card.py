@@ -59,21 +59,37 @@ def _rows(pairs) -> str:
     return "\n".join(f"| {key} | {value} |" for key, value in pairs if value is not None)
 
 
-_STAGES = (("before", "{name} (dense)"), ("after", "pruned"), ("recovered", "pruned + LoRA recovery"))
+_STAGES = (("before", "{name} (dense)"), ("after", "pruned"), ("recovered", "pruned + {recovery}"))
 
 
 def _recovery_text(recovery: dict | None) -> str | None:
     if not recovery:
         return None
+    if recovery.get("method") == "distill":
+        curve = _loss_curve(recovery.get("losses") or [])
+        return (f"distillation from the dense model (forward KL of the logits at temperature "
+                f"{recovery['temperature']:g}), every parameter trained {recovery['steps']} steps x "
+                f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens ({recovery['tokens']:,} tokens) at lr "
+                f"{recovery['lr']:g} in {recovery['seconds']:.0f} s; KL {recovery['loss_first']:.4f} -> "
+                f"{recovery['loss_last']:.4f}{curve}; sparsity masks kept through training")
     return (f"LoRA (rank {recovery['rank']}, alpha {recovery['alpha']}) trained {recovery['steps']} steps x "
             f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens at lr {recovery['lr']:g} in "
             f"{recovery['seconds']:.0f} s (training loss {recovery['loss_first']:.3f} -> {recovery['loss_last']:.3f}), "
             f"merged; sparsity masks re-applied")
 
 
+def _loss_curve(losses: list[float], points: int = 6) -> str:
+    """A few points of a loss curve: ' (loss by step: 1: 0.52, 20: 0.31, ...)'."""
+    if len(losses) < 2:
+        return ""
+    steps = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
+    return " (KL by step: " + ", ".join(f"{s + 1}: {losses[s]:.4f}" for s in steps) + ")"
+
+
 def _evaluation_section(results: dict, name: str) -> str:
     """Perplexity and zero-shot accuracy for each stage that was measured (dense, pruned, recovered)."""
-    stages = [(stage, label.format(name=name)) for stage, label in _STAGES
+    recovery = "distillation" if (results.get("recovery") or {}).get("method") == "distill" else "LoRA recovery"
+    stages = [(stage, label.format(name=name, recovery=recovery)) for stage, label in _STAGES
               if f"perplexity_{stage}" in results or f"zero_shot_{stage}" in results]
     if not stages:
         return ""
@@ -185,7 +201,7 @@ def _card_data(config: PruningConfig, results: dict, name: str, base_model, hub_
         base_model=hub_base,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=tags + (["lora-recovery"] if "recovery" in results else []),
+        tags=tags + ([f"{(results['recovery'] or {}).get('method', 'lora')}-recovery"] if "recovery" in results else []),
         license=_base_license(base_model),
         eval_results=_eval_results(results, final) or None,
     )

@@ -216,6 +216,7 @@ class Pruner:
         results = {}
         evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
         results["parameters_before"] = sum(p.numel() for p in loaded.parameters())
+        teacher = recovery.teacher_of(loaded) if recovery is not None else None  # the dense model, for distillation
         start = time.perf_counter()
         self.prune(loaded, tokenizer=tokenizer, **prune_kwargs)
         results["prune_seconds"] = time.perf_counter() - start
@@ -232,7 +233,8 @@ class Pruner:
             echo(left_out)
         evaluation.measure("after", loaded, tokenizer, self.config, results, echo, progress)
         if recovery is not None:
-            results["recovery"] = recovery.apply(loaded, tokenizer, self.config, echo, progress)
+            results["recovery"] = recovery.apply(loaded, tokenizer, self.config, echo, progress, teacher=teacher)
+            teacher = None
             evaluation.measure("recovered", loaded, tokenizer, self.config, results, echo, progress)
         results.update(evaluation.settings(self.config))
         if push_to_hub:

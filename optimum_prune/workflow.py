@@ -75,25 +75,57 @@ class Evaluation:
 
 @dataclass
 class Recovery:
-    """A short LoRA fine-tune after pruning (`optimum_prune.recovery.recover_lora`) on ``samples``
-    windows of the calibration source, drawn with the config's seed + 1."""
+    """Recovery after pruning on ``samples`` windows of the calibration source, drawn with the
+    config's seed + 1: a short LoRA fine-tune (`optimum_prune.recovery.recover_lora`, ``lora``: its
+    settings), or — with ``distill`` (a `DistillConfig`) — distillation of every parameter from
+    the dense model the prune started from (`optimum_prune.recovery.recover_distill`; the teacher is
+    a copy of the loaded model taken before the prune, in ``teacher_dtype`` when given).
+    ``checkpoint_dir``: where an interrupted distillation is saved and continued from."""
 
     lora: object = None  # a LoraRecoveryConfig (default: its defaults)
     samples: int = 256
+    distill: object = None  # a DistillConfig: distillation instead of LoRA
+    teacher_dtype: str | None = None
+    checkpoint_dir: str | None = None
 
     def __post_init__(self):
         check_positive_int(self.samples, "--recover-samples")
-        if self.lora is None:
+        if self.lora is None and self.distill is None:
             from .recovery import LoraRecoveryConfig
 
             self.lora = LoraRecoveryConfig()
 
-    def apply(self, model, tokenizer, config, echo: Callable[[str], None], progress: bool = True) -> dict:
+    def teacher_of(self, model):
+        """The teacher distillation needs (a copy of ``model`` before it is pruned), or None."""
+        if self.distill is None:
+            return None
+        import copy
+
+        import torch
+
+        teacher = copy.deepcopy(model).eval()
+        if self.teacher_dtype is not None:
+            teacher.to(getattr(torch, self.teacher_dtype))
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        return teacher
+
+    def apply(self, model, tokenizer, config, echo: Callable[[str], None], progress: bool = True,
+              teacher=None) -> dict:
         from .calibration.data import calibration_windows
-        from .recovery import recover_lora
+        from .recovery import recover_distill, recover_lora
 
         windows = calibration_windows(config.dataset, tokenizer, self.samples, config.seqlen, config.seed + 1,
                                       **config.data_options())
+        if self.distill is not None:
+            if teacher is None:
+                raise PruningError("Distillation needs the dense model as teacher: take it with teacher_of(model) "
+                                   "before the prune.")
+            found = recover_distill(model, teacher, windows, self.distill, progress=progress,
+                                    checkpoint_dir=self.checkpoint_dir)
+            echo(f"distillation: {self.distill.steps} steps ({found['tokens']:,} tokens) in {found['seconds']:.1f}s, "
+                 f"KL to the dense model {found['loss_first']:.4f} -> {found['loss_last']:.4f}")
+            return found
         found = recover_lora(model, windows, self.lora, progress=progress)
         echo(f"LoRA recovery: {self.lora.steps} steps in {found['seconds']:.1f}s, training loss "
              f"{found['loss_first']:.3f} -> {found['loss_last']:.3f}")

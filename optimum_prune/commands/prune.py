@@ -140,9 +140,11 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
 
     recovery = parser.add_argument_group("recovery (after pruning, before saving)")
     recovery.add_argument("--recover", choices=RECOVERY_METHODS, default=None,
-                          help="Short LoRA fine-tune on the calibration text, merged back; sparsity masks re-applied.")
+                          help="lora: a short LoRA fine-tune on the calibration text, merged back; distill: every "
+                               "parameter trained to match the dense model's logits (forward KL). Sparsity masks kept.")
     recovery.add_argument("--recover-steps", type=int, default=100, help="Optimiser steps (default 100).")
-    recovery.add_argument("--recover-lr", type=float, default=2e-4, help="Peak learning rate (default 2e-4).")
+    recovery.add_argument("--recover-lr", type=float, default=None,
+                          help="Peak learning rate (default 2e-4 for lora, 5e-5 for distill).")
     recovery.add_argument("--recover-rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank).")
     recovery.add_argument("--recover-batch-size", type=int, default=4, help="Windows of --seqlen tokens per step (default 4).")
     recovery.add_argument("--recover-samples", type=int, default=256,
@@ -422,14 +424,18 @@ def _evaluation(args, config):
 
 
 def _recovery(args, config):
-    """--recover lora and its flags as a `Recovery` (None without --recover)."""
+    """--recover lora / distill and its flags as a `Recovery` (None without --recover)."""
     if not args.recover:
         return None
-    from optimum_prune.recovery import LoraRecoveryConfig
+    from optimum_prune.recovery import DistillConfig, LoraRecoveryConfig
     from optimum_prune.workflow import Recovery
 
-    lora = LoraRecoveryConfig(steps=args.recover_steps, lr=args.recover_lr, rank=args.recover_rank,
-                              alpha=2 * args.recover_rank, batch_size=args.recover_batch_size, seed=config.seed)
+    lr = {} if args.recover_lr is None else {"lr": args.recover_lr}
+    if args.recover == "distill":  # an interrupted distillation continues from the checkpoint folder (--resume)
+        distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed, **lr)
+        return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir)
+    lora = LoraRecoveryConfig(steps=args.recover_steps, rank=args.recover_rank, alpha=2 * args.recover_rank,
+                              batch_size=args.recover_batch_size, seed=config.seed, **lr)
     return Recovery(lora, samples=args.recover_samples)
 
 

@@ -12,7 +12,6 @@ adapts the Linears at their pruned sizes).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.offload import offload_hook
-from ..errors import PruningError, check_int, check_positive_int, check_positive_number
+from ..errors import PruningError, check_positive_int
 from ..structure.layers import find_decoder_layers, select_target_linears
+from .training import check_training_settings, warmup_cosine
 
 
 logger = logging.getLogger(__name__)
@@ -50,14 +50,9 @@ class LoraRecoveryConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        check_positive_int(self.steps, "recovery steps")
-        check_positive_number(self.lr, "recovery lr")
+        check_training_settings(self.steps, self.lr, self.batch_size, self.seed, self.weight_decay)
         check_positive_int(self.rank, "LoRA rank")
         check_positive_int(self.alpha, "LoRA alpha")
-        check_positive_int(self.batch_size, "recovery batch_size")
-        check_int(self.seed, "recovery seed", 0)
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise PruningError(f"recovery weight_decay must be a non-negative number, got {self.weight_decay!r}.")
 
 
 def _layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -82,7 +77,7 @@ def _train(peft_model, windows: torch.Tensor, config: LoraRecoveryConfig, device
                 order = torch.cat([order, torch.randperm(windows.shape[0], generator=generator)])
             batch, order = windows[order[: config.batch_size]].to(device), order[config.batch_size:]
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+                group["lr"] = warmup_cosine(step, config.steps, config.lr)
             loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise PruningError(f"LoRA recovery diverged at step {step} (loss {float(loss)}); lower the lr.")
@@ -92,14 +87,6 @@ def _train(peft_model, windows: torch.Tensor, config: LoraRecoveryConfig, device
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
-
-
-def _lr_at(step: int, config: LoraRecoveryConfig) -> float:
-    warmup = max(1, config.steps // 10)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def recover_lora(

@@ -1,0 +1,129 @@
+"""Recovery by distillation from the unpruned model (issue #41): the KL to the teacher falls on
+held-out tokens, masks and shapes survive, an interrupted run resumes to the uninterrupted result,
+and the CLI records it in the results and the card."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, make_texts, make_tokenizer, tiny_model
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.recovery import DistillConfig, distillation_loss, recover_distill
+from optimum_prune.recovery import distill as distill_module
+
+
+def windows(count: int, seed: int) -> torch.Tensor:
+    ids = make_tokenizer()(" ".join(make_texts(60, seed=seed)), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids[: count * 32]).reshape(count, 32)
+    assert int(ids.max()) < VOCAB
+    return ids
+
+
+def pruned_pair(method="wanda", pattern="unstructured", sparsity=0.5):
+    """(dense teacher, pruned student) of one tiny Llama."""
+    student = tiny_model("llama", num_hidden_layers=2, initializer_range=0.2)  # peaked outputs, as a trained model's
+    teacher = copy.deepcopy(student)
+    Pruner(PruningConfig(method=method, pattern=pattern, sparsity=sparsity, num_calibration_samples=8,
+                         seqlen=32)).prune(student, windows(8, seed=1), progress=False)
+    return teacher, student
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, ids) -> float:
+    return float(distillation_loss(student(ids).logits, teacher(ids).logits))
+
+
+def test_the_loss_is_the_kl_divergence():
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    p, q = a.softmax(-1), b.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(distillation_loss(b, a)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method, pattern, sparsity", [("wanda", "unstructured", 0.5), ("fasp", "structured", 0.3)])
+def test_distillation_brings_the_student_closer_to_the_teacher(method, pattern, sparsity):
+    teacher, student = pruned_pair(method, pattern, sparsity)
+    heldout = windows(8, seed=7)
+    dense = {name: p.clone() for name, p in teacher.state_dict().items()}
+    before = heldout_kl(student, teacher, heldout)
+    zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and ".layers." in name}
+    shapes = {name: p.shape for name, p in student.named_parameters()}
+    found = recover_distill(student, teacher, windows(32, seed=3), DistillConfig(steps=60, lr=1e-3, batch_size=4),
+                            progress=False)
+    after = heldout_kl(student, teacher, heldout)
+    assert found["loss_last"] < found["loss_first"] and after < 0.9 * before, (before, after, found["loss_first"])
+    assert {name: p.shape for name, p in student.named_parameters()} == shapes  # structured shapes kept
+    for name, was_zero in zeros.items():  # unstructured zeros kept, none added by training
+        now = dict(student.named_parameters())[name] == 0
+        assert bool((now[was_zero]).all()), name
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), dense.values()))  # teacher untouched
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C in the ``call``-th training step (its loss)."""
+    real, calls = distill_module.distillation_loss, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distillation_loss", killed)
+
+
+def test_an_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    teacher, student = pruned_pair()
+    config = DistillConfig(steps=8, lr=1e-3, batch_size=4, save_every=3)
+    data = windows(12, seed=3)
+    reference = copy.deepcopy(student)
+    recover_distill(reference, teacher, data, config, progress=False)
+    interrupt_at(monkeypatch, 6)  # steps 1-3 were saved, 4-5 are lost
+    with pytest.raises(KeyboardInterrupt):
+        recover_distill(student, teacher, data, config, progress=False, checkpoint_dir=tmp_path)
+    assert torch.load(tmp_path / distill_module.STATE_NAME, weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    found = recover_distill(student, teacher, data, config, progress=False, checkpoint_dir=tmp_path)
+    assert len(found["losses"]) == 8 and not list(tmp_path.iterdir())  # the state goes once the run is done
+    for (name, a), (_, b) in zip(reference.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_state_of_other_settings_is_refused(tmp_path, monkeypatch):
+    from optimum_prune.errors import PruningError
+
+    teacher, student = pruned_pair()
+    data = windows(8, seed=3)
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        recover_distill(student, teacher, data, DistillConfig(steps=4, lr=1e-3, batch_size=4, save_every=1),
+                        progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(PruningError, match="other settings or data"):
+        recover_distill(student, teacher, data, DistillConfig(steps=5, lr=1e-3, batch_size=4), progress=False,
+                        checkpoint_dir=tmp_path)
+
+
+def test_cli_distills_and_records_it(tmp_path, capsys):
+    from optimum_prune.commands.prune import main
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(60)))
+    code = main(["--model", str(tmp_path / "model"), "--method", "fasp", "--pattern", "structured", "--sparsity", "0.2",
+                 "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress",
+                 "--recover", "distill", "--recover-steps", "4", "--recover-samples", "8", "--eval",
+                 "--eval-dataset", str(tmp_path / "calib.txt"), "--output", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "distillation: 4 steps" in out.out
+    results = json.loads((tmp_path / "out" / "pruning_results.json").read_text())
+    assert results["recovery"]["method"] == "distill" and results["recovery"]["tokens"] == 4 * 4 * 32
+    assert len(results["recovery"]["losses"]) == 4 and "perplexity_recovered" in results
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "distillation from the dense model" in card and "pruned + distillation" in card
