@@ -1,13 +1,17 @@
-"""LoRA recovery after pruning on SmolLM2-135M: perplexity dense / pruned / pruned + recovery.
+"""Recovery after pruning on SmolLM2-135M: LoRA against distillation from the dense model, at the
+same training tokens; perplexity dense / pruned / recovered on two held-out texts.
 
-Each run prunes the packaged SmolLM2-135M (EVAL.md protocol: 64 x 512 calibration tokens from the
-packaged Wikipedia leads, seed 0), measures perplexity on the evaluation split, trains LoRA
-adapters (`optimum_prune.recovery.recover_lora`) on windows drawn from the calibration split with
-seed 1, merges them, re-applies the sparsity masks and measures again. Each run in its own process.
+Each (run, seed) prunes the packaged SmolLM2-135M (EVAL.md protocol: 64 x 512 calibration tokens
+from the packaged Wikipedia leads, calibration seed ``seed``) once, measures it, and then, from
+that same pruned model, runs each recovery asked for on the same training windows (drawn from the
+calibration split with seed ``seed + 1``): ``lora`` (`recover_lora`: rank-8 adapters on every
+decoder Linear, merged back) and ``distill`` (`recover_distill`: every parameter trained to the
+dense model's logits, forward KL). Perplexity on the evaluation split of the Wikipedia leads and on
+the Python reference (benchmarks/texts.py). Each (run, seed) in its own process.
 
-    python benchmarks/recovery.py                                   # -> docs/results/recovery.md
-    python benchmarks/recovery.py --runs wanda:0.5 --steps 20 --output /tmp/r.md
-    python benchmarks/recovery.py --runs dense          # the same LoRA run on the dense model
+    python benchmarks/recovery.py --runs fasp:s0.2 --recoveries lora distill --resume rows.jsonl \
+        --output docs/results/distill.md
+    python benchmarks/recovery.py --runs dense --recoveries lora      # the same LoRA run on the dense model
 """
 
 from __future__ import annotations
@@ -15,57 +19,96 @@ from __future__ import annotations
 import platform
 
 import torch
-from harness import in_process, load_fp32, parse_run, parser as harness_parser, peak_rss_mb, write_report
+from harness import Rows, in_process, load_fp32, parse_run, parser as harness_parser, peak_rss_mb, write_report
+from texts import TEXTS, perplexities
 
 
 RUNS = ["wanda:0.5", "fasp:s0.2"]
 
 
-def _run(args, spec, queue):
+def _zeros(model) -> int:
+    return sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
+
+
+def _run(args, spec, seed, queue):
     import time
 
     from optimum_prune import Pruner, PruningConfig
     from optimum_prune.calibration.data import calibration_windows
-    from optimum_prune.evaluation import perplexity
-    from optimum_prune.recovery import LoraRecoveryConfig, recover_lora
+    from optimum_prune.recovery import DistillConfig, LoraRecoveryConfig, recover_distill, recover_lora
 
     model, tokenizer = load_fp32(args.checkpoint)
-
-    def ppl():
-        return perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen, max_windows=args.eval_windows)
-
     start = time.perf_counter()
-    if spec != "dense":  # "dense": the same LoRA run on the unpruned model, for reference
+    if spec != "dense":  # "dense": the recoveries on the unpruned model, for reference
         method, options, pattern, sparsity = parse_run(spec)
         config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity,
                                num_calibration_samples=args.num_samples, seqlen=args.seqlen, method_kwargs=options)
-        windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, 0)
+        windows = calibration_windows("packaged:wiki-leads", tokenizer, args.num_samples, args.seqlen, seed)
         Pruner(config).prune(model, windows, progress=False)
     prune_s = time.perf_counter() - start
-    pruned = ppl()
-    zeros_before = sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
-    train = calibration_windows("packaged:wiki-leads", tokenizer, args.train_samples, args.train_seqlen, 1)
-    settings = LoraRecoveryConfig(steps=args.steps, lr=args.lr, rank=args.rank, alpha=2 * args.rank,
-                                  batch_size=args.batch_size)
-    info = recover_lora(model, train, settings, progress=False)
-    zeros_after = sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
-    queue.put({"spec": spec, "prune_s": prune_s, "ppl_pruned": pruned, "ppl_recovered": ppl(), "recovery": info,
-               "zeros_kept": zeros_after >= zeros_before, "peak_rss_mb": peak_rss_mb()})
+    pruned_ppl = perplexities(model, tokenizer, args.seqlen, args.eval_windows)
+    pruned_state = {name: value.clone() for name, value in model.state_dict().items()}
+    train = calibration_windows("packaged:wiki-leads", tokenizer, args.train_samples, args.train_seqlen, seed + 1)
+    rows = []
+    for recovery in args.recoveries:
+        model.load_state_dict(pruned_state)
+        zeros_before = _zeros(model)
+        if recovery == "lora":
+            settings = LoraRecoveryConfig(steps=args.steps, lr=args.lora_lr, rank=args.rank, alpha=2 * args.rank,
+                                          batch_size=args.batch_size)
+            info = recover_lora(model, train, settings, progress=False)
+        else:
+            teacher, _ = load_fp32(args.checkpoint)
+            settings = DistillConfig(steps=args.steps, lr=args.distill_lr, batch_size=args.batch_size,
+                                     temperature=args.temperature)
+            info = recover_distill(model, teacher, train, settings, progress=False)
+            del teacher
+        rows.append({"spec": spec, "seed": seed, "recovery": recovery, "prune_s": prune_s, "ppl_pruned": pruned_ppl,
+                     "ppl_recovered": perplexities(model, tokenizer, args.seqlen, args.eval_windows),
+                     "loss_first": info["loss_first"], "loss_last": info["loss_last"], "recovery_s": info["seconds"],
+                     "tokens": args.steps * args.batch_size * args.train_seqlen, "lr": settings.lr,
+                     "zeros_kept": _zeros(model) >= zeros_before, "peak_rss_mb": peak_rss_mb()})
+    queue.put(rows)
 
 
 def _dense(args, queue):
-    from optimum_prune.evaluation import perplexity
-
     model, tokenizer = load_fp32(args.checkpoint)
-    queue.put({"ppl": perplexity(model, tokenizer, "packaged:wiki-leads-eval", seqlen=args.seqlen,
-                                 max_windows=args.eval_windows)})
+    queue.put(perplexities(model, tokenizer, args.seqlen, args.eval_windows))
+
+
+def _table(args, rows, dense) -> str:
+    lines = []
+    for row in rows:
+        method, _, pattern, sparsity = parse_run(row["spec"]) if row["spec"] != "dense" else ("dense", None, "-", None)
+        label = f"{sparsity:.0%}" if pattern == "unstructured" else f"structured {sparsity:.0%}" if sparsity else pattern
+        ppl = " | ".join(f"{row['ppl_pruned'][t]:.2f} -> {row['ppl_recovered'][t]:.2f}" for t in TEXTS)
+        lines.append(f"| {method} | {label} | {row['seed']} | {row['recovery']} | {row['lr']:g} | {ppl} | "
+                     f"{row['loss_first']:.3f} -> {row['loss_last']:.3f} | {row['recovery_s']:.0f} | "
+                     f"{'yes' if row['zeros_kept'] else 'NO'} | {row['peak_rss_mb']:.0f} |")
+    texts = " | ".join(f"{t} perplexity (pruned -> recovered)" for t in TEXTS)
+    return (
+        f"SmolLM2-135M-Instruct (fp32); calibration {args.num_samples} x {args.seqlen} tokens (seed = the row's seed); "
+        f"perplexity on {args.eval_windows} x {args.seqlen} windows of each text; dense perplexity "
+        + ", ".join(f"{t} {dense[t]:.2f}" for t in TEXTS) + ". Both recoveries of a row start from the same pruned "
+        f"model and train {args.steps} steps x {args.batch_size} windows x {args.train_seqlen} tokens "
+        f"({args.steps * args.batch_size * args.train_seqlen:,} tokens) from {args.train_samples} windows of the "
+        f"calibration split (seed + 1), AdamW (10% warm-up, cosine). LoRA: rank {args.rank}, alpha {2 * args.rank}, "
+        f"every decoder Linear, merged. Distillation: every parameter, forward KL to the dense model's logits at "
+        f"temperature {args.temperature:g}. Masks kept by both. {platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}.\n\n"
+        f"| method | sparsity | seed | recovery | lr | {texts} | training loss (first -> last 10%) | recovery time (s) "
+        f"| zeros kept | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def main():
-    parser = harness_parser(__doc__, output="recovery.md", seqlen=512, samples=64, eval_windows=64)
+    parser = harness_parser(__doc__, output="recovery.md", seqlen=512, samples=64, eval_windows=64, seeds=True,
+                            resume=True)
     parser.add_argument("--runs", nargs="+", default=RUNS)
+    parser.add_argument("--recoveries", nargs="+", choices=("lora", "distill"), default=["lora"])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=256)
@@ -74,37 +117,24 @@ def main():
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    dense = in_process(_dense, args)["ppl"]
-    print(f"dense perplexity {dense:.2f}", flush=True)
-    lines = []
+    dense = in_process(_dense, args)
+    print(f"dense perplexity {dense}", flush=True)
+    done = Rows(args.resume, key=lambda row: (row["spec"], row["seed"], row["recovery"]))
     for spec in args.runs:
-        row = in_process(_run, args, spec)
-        rec = row["recovery"]
-        print(row, flush=True)
-        method, _, pattern, sparsity = parse_run(spec) if spec != "dense" else ("dense", None, "-", None)
-        label = (f"{sparsity:.0%}" if pattern == "unstructured" else
-                 f"structured {sparsity:.0%}" if sparsity else pattern)
-        lines.append(
-            f"| {method} | {label} | {row['ppl_pruned']:.2f} | {row['ppl_recovered']:.2f} | "
-            f"{row['ppl_recovered'] / row['ppl_pruned']:.2f} | {rec['loss_first']:.3f} -> {rec['loss_last']:.3f} | "
-            f"{row['prune_s']:.0f} | {rec['seconds']:.0f} | {'yes' if row['zeros_kept'] else 'NO'} | {row['peak_rss_mb']:.0f} |"
-        )
-    table = (
-        f"SmolLM2-135M-Instruct (fp32); calibration {args.num_samples} x {args.seqlen} tokens (seed 0); perplexity on "
-        f"{args.eval_windows} x {args.seqlen} evaluation windows; dense perplexity {dense:.2f}. LoRA rank {args.rank}, "
-        f"alpha {2 * args.rank}, on every Linear of the decoder layers, {args.steps} steps x {args.batch_size} windows x "
-        f"{args.train_seqlen} tokens ({args.steps * args.batch_size * args.train_seqlen:,} tokens) from "
-        f"{args.train_samples} windows of the calibration split (seed 1), AdamW lr {args.lr:g} (10% warm-up, cosine), "
-        f"merged, masks re-applied. {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
-        "| method | sparsity | perplexity before LoRA | perplexity + LoRA | ratio | training loss (first -> last 10%) | "
-        "prune time (s) | recovery time (s) | zeros kept | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
-        + "\n".join(lines) + "\n"
-    )
+        for seed in args.seeds:
+            if all(done.get((spec, seed, recovery)) for recovery in args.recoveries):
+                continue
+            for row in in_process(_run, args, spec, seed):
+                if not done.get((row["spec"], row["seed"], row["recovery"])):
+                    done.add(row)
+    rows = [row for row in done.done.values() if row["spec"] in args.runs and row["seed"] in args.seeds
+            and row["recovery"] in args.recoveries]
+    table = _table(args, rows, dense)
     print(table)
-    command = (f"python benchmarks/recovery.py --steps {args.steps} --lr {args.lr:g} --rank {args.rank} "
-               f"--batch-size {args.batch_size} --train-seqlen {args.train_seqlen}"
-               + ("" if args.runs == RUNS else " --runs " + " ".join(args.runs)))
-    write_report(args.output, f"# LoRA recovery on SmolLM2-135M\n\nCommand: `{command}`\n\n{table}", echo=False)
+    command = "python benchmarks/recovery.py " + " ".join(
+        a for a in __import__("sys").argv[1:] if a != args.output)
+    write_report(args.output, f"# Recovery on SmolLM2-135M: LoRA and distillation\n\nCommand: `{command}` (rows read "
+                              f"back from the --resume file where a run had finished).\n\n{table}", echo=False)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,32 @@ def test_cli_distills_and_records_it(tmp_path, capsys):
     assert len(results["recovery"]["losses"]) == 4 and "perplexity_recovered" in results
     card = (tmp_path / "out" / "README.md").read_text()
     assert "distillation from the dense model" in card and "pruned + distillation" in card
+
+
+def test_cli_resumes_an_interrupted_distillation(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during --recover distill with --checkpoint-dir; the same command with --resume
+    replays the finished prune, continues the distillation from its saved step and saves the
+    model an uninterrupted run saves."""
+    from safetensors.torch import load_file
+
+    from optimum_prune.commands.prune import main
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(60)))
+
+    def argv(out, *extra):
+        return ["--model", str(tmp_path / "model"), "--method", "wanda", "--sparsity", "0.5", "--dataset",
+                str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress", "--recover",
+                "distill", "--recover-steps", "12", "--recover-samples", "8", "--output", str(tmp_path / out), *extra]
+
+    assert main(argv("reference")) == 0
+    interrupt_at(monkeypatch, 11)  # steps 1-10 saved
+    assert main(argv("out", "--checkpoint-dir", str(tmp_path / "ckpt"))) == 130
+    assert (tmp_path / "ckpt" / distill_module.STATE_NAME).is_file() and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert main(argv("out", "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume")) == 0
+    capsys.readouterr()
+    reference, resumed = load_file(tmp_path / "reference" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert not (tmp_path / "ckpt").exists()
