@@ -16,6 +16,7 @@ the Python reference (benchmarks/texts.py). Each (run, seed) in its own process.
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -119,20 +120,23 @@ def main():
     args.checkpoint = smollm2_checkpoint()
     dense = in_process(_dense, args)
     print(f"dense perplexity {dense}", flush=True)
-    done = Rows(args.resume, key=lambda row: (row["spec"], row["seed"], row["recovery"]))
+    done = Rows(args.resume, key=lambda row: (row["spec"], row["seed"], row["recovery"], row["lr"]))
+    lr = {"lora": args.lora_lr, "distill": args.distill_lr}
     for spec in args.runs:
         for seed in args.seeds:
-            if all(done.get((spec, seed, recovery)) for recovery in args.recoveries):
+            if all(done.get((spec, seed, recovery, lr[recovery])) for recovery in args.recoveries):
                 continue
             for row in in_process(_run, args, spec, seed):
-                if not done.get((row["spec"], row["seed"], row["recovery"])):
+                if not done.get((row["spec"], row["seed"], row["recovery"], row["lr"])):
                     done.add(row)
     rows = [row for row in done.done.values() if row["spec"] in args.runs and row["seed"] in args.seeds
             and row["recovery"] in args.recoveries]
     table = _table(args, rows, dense)
     print(table)
-    command = "python benchmarks/recovery.py " + " ".join(
-        a for a in __import__("sys").argv[1:] if a != args.output)
+    argv = __import__("sys").argv[1:]
+    if "--output" in argv:  # where the report goes is not part of what was measured
+        del argv[argv.index("--output"):argv.index("--output") + 2]
+    command = "python benchmarks/recovery.py " + " ".join(os.path.relpath(a) if os.path.isabs(a) else a for a in argv)
     write_report(args.output, f"# Recovery on SmolLM2-135M: LoRA and distillation\n\nCommand: `{command}` (rows read "
                               f"back from the --resume file where a run had finished).\n\n{table}", echo=False)
 
