@@ -19,6 +19,14 @@ def is_disk_full(err: BaseException) -> bool:
     return any(f"(os error {code})" in str(err) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
+def format_bytes(nbytes: int) -> str:
+    """A byte count for a message: '8.69 MiB', '706.2 KiB'."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (or of its cause's), for one-line error reports."""
     cause = err.__cause__ or err

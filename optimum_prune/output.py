@@ -13,8 +13,9 @@ The policy (docs/reliability.md, "Output folders"):
   run aiming at the same output is refused at once.
 - The new folder is written into a hidden sibling (``.NAME.tmp-XXXX``, noted in the lock file
   before it is made: after a kill, the next run removes the folders noted there and nothing that
-  merely looks like them) and swapped in when complete; on Linux the swap with an existing output is one atomic ``renameat2(RENAME_EXCHANGE)``,
-  so a kill at any instant leaves the old or the new output, never neither. The folder gets the
+  merely looks like them) and swapped in when complete; on Linux the swap with an existing output
+  is one atomic ``renameat2(RENAME_EXCHANGE)``, so a kill at any instant leaves the old or the new
+  output, never neither. The folder gets the
   permissions ``mkdir`` gives under the user's umask.
 
 `preflight` checks every path of a run in seconds, before the model is loaded; `OutputFolder`
@@ -33,7 +34,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterable
 
-from .errors import PruningError, is_disk_full
+from .errors import PruningError, format_bytes, is_disk_full
 from .locks import RunLock
 
 
@@ -102,21 +103,13 @@ def free_bytes(path: str) -> int:
     return shutil.disk_usage(nearest_existing(os.path.abspath(path))).free
 
 
-def size_text(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""  # unreachable
-
-
 def check_free_space(path: str | os.PathLike, needed: int, flag: str = "--output") -> None:
     """Refuse, before the work, an output whose disk cannot hold ``needed`` bytes."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     free = free_bytes(path)
     if free < needed:
-        raise PruningError(f"{flag} {path} is on a disk with {size_text(free)} free, and the pruned model takes about "
-                           f"{size_text(needed)}; free space there or choose an output on another disk.")
+        raise PruningError(f"{flag} {path} is on a disk with {format_bytes(free)} free, and the pruned model takes about "
+                           f"{format_bytes(needed)}; free space there or choose an output on another disk.")
 
 
 def _protected(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> list[tuple[str, str]]:

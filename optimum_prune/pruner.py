@@ -211,8 +211,7 @@ class Pruner:
         loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, **(load_kwargs or {}))
         if is_main_process():  # the writer: the output's disk holds the model, before hours of work
             check_free_space(getattr(output, "path", output), saved_bytes(loaded, gguf))
-        if self.method.needs_calibration or evaluation.dataset is not None or recovery is not None:
-            check_seqlen(getattr(loaded, "config", None), self.config.seqlen)  # what runs windows of seqlen
+        self.check_windows_fit(getattr(loaded, "config", None), evaluation, recovery)
         results = {}
         evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
         results["parameters_before"] = sum(p.numel() for p in loaded.parameters())
@@ -329,6 +328,14 @@ class Pruner:
             refusal = gguf_refusal(model_config)
             if refusal:
                 raise PruningError(f"--gguf: {refusal}.")
+
+    def check_windows_fit(self, model_config, evaluation: Evaluation | None = None,
+                          recovery: Recovery | None = None) -> None:
+        """Refuse windows of ``seqlen`` longer than the model's positions where anything runs them:
+        the calibration, the evaluation or the recovery (``model_config``: the model's config)."""
+        if self.method.needs_calibration or (evaluation is not None and evaluation.dataset is not None) \
+                or recovery is not None:
+            check_seqlen(model_config, self.config.seqlen)
 
     def check_arguments(self, calibration_data=None, checkpoint_dir=None, resume: bool = False,
                         activations: str = "device", activation_folder=None, device=None) -> None:

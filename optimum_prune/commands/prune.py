@@ -442,12 +442,10 @@ def _recovery(args, config):
 def _check_model_config(args, pruner, evaluation, recovery) -> None:
     """The model's ``config.json`` (read alone, before the weights): windows of --seqlen fit its
     positions where anything runs them, and --serve-with / --gguf can take its output."""
-    from optimum_prune.calibration.data import check_seqlen
     from optimum_prune.pruner import load_model_config
 
     model_config = load_model_config(args.model)
-    if pruner.method.needs_calibration or evaluation.dataset is not None or recovery is not None:
-        check_seqlen(model_config, pruner.config.seqlen)
+    pruner.check_windows_fit(model_config, evaluation, recovery)
     if pruner.config.serve_with != "transformers" or args.gguf is not None:
         pruner.check_serving(model_config.to_dict(), gguf=args.gguf)
 

@@ -59,7 +59,6 @@ class LayerTasks:
         return banks
 
 
-
 class LayerPlan:
     """The targets of every decoder layer (``entries[i]``), the parameters of each layer that a
     structured prune cannot shrink (``fixed_params[i]``) and the weights covered (``coverage``).

@@ -69,9 +69,7 @@ class PruneReport:
         """One line naming the matrices that stayed dense because nothing can prune them, or None."""
         if not self.unhandled or not self.layer_weights:
             return None
-        count = sum(self.unhandled.values())
-        names = summarize_names(self.unhandled, prefix)
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        count, shown = sum(self.unhandled.values()), _listed(self.unhandled, prefix)
         return (f"{count:,} weights ({count / self.layer_weights:.1%} of the decoder layers' weights) sit in tensors "
                 f"optimum-prune cannot prune yet and stay dense: {shown}; the sparsity counts only the targeted "
                 f"weights (leave them out with ignore=[...] / --ignore to silence this).")
@@ -82,9 +80,8 @@ class PruneReport:
         parts = []
         for what, names in (("routers and gates, on purpose", self.routers), ("by targets / ignore", self.ignored)):
             if names and self.layer_weights:
-                count, shown = sum(names.values()), summarize_names(names, prefix)
-                listed = ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
-                parts.append(f"{count:,} weights ({count / self.layer_weights:.1%}) {what}: {listed}")
+                count = sum(names.values())
+                parts.append(f"{count:,} weights ({count / self.layer_weights:.1%}) {what}: {_listed(names, prefix)}")
         return "left dense: " + "; ".join(parts) if parts else None
 
     def to_dict(self) -> dict:
@@ -108,3 +105,10 @@ class PruneReport:
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
         self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)
         self.layer_patterns = data.get("layer_patterns", self.layer_patterns)
+
+
+def _listed(names, prefix: str, most: int = 4) -> str:
+    """Tensor names across layers for a message, the layer index as ``*``: the first ``most``, then
+    how many more."""
+    shown = summarize_names(names, prefix)
+    return ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most else "")

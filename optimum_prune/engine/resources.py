@@ -17,20 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import PruningError
+from ..errors import PruningError, format_bytes
 
 
 logger = logging.getLogger(__name__)
-
-GIB = 1024**3
-
-
-def format_bytes(nbytes: int) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes / 1024:.1f} KiB"
-
 
 @dataclass
 class MemoryEstimate:

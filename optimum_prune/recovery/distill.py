@@ -28,9 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, check_positive_int, check_positive_number
-from ..runtime.offload import offload_hook
 from ..structure.layers import find_decoder_layers, select_target_linears
-from .training import check_training_settings, warmup_cosine
+from .training import check_training_inputs, check_training_settings, warmup_cosine
 
 
 logger = logging.getLogger(__name__)
@@ -138,11 +137,7 @@ def _fingerprint(config: DistillConfig, windows: torch.Tensor) -> dict:
 
 
 def _check_inputs(model: nn.Module, teacher: nn.Module, windows) -> None:
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
-        raise PruningError("Distillation needs token windows (n x seqlen, n >= 1); give it calibration text.")
-    if any(offload_hook(module) is not None for module in [*model.modules(), *teacher.modules()]):
-        raise PruningError("Distillation cannot train a model whose weights are offloaded to CPU/disk by accelerate; "
-                           "load it on one device.")
+    check_training_inputs("Distillation", windows, model, teacher)
     if model.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
         raise PruningError("The teacher's vocabulary differs from the pruned model's; distil from the model the "
                            "prune started from.")

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..runtime.offload import offload_hook
 from ..errors import PruningError, check_positive_int
 from ..structure.layers import find_decoder_layers, select_target_linears
-from .training import check_training_settings, warmup_cosine
+from .training import check_training_inputs, check_training_settings, warmup_cosine
 
 
 logger = logging.getLogger(__name__)
@@ -103,11 +102,7 @@ def recover_lora(
     except ImportError:
         raise PruningError("LoRA recovery needs peft: pip install peft (or optimum-prune[recovery]).") from None
     config = config or LoraRecoveryConfig()
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] == 0:
-        raise PruningError("LoRA recovery needs token windows (n x seqlen, n >= 1); give it calibration text.")
-    if any(offload_hook(module) is not None for module in model.modules()):
-        raise PruningError("LoRA recovery cannot train a model whose weights are offloaded to CPU/disk by accelerate; "
-                           "load it on one device (or several GPUs without offload).")
+    check_training_inputs("LoRA recovery", windows, model)
 
     linears = _layer_linears(model)
     masks = {name: linear.weight.detach() == 0 for name, linear in linears.items()}

@@ -160,13 +160,6 @@ def weight_inventory(layers, prefix: str, targets, ignore, covered: set[str]) ->
     return inventory
 
 
-def matrix_weights(layers) -> int:
-    """Weights in the matrix-shaped parameters of ``layers`` (what a report's coverage divides by)."""
-    seen = {id(param): param.numel() for index, layer in enumerate(layers)
-            for _, _, param, _ in layer_matrices(layer, str(index))}
-    return sum(seen.values())
-
-
 def names_selected(names, targets, ignore) -> bool:
     """Whether ``targets`` / ``ignore`` select a thing known by any of ``names`` (a group and its
     Linears, a module and its parameter, a MoE block and its router and experts): ``targets``
