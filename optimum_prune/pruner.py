@@ -262,8 +262,6 @@ class Pruner:
             return windows
         if not engine.supports_processes:
             raise PruningError(f"Method {cfg.method!r} does not run in several processes yet; run it in one.")
-        if checkpoint_dir is not None:
-            raise PruningError("checkpoint_dir (--checkpoint-dir) is not supported with several processes yet.")
         return shard_windows(windows)  # each process calibrates on its share of the windows
 
     def _run_engine(self, engine, windows, checkpoint_dir, resume: bool) -> PruneReport:

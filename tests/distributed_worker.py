@@ -1,7 +1,19 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: prune a tiny model in
-several gloo processes and save each rank's weights (rank 0 also saves the model folder)."""
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: prune tiny models in
+several gloo processes and save each rank's weights (rank 0 also saves the model folder).
+
+    distributed_worker.py OUT METHOD                 one prune (shared solves, the default)
+    distributed_worker.py OUT compare METHOD...      each method twice: shared solves, then every
+                                                     process solving everything
+    distributed_worker.py OUT checkpoint METHOD [resume] [kill=RANK:WHERE:N]
+                                                     a prune committing to OUT/checkpoint; ``kill``
+                                                     ends process RANK (SIGKILL) at its N-th solve
+                                                     piece (WHERE=solve) or commit (WHERE=commit)
+
+``OPTIMUM_PRUNE_TEST_FAIL_RANK=R``: every solve piece of process R raises.
+"""
 
 import os
+import signal
 import sys
 
 import torch
@@ -15,36 +27,112 @@ from conftest import tiny_model  # noqa: E402
 from optimum_prune import Pruner, PruningConfig  # noqa: E402
 
 
+#: name -> (PruningConfig fields, tiny family): every kind of work the engine shares
+METHODS = {
+    "sparsegpt": (dict(method="sparsegpt"), "llama"),
+    "wanda-2:4": (dict(method="wanda", pattern="2:4"), "llama"),
+    "alps": (dict(method="alps", method_kwargs={"max_iter": 20}), "llama"),
+    "fista": (dict(method="fista", method_kwargs={"iterations": 5, "rounds": 2}), "llama"),  # rows split
+    "fista-one-pass": (dict(method="fista", method_kwargs={"iterations": 5, "rounds": 2, "error_correction": False},
+                            pattern="2:4"), "llama"),
+    "fasp": (dict(method="fasp", pattern="structured"), "llama"),
+    "sparsegpt-moe": (dict(method="sparsegpt"), "mixtral"),
+    "expert-drop-moe": (dict(method="expert-drop", pattern="structured"), "mixtral"),
+    "fasp-experts": (dict(method="fasp", pattern="structured"), "qwen2_moe"),
+}
+
+
 def calibration_ids():
     return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
 def model_for(method: str):
-    """``*-moe``: a tiny Mixtral (fused expert banks); otherwise a tiny LLaMA."""
-    if method.endswith("-moe"):
-        from families import build
+    family = METHODS[method][1]
+    if family == "llama":
+        return tiny_model("llama", num_hidden_layers=3)
+    from families import build
 
-        return build("mixtral")
-    return tiny_model("llama", num_hidden_layers=3)
+    return build(family)
 
 
 def config(method: str) -> PruningConfig:
-    method = method.removesuffix("-moe")
-    pattern = "structured" if method in ("fasp", "spap", "expert-drop") else "unstructured"
-    return PruningConfig(method=method, pattern=pattern, sparsity=0.4, num_calibration_samples=8, seqlen=32,
-                         batch_size=2, channel_multiple=1)
+    fields = dict(METHODS[method][0])
+    if "pattern" not in fields or fields["pattern"] in ("unstructured", "structured"):
+        fields.setdefault("sparsity", 0.4)
+    return PruningConfig(**fields, num_calibration_samples=8, seqlen=32, batch_size=2, channel_multiple=1)
 
 
-def main(out: str, method: str) -> None:
-    dist.init_process_group("gloo")
+def weights(model) -> dict:
+    return {k: v.contiguous() for k, v in model.state_dict().items() if "rotary" not in k}
+
+
+def prune(method: str, **kwargs):
     model = model_for(method)
     pruner = Pruner(config(method))
-    pruner.prune(model, calibration_ids(), progress=False)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if "rotary" not in k}
-    save_file(state, os.path.join(out, f"{method}-rank{dist.get_rank()}.safetensors"))
-    pruner.save_pretrained(os.path.join(out, f"{method}-model"))  # only rank 0 writes
+    pruner.prune(model, calibration_ids(), progress=False, **kwargs)
+    return model, pruner
+
+
+def kill_at(where: str, count: int) -> None:
+    """End this process at its ``count``-th solve piece or checkpoint commit."""
+    from optimum_prune.engine import checkpoint, solves
+
+    seen = [0]
+
+    def counted(original):
+        def wrapper(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+        return wrapper
+
+    if where == "commit":
+        checkpoint.LayerCheckpoint.commit = counted(checkpoint.LayerCheckpoint.commit)
+    else:
+        piece_init = solves.Piece.__init__
+
+        def init(self, cost, solve):
+            piece_init(self, cost, counted(solve))
+        solves.Piece.__init__ = init
+
+
+def fail_solves() -> None:
+    """Every solve piece of this process raises (``OPTIMUM_PRUNE_TEST_FAIL_RANK``)."""
+    from optimum_prune.engine import solves
+
+    def init(self, cost, solve):
+        self.cost, self.solve = cost, lambda: (_ for _ in ()).throw(RuntimeError("injected failure"))
+    solves.Piece.__init__ = init
+
+
+def main(out: str, args: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if os.environ.get("OPTIMUM_PRUNE_TEST_FAIL_RANK") == str(rank):
+        fail_solves()
+    if args[0] == "compare":
+        for method in args[1:]:
+            for mode in ("shared", "everywhere"):
+                os.environ["OPTIMUM_PRUNE_SHARED_SOLVES"] = "1" if mode == "shared" else "0"
+                model, _ = prune(method)
+                save_file(weights(model), os.path.join(out, f"{method}-{mode}-rank{rank}.safetensors"))
+    elif args[0] == "checkpoint":
+        method, rest = args[1], args[2:]
+        for option in rest:
+            if option.startswith("kill="):
+                who, where, count = option[5:].split(":")
+                if int(who) == rank:
+                    kill_at(where, int(count))
+        model, _ = prune(method, checkpoint_dir=os.path.join(out, "checkpoint"), resume="resume" in rest)
+        save_file(weights(model), os.path.join(out, f"{method}-checkpoint-rank{rank}.safetensors"))
+    else:
+        method = args[0]
+        model, pruner = prune(method)
+        save_file(weights(model), os.path.join(out, f"{method}-rank{rank}.safetensors"))
+        pruner.save_pretrained(os.path.join(out, f"{method}-model"))  # only rank 0 writes
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2:])

@@ -1,5 +1,8 @@
-"""Several processes: 2 CPU ranks with gloo under torchrun prune to the weights of one process."""
+"""Several processes: 2 CPU ranks with gloo under torchrun prune to the weights of one process; with
+the layer's solves shared between them, to exactly the weights of the 2-process run where every
+process solves everything; killed and resumed, to the weights of the uninterrupted run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_model
-from distributed_worker import calibration_ids, config, model_for
+from distributed_worker import METHODS, calibration_ids, config, model_for
 from safetensors.torch import load_file
 
 from optimum_prune import Pruner
@@ -18,14 +21,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "fasp", "sparsegpt-moe", "expert-drop-moe"])
-def test_two_gloo_processes_match_one_process(tmp_path, method):
+def torchrun(*args, env=None, check=True):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(HERE, "distributed_worker.py"), str(tmp_path), method],
-        capture_output=True, text=True, timeout=300, env=ENV,
+         os.path.join(HERE, "distributed_worker.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={**ENV, **(env or {})},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_shared_solves_are_bit_identical_to_every_process_solving_everything(tmp_path):
+    """Every kind of work (Linears unstructured and N:M, stacked, rows split between the processes
+    (FISTA), channel groups, expert banks, whole experts, narrowed experts): each piece solved by one
+    process and handed to the other gives exactly the weights of both solving everything."""
+    torchrun(tmp_path, "compare", *METHODS)
+    for method in METHODS:
+        files = {(mode, rank): load_file(tmp_path / f"{method}-{mode}-rank{rank}.safetensors")
+                 for mode in ("shared", "everywhere") for rank in (0, 1)}
+        reference = files["everywhere", 0]
+        changed = 0
+        for (mode, rank), found in files.items():
+            assert found.keys() == reference.keys(), (method, mode, rank)
+            for key in reference:
+                assert torch.equal(found[key], reference[key]), (method, mode, rank, key)
+        dense = model_for(method).state_dict()
+        changed = sum(not torch.equal(reference[k], dense[k]) for k in reference if dense[k].shape == reference[k].shape)
+        assert changed or any(dense[k].shape != reference[k].shape for k in reference), method  # it pruned
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "fasp", "sparsegpt-moe", "expert-drop-moe"])
+def test_two_gloo_processes_match_one_process(tmp_path, method):
+    torchrun(tmp_path, method)
     rank0 = load_file(tmp_path / f"{method}-rank0.safetensors")
     rank1 = load_file(tmp_path / f"{method}-rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
@@ -41,10 +69,54 @@ def test_two_gloo_processes_match_one_process(tmp_path, method):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("kill", ["1:solve:9", "1:commit:2"])
+def test_killed_process_resumes_to_the_uninterrupted_weights(tmp_path, kill):
+    """A process killed in the middle of a layer's solves, or between its own commit and the other's
+    (the other one layer ahead: it rewinds), then resumed by both: the weights of a run never killed."""
+    method = "fista"
+    torchrun(tmp_path / "whole", "checkpoint", method)
+    killed = torchrun(tmp_path / "cut", "checkpoint", method, f"kill={kill}", check=False)
+    assert killed.returncode != 0
+    folders = sorted(p.name for p in (tmp_path / "cut" / "checkpoint").iterdir())
+    assert folders == ["rank-0-of-2", "rank-1-of-2"]
+    done = [json.loads((tmp_path / "cut" / "checkpoint" / f / "checkpoint.json").read_text())["next_layer"]
+            for f in folders]
+    assert 1 <= min(done) and max(done) - min(done) <= 1 and max(done) < 3, done
+    if "commit" in kill:  # process 1 died before its second commit; process 0 may have made it
+        assert done[1] == 1, done
+    torchrun(tmp_path / "cut", "checkpoint", method, "resume")
+    for rank in (0, 1):
+        whole = load_file(tmp_path / "whole" / f"{method}-checkpoint-rank{rank}.safetensors")
+        resumed = load_file(tmp_path / "cut" / f"{method}-checkpoint-rank{rank}.safetensors")
+        assert whole.keys() == resumed.keys()
+        for key in whole:
+            assert torch.equal(whole[key], resumed[key]), (rank, key)
+
+
+def test_a_process_failing_its_share_stops_every_process_with_one_line(tmp_path):
+    """A solve that fails on one process only (here: its pieces raise) must not leave the other
+    waiting for results forever: both stop, the other naming the failed process."""
+    result = torchrun(tmp_path, "sparsegpt", env={"OPTIMUM_PRUNE_TEST_FAIL_RANK": "1"}, check=False)
+    assert result.returncode != 0
+    assert "Process 1 failed while solving its share of the layer" in result.stderr
+
+
+def test_assignment_balances_by_cost_and_is_the_same_everywhere():
+    from optimum_prune.engine.solves import row_blocks
+
+    costs = [4.95, 0.85, 1.11, 3.86]
+    owners = distributed.assign(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in (0, 1)]
+    assert owners == distributed.assign(list(costs), 2) and max(loads) == pytest.approx(5.8)
+    assert distributed.assign([1.0] * 5, 2) == [0, 1, 0, 1, 0]
+    assert row_blocks(10, 3) == [(0, 3), (3, 7), (7, 10)] and row_blocks(2, 4) == [(0, 1), (1, 2)]
+
+
 def test_single_process_helpers_are_no_ops():
     windows = torch.zeros(3, 4, dtype=torch.long)
     assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.shard_windows(windows) is windows
+    assert distributed.min_over_ranks(3) == 3 and not distributed.solves_shared()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,12 @@ Layout of the folder (safetensors and JSON only: loading a checkpoint never unpi
 Files are written under temporary names and renamed; ``checkpoint.json`` is replaced last, so a
 kill at any moment leaves either the previous or the new checkpoint, never a mix.
 
+Under several processes (`runtime.distributed`) each process keeps its own checkpoint in
+``rank-R-of-N/`` under the folder (the inputs it saves are those of its own windows). The processes
+commit a layer together (a barrier before each commit), so a kill can leave them at most one layer
+apart: each keeps the inputs of its previous commit too, and a resume starts every process from the
+layer all of them finished (`LayerCheckpoint.rewind`).
+
 The checkpoint owns only what it wrote: the names in ``checkpoint.json`` must be the checkpoint's
 own file names (anything else, a path elsewhere included, is refused as a corrupt checkpoint), and
 `LayerCheckpoint.clear` removes exactly the files ``checkpoint.json`` lists, then the folder if it
@@ -37,6 +43,7 @@ from torch import nn
 from ..errors import PruningError, first_line, is_disk_full
 from ..locks import RunLock
 from ..output import remove_empty_folder
+from ..runtime.distributed import is_distributed, rank, world_size
 from ..runtime.offload import SAFETENSORS_DTYPES, current_value
 
 
@@ -45,6 +52,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "checkpoint.json"
 LOCK_NAME = "checkpoint.lock"
 _FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors")  # the names `commit` gives its files
+_PROCESS_FOLDERS = re.compile(r"rank-([0-9]+)-of-([0-9]+)")  # each process's own, under several processes
 CHECKPOINT_VERSION = 1
 _RNG_KEY = "__rng_state__"
 
@@ -112,7 +120,10 @@ class LayerCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike, resume: bool = False):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.folder = os.path.abspath(os.fspath(directory))  # the folder the user named
+        self.directory = self.folder  # this process's checkpoint: the folder, or its rank-R-of-N subfolder
+        if is_distributed():
+            self.directory = os.path.join(self.folder, f"rank-{rank()}-of-{world_size()}")
         self.resume = resume
         self.state: dict | None = None
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
@@ -134,6 +145,8 @@ class LayerCheckpoint:
         """Unlock the folder (and remove it if this run left nothing in it)."""
         self.lock.release()
         remove_empty_folder(self.directory)
+        if self.directory != self.folder:
+            remove_empty_folder(self.folder)
 
     @property
     def state_path(self) -> str:
@@ -143,6 +156,7 @@ class LayerCheckpoint:
     def begin(self, fingerprints: dict[str, str], num_layers: int) -> dict | None:
         """Validate the folder against this prune; returns the saved state when resuming, else None."""
         self.acquire()
+        self._check_processes()
         existing = self._read_state()
         if existing is None:
             if self.resume:
@@ -172,12 +186,25 @@ class LayerCheckpoint:
         if existing is None:
             self.acquire()
             existing = self._read_state()
+        self._check_processes()
         if existing is not None and not self.resume:
             raise PruningError(
                 f"{self.directory} holds a checkpoint of a prune (layer {existing.get('next_layer')} of "
                 f"{existing.get('num_layers')} done); pass resume (--resume) to continue it, or choose an empty "
                 f"checkpoint folder."
             )
+
+    def _check_processes(self) -> None:
+        """Refuse a checkpoint that another number of processes wrote (its inputs are other windows')."""
+        top = os.path.isfile(os.path.join(self.folder, STATE_NAME))
+        others = {int(m.group(2)) for name in (os.listdir(self.folder) if os.path.isdir(self.folder) else [])
+                  if (m := _PROCESS_FOLDERS.fullmatch(name)) and os.path.isfile(os.path.join(self.folder, name, STATE_NAME))}
+        written = sorted(({1} if top else set()) | others)
+        if written and written != [world_size()]:
+            counts = " and ".join(str(n) for n in written)
+            raise PruningError(f"{self.folder} holds a checkpoint written by {counts} process(es); this run has "
+                               f"{world_size()}: resume it with {counts} process(es) (torchrun --nproc_per_node), or "
+                               f"use another checkpoint folder.")
 
     def _read_state(self) -> dict | None:
         if not os.path.isfile(self.state_path):
@@ -258,13 +285,37 @@ class LayerCheckpoint:
             inputs_name = f"inputs-{index + 1:05d}.safetensors"
             self._atomic(inputs_name, lambda path: save_batches(inputs, path))
         self._remove_stale()
-        stale = [old_inputs] if old_inputs and old_inputs != inputs_name else []
+        previous = None
+        if is_distributed():  # the inputs of the last commit stay until the next (see `rewind`)
+            previous = {"inputs": old_inputs, "report": self.state.get("report"), "seconds": self.state.get("seconds", 0.0)}
+            old_inputs = (self.state.get("previous") or {}).get("inputs")
+        stale = [old_inputs] if old_inputs and old_inputs not in (inputs_name, (previous or {}).get("inputs")) else []
         state = dict(self.state, next_layer=index + 1, layers=self.state["layers"][:index] + [layer_name],
-                     inputs=inputs_name, stale=stale, report=report, seconds=seconds)
+                     inputs=inputs_name, stale=stale, report=report, seconds=seconds, previous=previous)
         self._atomic(STATE_NAME, lambda path: _write_json(state, path))
         self.state = state
         self._remove_stale()
         logger.debug("Checkpointed layer %d in %.2fs", index, time.perf_counter() - start)
+
+    def rewind(self, next_layer: int) -> dict | None:
+        """Go back to ``next_layer`` layers done, one before this process's last commit (several
+        processes: a kill came between two processes' commits of one layer): its previous inputs,
+        report and time. Returns the state (None when that leaves no layer done)."""
+        state = self.state
+        if state["next_layer"] == next_layer:
+            return state
+        previous = state.get("previous")
+        if state["next_layer"] != next_layer + 1 or previous is None:
+            raise PruningError(f"The checkpoints of the processes in {self.folder} disagree ({state['next_layer']} "
+                               f"against {next_layer} layers done); delete the folder to start over.")
+        rewound = dict(state, next_layer=next_layer, layers=state["layers"][:next_layer], inputs=previous["inputs"],
+                       report=previous["report"], seconds=previous["seconds"], previous=None)
+        self._atomic(STATE_NAME, lambda path: _write_json(rewound, path))
+        for name in set(_listed_files(state) or []) - set(_listed_files(rewound) or []):
+            if os.path.isfile(os.path.join(self.directory, name)):
+                os.remove(os.path.join(self.directory, name))
+        self.state = rewound
+        return rewound if next_layer > 0 else None
 
     def _atomic(self, name: str, write) -> None:
         final = os.path.join(self.directory, name)
@@ -306,6 +357,8 @@ def _listed_files(state: dict) -> list[str] | None:
     names = list(state.get("layers") or []) + list(state.get("stale") or [])
     if state.get("inputs"):
         names.append(state["inputs"])
+    if (state.get("previous") or {}).get("inputs"):
+        names.append(state["previous"]["inputs"])
     if not all(isinstance(name, str) and _FILE_NAMES.fullmatch(name) for name in names):
         return None
     return names

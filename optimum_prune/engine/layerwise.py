@@ -31,7 +31,7 @@ from ..calibration.profiles import layer_sparsities
 from ..configuration import PruningConfig
 from ..errors import PruningError
 from ..methods.base import PruningMethod
-from ..runtime.distributed import broadcast_layer, reduce_statistics
+from ..runtime.distributed import broadcast_layer, min_over_ranks, reduce_statistics, solves_shared, synchronize
 from ..runtime.host_memory import release_host_memory
 from ..runtime.offload import execution_device, onloaded, swapped
 from ..structure.layers import find_decoder_layers
@@ -147,6 +147,7 @@ class LayerwiseEngine(Engine):
                 inputs = outputs
                 release_host_memory()
                 if checkpoint is not None:
+                    synchronize()  # several processes commit a layer together (at most one apart after a kill)
                     checkpoint.commit(index, self._changes, inputs if index < last else None, report.to_dict(),
                                       time.perf_counter() - start)
                 bar.set_postfix(sparsity=f"{report.overall_sparsity:.3f}")
@@ -188,7 +189,8 @@ class LayerwiseEngine(Engine):
             with report.timed("solve"):
                 for kind, members in kinds.items():
                     kind.solve(members, run, stats, collectors.get(kind))
-            broadcast_layer(layer)  # several processes: rank 0's weights everywhere
+            if not solves_shared():
+                broadcast_layer(layer)  # several processes solving everything: rank 0's weights everywhere
             if needs_data and (sequential or outputs is None):  # the pruned layer, or the dense one (one pass)
                 with contextlib.nullcontext() if sequential else swapped(dense), report.timed("forward"):
                     outputs = run_layer(layer, inputs, kwargs, device, keep=True)
@@ -223,6 +225,9 @@ class LayerwiseEngine(Engine):
     def _resume(self, checkpoint: LayerCheckpoint, calibration, inputs, report: PruneReport):
         """Validate ``checkpoint`` and replay what it holds: (first layer to prune, its inputs, seconds spent)."""
         state = checkpoint.begin(fingerprint(self.model, self.config, calibration), len(self.layers))
+        agreed = min_over_ranks(state["next_layer"] if state is not None else 0)  # several processes: all done
+        if state is not None:
+            state = checkpoint.rewind(agreed)
         if state is None:
             return 0, inputs, 0.0
         done = state["next_layer"]

@@ -14,7 +14,7 @@ from torch import nn
 from ..calibration.capture import StatisticsCollector, StopForward, check_called, first_output, input_of, run_windows
 from ..calibration.statistics import InputStatistics
 from ..errors import PruningError, first_line
-from ..runtime.distributed import broadcast_layer, reduce_statistics
+from ..runtime.distributed import broadcast_layer, reduce_statistics, solves_shared
 from ..runtime.offload import dense_snapshot, swapped, to_device
 from .activations import ActivationStore
 from .tasks import LayerRun, LinearTask
@@ -131,7 +131,8 @@ def prune_linears_staged(layer: nn.Module, tasks: list[LinearTask], inputs, kwar
             dense[linears[name]] = dense_snapshot(linears[name])
         with report.timed("solve"):
             LinearTask.solve([by_name[name] for name in stage], run, dict.fromkeys(stage, stats), None)
-        broadcast_layer(layer)
+        if not solves_shared():
+            broadcast_layer(layer)
     return dense
 
 

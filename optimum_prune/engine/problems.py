@@ -6,6 +6,8 @@ expert at a time); shared by the layer-wise and the global engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -20,6 +22,7 @@ from ..structure.groups import ChannelGroup
 from ..structure.shrink import shrink_group
 from ..runtime.offload import commit_value, current_value, editable_value, read_weight, set_param
 from .report import PruneReport
+from .solves import Piece, Problem
 from ..calibration.statistics import InputStatistics
 
 
@@ -78,33 +81,47 @@ class SolvedBank:
     fallbacks: int  # experts pruned by magnitude for lack of tokens
 
 
-def solve_expert_bank(method: PruningMethod, bank: ExpertBank, target: Target,
-                      stats: list[InputStatistics] | None, min_tokens: int, device: torch.device) -> SolvedBank:
-    """Prune every expert of ``bank`` to ``target`` as its own 2-D problem, with ``stats[e]`` (None:
-    a method without calibration). Each expert is read as a float32 ``[out, in]`` copy on
-    ``device``, solved, and written into the bank in its dtype; the bank is committed once. An
-    expert that received fewer than ``min_tokens`` tokens is pruned by magnitude at the same target."""
+def expert_bank_problem(method: PruningMethod, bank: ExpertBank, target: Target,
+                        stats: list[InputStatistics] | None, min_tokens: int, device: torch.device,
+                        done: Callable[[SolvedBank], None]) -> Problem:
+    """Every expert of ``bank`` pruned to ``target`` as its own 2-D problem (one piece each), with
+    ``stats[e]`` (None: a method without calibration). Each expert is read as a float32 ``[out, in]``
+    copy on ``device``, solved, and written into the bank in its dtype; the bank is committed once,
+    then handed to ``done``. An expert that received fewer than ``min_tokens`` tokens is pruned by
+    magnitude at the same target."""
     fallback = Magnitude(MagnitudeOptions())
     stored = editable_value(bank.module, bank.param)  # the bank, edited one expert at a time
-    pruned = total = fallbacks = 0
-    for expert in range(bank.num_experts):
+    solved = SolvedBank(stored, 0, 0, 0)
+
+    def solver(expert: int):
+        found = None if stats is None else stats[expert]
+        return (fallback, None) if found is not None and found.count < min_tokens else (method, found)
+
+    def solve(expert: int):
         where = f"{bank.name}[{expert}]"
-        expert_stats = None if stats is None else stats[expert]
-        solver = method
-        if expert_stats is not None and expert_stats.count < min_tokens:
-            solver, expert_stats, fallbacks = fallback, None, fallbacks + 1
-        elif expert_stats is not None:
+        chosen, expert_stats = solver(expert)
+        if expert_stats is not None:
             expert_stats.check_finite(where)
         weight = expert_matrix(bank, expert, stored).to(device=device, dtype=torch.float32)
         check_finite_weight(where, weight)
-        result = solver.prune_linears([weight], expert_stats, target)[0]
+        result = chosen.prune_linears([weight], expert_stats, target)[0]
         check_finite_result(method.name, where, result.weight)
-        value = result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)
+        return {"value": result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)}
+
+    def take(expert: int, result) -> None:
+        value = result["value"]
         set_expert_matrix(bank, stored, expert, value.to(stored.device))
-        pruned += int((value == 0).sum())  # the zeros it holds: the mask's, and any the solve left (dead inputs)
-        total += result.mask.numel()
-    commit_value(bank.module, bank.param, stored)
-    return SolvedBank(stored, pruned, total, fallbacks)
+        solved.pruned += int((value == 0).sum())  # the zeros it holds: the mask's, and any the solve left
+        solved.total += value.numel()
+        solved.fallbacks += solver(expert)[0] is fallback
+
+    def finish() -> None:
+        commit_value(bank.module, bank.param, stored)
+        done(solved)
+
+    pieces = [Piece(solver(e)[0].solve_flops(bank.out_features, bank.in_features), partial(solve, e))
+              for e in range(bank.num_experts)]
+    return Problem(pieces, take, finish)
 
 
 @dataclass
@@ -127,49 +144,62 @@ def _stats_count(*stats) -> int | None:
     return min(counts) if counts else None
 
 
-def solve_expert_channels(method: PruningMethod, channels: ExpertChannels, remove: int,
-                          up_stats: list[InputStatistics] | None, down_stats: list[InputStatistics] | None,
-                          min_tokens: int, device: torch.device) -> NarrowedExperts:
+def expert_channels_problem(method: PruningMethod, channels: ExpertChannels, remove: int,
+                            up_stats: list[InputStatistics] | None, down_stats: list[InputStatistics] | None,
+                            min_tokens: int, device: torch.device, done: Callable[[NarrowedExperts], None]) -> Problem:
     """Remove ``remove`` channels from every expert of ``channels``: expert ``e``'s channels are
     the units of one `StructuredProblem` (producers: its gate and up rows; consumer: its down
-    projection; statistics of its own tokens), solved by ``method``, which may restore the down
-    projection. An expert with fewer than ``min_tokens`` tokens is narrowed by magnitude."""
+    projection; statistics of its own tokens), solved by ``method`` (one piece per expert), which may
+    restore the down projection; the narrowed banks are handed to ``done``. An expert with fewer than
+    ``min_tokens`` tokens is narrowed by magnitude."""
     fallback = Magnitude(MagnitudeOptions())
     up_all = current_value(channels.module, channels.up.param)
     down_all = current_value(channels.module, channels.down.param)
     bias_name = channels.bias(channels.up)
     bias_all = current_value(channels.module, bias_name) if bias_name else None
-    width, ups, downs, biases, fallbacks = channels.width, [], [], [], 0
-    units = torch.arange(width, device=device)
-    for expert in range(channels.num_experts):
-        where = f"{channels.name}[{expert}]"
+    width = channels.width
+    experts: dict[int, dict[str, torch.Tensor]] = {}
+
+    def solver(expert: int):
         u_stats = up_stats[expert] if up_stats is not None else None
         d_stats = down_stats[expert] if down_stats is not None else None
-        solver, count = method, _stats_count(u_stats, d_stats)
-        if count is not None and count < min_tokens:
-            solver, u_stats, d_stats, fallbacks = fallback, None, None, fallbacks + 1
+        count = _stats_count(u_stats, d_stats)
+        return (fallback, None, None) if count is not None and count < min_tokens else (method, u_stats, d_stats)
+
+    def solve(expert: int):
+        where = f"{channels.name}[{expert}]"
+        chosen, u_stats, d_stats = solver(expert)
         up = expert_matrix(channels.up, expert, up_all).to(device=device, dtype=torch.float32)
         down = expert_matrix(channels.down, expert, down_all).to(device=device, dtype=torch.float32)
         check_finite_weight(where, up)
         check_finite_weight(where, down)
+        units = torch.arange(width, device=device)
         problem = StructuredProblem(kind="mlp", units=width, producers=[up[rows] for rows in channels.producer_rows(units)],
                                     rows_per_unit=[1] * (2 if channels.has_gate else 1), consumer=down, cols_per_unit=1,
                                     producer_stats=u_stats, consumer_stats=d_stats)
-        result = solver.prune_structured(problem, remove)
+        result = chosen.prune_structured(problem, remove)
         keep = result.keep.to(device=device, dtype=torch.long).sort().values
         if keep.numel() != width - remove:
             raise RuntimeError(f"{method.name} kept {keep.numel()} channels of {where}, expected {width - remove}")
         if result.consumer_weight is not None:
             check_finite_result(method.name, where, result.consumer_weight)
         rows = channels.kept_rows(keep)
-        ups.append(up[rows])
-        downs.append(result.consumer_weight if result.consumer_weight is not None else down[:, keep])
+        found = {"up": up[rows], "down": result.consumer_weight if result.consumer_weight is not None else down[:, keep]}
         if bias_all is not None:
-            biases.append(bias_all[expert].to(device).index_select(0, rows))
-    up_bank, down_bank = torch.stack(ups), torch.stack(downs)  # [E, out, in]
-    if channels.up.transposed:
-        up_bank = up_bank.transpose(1, 2).contiguous()
-    if channels.down.transposed:
-        down_bank = down_bank.transpose(1, 2).contiguous()
-    return NarrowedExperts(up_bank.to(up_all.dtype), down_bank.to(down_all.dtype),
-                           torch.stack(biases).to(bias_all.dtype) if bias_all is not None else None, fallbacks)
+            found["bias"] = bias_all[expert].to(device).index_select(0, rows)
+        return found
+
+    def finish() -> None:
+        parts = [experts.pop(e) for e in range(channels.num_experts)]
+        up_bank, down_bank = torch.stack([p["up"] for p in parts]), torch.stack([p["down"] for p in parts])  # [E, out, in]
+        if channels.up.transposed:
+            up_bank = up_bank.transpose(1, 2).contiguous()
+        if channels.down.transposed:
+            down_bank = down_bank.transpose(1, 2).contiguous()
+        bias = torch.stack([p["bias"] for p in parts]).to(bias_all.dtype) if bias_all is not None else None
+        fallbacks = sum(solver(e)[0] is fallback for e in range(channels.num_experts))
+        done(NarrowedExperts(up_bank.to(up_all.dtype), down_bank.to(down_all.dtype), bias, fallbacks))
+
+    pieces = [Piece(solver(e)[0].solve_flops(channels.down.out_features, width), partial(solve, e))
+              for e in range(channels.num_experts)]
+    return Problem(pieces, experts.__setitem__, finish)

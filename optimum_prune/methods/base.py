@@ -121,6 +121,17 @@ class PruningMethod:
     def prune_weight(self, weight: torch.Tensor, stats, target: Target) -> PruneResult:
         raise NotImplementedError
 
+    def separable_rows(self, target: Target) -> bool:
+        """Whether each row of `prune_linears`' stacked result depends only on that row of the stacked
+        weights (and the statistics), so that `prune_rows` can compute a block of rows alone, with
+        the same numbers. Default: no."""
+        return False
+
+    def prune_rows(self, weights: Sequence[torch.Tensor], stats, target: Target, start: int, stop: int) -> PruneResult:
+        """Rows ``start:stop`` of `prune_linears`' results stacked in order (identical to them), for a
+        method whose rows separate (`separable_rows`)."""
+        raise NotImplementedError(f"Method {self.name!r} does not prune a block of rows alone.")
+
     # ------------------------------------------------------------------ structured
     def prune_structured(self, problem: StructuredProblem, remove: int) -> StructuredResult:
         """Remove ``remove`` units of one channel group. Default: drop the lowest `unit_scores`,
@@ -190,6 +201,16 @@ class GramSolverMethod(PruningMethod):
         W, mask = self.solve(W, H, target, row_sizes)
         return [PruneResult(w, m) for w, m in zip(W.split(row_sizes, 0), mask.split(row_sizes, 0))]
 
+    def prune_rows(self, weights, stats, target, start, stop):
+        row_sizes = [w.shape[0] for w in weights]
+        H, W = corrected_target(stats, torch.cat(list(weights), 0), self.dampening)
+        return PruneResult(*self.solve_rows(W, H, target, row_sizes, start, stop))
+
     def solve(self, W: torch.Tensor, H: torch.Tensor, target: Target, row_sizes: Sequence[int]):
         """New weights and prune mask for the stacked ``W`` (float32, may be modified in place)."""
         raise NotImplementedError
+
+    def solve_rows(self, W: torch.Tensor, H: torch.Tensor, target: Target, row_sizes: Sequence[int], start: int,
+                   stop: int):
+        """Rows ``start:stop`` of `solve`'s result, computed alone (a method whose rows separate)."""
+        raise NotImplementedError(f"Method {self.name!r} does not prune a block of rows alone.")

@@ -92,19 +92,30 @@ def accelerated_proximal(start: torch.Tensor, Hn: torch.Tensor, WnHn: torch.Tens
     return Z
 
 
+def warm_start(W: torch.Tensor, H: torch.Tensor, Wn: torch.Tensor, s: torch.Tensor, target: Target,
+               options: FISTAOptions, row_sizes: Sequence[int] | None) -> torch.Tensor:
+    """FISTA's starting point in unit-diagonal coordinates: SparseGPT's solution, or ``Wn`` itself."""
+    if options.warm_start != "sparsegpt":
+        return Wn
+    start, _ = sparsegpt_solve(W.clone(), inverse_cholesky_upper(H), target, row_sizes=row_sizes)
+    return start * s.unsqueeze(0)
+
+
 def fista_solve(W: torch.Tensor, H: torch.Tensor, target: Target, options: FISTAOptions,
-                row_sizes: Sequence[int] | None = None, history: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                row_sizes: Sequence[int] | None = None, history: list | None = None,
+                rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (rows x cols, float32) for the damped Gram matrix ``H``; returns (weight, prune mask).
+
+    ``rows`` (start, stop): only those rows of the result, the same numbers as the whole solve's when
+    every row has its own budget (`FISTAPruner.separable_rows`): the start is computed for all rows
+    (SparseGPT balances its budget over a block's rows), everything after it row by row.
 
     ``history`` (optional) receives one dict per round: the natural sparsity of the l1 solution,
     the total objective of the rounded candidate and of the best so far, and how many rows improved.
     """
-    rows = W.shape[0]
     Hn, Wn, s = unit_diagonal(H, W, None if options.weighted_l1 else torch.ones_like(W[0]))
-    WnHn = Wn @ Hn
     L = float(torch.linalg.eigvalsh(Hn.double())[-1].clamp_min(1e-12))
     natural_target = target.pattern.implied_sparsity if target.is_nm else target.sparsity
-    groups = budget_groups(rows, target, options.scope, row_sizes)
 
     def candidate_error(Z):  # every row carries the error of the rows sharing its budget
         return budget_totals(layer_objective(Z, Hn, Wn), groups)
@@ -116,12 +127,12 @@ def fista_solve(W: torch.Tensor, H: torch.Tensor, target: Target, options: FISTA
             Z = masked_least_squares(Wn, Hn, ~prune, init=Z, iters=options.refit_iters).masked_fill_(prune, 0.0)
         return Z, prune
 
-    # warm start: the first candidate and FISTA's starting point
-    if options.warm_start == "sparsegpt":
-        start, _ = sparsegpt_solve(W.clone(), inverse_cholesky_upper(H), target, row_sizes=row_sizes)
-        start = start * s.unsqueeze(0)
-    else:
-        start = Wn
+    start = warm_start(W, H, Wn, s, target, options, row_sizes)  # the first candidate and FISTA's start
+    if rows is not None:  # a block of rows alone (each row its own budget)
+        start, Wn = start[rows[0]:rows[1]], Wn[rows[0]:rows[1]]
+        row_sizes = None
+    WnHn = Wn @ Hn
+    groups = budget_groups(Wn.shape[0], target, options.scope, row_sizes)
     # re-rounded to this method's own budget scope (SparseGPT balances its budget per matrix)
     best, best_prune = round_and_refit(start)
     best_err = candidate_error(best)
@@ -173,5 +184,15 @@ class FISTAPruner(GramSolverMethod):
     def error_correction(self) -> bool:
         return self.options.error_correction
 
+    def separable_rows(self, target) -> bool:
+        """Every row has its own budget (per-row scope, N:M), bisection and refit: a block of rows is
+        solved alone with the same numbers (the SparseGPT start is computed whole)."""
+        return self.options.scope == "row" or target.is_nm
+
     def solve(self, W, H, target, row_sizes):
         return fista_solve(W, H, target, self.options, row_sizes)
+
+    def solve_rows(self, W, H, target, row_sizes, start, stop):
+        if not self.separable_rows(target):
+            raise NotImplementedError("fista with scope='matrix' does not prune a block of rows alone.")
+        return fista_solve(W, H, target, self.options, row_sizes, rows=(start, stop))

@@ -8,15 +8,26 @@ When a ``torch.distributed`` process group is initialised with more than one ran
 2. all-reduces (sums) each layer's statistics — token counts, sums of squares, Gram matrices and
    the cross terms of error correction (`reduce_statistics`) — so that every rank solves the same
    problem as one process on all the windows;
-3. broadcasts rank 0's pruned layer to the other ranks (`broadcast_layer`), so that the weights
-   are identical on all ranks even where solvers are not bit-deterministic (GPUs) — and the next
-   layer's inputs on every rank come from the same pruned layer.
+3. shares the layer's solves: the engine cuts a layer's work into independent pieces (a Linear or
+   a stack of Linears, one expert's matrix, a channel group, row blocks of one matrix where the
+   method's rows separate), `assign` gives each piece to a rank by its estimated cost (longest
+   first, to the least loaded rank), every rank solves its own pieces, and `exchange_results`
+   hands every piece's result from its owner to all ranks, which apply it in one order — so the
+   weights are identical on all ranks (each piece is solved once, by one rank) and the next layer's
+   inputs on every rank come from the same pruned layer. A rank whose solve fails tells the others,
+   and every rank stops with the same one line instead of waiting for it forever.
+
+``OPTIMUM_PRUNE_SHARED_SOLVES=0`` turns the sharing off: every rank solves every piece and rank 0's
+layer is broadcast (`broadcast_layer`): the reference the shared solves are checked against.
 
 Works with NCCL (statistics live on the GPU a layer is solved on) and gloo (CPU). Only rank 0
 writes the output folder (`Pruner.save_pretrained`, the CLI).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +39,6 @@ def init_from_env(device: str | None = None) -> bool:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment
     (``WORLD_SIZE`` > 1): NCCL when the compute device is a GPU, gloo otherwise; each process uses
     the GPU of its ``LOCAL_RANK``. Returns whether several processes take part."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
         return False
     if not torch.distributed.is_initialized():
@@ -118,3 +127,73 @@ def broadcast_layer(layer: nn.Module) -> None:
         torch.distributed.broadcast(value, src=0)
         if value.data_ptr() != param.data.data_ptr():
             param.data.copy_(value)
+
+
+def synchronize() -> None:
+    """Wait until every rank gets here (several processes; nothing otherwise)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` any rank holds (several processes), else ``value``."""
+    if not is_distributed():
+        return value
+    found = torch.tensor([value], dtype=torch.int64, device=_device_for_collectives(torch.device("cpu")))
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+    return int(found.item())
+
+
+def solves_shared() -> bool:
+    """Whether the processes share each layer's solves (several processes, not turned off by
+    ``OPTIMUM_PRUNE_SHARED_SOLVES=0``)."""
+    return is_distributed() and os.environ.get("OPTIMUM_PRUNE_SHARED_SOLVES", "1").strip() != "0"
+
+
+def assign(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank that solves each piece: longest processing time first — pieces in decreasing cost
+    (ties in index order) each go to the rank with the least cost so far (ties to the lower rank).
+    Deterministic, so every rank computes the same assignment from the same costs."""
+    loads, owners = [0.0] * ranks, [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        owner = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[index] = owner
+        loads[owner] += float(costs[index])
+    return owners
+
+
+def _describe(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(key, tuple(value.shape), str(value.dtype).removeprefix("torch.")) for key, value in tensors.items()]
+
+
+@torch.no_grad()
+def exchange_results(own: dict[int, dict[str, torch.Tensor]], owners: Sequence[int], error: BaseException | None,
+                     device: torch.device) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Every piece's result (name -> tensor), in piece order, on every rank: ``own`` holds the results
+    of the pieces this rank solved (``owners[i] == rank()``), the others are broadcast by their
+    owners and land on ``device``. ``error``: this rank's solve failed — every rank then raises
+    (this one its own error, the others one line naming the failed rank) before any result moves."""
+    gathered: list = [None] * world_size()
+    mine = {index: _describe(result) for index, result in own.items()}
+    message = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    torch.distributed.all_gather_object(gathered, (message, mine))
+    failed = [(r, found[0]) for r, found in enumerate(gathered) if found[0] is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, text = failed[0]
+        raise PruningError(f"Process {r} failed while solving its share of the layer ({text}); every process stops.")
+    for index, owner in enumerate(owners):
+        result = {}
+        for key, shape, dtype in gathered[owner][1][index]:
+            if owner == rank():
+                value = own[index][key]
+            else:
+                value = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            wire = value.to(_device_for_collectives(value.device))
+            wire = wire.view(torch.uint8) if wire.dtype == torch.bool else wire  # bool is not every backend's
+            torch.distributed.broadcast(wire, src=owner)
+            received = wire.view(torch.bool) if value.dtype == torch.bool else wire
+            result[key] = value if owner == rank() else received.to(device)
+        own.pop(index, None)
+        yield index, result

@@ -9,8 +9,10 @@ they are:
 - ``plan_layer`` (with ``applies``): the tasks of one decoder layer, from the config;
 - ``hooked`` / ``collector``: what the statistics pass must see (the inputs of some Linears, a
   per-expert or per-block collector of its own);
-- ``solve``: hand the kind's problems to the method and write the results (recording the changes
-  for the checkpoint under the kind's own keys), ``replay``: apply those keys again on resume;
+- ``problems``: the kind's work in one layer as independent `solves.Problem`s — pieces that hand
+  the method its 2-D problems, and the steps that write the results (recording the changes for the
+  checkpoint under the kind's own keys) — which ``solve`` runs in one process or shares among
+  several (`solves.solve_problems`); ``replay``: apply those keys again on resume;
 - ``solver_bytes`` / ``checkpoint_bytes`` / ``statistics_banks`` / ``solve_flops``: its terms of
   the memory and time estimates;
 - ``label`` / ``target_key``: its lines in the plan-only report.
@@ -29,6 +31,7 @@ from torch import nn
 from ...configuration import PruningConfig
 from ...methods.base import PruningMethod
 from ..report import PruneReport
+from ..solves import Problem, solve_problems
 
 
 @dataclass
@@ -100,8 +103,15 @@ class Task:
     # ----------------------------------------------------------- solving
     @classmethod
     def solve(cls, tasks: list["Task"], run: LayerRun, stats: dict, collector) -> None:
-        """Solve every task of this kind in one layer: ``stats`` maps hooked Linear names to their
-        `InputStatistics` (empty without calibration), ``collector`` is what ``collector`` made."""
+        """Solve every task of this kind in one layer and write the results: its `problems`, solved
+        here or shared by several processes (`solves.solve_problems`)."""
+        solve_problems(cls.problems(tasks, run, stats, collector), run.device)
+
+    @classmethod
+    def problems(cls, tasks: list["Task"], run: LayerRun, stats: dict, collector) -> list[Problem]:
+        """The kind's work in one layer as independent problems: ``stats`` maps hooked Linear names
+        to their `InputStatistics` (empty without calibration), ``collector`` is what ``collector``
+        made. What needs no solve (a task removing nothing) is recorded here, on every process."""
         raise NotImplementedError
 
     def replay(self, changes: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -15,6 +15,7 @@ from ...structure.groups import ChannelGroup, group_selected, has_layout, layer_
 from ...structure.layers import first_match, linear_params
 from ...structure.shrink import shrink_group
 from ..problems import apply_to_group, read_group_problem
+from ..solves import Piece, Problem
 from .base import HeldTask, LayerRun
 
 
@@ -73,30 +74,44 @@ class GroupTask(HeldTask):
         return hooked
 
     @classmethod
-    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
-        report = run.report
+    def problems(cls, tasks, run: LayerRun, stats, collector):
+        """Each group removing units is one problem: the method picks the units (or they are fixed
+        by the caller and it only restores the consumer); every process then shrinks the group."""
+        problems = []
         for task in tasks:
-            name, group, remove = task.name, task.group, task.remove
-            if remove == 0:
-                report.sparsity[name] = 0.0
-                report.total_params += group.params
-                continue
-            problem, weights = read_group_problem(
-                group, run.device, stats.get(group.producers[0].name), stats.get(group.consumer_name)
-            )
+            if task.remove == 0:
+                run.report.sparsity[task.name] = 0.0
+                run.report.total_params += task.group.params
+            else:
+                problems.append(task._problem(run, stats))
+        return problems
+
+    def _problem(self, run: LayerRun, stats) -> Problem:
+        name, group, remove, method = self.name, self.group, self.remove, run.method
+
+        def solve():
+            problem, _ = read_group_problem(group, run.device, stats.get(group.producers[0].name),
+                                            stats.get(group.consumer_name))
             if run.kept_units is not None and name in run.kept_units:  # units fixed: only restore
                 keep = run.kept_units[name].to(device=problem.consumer.device, dtype=torch.long).sort().values
-                result = StructuredResult(keep, run.method.restore(problem, keep))
+                result = StructuredResult(keep, method.restore(problem, keep))
             else:
-                result = run.method.prune_structured(problem, remove)
+                result = method.prune_structured(problem, remove)
             if result.keep.numel() != group.units - remove:
-                raise RuntimeError(f"{run.method.name} kept {result.keep.numel()} units of {name}, "
+                raise RuntimeError(f"{method.name} kept {result.keep.numel()} units of {name}, "
                                    f"expected {group.units - remove}")
-            report.total_params += group.params
-            apply_to_group(group, result.keep, weights, result.consumer_weight, report, run.method.name)
-            run.note({f"{name}.keep": result.keep})
+            found = {"keep": result.keep}
             if result.consumer_weight is not None:
-                run.note({f"{name}.consumer": result.consumer_weight})
+                found["consumer"] = result.consumer_weight
+            return found
+
+        def take(_, result) -> None:
+            _, weights = read_group_problem(group, run.device, None, None)
+            run.report.total_params += group.params
+            apply_to_group(group, result["keep"], weights, result.get("consumer"), run.report, method.name)
+            run.note({f"{name}.{key}": value for key, value in result.items()})
+
+        return Problem([Piece(method.solve_flops(group.consumer.out_features, group.consumer.in_features), solve)], take)
 
     def replay(self, changes, device) -> None:
         if f"{self.name}.keep" in changes:

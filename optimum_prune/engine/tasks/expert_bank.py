@@ -4,13 +4,14 @@ matrix is its own 2-D problem, with the statistics of the tokens routed to it.""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from ...calibration.capture import ExpertCollector
 from ...patterns import Target
 from ...runtime.distributed import reduce_statistics
 from ...runtime.offload import commit_value
 from ...structure.experts import ExpertBank, expert_banks
-from ..problems import solve_expert_bank
+from ..problems import SolvedBank, expert_bank_problem
 from .base import HeldTask, LayerRun, TargetTask
 
 
@@ -49,21 +50,23 @@ class ExpertTask(HeldTask, TargetTask):
         return [t.bank for t in tasks]
 
     @classmethod
-    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
-        """Each expert of each bank as its own 2-D problem (`solve_expert_bank`), with the statistics
-        of its tokens (none for a method without calibration)."""
+    def problems(cls, tasks, run: LayerRun, stats, collector):
+        """Each bank one problem, each expert's matrix one piece (`expert_bank_problem`), with the
+        statistics of its tokens (none for a method without calibration)."""
         if collector is not None:
             collector.check()
             reduce_statistics([s for task in tasks for s in collector.stats[task.name]])
-        for task in tasks:
-            found = None if collector is None else collector.stats[task.name]
-            solved = solve_expert_bank(run.method, task.bank, task.target, found, run.config.min_expert_tokens,
-                                       run.device)
-            run.note({task.name: solved.stored})
-            run.report.record(task.name, solved.pruned, solved.total)
-            run.report.expert_matrices += task.bank.num_experts
-            if solved.fallbacks:
-                run.report.expert_fallbacks[task.name] = solved.fallbacks
+        return [expert_bank_problem(run.method, task.bank, task.target,
+                                    None if collector is None else collector.stats[task.name],
+                                    run.config.min_expert_tokens, run.device, partial(cls._record, task, run))
+                for task in tasks]
+
+    def _record(self, run: LayerRun, solved: SolvedBank) -> None:
+        run.note({self.name: solved.stored})
+        run.report.record(self.name, solved.pruned, solved.total)
+        run.report.expert_matrices += self.bank.num_experts
+        if solved.fallbacks:
+            run.report.expert_fallbacks[self.name] = solved.fallbacks
 
     def replay(self, changes, device) -> None:
         if self.name in changes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 from ...calibration.capture import ExpertCollector
 from ...runtime.distributed import reduce_statistics
@@ -14,7 +15,7 @@ from ...structure.budget import round_kept
 from ...structure.experts import is_fused_experts
 from ...structure.groups import gated_mlp_group, has_layout, layout_for
 from ...structure.moe import ExpertChannels, expert_channel_modules, narrow_experts, tied_shared_experts
-from ..problems import solve_expert_channels
+from ..problems import expert_channels_problem
 from .base import HeldTask, LayerRun
 from .channel_group import GroupTask
 
@@ -89,28 +90,32 @@ class ExpertChannelTask(HeldTask):
         return [bank for task in tasks for bank in task.collected(method)]
 
     @classmethod
-    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
+    def problems(cls, tasks, run: LayerRun, stats, collector):
         """The same number of channels from every expert of each module, each expert's channels
-        chosen (and its down projection restored) by the method (`solve_expert_channels`)."""
-        report = run.report
+        chosen (and its down projection restored) by the method (`expert_channels_problem`)."""
         if collector is not None:
             collector.check()
             reduce_statistics([s for found in collector.stats.values() for s in found])
+        found = collector.stats if collector is not None else {}
+        problems = []
         for task in tasks:
             channels = task.channels
-            before = channels.params
             if task.remove == 0:
-                report.record(task.name, 0, before)
+                run.report.record(task.name, 0, channels.params)
                 continue
-            found = collector.stats if collector is not None else {}
-            solved = solve_expert_channels(run.method, channels, task.remove, found.get(channels.up.name),
-                                           found.get(channels.down.name), run.config.min_expert_tokens, run.device)
-            narrow_experts(channels, solved.up, solved.down, solved.up_bias, set_param)
-            report.record(task.name, before - channels.params, before)
-            report.expert_matrices += channels.num_experts
-            if solved.fallbacks:
-                report.expert_fallbacks[task.name] = solved.fallbacks
-            run.note({f"{task.name}.{name}": value for name, value in solved.tensors(channels).items()})
+            problems.append(expert_channels_problem(
+                run.method, channels, task.remove, found.get(channels.up.name), found.get(channels.down.name),
+                run.config.min_expert_tokens, run.device, partial(cls._narrow, task, run, channels.params)))
+        return problems
+
+    def _narrow(self, run: LayerRun, before: int, solved) -> None:
+        channels, report = self.channels, run.report
+        narrow_experts(channels, solved.up, solved.down, solved.up_bias, set_param)
+        report.record(self.name, before - channels.params, before)
+        report.expert_matrices += channels.num_experts
+        if solved.fallbacks:
+            report.expert_fallbacks[self.name] = solved.fallbacks
+        run.note({f"{self.name}.{name}": value for name, value in solved.tensors(channels).items()})
 
     def replay(self, changes, device) -> None:
         channels = self.channels

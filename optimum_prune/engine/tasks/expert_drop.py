@@ -13,6 +13,7 @@ from ...methods.structured import ExpertUsage
 from ...runtime.distributed import reduce_sums
 from ...runtime.offload import current_value, set_param
 from ...structure.moe import MoEBlock, check_removal, moe_blocks, remove_experts
+from ..solves import Piece, Problem
 from .base import HeldTask, LayerRun
 
 
@@ -57,26 +58,39 @@ class ExpertDropTask(HeldTask):
         return ExpertUsageCollector([task.block for task in tasks])
 
     @classmethod
-    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
-        report = run.report
+    def problems(cls, tasks, run: LayerRun, stats, collector):
+        """Each block losing experts is one problem: the method picks the experts it keeps from what
+        the calibration tokens routed to them; every process then removes the others."""
         if collector is not None:
             reduce_sums([*collector.tokens.values(), *collector.weighted_norm.values()])
+        problems = []
         for task in tasks:
-            block = task.block
-            before, count = block.params, block.num_experts
             if task.remove == 0:
-                report.record(task.name, 0, before)
-                continue
+                run.report.record(task.name, 0, task.block.params)
+            else:
+                problems.append(task._problem(run, collector))
+        return problems
+
+    def _problem(self, run: LayerRun, collector) -> Problem:
+        block, count, method = self.block, self.block.num_experts, run.method
+
+        def solve():
             found = collector.usage(block) if collector is not None else ExpertUsage(
                 torch.zeros(count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64), block.groups)
-            keep = run.method.select_experts(found, task.remove).to(torch.long).sort().values
-            if keep.numel() != count - task.remove or keep.unique().numel() != keep.numel():
-                raise RuntimeError(f"{run.method.name} kept {keep.numel()} distinct experts of {task.name}, "
-                                   f"expected {count - task.remove}")
+            keep = method.select_experts(found, self.remove).to(torch.long).sort().values
+            if keep.numel() != count - self.remove or keep.unique().numel() != keep.numel():
+                raise RuntimeError(f"{method.name} kept {keep.numel()} distinct experts of {self.name}, "
+                                   f"expected {count - self.remove}")
+            return {"keep": keep}
+
+        def take(_, result) -> None:
+            before, keep = block.params, result["keep"]
             remove_experts(block, keep, set_param, read=current_value)
-            report.record(task.name, before - block.params, before)
-            report.removed_experts[task.name] = sorted(set(range(count)) - set(keep.tolist()))
-            run.note({f"{task.name}.keep_experts": keep})
+            run.report.record(self.name, before - block.params, before)
+            run.report.removed_experts[self.name] = sorted(set(range(count)) - set(keep.tolist()))
+            run.note({f"{self.name}.keep_experts": keep})
+
+        return Problem([Piece(float(count), solve)], take)
 
     def replay(self, changes, device) -> None:
         if f"{self.name}.keep_experts" in changes:

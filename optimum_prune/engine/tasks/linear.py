@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...methods.base import PruningMethod
@@ -11,6 +12,7 @@ from ...patterns import Target
 from ...runtime.offload import read_weight, write_weight
 from ...structure.layers import select_target_linears
 from ..problems import check_finite_result, check_finite_weight
+from ..solves import Piece, Problem, row_blocks
 from .base import LayerRun, TargetTask
 
 
@@ -42,23 +44,58 @@ class LinearTask(TargetTask):
         return {self.name: (self.linear, method.statistics)}
 
     @classmethod
-    def solve(cls, tasks, run: LayerRun, stats, collector) -> None:
-        """Linears that read the same tensor (same statistics object) and share a target are
-        handed to the method together."""
+    def problems(cls, tasks, run: LayerRun, stats, collector):
+        """Linears that read the same tensor (same statistics object) and share a target are one
+        problem, handed to the method together; where the method's rows separate (`separable_rows`)
+        the problem can be cut into row blocks of the stacked matrix."""
         batches: dict[tuple[int, Target], list[LinearTask]] = {}
         for task in tasks:
             batches.setdefault((id(stats.get(task.name, task.name)), task.target), []).append(task)
-        for (_, target), members in batches.items():
-            weights = [read_weight(task.linear, run.device) for task in members]
-            for task, weight in zip(members, weights):
+        return [cls._problem(members, run, stats.get(members[0].name), target)
+                for (_, target), members in batches.items()]
+
+    @classmethod
+    def _problem(cls, members: list["LinearTask"], run: LayerRun, found, target: Target) -> Problem:
+        method, rows = run.method, [task.linear.out_features for task in members]
+        cols = members[0].linear.in_features
+
+        def weights():
+            read = [read_weight(task.linear, run.device) for task in members]
+            for task, weight in zip(members, read):
                 check_finite_weight(task.name, weight)
-            results = run.method.prune_linears(weights, stats.get(members[0].name), target)
+            return read
+
+        def whole():
+            results = method.prune_linears(weights(), found, target)
             for task, result in zip(members, results):
-                check_finite_result(run.method.name, task.name, result.weight)
-                written = write_weight(task.linear, result.weight, result.mask)
+                check_finite_result(method.name, task.name, result.weight)
+            return {"weight": torch.cat([r.weight for r in results]), "mask": torch.cat([r.mask for r in results])}
+
+        def block(start: int, stop: int):
+            result = method.prune_rows(weights(), found, target, start, stop)
+            check_finite_result(method.name, ", ".join(task.name for task in members), result.weight)
+            return {"weight": result.weight, "mask": result.mask}
+
+        taken: dict[int, dict] = {}
+
+        def finish():
+            parts = [taken.pop(i) for i in sorted(taken)]
+            weight = torch.cat([p["weight"] for p in parts]) if len(parts) > 1 else parts[0]["weight"]
+            mask = torch.cat([p["mask"] for p in parts]) if len(parts) > 1 else parts[0]["mask"]
+            for task, w, m in zip(members, weight.split(rows), mask.split(rows)):
+                written = write_weight(task.linear, w, m)
                 run.note({task.name: written})
                 # the zeros it holds: the mask's, and any the solve left (a dead input zeroes its column)
-                run.report.record(task.name, int((written == 0).sum()), result.mask.numel())
+                run.report.record(task.name, int((written == 0).sum()), m.numel())
+
+        def split(parts: int):
+            return [Piece(method.solve_flops(b - a, cols), lambda a=a, b=b: block(a, b))
+                    for a, b in row_blocks(sum(rows), parts)]
+
+        stacked = method.stacks_shared_inputs
+        cost = method.solve_flops(sum(rows), cols) if stacked else sum(method.solve_flops(r, cols) for r in rows)
+        return Problem([Piece(cost, whole)], taken.__setitem__, finish,
+                       split if method.separable_rows(target) else None)
 
     def replay(self, changes, device) -> None:
         if self.name in changes:

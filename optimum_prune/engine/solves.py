@@ -1,0 +1,92 @@
+"""A layer's solves as independent problems, solved in one process or shared by several.
+
+A kind of work (`tasks/`) turns its tasks of one layer into `Problem`s: a Linear or a stack of
+Linears reading one tensor, an expert bank, a channel group, an experts module, a MoE block. A
+problem is one or more `Piece`s (each expert of a bank; each row block of a matrix whose method
+separates by rows, made by ``split``) that can be solved anywhere, and ``take`` / ``finish``, which
+apply the pieces' results to the model and the report in one fixed order on every process.
+
+`solve_problems` runs them: in one process (or with ``OPTIMUM_PRUNE_SHARED_SOLVES=0``) piece after
+piece, each result applied at once; under several processes each piece is solved by the rank that
+`runtime.distributed.assign` gives it by its estimated cost, and the results reach every rank
+through `runtime.distributed.exchange_results`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..runtime.distributed import assign, exchange_results, rank, solves_shared, world_size
+
+
+Result = dict[str, torch.Tensor]
+
+
+@dataclass
+class Piece:
+    """Work one process does alone: ``solve`` returns its result as named tensors; ``cost`` is its
+    estimated floating-point operations (what the assignment balances)."""
+
+    cost: float
+    solve: Callable[[], Result]
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Problem:
+    """One independent problem of a layer: its ``pieces``; ``take(i, result)`` applies piece ``i``'s
+    result (every process, pieces in order), ``finish()`` once all are taken; ``split(n)``, where
+    the method's rows separate, the same problem as ``n`` pieces of row blocks (identical result)."""
+
+    pieces: list[Piece]
+    take: Callable[[int, Result], None]
+    finish: Callable[[], None] = _nothing
+    split: Callable[[int], list[Piece]] | None = None
+    cost: float = field(init=False)
+
+    def __post_init__(self):
+        self.cost = sum(piece.cost for piece in self.pieces)
+
+
+def row_blocks(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, stop) row ranges of nearly equal size covering ``rows``."""
+    bounds = [round(i * rows / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def solve_problems(problems: list[Problem], device: torch.device) -> None:
+    """Solve ``problems`` and apply their results: here, or shared by the processes (see the module)."""
+    if not solves_shared():
+        for problem in problems:
+            for index, piece in enumerate(problem.pieces):
+                problem.take(index, piece.solve())
+            problem.finish()
+        return
+    ranks = world_size()
+    share = sum(problem.cost for problem in problems) / ranks
+    for problem in problems:  # a problem larger than one rank's share is cut where its rows separate
+        if problem.split is not None and len(problem.pieces) == 1 and share > 0 and problem.cost > share:
+            problem.pieces = problem.split(min(ranks, math.ceil(problem.cost / share)))
+    flat = [(problem, index, piece) for problem in problems for index, piece in enumerate(problem.pieces)]
+    owners = assign([piece.cost for _, _, piece in flat], ranks)
+    own, error, me = {}, None, rank()
+    for position, (_, _, piece) in enumerate(flat):
+        if owners[position] == me:
+            try:
+                own[position] = piece.solve()
+            except Exception as err:  # noqa: BLE001 - handed to the other ranks, then raised here
+                error = err
+                break
+    for position, result in exchange_results(own, owners, error, device):
+        problem, index, _ = flat[position]
+        problem.take(index, result)
+        if index == len(problem.pieces) - 1:
+            problem.finish()
+
