@@ -80,6 +80,7 @@ class LayerwiseEngine(Engine):
         # what the current layer changed, for the checkpoint's commit; None without a checkpoint
         # (the new weights of a whole layer: not held when nobody reads them)
         self._changes: dict[str, torch.Tensor] | None = None
+        self._solve_times: dict = {}  # several processes: what each layer's pieces took (`solves.solve_problems`)
         self._use_plan(LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units))
         if method.error_correction and not config.sequential and any(t.expert_banks() for t in self.plan):
             raise PruningError(f"{method.name} with error correction prunes fused MoE experts only in sequential mode; "
@@ -171,7 +172,8 @@ class LayerwiseEngine(Engine):
         device = self.compute_device(layer)
         if self.structured:
             report.total_params += self.fixed_params[index]  # Linears of the layer that cannot shrink
-        run = LayerRun(self.method, self.config, device, report, self._note_changes, self.kept_units)
+        run = LayerRun(self.method, self.config, device, report, self._note_changes, self.kept_units,
+                       self._solve_times)
         kinds = tasks.by_kind()
         with onloaded(layer, device):
             if needs_data and not tasks.prunes_anything():  # one pass for the next layer's inputs

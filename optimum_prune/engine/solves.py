@@ -9,18 +9,22 @@ apply the pieces' results to the model and the report in one fixed order on ever
 `solve_problems` runs them: in one process (or with ``OPTIMUM_PRUNE_SHARED_SOLVES=0``) piece after
 piece, each result applied at once; under several processes each piece is solved by the rank that
 `runtime.distributed.assign` gives it by its estimated cost, and the results reach every rank
-through `runtime.distributed.exchange_results`.
+through `runtime.distributed.exchange_results`. The costs that decide the assignment are the
+methods' operation counts (`PruningMethod.solve_flops`) until the pieces of a layer have been timed:
+the ranks share the seconds each of their pieces took, and the next layer with the same pieces (the
+same shapes, in the same order: every layer of most models) is assigned by those seconds.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..runtime.distributed import assign, exchange_results, rank, solves_shared, world_size
+from ..runtime.distributed import assign, exchange_results, gather, rank, solves_shared, world_size
 
 
 Result = dict[str, torch.Tensor]
@@ -61,8 +65,9 @@ def row_blocks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def solve_problems(problems: list[Problem], device: torch.device) -> None:
-    """Solve ``problems`` and apply their results: here, or shared by the processes (see the module)."""
+def solve_problems(problems: list[Problem], device: torch.device, times: dict | None = None) -> None:
+    """Solve ``problems`` and apply their results: here, or shared by the processes (see the module).
+    ``times`` (kept by the caller from layer to layer): the seconds the pieces of earlier layers took."""
     if not solves_shared():
         for problem in problems:
             for index, piece in enumerate(problem.pieces):
@@ -75,18 +80,24 @@ def solve_problems(problems: list[Problem], device: torch.device) -> None:
         if problem.split is not None and len(problem.pieces) == 1 and share > 0 and problem.cost > share:
             problem.pieces = problem.split(min(ranks, math.ceil(problem.cost / share)))
     flat = [(problem, index, piece) for problem in problems for index, piece in enumerate(problem.pieces)]
-    owners = assign([piece.cost for _, _, piece in flat], ranks)
-    own, error, me = {}, None, rank()
+    keys = [(len(flat), position, round(piece.cost)) for position, (_, _, piece) in enumerate(flat)]
+    times = {} if times is None else times
+    measured = all(key in times for key in keys)
+    owners = assign([times[key] if measured else piece.cost for key, (_, _, piece) in zip(keys, flat)], ranks)
+    own, spent, error, me = {}, {}, None, rank()
     for position, (_, _, piece) in enumerate(flat):
         if owners[position] == me:
+            start = time.perf_counter()
             try:
                 own[position] = piece.solve()
             except Exception as err:  # noqa: BLE001 - handed to the other ranks, then raised here
                 error = err
                 break
+            spent[keys[position]] = time.perf_counter() - start
     for position, result in exchange_results(own, owners, error, device):
         problem, index, _ = flat[position]
         problem.take(index, result)
         if index == len(problem.pieces) - 1:
             problem.finish()
-
+    for found in gather(spent):
+        times.update(found)

@@ -144,6 +144,15 @@ def min_over_ranks(value: int) -> int:
     return int(found.item())
 
 
+def gather(value) -> list:
+    """Every rank's ``value`` (a picklable object), in rank order."""
+    if not is_distributed():
+        return [value]
+    found: list = [None] * world_size()
+    torch.distributed.all_gather_object(found, value)
+    return found
+
+
 def solves_shared() -> bool:
     """Whether the processes share each layer's solves (several processes, not turned off by
     ``OPTIMUM_PRUNE_SHARED_SOLVES=0``)."""

@@ -37,8 +37,9 @@ from ..solves import Problem, solve_problems
 @dataclass
 class LayerRun:
     """What a kind's ``solve`` gets besides its tasks: the method and config of the prune, the
-    compute device, the report, the units fixed by the caller (a global method's choice) and
-    ``note`` (records a layer's changes for the checkpoint's commit)."""
+    compute device, the report, the units fixed by the caller (a global method's choice),
+    ``note`` (records a layer's changes for the checkpoint's commit) and the seconds the pieces of
+    earlier layers took (what several processes assign the next layer's pieces by)."""
 
     method: PruningMethod
     config: PruningConfig
@@ -46,6 +47,7 @@ class LayerRun:
     report: PruneReport
     note: Callable[[dict[str, torch.Tensor]], None]
     kept_units: dict[str, torch.Tensor] | None = None
+    solve_times: dict | None = None  # several processes: seconds of earlier layers' pieces (`solves`)
 
 
 class Task:
@@ -105,7 +107,7 @@ class Task:
     def solve(cls, tasks: list["Task"], run: LayerRun, stats: dict, collector) -> None:
         """Solve every task of this kind in one layer and write the results: its `problems`, solved
         here or shared by several processes (`solves.solve_problems`)."""
-        solve_problems(cls.problems(tasks, run, stats, collector), run.device)
+        solve_problems(cls.problems(tasks, run, stats, collector), run.device, run.solve_times)
 
     @classmethod
     def problems(cls, tasks: list["Task"], run: LayerRun, stats: dict, collector) -> list[Problem]:
