@@ -11,6 +11,7 @@ not identical).
 
     python benchmarks/distributed_solves.py
     python benchmarks/distributed_solves.py --runs alps:0.7 fista:0.7 --resume rows.jsonl
+    python benchmarks/distributed_solves.py --device cuda     # one GPU per process (NCCL), 2 GPUs
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SETUPS = {"1 process": (1, True), "2 processes, shared solves": (2, True),
           "2 processes, each solves everything": (2, False)}
 
 
-def worker(out: str, run: str, num_samples: int, seqlen: int) -> None:
+def worker(out: str, run: str, num_samples: int, seqlen: int, device: str = "cpu") -> None:
     """One prune (this process's part of it under torchrun); rank 0 writes the row to ``out``."""
     import torch
 
@@ -40,7 +41,7 @@ def worker(out: str, run: str, num_samples: int, seqlen: int) -> None:
     from optimum_prune.calibration.data import calibration_windows
     from optimum_prune.runtime import distributed
 
-    distributed.init_from_env("cpu")
+    distributed.init_from_env(device)  # NCCL on GPUs (one per process), gloo on the CPU
     method, options, pattern, sparsity = parse_run(run)
     from harness import load_fp32
 
@@ -50,7 +51,7 @@ def worker(out: str, run: str, num_samples: int, seqlen: int) -> None:
                            num_calibration_samples=num_samples, seqlen=seqlen, batch_size=4)
     pruner = Pruner(config)
     start = time.perf_counter()
-    pruner.prune(model, windows, progress=False)
+    pruner.prune(model, windows, progress=False, device=None if device == "cpu" else device)
     report = pruner.report
     seconds = time.perf_counter() - start
     sha = hashlib.sha256()
@@ -77,7 +78,8 @@ def measure(run: str, setup: str, args) -> dict:
            "OPTIMUM_PRUNE_SHARED_SOLVES": "1" if shared else "0"}
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "row.json")
-        worker_args = [os.path.abspath(__file__), "--worker", out, run, str(args.num_samples), str(args.seqlen)]
+        worker_args = [os.path.abspath(__file__), "--worker", out, run, str(args.num_samples), str(args.seqlen),
+                       args.device]
         launcher = [sys.executable] if processes == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         start = time.perf_counter()
@@ -93,7 +95,7 @@ def measure(run: str, setup: str, args) -> dict:
 def report(rows: list[dict], args) -> str:
     lines = [f"Command: `{command_line('distributed_solves.py')}`", "",
              f"SmolLM2-135M float32, {args.num_samples} x {args.seqlen} calibration tokens, one thread per process, "
-             f"gloo; `solve s` = rank 0's solve phase.", "",
+             f"device {args.device} ({'gloo' if args.device == 'cpu' else 'NCCL'}); `solve s` = rank 0's solve phase.", "",
              "| run | setup | solve s | solve / 1 process | statistics s | forward s | prune s | weights |",
              "|---|---|---|---|---|---|---|---|"]
     for run in args.runs:
@@ -122,6 +124,7 @@ def main(argv=None):
     found.add_argument("--runs", nargs="+", default=["alps:0.7", "fista:0.7"])
     found.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     found.add_argument("--report-only", action="store_true")
+    found.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per process (NCCL)")
     args = found.parse_args(argv)
     rows = Rows(args.resume, key=lambda row: (row["run"], row["setup"]))
     for run in args.runs:
@@ -133,6 +136,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
         main()

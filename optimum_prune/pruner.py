@@ -19,8 +19,8 @@ from .engine.layerwise import LayerwiseEngine
 from .runtime.offload import check_device, check_materialized, input_device
 from .engine.report import PruneReport
 from .engine.tasks import TASK_KINDS
-from .engine.cost import estimate_phases, gemm_rate
-from .engine.resources import PrunePlan, estimate_memory, profile_bytes, resident_bytes
+from .engine.cost import chunk_plan, estimate_phases, gemm_rate, solve_share
+from .engine.resources import PrunePlan, estimate_memory, expert_chunk, profile_bytes, resident_bytes, working_budget
 from .configuration import PruningConfig
 from .errors import PruningError, first_line
 from .hub import check_repo_id, push_folder
@@ -151,7 +151,9 @@ class Pruner:
                 run gives.
             check_memory: before touching the model, estimate the memory one layer needs
                 (`optimum_prune.engine.resources`) and raise `PruningError` with the numbers
-                when a device cannot hold it.
+                when a device cannot hold it; a mixture of experts whose statistics do not fit in
+                the free memory is calibrated in expert chunks (several passes per MoE layer, the
+                same weights). Without the check: one pass.
             activations: where the calibration activations wait between decoder layers: ``"device"``
                 (where produced), ``"cpu"``, or ``"disk"`` (one file per batch), same result either way.
             activation_folder: with ``activations="disk"``, the folder for those files (default: the
@@ -275,7 +277,8 @@ class Pruner:
             self.checkpoint.release()
 
     def plan(self, model: nn.Module | str | os.PathLike, num_windows: int | None = None,
-             device: str | torch.device | None = None, dtype="auto", checkpoint: bool = False) -> PrunePlan:
+             device: str | torch.device | None = None, dtype="auto", checkpoint: bool = False,
+             processes: int | None = None) -> PrunePlan:
         """What `prune` would do with ``model`` and what it would cost, without touching a weight:
         the tasks per target, the estimated peak memory per device (what is held before the prune
         plus the prune's own working set, `engine.resources`) and the estimated time (the
@@ -285,6 +288,9 @@ class Pruner:
         configuration is read (weights on the meta device, counted where they would be loaded: the
         CPU). ``num_windows``: calibration windows (default ``config.num_calibration_samples``).
         ``checkpoint``: the prune will commit every layer to a checkpoint (``checkpoint_dir``).
+        ``processes``: how many processes will share the prune (default: ``WORLD_SIZE`` of torchrun /
+        accelerate launch, else 1): the busiest one's windows and share of the solves. MoE statistics
+        that do not fit in the free memory beside the weights are planned in expert chunks.
         """
         cfg = self.config
         if self.method.is_global:
@@ -299,6 +305,9 @@ class Pruner:
         compute = engine.compute_device(engine.layers[0])  # never meta: the CPU for meta weights
         source = input_device(model)
         source = home if source.type == "meta" else source
+        processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        budget = working_budget(engine, source, home)
+        engine.expert_chunk = expert_chunk(engine, calibrated, cfg.seqlen, source, budget, home, checkpoint)
         tasks, targets = {kind.label: 0 for kind in TASK_KINDS}, {}
         for entry in engine.plan:
             for task in entry:
@@ -307,8 +316,9 @@ class Pruner:
         return PrunePlan(
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
             working=estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint),
-            resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen),
-            rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen,
+            resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen, processes),
+            rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen, processes=processes,
+            solve_share=solve_share(engine, processes), expert_chunk=chunk_plan(engine),
             profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),
                                                 next(engine.layers[0].parameters()).element_size(), calibrated)})
 

@@ -111,14 +111,21 @@ class ExpertCollector:
     While an experts module runs (eager implementation, forced for the call), a torch-function mode
     sees ``bank[e]`` and the ``linear`` / ``@`` that multiplies by that slice, and adds its input to
     expert ``e``'s statistics: ``stats[bank name][e]``. ``routed[bank name][e]`` counts the tokens
-    the router sent to ``e`` (every token with ``all_tokens``); `check` compares them."""
+    the router sent to ``e`` (every token with ``all_tokens``); `check` compares them.
 
-    def __init__(self, banks: list[ExpertBank], kinds: frozenset, device, all_tokens: bool = False):
+    ``experts`` (a chunk, e.g. ``range(8, 16)``): only those experts' statistics are kept (the others'
+    entries are None), so that a MoE layer with many experts is calibrated in several passes whose
+    statistics each fit in memory; the other experts' inputs do not depend on them."""
+
+    def __init__(self, banks: list[ExpertBank], kinds: frozenset, device, all_tokens: bool = False,
+                 experts: range | None = None):
         self.banks = banks
         self.all_tokens = all_tokens
-        # every expert has its accumulator from the start (several processes reduce the same list)
-        self.stats: dict[str, list[InputStatistics]] = {
-            b.name: [InputStatistics(b.in_features, kinds, device=device) for _ in range(b.num_experts)] for b in banks
+        self.experts = experts
+        # every expert of the chunk has its accumulator from the start (several processes reduce the same list)
+        self.stats: dict[str, list[InputStatistics | None]] = {
+            b.name: [InputStatistics(b.in_features, kinds, device=device) if experts is None or e in experts else None
+                     for e in range(b.num_experts)] for b in banks
         }
         self.routed: dict[str, torch.Tensor] = {b.name: torch.zeros(b.num_experts, dtype=torch.long) for b in banks}
         self._handles = []
@@ -165,7 +172,9 @@ class ExpertCollector:
         return None
 
     def update(self, bank: ExpertBank, expert: int, x: torch.Tensor) -> None:
-        self.stats[bank.name][expert].update(x)
+        found = self.stats[bank.name][expert]
+        if found is not None:
+            found.update(x)
 
     def next_batch(self):
         pass
@@ -174,8 +183,9 @@ class ExpertCollector:
         """Refuse when an expert received routed tokens its statistics did not see (an experts
         module whose forward does not multiply by one expert's slice at a time)."""
         for bank in self.banks:
-            seen = [s.count for s in self.stats[bank.name]]
-            if seen != self.routed[bank.name].tolist():
+            chunk = [e for e, s in enumerate(self.stats[bank.name]) if s is not None]
+            seen = [self.stats[bank.name][e].count for e in chunk]
+            if seen != self.routed[bank.name][chunk].tolist():
                 raise PruningError(
                     f"The experts of {bank.family} ({bank.name}) are not computed one expert slice at a time, so "
                     f"their inputs cannot be captured; leave them out with ignore=['{bank.name.rsplit('.', 1)[0]}'] "

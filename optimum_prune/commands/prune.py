@@ -269,9 +269,9 @@ def _warnings_on_stderr():
 
 def _resume_hint(args) -> str:
     """How to go on after an interrupted run."""
-    from optimum_prune.engine.checkpoint import STATE_NAME
+    from optimum_prune.engine.checkpoint import LayerCheckpoint
 
-    state = os.path.join(args.checkpoint_dir, STATE_NAME) if args.checkpoint_dir else None
+    state = LayerCheckpoint(args.checkpoint_dir).state_path if args.checkpoint_dir else None  # this process's
     if state and os.path.isfile(state):
         try:
             with open(state, encoding="utf-8") as handle:
@@ -342,9 +342,10 @@ def _run(args) -> int:
 
     config = build_config(args)
     pruner, output, evaluation, recovery = check_run(args, config)
-    if args.dry_run:
-        print(pruner.plan(args.model, device=args.device, dtype=args.dtype,
-                          checkpoint=args.checkpoint_dir is not None).describe(), flush=True)
+    if args.dry_run:  # under torchrun every process plans; the first one prints
+        plan = pruner.plan(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint_dir is not None)
+        if os.environ.get("RANK", "0") == "0":
+            print(plan.describe(), flush=True)
         return 0
     if args.no_progress:  # also the bars of transformers (loading, saving) and datasets (reading files)
         import datasets

@@ -39,7 +39,8 @@ class Engine:
         """Work on the dense model before any weight changes (a sparsity profile)."""
 
     def check_memory(self, num_windows: int, seqlen: int, input_device: torch.device, checkpoint: bool) -> None:
-        """Refuse, before any weight changes, a prune that will not fit (`PruningError`)."""
+        """Plan the prune's memory within what the devices offer (MoE statistics in expert chunks)
+        and refuse, before any weight changes, a prune that will not fit (`PruningError`)."""
 
     def run(self, calibration: torch.Tensor | None, checkpoint=None) -> PruneReport:
         raise NotImplementedError

@@ -19,6 +19,8 @@ import time
 import torch
 from torch import nn
 
+from .solves import loads
+
 
 def gemm_rate(device: torch.device, size: int = 1024, seconds: float = 0.25, bursts: int = 1) -> float:
     """float32 matrix-multiply operations per second on ``device``: ``size`` x ``size`` products for
@@ -64,10 +66,39 @@ def layer_forward_flops(layer: nn.Module, tokens: int, seqlen: int, hidden: int)
     return flops
 
 
-def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
+def solve_loads(engine, processes: int = 1) -> list[float]:
+    """Each process's solve operations over the whole prune when ``processes`` share every layer's
+    solves (`solves.loads`): the layer's problems built as the engine builds them, without
+    statistics (Linears reading one tensor stacked by their parent module, as `LinearTask.solve_shapes`
+    counts them; with error correction each stack is its own stage, shared alone)."""
+    from .report import PruneReport
+    from .tasks import LayerRun, LinearTask
+
+    found = [0.0] * processes
+    for index, tasks in enumerate(engine.plan):
+        if not tasks.prunes_anything():
+            continue
+        run = LayerRun(engine.method, engine.config, engine.compute_device(engine.layers[index]), PruneReport(),
+                       lambda changes: None)
+        for kind, members in tasks.by_kind().items():
+            stacks = {}  # stand-ins for the shared statistics objects the engine hands a stack
+            stats = {t.name: stacks.setdefault((t.name.rpartition(".")[0], t.linear.in_features), object())
+                     for t in members} if kind is LinearTask and engine.method.stacks_shared_inputs else {}
+            problems = kind.problems(members, run, stats, None)
+            staged = kind is LinearTask and engine.method.error_correction
+            for group in ([[p] for p in problems] if staged else [problems]):
+                for rank, load in enumerate(loads(group, processes)):
+                    found[rank] += load
+    return found
+
+
+def estimate_phases(engine, num_windows: int, seqlen: int, processes: int = 1) -> dict[str, float]:
     """Floating-point operations of each phase of the prune ``engine`` (a `LayerwiseEngine`) would
-    run on ``num_windows`` x ``seqlen`` tokens, summed over its decoder layers."""
+    run on ``num_windows`` x ``seqlen`` tokens, summed over its decoder layers; with ``processes``,
+    those of the busiest process (its share of the windows, its share of each layer's solves) and
+    the extra statistics passes of MoE layers calibrated in expert chunks (`engine.expert_chunk`)."""
     method, config = engine.method, engine.config
+    num_windows = -(-num_windows // processes)  # the windows of the busiest process
     tokens = num_windows * seqlen if method.needs_calibration else 0
     hidden = getattr(getattr(engine.model, "config", None), "hidden_size", None) or 0
     phases = {"statistics": 0.0, "solve": 0.0, "forward": 0.0}
@@ -76,6 +107,7 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
         tasks = engine.plan[index]
         if method.needs_calibration:
             passes = 2 if method.error_correction and not engine.structured else 1  # paired statistics
+            passes += expert_passes(engine, index) - 1  # one more pass per further chunk of experts
             phases["statistics"] += passes * forward
             if "gram" in method.statistics:  # upper bound: Linears reading one input share one Gram
                 phases["statistics"] += sum(2.0 * tokens * lin.in_features**2
@@ -86,6 +118,7 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
             continue
         solve = sum(kind.solve_flops(members, method) for kind, members in tasks.by_kind().items())
         phases["solve"] += solve
+    phases["solve"] *= solve_share(engine, processes)  # the busiest process's share of the solves
     if config.sparsity_profile != "uniform" and method.needs_calibration:
         # the profile's dense pass over every layer, and for "sensitivity" every layer pruned alone
         # at 4 levels, the layers from it on run over ``sensitivity_samples`` windows
@@ -94,3 +127,31 @@ def estimate_phases(engine, num_windows: int, seqlen: int) -> dict[str, float]:
             share = min(config.sensitivity_samples, num_windows) / max(num_windows, 1)
             phases["profile"] += 4 * share * sum(sum(forwards[i:]) for i in range(len(forwards)))
     return phases
+
+
+def expert_passes(engine, index: int) -> int:
+    """Statistics passes over decoder layer ``index``: 1, or one per chunk of experts when the memory
+    plan calibrates its MoE banks in chunks (`resources.expert_chunk`)."""
+    tasks = engine.plan[index]
+    experts = max((b.num_experts for kind, members in tasks.by_kind().items()
+                   for b in kind.statistics_banks(members, engine.method)), default=0)
+    if not experts or engine.expert_chunk is None or engine.expert_chunk >= experts or not engine.method.needs_calibration:
+        return 1
+    return -(-experts // engine.expert_chunk)
+
+
+def solve_share(engine, processes: int) -> float:
+    """The busiest process's share of the solve operations when ``processes`` share them."""
+    if processes <= 1:
+        return 1.0
+    shares = solve_loads(engine, processes)
+    return max(shares) / sum(shares) if sum(shares) else 1.0 / processes
+
+
+def chunk_plan(engine) -> tuple[int, int, int] | None:
+    """(experts per statistics pass, experts, passes per MoE layer) when the memory plan calibrates
+    MoE layers in chunks of experts; None otherwise."""
+    found = [(expert_passes(engine, i), b.num_experts) for i, tasks in enumerate(engine.plan)
+             for kind, members in tasks.by_kind().items() for b in kind.statistics_banks(members, engine.method)]
+    passes, experts = max(found, default=(1, 0))
+    return (engine.expert_chunk, experts, passes) if passes > 1 else None

@@ -80,6 +80,7 @@ class LayerwiseEngine(Engine):
         # what the current layer changed, for the checkpoint's commit; None without a checkpoint
         # (the new weights of a whole layer: not held when nobody reads them)
         self._changes: dict[str, torch.Tensor] | None = None
+        self.expert_chunk: int | None = None  # experts per statistics pass of a MoE layer (None: all; `resources`)
         self._solve_times: dict = {}  # several processes: what each layer's pieces took (`solves.solve_problems`)
         self._use_plan(LayerPlan(model, self.prefix, self.layers, config, method, removals, kept_units))
         if method.error_correction and not config.sequential and any(t.expert_banks() for t in self.plan):
@@ -184,19 +185,51 @@ class LayerwiseEngine(Engine):
             if needs_data and self.method.error_correction and LinearTask in kinds:
                 dense = prune_linears_staged(layer, kinds.pop(LinearTask), inputs, kwargs, run)
             stats, collectors, outputs = {}, {}, None
+            chunks = self._expert_chunks(kinds) if needs_data else [None]
+            run.expert_chunk = chunks[0]
             if needs_data and kinds:  # one-pass mode feeds the next layer from this (dense) pass
                 stats, collectors, outputs = self._statistics_pass(layer, LayerTasks(
                     [t for members in kinds.values() for t in members]), inputs, kwargs, run,
                     keep=not sequential and not dense)
+            chunked = self._solve_expert_chunks(layer, kinds, chunks, inputs, kwargs, run, collectors)
             with report.timed("solve"):
                 for kind, members in kinds.items():
-                    kind.solve(members, run, stats, collectors.get(kind))
+                    if kind not in chunked:
+                        kind.solve(members, run, stats, collectors.get(kind))
             if not solves_shared():
                 broadcast_layer(layer)  # several processes solving everything: rank 0's weights everywhere
             if needs_data and (sequential or outputs is None):  # the pruned layer, or the dense one (one pass)
                 with contextlib.nullcontext() if sequential else swapped(dense), report.timed("forward"):
                     outputs = run_layer(layer, inputs, kwargs, device, keep=True)
         return outputs
+
+    def _expert_chunks(self, kinds) -> list[range | None]:
+        """The experts of each statistics pass of a MoE layer: [None] (all), or the memory plan's chunks."""
+        experts = max((b.num_experts for kind, members in kinds.items()
+                       for b in kind.statistics_banks(members, self.method)), default=0)
+        if self.expert_chunk is None or self.expert_chunk >= experts:
+            return [None]
+        return [range(i, min(i + self.expert_chunk, experts)) for i in range(0, experts, self.expert_chunk)]
+
+    def _solve_expert_chunks(self, layer, kinds, chunks, inputs, kwargs, run: LayerRun, collectors) -> set:
+        """Several statistics passes per MoE layer: the kinds with per-expert statistics solve the
+        experts of one chunk, then the next chunk's statistics are collected (another pass over the
+        layer: the other experts' inputs do not depend on the solved ones). Returns those kinds."""
+        if len(chunks) == 1:
+            return set()
+        chunked = {kind: members for kind, members in kinds.items() if kind.statistics_banks(members, self.method)}
+        for number, chunk in enumerate(chunks):
+            if number:  # the chunk before is solved and its statistics freed: this chunk's pass
+                run.expert_chunk = chunk
+                _, found, _ = self._statistics_pass(layer, LayerTasks(
+                    [t for members in chunked.values() for t in members]), inputs, kwargs, run, keep=False)
+            else:
+                found = {kind: collectors.pop(kind) for kind in chunked if kind in collectors}
+            with run.report.timed("solve"):
+                for kind, members in chunked.items():
+                    kind.solve(members, run, {}, found.get(kind))
+            del found
+        return set(chunked)
 
     def _statistics_pass(self, layer, tasks: LayerTasks, inputs, kwargs, run: LayerRun, keep: bool):
         """Run the layer once with the statistics every task needs: (hooked Linear name ->

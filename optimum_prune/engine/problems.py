@@ -6,7 +6,7 @@ expert at a time); shared by the layer-wise and the global engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Callable
 
 import torch
@@ -75,23 +75,27 @@ def check_finite_result(method: str, name: str, weight: torch.Tensor) -> None:
 
 @dataclass
 class SolvedBank:
-    stored: torch.Tensor  # the new bank, as stored (what a checkpoint records)
-    pruned: int
-    total: int
-    fallbacks: int  # experts pruned by magnitude for lack of tokens
+    stored: torch.Tensor | None = None  # the new bank, as stored (what a checkpoint records)
+    pruned: int = 0
+    total: int = 0
+    fallbacks: int = 0  # experts pruned by magnitude for lack of tokens
+    experts: int = 0  # experts solved so far (the bank is done when all are: several chunks)
 
 
 def expert_bank_problem(method: PruningMethod, bank: ExpertBank, target: Target,
                         stats: list[InputStatistics] | None, min_tokens: int, device: torch.device,
-                        done: Callable[[SolvedBank], None]) -> Problem:
-    """Every expert of ``bank`` pruned to ``target`` as its own 2-D problem (one piece each), with
-    ``stats[e]`` (None: a method without calibration). Each expert is read as a float32 ``[out, in]``
-    copy on ``device``, solved, and written into the bank in its dtype; the bank is committed once,
-    then handed to ``done``. An expert that received fewer than ``min_tokens`` tokens is pruned by
-    magnitude at the same target."""
+                        done: Callable[[SolvedBank], None], experts: range | None = None,
+                        solved: SolvedBank | None = None) -> Problem:
+    """The ``experts`` of ``bank`` (default: all) pruned to ``target``, each as its own 2-D problem
+    (one piece each), with ``stats[e]`` (None: a method without calibration). Each expert is read as
+    a float32 ``[out, in]`` copy on ``device``, solved, and written into the bank in its dtype; the
+    bank is committed once per problem; ``solved`` carries the counts from chunk to chunk and goes to
+    ``done`` once every expert is solved. An expert that received fewer than ``min_tokens`` tokens is
+    pruned by magnitude at the same target."""
     fallback = Magnitude(MagnitudeOptions())
-    stored = editable_value(bank.module, bank.param)  # the bank, edited one expert at a time
-    solved = SolvedBank(stored, 0, 0, 0)
+    stored = cache(lambda: editable_value(bank.module, bank.param))  # the bank, edited one expert at a time
+    solved = SolvedBank() if solved is None else solved
+    experts = range(bank.num_experts) if experts is None else experts
 
     def solver(expert: int):
         found = None if stats is None else stats[expert]
@@ -102,25 +106,28 @@ def expert_bank_problem(method: PruningMethod, bank: ExpertBank, target: Target,
         chosen, expert_stats = solver(expert)
         if expert_stats is not None:
             expert_stats.check_finite(where)
-        weight = expert_matrix(bank, expert, stored).to(device=device, dtype=torch.float32)
+        weight = expert_matrix(bank, expert, stored()).to(device=device, dtype=torch.float32)
         check_finite_weight(where, weight)
         result = chosen.prune_linears([weight], expert_stats, target)[0]
         check_finite_result(method.name, where, result.weight)
-        return {"value": result.weight.to(dtype=stored.dtype).masked_fill(result.mask, 0)}
+        return {"value": result.weight.to(dtype=stored().dtype).masked_fill(result.mask, 0)}
 
-    def take(expert: int, result) -> None:
+    def take(index: int, result) -> None:
         value = result["value"]
-        set_expert_matrix(bank, stored, expert, value.to(stored.device))
+        set_expert_matrix(bank, stored(), experts[index], value.to(stored().device))
         solved.pruned += int((value == 0).sum())  # the zeros it holds: the mask's, and any the solve left
         solved.total += value.numel()
-        solved.fallbacks += solver(expert)[0] is fallback
+        solved.fallbacks += solver(experts[index])[0] is fallback
+        solved.experts += 1
 
     def finish() -> None:
-        commit_value(bank.module, bank.param, stored)
-        done(solved)
+        commit_value(bank.module, bank.param, stored())
+        solved.stored = stored()
+        if solved.experts == bank.num_experts:
+            done(solved)
 
     pieces = [Piece(solver(e)[0].solve_flops(bank.out_features, bank.in_features), partial(solve, e))
-              for e in range(bank.num_experts)]
+              for e in experts]
     return Problem(pieces, take, finish)
 
 
@@ -144,21 +151,57 @@ def _stats_count(*stats) -> int | None:
     return min(counts) if counts else None
 
 
+def narrow_expert(solver: PruningMethod, method: str, channels: ExpertChannels, expert: int, remove: int, values,
+                  up_stats: InputStatistics | None, down_stats: InputStatistics | None, device) -> dict:
+    """Expert ``expert``'s channels chosen by ``solver`` as the units of one `StructuredProblem`
+    (producers: its gate and up rows; consumer: its down projection): its kept up rows, its down
+    projection (restored or sliced) and its kept up bias, from ``values`` (the up bank, the down
+    bank, the up bias or None)."""
+    where = f"{channels.name}[{expert}]"
+    up_all, down_all, bias_all = values
+    width = channels.width
+    up = expert_matrix(channels.up, expert, up_all).to(device=device, dtype=torch.float32)
+    down = expert_matrix(channels.down, expert, down_all).to(device=device, dtype=torch.float32)
+    check_finite_weight(where, up)
+    check_finite_weight(where, down)
+    units = torch.arange(width, device=device)
+    problem = StructuredProblem(kind="mlp", units=width, producers=[up[rows] for rows in channels.producer_rows(units)],
+                                rows_per_unit=[1] * (2 if channels.has_gate else 1), consumer=down, cols_per_unit=1,
+                                producer_stats=up_stats, consumer_stats=down_stats)
+    result = solver.prune_structured(problem, remove)
+    keep = result.keep.to(device=device, dtype=torch.long).sort().values
+    if keep.numel() != width - remove:
+        raise RuntimeError(f"{method} kept {keep.numel()} channels of {where}, expected {width - remove}")
+    if result.consumer_weight is not None:
+        check_finite_result(method, where, result.consumer_weight)
+    rows = channels.kept_rows(keep)
+    found = {"up": up[rows], "down": result.consumer_weight if result.consumer_weight is not None else down[:, keep]}
+    if bias_all is not None:
+        found["bias"] = bias_all[expert].to(device).index_select(0, rows)
+    return found
+
+
 def expert_channels_problem(method: PruningMethod, channels: ExpertChannels, remove: int,
                             up_stats: list[InputStatistics] | None, down_stats: list[InputStatistics] | None,
-                            min_tokens: int, device: torch.device, done: Callable[[NarrowedExperts], None]) -> Problem:
-    """Remove ``remove`` channels from every expert of ``channels``: expert ``e``'s channels are
-    the units of one `StructuredProblem` (producers: its gate and up rows; consumer: its down
-    projection; statistics of its own tokens), solved by ``method`` (one piece per expert), which may
-    restore the down projection; the narrowed banks are handed to ``done``. An expert with fewer than
+                            min_tokens: int, device: torch.device, done: Callable[[NarrowedExperts], None],
+                            experts: range | None = None, held: dict | None = None) -> Problem:
+    """Remove ``remove`` channels from the ``experts`` of ``channels`` (default: all): expert ``e``'s
+    channels are the units of one `StructuredProblem` (producers: its gate and up rows; consumer: its
+    down projection; statistics of its own tokens), solved by ``method`` (one piece per expert), which
+    may restore the down projection. ``held`` carries the narrowed experts from chunk to chunk; once
+    every expert is in, the narrowed banks are handed to ``done``. An expert with fewer than
     ``min_tokens`` tokens is narrowed by magnitude."""
     fallback = Magnitude(MagnitudeOptions())
-    up_all = current_value(channels.module, channels.up.param)
-    down_all = current_value(channels.module, channels.down.param)
     bias_name = channels.bias(channels.up)
-    bias_all = current_value(channels.module, bias_name) if bias_name else None
+
+    @cache
+    def values():  # (up bank, down bank, up bias or None), read once, when first needed
+        return (current_value(channels.module, channels.up.param), current_value(channels.module, channels.down.param),
+                current_value(channels.module, bias_name) if bias_name else None)
+
     width = channels.width
-    experts: dict[int, dict[str, torch.Tensor]] = {}
+    held = {} if held is None else held  # expert -> its narrowed tensors
+    experts = range(channels.num_experts) if experts is None else experts
 
     def solver(expert: int):
         u_stats = up_stats[expert] if up_stats is not None else None
@@ -167,30 +210,17 @@ def expert_channels_problem(method: PruningMethod, channels: ExpertChannels, rem
         return (fallback, None, None) if count is not None and count < min_tokens else (method, u_stats, d_stats)
 
     def solve(expert: int):
-        where = f"{channels.name}[{expert}]"
         chosen, u_stats, d_stats = solver(expert)
-        up = expert_matrix(channels.up, expert, up_all).to(device=device, dtype=torch.float32)
-        down = expert_matrix(channels.down, expert, down_all).to(device=device, dtype=torch.float32)
-        check_finite_weight(where, up)
-        check_finite_weight(where, down)
-        units = torch.arange(width, device=device)
-        problem = StructuredProblem(kind="mlp", units=width, producers=[up[rows] for rows in channels.producer_rows(units)],
-                                    rows_per_unit=[1] * (2 if channels.has_gate else 1), consumer=down, cols_per_unit=1,
-                                    producer_stats=u_stats, consumer_stats=d_stats)
-        result = chosen.prune_structured(problem, remove)
-        keep = result.keep.to(device=device, dtype=torch.long).sort().values
-        if keep.numel() != width - remove:
-            raise RuntimeError(f"{method.name} kept {keep.numel()} channels of {where}, expected {width - remove}")
-        if result.consumer_weight is not None:
-            check_finite_result(method.name, where, result.consumer_weight)
-        rows = channels.kept_rows(keep)
-        found = {"up": up[rows], "down": result.consumer_weight if result.consumer_weight is not None else down[:, keep]}
-        if bias_all is not None:
-            found["bias"] = bias_all[expert].to(device).index_select(0, rows)
-        return found
+        return narrow_expert(chosen, method.name, channels, expert, remove, values(), u_stats, d_stats, device)
+
+    def take(index: int, result) -> None:
+        held[experts[index]] = result
 
     def finish() -> None:
-        parts = [experts.pop(e) for e in range(channels.num_experts)]
+        if len(held) < channels.num_experts:
+            return
+        parts = [held.pop(e) for e in range(channels.num_experts)]
+        up_all, down_all, bias_all = values()
         up_bank, down_bank = torch.stack([p["up"] for p in parts]), torch.stack([p["down"] for p in parts])  # [E, out, in]
         if channels.up.transposed:
             up_bank = up_bank.transpose(1, 2).contiguous()
@@ -201,5 +231,5 @@ def expert_channels_problem(method: PruningMethod, channels: ExpertChannels, rem
         done(NarrowedExperts(up_bank.to(up_all.dtype), down_bank.to(down_all.dtype), bias, fallbacks))
 
     pieces = [Piece(solver(e)[0].solve_flops(channels.down.out_features, width), partial(solve, e))
-              for e in range(channels.num_experts)]
-    return Problem(pieces, experts.__setitem__, finish)
+              for e in experts]
+    return Problem(pieces, take, finish)

@@ -52,58 +52,108 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def activation_bytes(engine, num_windows: int, seqlen: int, input_device: torch.device) -> dict[str, int]:
+    """The layer's inputs and its outputs (the next layer's inputs) for every window, where the
+    engine keeps them (device -> bytes); on disk only the batch in flight (counted in "forward")."""
+    if not engine.method.needs_calibration or engine.activations == "disk":
+        return {}
+    model_config = getattr(engine.model, "config", None)
+    first_linear = next(m for m in engine.layers[0].modules() if isinstance(m, nn.Linear))
+    hidden = getattr(model_config, "hidden_size", None) or first_linear.in_features
+    act_bytes = next(engine.layers[0].parameters()).element_size()
+    where = input_device if engine.activations == "device" else torch.device("cpu")
+    return {str(where): 2 * num_windows * seqlen * hidden * act_bytes}
+
+
 def estimate_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,
                     home: torch.device | None = None, checkpoint: bool = False) -> MemoryEstimate:
     """Peak memory of ``engine`` (a `LayerwiseEngine`) pruning with ``num_windows`` x ``seqlen`` tokens,
     beyond the model's weights. ``home``: where weights now on the meta device will live (a plan-only run);
     ``checkpoint``: the prune commits every layer to a checkpoint (the layer's new weights are held
     until the commit)."""
-    method, config = engine.method, engine.config
     estimate = MemoryEstimate()
-    model_config = getattr(engine.model, "config", None)
-    first_linear = next(m for m in engine.layers[0].modules() if isinstance(m, nn.Linear))
-    hidden = getattr(model_config, "hidden_size", None) or first_linear.in_features
-    act_bytes = next(engine.layers[0].parameters()).element_size()
-    tokens = num_windows * seqlen
-    if method.needs_calibration:
-        # the layer's inputs and its outputs (the next layer's inputs) for every window, where the
-        # engine keeps them; on disk only the batch in flight (counted in "forward")
-        if engine.activations != "disk":
-            where = input_device if engine.activations == "device" else torch.device("cpu")
-            estimate.add(where, "activations", 2 * tokens * hidden * act_bytes)
+    for device, nbytes in activation_bytes(engine, num_windows, seqlen, input_device).items():
+        estimate.add(device, "activations", nbytes)
     worst: dict[str, dict[str, int]] = {}
-    for index, layer in enumerate(engine.layers):
-        device = engine.compute_device(layer)  # never meta (meta weights: the CPU)
-        tasks = engine.plan[index]
-        if not tasks.prunes_anything():
+    for index in range(len(engine.layers)):
+        found = layer_parts(engine, index, num_windows, seqlen, home, checkpoint)
+        if found is None:
             continue
-        parts, kinds = {}, tasks.by_kind()
-        if method.needs_calibration:
-            hooked = {name: lin for name, (lin, _) in engine.hooked_linears(tasks).items()}
-            per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
-            # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
-            # in the engine, but which do is only known once the layer has run
-            parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
-            # fused MoE banks: one accumulator per expert and matrix, all alive during the pass
-            banks = [bank for kind, members in kinds.items() for bank in kind.statistics_banks(members, method)]
-            parts["statistics"] += sum(b.num_experts * (per_input * b.in_features**2 + 4 * b.in_features) for b in banks)
-            batch = min(config.batch_size, num_windows)
-            widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
-            heads = getattr(model_config, "num_attention_heads", 1) or 1
-            parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
-        parts["solver"] = max([size for kind, members in kinds.items() for size in kind.solver_bytes(members, method)],
-                              default=0)
-        if checkpoint:
-            parts["checkpoint"] = sum(kind.checkpoint_bytes(members) for kind, members in kinds.items())
-        if any((home if p.device.type == "meta" and home is not None else p.device) != device
-               for p in layer.parameters()):
-            parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
+        device, parts, (experts, per_expert) = found
+        if experts:  # the experts of one statistics pass
+            chunk = experts if engine.expert_chunk is None else min(engine.expert_chunk, experts)
+            parts["statistics"] += chunk * per_expert
         if sum(parts.values()) > sum(worst.get(str(device), {}).values()):
             worst[str(device)] = parts
     for device, parts in worst.items():
         for what, nbytes in parts.items():
             estimate.add(device, what, nbytes)
     return estimate
+
+
+def layer_parts(engine, index: int, num_windows: int, seqlen: int, home: torch.device | None = None,
+                checkpoint: bool = False):
+    """What pruning decoder layer ``index`` holds at its peak on its compute device: (device, parts
+    without the fused MoE banks' per-expert statistics, (experts, bytes of one expert's statistics
+    over all the layer's banks)); None for a layer the prune leaves alone."""
+    method, config = engine.method, engine.config
+    model_config = getattr(engine.model, "config", None)
+    layer = engine.layers[index]
+    device = engine.compute_device(layer)  # never meta (meta weights: the CPU)
+    tasks = engine.plan[index]
+    if not tasks.prunes_anything():
+        return None
+    parts, kinds, experts = {}, tasks.by_kind(), (0, 0)
+    if method.needs_calibration:
+        hooked = {name: lin for name, (lin, _) in engine.hooked_linears(tasks).items()}
+        per_input = (4 if "gram" in method.statistics else 0) * (2 if method.error_correction else 1)
+        # an upper bound: Linears that share an input (q/k/v, gate/up) share one accumulator
+        # in the engine, but which do is only known once the layer has run
+        parts["statistics"] = sum(per_input * lin.in_features**2 + 4 * lin.in_features for lin in hooked.values())
+        # fused MoE banks: one accumulator per expert and matrix, alive during the pass (or a chunk's)
+        banks = [bank for kind, members in kinds.items() for bank in kind.statistics_banks(members, method)]
+        if banks:
+            experts = (max(b.num_experts for b in banks),
+                       sum(per_input * b.in_features**2 + 4 * b.in_features for b in banks))
+        batch = min(config.batch_size, num_windows)
+        widest = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
+        heads = getattr(model_config, "num_attention_heads", 1) or 1
+        parts["forward"] = 4 * batch * seqlen * (3 * widest + heads * seqlen)
+    parts["solver"] = max([size for kind, members in kinds.items() for size in kind.solver_bytes(members, method)],
+                          default=0)
+    if checkpoint:
+        parts["checkpoint"] = sum(kind.checkpoint_bytes(members) for kind, members in kinds.items())
+    if any((home if p.device.type == "meta" and home is not None else p.device) != device
+           for p in layer.parameters()):
+        parts["layer weights"] = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return device, parts, experts
+
+
+def expert_chunk(engine, num_windows: int, seqlen: int, input_device: torch.device, budget: dict[str, int],
+                 home: torch.device | None = None, checkpoint: bool = False) -> int | None:
+    """The experts whose statistics one pass collects, so that every MoE layer's working set fits
+    ``budget`` (device -> bytes the prune's own work may use there): None when all experts fit in one
+    pass; `PruningError` when not even one expert's statistics fit beside the rest of the layer."""
+    activations = activation_bytes(engine, num_windows, seqlen, input_device)
+    chunk, most = None, 0
+    for index in range(len(engine.layers)):
+        found = layer_parts(engine, index, num_windows, seqlen, home, checkpoint)
+        if found is None or not found[2][0]:
+            continue
+        device, parts, (experts, per_expert) = found
+        if str(device) not in budget:
+            continue
+        room = budget[str(device)] - sum(parts.values()) - activations.get(str(device), 0)
+        fits = room // per_expert if per_expert else experts
+        if fits < 1:
+            raise PruningError(
+                f"Not even one expert's statistics ({format_bytes(per_expert)}) fit in the {format_bytes(budget[str(device)])} "
+                f"this prune may use on {device} beside the rest of decoder layer {index} "
+                f"({format_bytes(sum(parts.values()) + activations.get(str(device), 0))}); free memory there (fewer "
+                f"weights with --device-map / --max-memory), use fewer calibration samples, or a lighter method.")
+        most = max(most, experts)
+        chunk = int(fits) if chunk is None else min(chunk, int(fits))
+    return None if chunk is None or chunk >= most else chunk
 
 
 def _weight_file_mappings() -> tuple[list[tuple[int, int]], int]:
@@ -183,6 +233,9 @@ class PrunePlan:
     rate: float  # measured float32 matmul operations per second of the compute device
     tokens: int
     profile: dict[str, int] = field(default_factory=dict)  # device -> bytes of the profile's passes (before the prune)
+    processes: int = 1  # processes sharing the prune (torchrun / accelerate launch)
+    solve_share: float = 1.0  # the busiest process's share of the solve operations
+    expert_chunk: tuple[int, int, int] | None = None  # MoE statistics in chunks: (experts per pass, experts, passes)
 
     @property
     def peak_bytes(self) -> dict[str, int]:
@@ -205,19 +258,46 @@ class PrunePlan:
                 parts += f"; or, before the prune, the sparsity profile's passes {format_bytes(self.profile[device])}"
             lines.append(f"  peak memory on {device}: about {format_bytes(peak)} (held before: {held}"
                          + (f"; {parts}" if parts else "") + ")")
+        if self.expert_chunk is not None:
+            chunk, experts, passes = self.expert_chunk
+            lines.append(f"  MoE statistics in expert chunks: {chunk} of {experts} experts per pass, {passes} statistics "
+                         f"passes per MoE layer (what the free memory allows)")
+        if self.processes > 1:
+            lines.append(f"  {self.processes} processes: each calibrates on 1/{self.processes} of the windows; each "
+                         f"layer's solves are shared, the busiest process solving {self.solve_share:.0%} of the "
+                         f"operations (1/{self.processes} = {1 / self.processes:.0%}); times below are that process's")
         phases = ", ".join(f"{phase} {flops / self.rate:.3g} s" for phase, flops in self.flops.items() if flops)
         lines.append(f"  time: about {self.seconds:.3g} s ({phases}; at {self.rate / 1e9:.0f} GFLOP/s measured on "
                      f"the compute device; a model of the cost, see docs/results/scaling.md)")
         return "\n".join(lines)
 
 
+def working_budget(engine, input_device: torch.device, home: torch.device | None = None) -> dict[str, int]:
+    """Per device the prune's own work may use (device -> bytes): what is free there now (where
+    ``--device-map`` / ``--max-memory`` left room after placing the weights); in a plan-only run
+    (weights on the meta device) less the weights that will be loaded onto ``home``."""
+    devices = {str(engine.compute_device(layer)) for layer in engine.layers} | {str(input_device)}
+    pending = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()]
+                  if t.device.type == "meta")
+    budget = {}
+    for device in devices:
+        free = available_bytes(torch.device(device))
+        if free is not None:
+            budget[device] = max(free - (pending if home is not None and device == str(home) else 0), 0)
+    return budget
+
+
 def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.device,
                  checkpoint: bool = False) -> MemoryEstimate:
-    """Raise `PruningError` with the numbers when the estimate exceeds the free memory of a device."""
+    """Choose how many experts' statistics one pass collects (`expert_chunk`, from the memory each
+    device offers, `working_budget`), then raise `PruningError` with the numbers when the estimate
+    still exceeds what a device offers."""
+    budget = working_budget(engine, input_device)
+    engine.expert_chunk = expert_chunk(engine, num_windows, seqlen, input_device, budget, checkpoint=checkpoint)
     estimate = estimate_memory(engine, num_windows, seqlen, input_device, checkpoint=checkpoint)
     for device, parts in estimate.parts.items():
         need = estimate.total(device)
-        free = available_bytes(torch.device(device))
+        free = budget.get(device)
         logger.info("Memory estimate on %s: %s (free: %s)", device, estimate.describe(device),
                     "unknown" if free is None else format_bytes(free))
         if free is not None and need > free:

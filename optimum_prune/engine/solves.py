@@ -65,6 +65,25 @@ def row_blocks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def cut(problems: list[Problem], ranks: int) -> None:
+    """Cut a problem larger than one rank's share of the layer into row blocks, where its method's
+    rows separate (at most one block per rank)."""
+    share = sum(problem.cost for problem in problems) / ranks
+    for problem in problems:
+        if problem.split is not None and len(problem.pieces) == 1 and share > 0 and problem.cost > share:
+            problem.pieces = problem.split(min(ranks, math.ceil(problem.cost / share)))
+
+
+def loads(problems: list[Problem], ranks: int) -> list[float]:
+    """Each rank's estimated operations when ``ranks`` processes share ``problems`` (the plan's view)."""
+    cut(problems, ranks)
+    costs = [piece.cost for problem in problems for piece in problem.pieces]
+    found = [0.0] * ranks
+    for cost, owner in zip(costs, assign(costs, ranks)):
+        found[owner] += cost
+    return found
+
+
 def solve_problems(problems: list[Problem], device: torch.device, times: dict | None = None) -> None:
     """Solve ``problems`` and apply their results: here, or shared by the processes (see the module).
     ``times`` (kept by the caller from layer to layer): the seconds the pieces of earlier layers took."""
@@ -75,10 +94,7 @@ def solve_problems(problems: list[Problem], device: torch.device, times: dict | 
             problem.finish()
         return
     ranks = world_size()
-    share = sum(problem.cost for problem in problems) / ranks
-    for problem in problems:  # a problem larger than one rank's share is cut where its rows separate
-        if problem.split is not None and len(problem.pieces) == 1 and share > 0 and problem.cost > share:
-            problem.pieces = problem.split(min(ranks, math.ceil(problem.cost / share)))
+    cut(problems, ranks)
     flat = [(problem, index, piece) for problem in problems for index, piece in enumerate(problem.pieces)]
     keys = [(len(flat), position, round(piece.cost)) for position, (_, _, piece) in enumerate(flat)]
     times = {} if times is None else times

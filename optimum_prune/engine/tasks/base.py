@@ -22,7 +22,7 @@ The engine presents each task's problems to the method as 2-D problems (``engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -48,6 +48,8 @@ class LayerRun:
     note: Callable[[dict[str, torch.Tensor]], None]
     kept_units: dict[str, torch.Tensor] | None = None
     solve_times: dict | None = None  # several processes: seconds of earlier layers' pieces (`solves`)
+    expert_chunk: range | None = None  # the experts whose statistics this pass collects (None: all)
+    carry: dict = field(default_factory=dict)  # what a kind keeps from one expert chunk to the next
 
 
 class Task:

@@ -43,7 +43,7 @@ class ExpertTask(HeldTask, TargetTask):
     @classmethod
     def collector(cls, tasks, run: LayerRun):
         return ExpertCollector([t.bank for t in tasks], run.method.statistics, run.device,
-                               all_tokens=run.config.expert_calibration == "all")
+                               all_tokens=run.config.expert_calibration == "all", experts=run.expert_chunk)
 
     @classmethod
     def statistics_banks(cls, tasks, method):
@@ -55,10 +55,12 @@ class ExpertTask(HeldTask, TargetTask):
         statistics of its tokens (none for a method without calibration)."""
         if collector is not None:
             collector.check()
-            reduce_statistics([s for task in tasks for s in collector.stats[task.name]])
+            reduce_statistics([s for task in tasks for s in collector.stats[task.name] if s is not None])
+        chunk = None if collector is None else collector.experts  # several passes: this pass's experts
         return [expert_bank_problem(run.method, task.bank, task.target,
                                     None if collector is None else collector.stats[task.name],
-                                    run.config.min_expert_tokens, run.device, partial(cls._record, task, run))
+                                    run.config.min_expert_tokens, run.device, partial(cls._record, task, run),
+                                    chunk, run.carry.setdefault(task.name, SolvedBank()))
                 for task in tasks]
 
     def _record(self, run: LayerRun, solved: SolvedBank) -> None:

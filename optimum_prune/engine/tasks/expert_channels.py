@@ -83,7 +83,8 @@ class ExpertChannelTask(HeldTask):
         if not banks:
             return None
         kinds = run.method.statistics | run.method.producer_statistics
-        return ExpertCollector(banks, kinds, run.device, all_tokens=run.config.expert_calibration == "all")
+        return ExpertCollector(banks, kinds, run.device, all_tokens=run.config.expert_calibration == "all",
+                               experts=run.expert_chunk)
 
     @classmethod
     def statistics_banks(cls, tasks, method):
@@ -95,17 +96,20 @@ class ExpertChannelTask(HeldTask):
         chosen (and its down projection restored) by the method (`expert_channels_problem`)."""
         if collector is not None:
             collector.check()
-            reduce_statistics([s for found in collector.stats.values() for s in found])
+            reduce_statistics([s for found in collector.stats.values() for s in found if s is not None])
         found = collector.stats if collector is not None else {}
+        chunk = None if collector is None else collector.experts  # several passes: this pass's experts
         problems = []
         for task in tasks:
             channels = task.channels
             if task.remove == 0:
-                run.report.record(task.name, 0, channels.params)
+                if chunk is None or chunk.start == 0:  # recorded once, with the first chunk
+                    run.report.record(task.name, 0, channels.params)
                 continue
             problems.append(expert_channels_problem(
                 run.method, channels, task.remove, found.get(channels.up.name), found.get(channels.down.name),
-                run.config.min_expert_tokens, run.device, partial(cls._narrow, task, run, channels.params)))
+                run.config.min_expert_tokens, run.device, partial(cls._narrow, task, run, channels.params),
+                chunk, run.carry.setdefault(task.name, {})))
         return problems
 
     def _narrow(self, run: LayerRun, before: int, solved) -> None:
