@@ -40,10 +40,18 @@ SHAPES = {  # name -> (family, hidden, intermediate, heads, kv heads)
 LLAMA_SHAPES = ("576", "1024", "2048", "4096")
 METHODS = ["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "alps:0.5", "fista:0.5", "sparsefw:0.5",
            "fasp:s0.2", "spap:s0.2"]
-FULL_MODELS = {  # name -> (hidden, intermediate, layers): what the projection scales one layer to
-    "LLaMA-3.1-8B": (4096, 14336, 32),
-    "LLaMA-3.1-70B": (8192, 28672, 80),
+FULL_MODELS = {  # name -> (hidden, intermediate, layers, heads, kv heads): what the projection scales one layer to
+    "LLaMA-3.1-8B": (4096, 14336, 32, 32, 8),
+    "LLaMA-3.1-70B": (8192, 28672, 80, 64, 8),
 }
+PROCESSES = 8  # the GPUs of the projection's multi-GPU columns (one process each)
+#: DeepSeek-V3's shape (61 layers, counted as MoE layers; 256 routed experts of 2048, one shared, MLA)
+DEEPSEEK_V3 = dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
+                   num_experts_per_tok=8, n_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=0,
+                   num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, vocab_size=512, num_hidden_layers=1)
+DEEPSEEK_LAYERS = 61
+GPU_MEMORY = 80e9  # bytes of one GPU (H100) for the expert chunks of the MoE projection
 
 
 def build_model(shape: str, layers: int):
@@ -268,11 +276,37 @@ GPU_FLOPS = 50e12  # assumed sustained float32 matmul rate of one H100/H200 (no 
 PROJECT_TOKENS = 128 * 2048  # calibration tokens of the projected prunes (128 windows of 2048)
 
 
+def meta_engine(args, spec: str, config):
+    """A `LayerwiseEngine` for ``spec`` over a one-layer model of ``config`` with meta weights (nothing
+    allocated): what the plan-only run sees."""
+    import transformers
+
+    from optimum_prune import Pruner
+    from optimum_prune.engine.layerwise import LayerwiseEngine
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    pruner = Pruner(row_config(args, spec))
+    return LayerwiseEngine(model, pruner.config, pruner.method, progress=False)
+
+
+def busiest_share(args, spec: str, hidden: int, inter: int, heads: int, kv: int) -> float:
+    """The busiest of `PROCESSES` processes' share of one LLaMA layer's solve operations, as the engine
+    cuts that layer into pieces and assigns them (`engine.cost.solve_share`, what ``--dry-run`` prints)."""
+    import transformers
+
+    from optimum_prune.engine.cost import solve_share
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter,
+                                      num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=1)
+    return solve_share(meta_engine(args, spec, config), PROCESSES)
+
+
 def projection(rows, fits, args) -> list[str]:
     """Whole-model time per method, projected from the per-layer rows: statistics and forward
     scale with the layer's weights (times the layer count), the solve with the fitted exponent;
     on GPUs every phase is divided by the GPU/this-device matmul rate ratio, and with 8 processes
-    the statistics and forward passes (not the solve: every rank solves) by 8."""
+    the statistics and forward passes by 8 and the solve by the busiest process's share of it."""
     measured = [r for r in rows if "error" not in r and r["shape"] in LLAMA_SHAPES]
     if not measured:
         return []
@@ -281,9 +315,12 @@ def projection(rows, fits, args) -> list[str]:
              f"Per method: `layers x (passes + solve)`; passes (statistics + forward) scale with the layer's weights and "
              f"the calibration tokens ({PROJECT_TOKENS:,}: 128 windows of 2048) from the widest row measured, the solve with `c * hidden^k` above. GPU columns divide by the ratio of an "
              f"assumed {GPU_FLOPS / 1e12:.0f} TFLOP/s float32 GPU to the {rate / 1e9:.0f} GFLOP/s measured here; 8 GPUs "
-             "(8 processes) divide the passes by 8, not the solve (every rank solves each layer). Hours.", "",
-             "| method | " + " | ".join(f"{m} here | {m} 1 GPU | {m} 8 GPUs" for m in FULL_MODELS) + " |",
-             "|---|" + "---|---|---|" * len(FULL_MODELS)]
+             "(8 processes) divide the passes by 8 and the solve by the busiest process's share of each layer's "
+             "solve (`share`: the engine's cut and assignment of the layer's pieces by the method's operation "
+             "counts, as `--dry-run` prints it; a method whose rows do not separate keeps a layer's four stacked "
+             "problems whole, so the largest one bounds it). Hours.", "",
+             "| method | " + " | ".join(f"{m} here | {m} 1 GPU | {m} 8 GPUs | share" for m in FULL_MODELS) + " |",
+             "|---|" + "---|---|---|---|" * len(FULL_MODELS)]
     for spec, fitted in fits.items():
         mine = [r for r in measured if r["spec"] == spec]
         if not fitted or not mine or parse_spec(spec)[2]:  # rows cut short do not project a full prune
@@ -292,15 +329,53 @@ def projection(rows, fits, args) -> list[str]:
         _, h0, i0, _, _ = SHAPES[widest["shape"]]
         passes0 = widest["phases"].get("statistics", 0.0) + widest["phases"].get("forward", 0.0)
         cells = []
-        for hidden, inter, layers in FULL_MODELS.values():
+        for hidden, inter, layers, heads, kv in FULL_MODELS.values():
             tokens = PROJECT_TOKENS / (args.samples * args.seqlen)
             passes = passes0 * tokens * (hidden * (hidden + inter)) / (h0 * (h0 + i0))
             solve = fitted[0] * hidden ** fitted[1]
             here = layers * (passes + solve) / 3600
             gpu = here * rate / GPU_FLOPS
-            eight = layers * (passes / 8 + solve) / 3600 * rate / GPU_FLOPS
-            cells += [f"{here:.1f}", f"{gpu:.2f}", f"{eight:.2f}"]
+            share = busiest_share(args, spec, hidden, inter, heads, kv)
+            eight = layers * (passes / PROCESSES + solve * share) / 3600 * rate / GPU_FLOPS
+            cells += [f"{here:.1f}", f"{gpu:.2f}", f"{eight:.2f}", f"{share:.2f}"]
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return lines + moe_projection(args)
+
+
+def moe_projection(args) -> list[str]:
+    """A DeepSeek-V3-shaped prune from the plan's operation counts alone (no row of this shape ran):
+    the statistics passes, solves and forwards of one MoE layer (`engine.cost.estimate_phases`) at the
+    assumed GPU rate, times the layer count; on one GPU with its experts' statistics in the chunks that
+    fit `GPU_MEMORY` beside the rest of the layer (`engine.resources.layer_parts`), on 8 GPUs with the
+    windows and each layer's solves shared."""
+    import transformers
+
+    from optimum_prune.engine import cost, resources
+
+    config = transformers.DeepseekV3Config(**DEEPSEEK_V3)
+    windows, seqlen = PROJECT_TOKENS // 2048, 2048
+    lines = ["", "### DeepSeek-V3-shaped (not measured: the plan's operation counts)", "",
+             f"One MoE layer of DeepSeek-V3's shape (7168 hidden, 256 routed experts of 2048 channels and one shared, "
+             f"MLA attention; bfloat16 weights, meta device), {PROJECT_TOKENS:,} calibration tokens, times "
+             f"{DEEPSEEK_LAYERS} layers, at the assumed {GPU_FLOPS / 1e12:.0f} TFLOP/s. Expert chunks: the experts "
+             f"whose statistics fit a {GPU_MEMORY / 1e9:.0f} GB GPU beside the rest of the layer "
+             f"(`resources.expert_chunk`), each chunk one more statistics pass. Hours; `share` = the busiest of 8 "
+             f"processes' share of a layer's solve.", "",
+             "| method | expert statistics per layer GB | experts per pass (80 GB) | passes per layer | 1 GPU h | "
+             "8 GPUs h | share |", "|---|---|---|---|---|---|---|"]
+    for spec in ("wanda:0.5", "sparsegpt:0.5", "alps:0.5", "fista:0.5"):
+        engine = meta_engine(args, spec, config)
+        _, parts, (experts, per_expert) = resources.layer_parts(engine, 0, windows, seqlen)
+        activations = sum(resources.activation_bytes(engine, windows, seqlen, torch.device("cpu")).values())
+        room = GPU_MEMORY - sum(parts.values()) - activations
+        engine.expert_chunk = max(1, min(experts, int(room // per_expert))) if per_expert else None
+        passes = cost.expert_passes(engine, 0)
+        hours = []
+        for processes in (1, PROCESSES):
+            flops = cost.estimate_phases(engine, windows, seqlen, processes)
+            hours.append(DEEPSEEK_LAYERS * sum(flops.values()) / GPU_FLOPS / 3600)
+        lines.append(f"| {spec} | {experts * per_expert / 1e9:.1f} | {engine.expert_chunk or experts} of {experts} | "
+                     f"{passes} | {hours[0]:.1f} | {hours[1]:.2f} | {cost.solve_share(engine, PROCESSES):.3f} |")
     return lines
 
 

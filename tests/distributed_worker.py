@@ -35,7 +35,11 @@ METHODS = {
     "fista": (dict(method="fista", method_kwargs={"iterations": 5, "rounds": 2}), "llama"),  # rows split
     "fista-one-pass": (dict(method="fista", method_kwargs={"iterations": 5, "rounds": 2, "error_correction": False},
                             pattern="2:4"), "llama"),
+    "magnitude": (dict(method="magnitude"), "llama"),
+    "sparsefw": (dict(method="sparsefw", method_kwargs={"iterations": 10}), "llama"),
     "fasp": (dict(method="fasp", pattern="structured"), "llama"),
+    "spap": (dict(method="spap", pattern="structured"), "llama"),
+    "wanda-sp": (dict(method="wanda-sp", pattern="structured"), "llama"),
     "sparsegpt-moe": (dict(method="sparsegpt"), "mixtral"),
     "expert-drop-moe": (dict(method="expert-drop", pattern="structured"), "mixtral"),
     "fasp-experts": (dict(method="fasp", pattern="structured"), "qwen2_moe"),

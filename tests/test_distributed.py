@@ -33,9 +33,10 @@ def torchrun(*args, env=None, check=True):
 
 
 def test_shared_solves_are_bit_identical_to_every_process_solving_everything(tmp_path):
-    """Every kind of work (Linears unstructured and N:M, stacked, rows split between the processes
-    (FISTA), channel groups, expert banks, whole experts, narrowed experts): each piece solved by one
-    process and handed to the other gives exactly the weights of both solving everything."""
+    """Every layer-wise method and every kind of work (Linears unstructured and N:M, stacked, rows split
+    between the processes (FISTA), channel groups, expert banks, whole experts, narrowed experts):
+    each piece solved by one process and handed to the other gives exactly the weights of both
+    solving everything."""
     torchrun(tmp_path, "compare", *METHODS)
     for method in METHODS:
         files = {(mode, rank): load_file(tmp_path / f"{method}-{mode}-rank{rank}.safetensors")
@@ -150,6 +151,27 @@ def test_cli_under_torchrun_matches_one_process(tiny_folder):
     two, one = load_file(root / "two" / "model.safetensors"), load_file(root / "one" / "model.safetensors")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_accelerate_launch_runs_the_same_shared_prune_as_torchrun(tiny_folder):
+    """`accelerate launch` and `torchrun` (2 processes, gloo on the CPU) run the same code path:
+    identical weights, different from one process's in the last bits (the statistics summed over two
+    processes). accelerate's `--cpu` launches one process unless MPI is set up; `--multi_gpu` launches
+    the processes through torch.distributed on any machine."""
+    from optimum_prune.commands.prune import main
+
+    root = tiny_folder
+    launchers = {"accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+                 "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]}
+    for name, launcher in launchers.items():
+        result = subprocess.run([*launcher, "-m", "optimum_prune.commands", *_cli_args(root, root / name)],
+                                capture_output=True, text=True, timeout=300, env=ENV)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert main(_cli_args(root, root / "single")) == 0
+    found = {name: load_file(root / name / "model.safetensors") for name in (*launchers, "single")}
+    assert all(torch.equal(found["accelerate"][k], found["torchrun"][k]) for k in found["torchrun"])
+    assert not all(torch.equal(found["single"][k], found["torchrun"][k]) for k in found["torchrun"])
 
 
 def test_cli_offload_with_max_memory_matches_in_memory(tiny_folder):
