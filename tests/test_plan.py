@@ -108,6 +108,25 @@ def test_cli_dry_run_reads_only_the_config_and_writes_nothing(tmp_path, capsys, 
                  "--dry-run"]) == 2
 
 
+def test_cli_dry_run_under_several_processes_prints_the_solve_share_once(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    args = ["--model", str(folder), "--method", "fista", "--sparsity", "0.6", "--dataset", "packaged:wiki-leads",
+            "--num-samples", "16", "--seqlen", "64", "--dry-run"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set for each process
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0
+    shared = capsys.readouterr().out
+    assert "processes" not in alone and "2 processes: each calibrates on 1/2 of the windows" in shared
+    share = float(shared.split("busiest process solving ")[1].split("%")[0]) / 100
+    assert 0.5 <= share < 0.6  # FISTA's stages are cut into row blocks: close to half each
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0 and capsys.readouterr().out == ""  # the other processes plan, rank 0 prints
+
+
 def test_cli_without_output_names_the_fix(tmp_path, capsys):
     code = main(["--model", str(tmp_path), "--method", "magnitude", "--sparsity", "0.5"])
     assert code == 2
