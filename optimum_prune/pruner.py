@@ -26,6 +26,7 @@ from .errors import PruningError, first_line
 from .hub import check_repo_id, push_folder
 from .output import OutputFolder, check_free_space, preflight
 from .paths import looks_local, missing_local
+from .recovery.memory import check_training_memory, training_memory
 from .registry import get_method
 from .workflow import Evaluation, Recovery, report_results, summary_lines
 
@@ -217,6 +218,8 @@ class Pruner:
         results = {}
         evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
         results["parameters_before"] = sum(p.numel() for p in loaded.parameters())
+        if recovery is not None:  # before any work: the training after the prune must fit too
+            check_training_memory(loaded, recovery, self.config.seqlen)
         teacher = recovery.teacher_of(loaded) if recovery is not None else None  # the dense model, for distillation
         start = time.perf_counter()
         self.prune(loaded, tokenizer=tokenizer, **prune_kwargs)
@@ -278,7 +281,7 @@ class Pruner:
 
     def plan(self, model: nn.Module | str | os.PathLike, num_windows: int | None = None,
              device: str | torch.device | None = None, dtype="auto", checkpoint: bool = False,
-             processes: int | None = None) -> PrunePlan:
+             processes: int | None = None, recovery: Recovery | None = None) -> PrunePlan:
         """What `prune` would do with ``model`` and what it would cost, without touching a weight:
         the tasks per target, the estimated peak memory per device (what is held before the prune
         plus the prune's own working set, `engine.resources`) and the estimated time (the
@@ -291,6 +294,8 @@ class Pruner:
         ``processes``: how many processes will share the prune (default: ``WORLD_SIZE`` of torchrun /
         accelerate launch, else 1): the busiest one's windows and share of the solves. MoE statistics
         that do not fit in the free memory beside the weights are planned in expert chunks.
+        ``recovery``: the `Recovery` after the prune, whose training is planned too (its peak, and a
+        distillation teacher held through the prune: `recovery.memory`).
         """
         cfg = self.config
         if self.method.is_global:
@@ -313,9 +318,14 @@ class Pruner:
             for task in entry:
                 tasks[task.label] = tasks.get(task.label, 0) + 1
                 targets[task.target_key()] = targets.get(task.target_key(), 0) + 1
+        working = estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint)
+        training = training_memory(model, recovery, cfg.seqlen) if recovery is not None else {}
+        if training.get("teacher"):  # the dense copy distillation takes before the prune
+            working.add(home if source.type == "meta" else source, "distillation teacher", training["teacher"])
         return PrunePlan(
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
-            working=estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint),
+            working=working, recovery={str(source): training} if training else {},
+            recovery_kind="distillation" if recovery is not None and recovery.distill is not None else "LoRA recovery",
             resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen, processes),
             rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen, processes=processes,
             solve_share=solve_share(engine, processes), expert_chunk=chunk_plan(engine),

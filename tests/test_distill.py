@@ -156,3 +156,43 @@ def test_cli_resumes_an_interrupted_distillation(tmp_path, capsys, monkeypatch):
     reference, resumed = load_file(tmp_path / "reference" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_plan_covers_the_recovery_and_a_run_that_will_not_fit_is_refused_first(tmp_path, capsys, monkeypatch):
+    """--dry-run plans the training after the prune (teacher, gradients and AdamW's moments,
+    activations, logits) beside the prune's own peak, and the real run refuses a recovery that will
+    not fit in one line before it loads anything else or prunes a weight."""
+    from optimum_prune.commands.prune import main
+    from optimum_prune.recovery import LoraRecoveryConfig, memory
+    from optimum_prune.recovery.memory import training_memory
+    from optimum_prune.workflow import Recovery
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(60)))
+    argv = ["--model", str(tmp_path / "model"), "--method", "wanda", "--sparsity", "0.5", "--dataset",
+            str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress"]
+    assert main([*argv, "--dry-run"]) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--dry-run", "--recover", "distill", "--recover-batch-size", "2"]) == 0
+    planned = capsys.readouterr().out
+    assert "after the prune, the distillation" not in plain
+    assert "after the prune, the distillation" in planned and "distillation teacher" in planned
+    for part in ("teacher", "gradients and optimiser", "activations", "logits"):
+        assert part in planned
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    distill = training_memory(model, Recovery(distill=DistillConfig(batch_size=2)), 32)
+    lora = training_memory(model, Recovery(LoraRecoveryConfig(batch_size=2)), 32)
+    assert distill["teacher"] == params and distill["gradients and optimiser"] == 3 * params
+    assert distill["logits"] == 6 * 2 * 32 * VOCAB * 4 and lora["logits"] == 4 * 2 * 32 * VOCAB * 4
+    assert sum(lora.values()) < sum(distill.values())  # the adapters train, not every parameter
+    half = training_memory(model, Recovery(distill=DistillConfig(batch_size=2), teacher_dtype="bfloat16"), 32)
+    assert half["teacher"] == params // 2
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    assert main([*argv, "--recover", "distill", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "The distillation after the prune needs about" in err and "--recover-batch-size" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -343,7 +343,8 @@ def _run(args) -> int:
     config = build_config(args)
     pruner, output, evaluation, recovery = check_run(args, config)
     if args.dry_run:  # under torchrun every process plans; the first one prints
-        plan = pruner.plan(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint_dir is not None)
+        plan = pruner.plan(args.model, device=args.device, dtype=args.dtype, checkpoint=args.checkpoint_dir is not None,
+                           recovery=recovery)
         if os.environ.get("RANK", "0") == "0":
             print(plan.describe(), flush=True)
         return 0

@@ -236,11 +236,14 @@ class PrunePlan:
     processes: int = 1  # processes sharing the prune (torchrun / accelerate launch)
     solve_share: float = 1.0  # the busiest process's share of the solve operations
     expert_chunk: tuple[int, int, int] | None = None  # MoE statistics in chunks: (experts per pass, experts, passes)
+    recovery: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> the recovery's training, by part
+    recovery_kind: str = ""  # "distillation" / "LoRA recovery" (with recovery)
 
     @property
     def peak_bytes(self) -> dict[str, int]:
-        devices = set(self.working.parts) | set(self.resident) | set(self.profile)
-        return {d: self.resident.get(d, 0) + max(self.working.total(d), self.profile.get(d, 0)) for d in sorted(devices)}
+        devices = set(self.working.parts) | set(self.resident) | set(self.profile) | set(self.recovery)
+        return {d: self.resident.get(d, 0) + max(self.working.total(d), self.profile.get(d, 0),
+                                                 sum(self.recovery.get(d, {}).values())) for d in sorted(devices)}
 
     @property
     def seconds(self) -> float:
@@ -256,6 +259,10 @@ class PrunePlan:
             held = format_bytes(self.resident.get(device, 0))
             if self.profile.get(device):
                 parts += f"; or, before the prune, the sparsity profile's passes {format_bytes(self.profile[device])}"
+            if self.recovery.get(device):
+                training = ", ".join(f"{what} {format_bytes(n)}" for what, n in self.recovery[device].items() if n)
+                parts += (f"; or, after the prune, the {self.recovery_kind} "
+                          f"{format_bytes(sum(self.recovery[device].values()))}: {training}")
             lines.append(f"  peak memory on {device}: about {format_bytes(peak)} (held before: {held}"
                          + (f"; {parts}" if parts else "") + ")")
         if self.expert_chunk is not None:

@@ -69,7 +69,7 @@ class LinearTask(TargetTask):
             results = method.prune_linears(weights(), found, target)
             for task, result in zip(members, results):
                 check_finite_result(method.name, task.name, result.weight)
-            return {"weight": torch.cat([r.weight for r in results]), "mask": torch.cat([r.mask for r in results])}
+            return {f"{kind}.{i}": getattr(r, kind) for i, r in enumerate(results) for kind in ("weight", "mask")}
 
         def block(start: int, stop: int):
             result = method.prune_rows(weights(), found, target, start, stop)
@@ -78,11 +78,14 @@ class LinearTask(TargetTask):
 
         taken: dict[int, dict] = {}
 
-        def finish():
+        def finish():  # one result per Linear (the whole problem), or row blocks of the stack
             parts = [taken.pop(i) for i in sorted(taken)]
-            weight = torch.cat([p["weight"] for p in parts]) if len(parts) > 1 else parts[0]["weight"]
-            mask = torch.cat([p["mask"] for p in parts]) if len(parts) > 1 else parts[0]["mask"]
-            for task, w, m in zip(members, weight.split(rows), mask.split(rows)):
+            if "weight.0" in parts[0]:
+                found = [(parts[0][f"weight.{i}"], parts[0][f"mask.{i}"]) for i in range(len(members))]
+            else:
+                found = zip(torch.cat([p["weight"] for p in parts]).split(rows),
+                            torch.cat([p["mask"] for p in parts]).split(rows))
+            for task, (w, m) in zip(members, found):
                 written = write_weight(task.linear, w, m)
                 run.note({task.name: written})
                 # the zeros it holds: the mask's, and any the solve left (a dead input zeroes its column)
