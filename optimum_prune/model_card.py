@@ -71,11 +71,15 @@ def _recovery_text(recovery: dict | None) -> str | None:
                 f"{recovery['temperature']:g}), every parameter trained {recovery['steps']} steps x "
                 f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens ({recovery['tokens']:,} tokens) at lr "
                 f"{recovery['lr']:g} in {recovery['seconds']:.0f} s; KL {recovery['loss_first']:.4f} -> "
-                f"{recovery['loss_last']:.4f}{curve}; sparsity masks kept through training")
+                f"{recovery['loss_last']:.4f}{curve}; sparsity masks kept through training{_trained_on(recovery)}")
     return (f"LoRA (rank {recovery['rank']}, alpha {recovery['alpha']}) trained {recovery['steps']} steps x "
             f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens at lr {recovery['lr']:g} in "
             f"{recovery['seconds']:.0f} s (training loss {recovery['loss_first']:.3f} -> {recovery['loss_last']:.3f}), "
-            f"merged; sparsity masks re-applied")
+            f"merged; sparsity masks re-applied{_trained_on(recovery)}")
+
+
+def _trained_on(recovery: dict) -> str:
+    return f"; trained on {recovery['dataset']}" if recovery.get("dataset") else ""
 
 
 def _loss_curve(losses: list[float], points: int = 6) -> str:

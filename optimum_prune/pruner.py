@@ -209,8 +209,8 @@ class Pruner:
             raise PruningError("--max-memory and --offload-folder need --device-map (e.g. auto).")
         if push_to_hub:
             check_repo_id(push_to_hub)
-        if recovery is not None and self.config.dataset is None:
-            raise PruningError("--recover trains on text from --dataset; pass --dataset (the config's dataset).")
+        if recovery is not None and recovery.dataset is None and self.config.dataset is None:
+            raise PruningError("--recover trains on text from --dataset or --recover-dataset; pass one of them.")
         loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, **(load_kwargs or {}))
         if is_main_process():  # the writer: the output's disk holds the model, before hours of work
             check_free_space(getattr(output, "path", output), saved_bytes(loaded, gguf))

@@ -5,6 +5,7 @@ records (``pruning_results.json``, the model card) and prints."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,16 +81,27 @@ class Recovery:
     settings), or — with ``distill`` (a `DistillConfig`) — distillation of every parameter from
     the dense model the prune started from (`optimum_prune.recovery.recover_distill`; the teacher is
     a copy of the loaded model taken before the prune, in ``teacher_dtype`` when given).
-    ``checkpoint_dir``: where an interrupted distillation is saved and continued from."""
+    ``checkpoint_dir``: where an interrupted distillation is saved and continued from. ``dataset``:
+    the training text when it is not the calibration source (any source calibration takes: a local
+    file, ``packaged:...``, a dataset name), drawn the same way."""
 
     lora: object = None  # a LoraRecoveryConfig (default: its defaults)
     samples: int = 256
     distill: object = None  # a DistillConfig: distillation instead of LoRA
     teacher_dtype: str | None = None
     checkpoint_dir: str | None = None
+    dataset: str | None = None  # the training text (default: the config's calibration dataset)
 
     def __post_init__(self):
         check_positive_int(self.samples, "--recover-samples")
+        if self.dataset is not None:  # a missing local file is refused now, not after hours of pruning
+            from .paths import looks_local, missing_local
+
+            if not isinstance(self.dataset, str) or not self.dataset.strip():
+                raise PruningError("--recover-dataset must name a file, packaged:... text or a dataset.")
+            if not os.path.exists(self.dataset) and looks_local(self.dataset, suffixes=(".txt", ".json", ".jsonl")):
+                raise PruningError(f"--recover-dataset: {missing_local(self.dataset)}; give a .txt/.json/.jsonl file, "
+                                   f"packaged:wiki-leads or a dataset name.")
         if self.lora is None and self.distill is None:
             from .recovery import LoraRecoveryConfig
 
@@ -115,18 +127,20 @@ class Recovery:
         from .calibration.data import calibration_windows
         from .recovery import recover_distill, recover_lora
 
-        windows = calibration_windows(config.dataset, tokenizer, self.samples, config.seqlen, config.seed + 1,
-                                      **config.data_options())
+        windows = calibration_windows(self.dataset or config.dataset, tokenizer, self.samples, config.seqlen,
+                                      config.seed + 1, **config.data_options())
         if self.distill is not None:
             if teacher is None:
                 raise PruningError("Distillation needs the dense model as teacher: take it with teacher_of(model) "
                                    "before the prune.")
             found = recover_distill(model, teacher, windows, self.distill, progress=progress,
                                     checkpoint_dir=self.checkpoint_dir)
+            found["dataset"] = self.dataset or config.dataset
             echo(f"distillation: {self.distill.steps} steps ({found['tokens']:,} tokens) in {found['seconds']:.1f}s, "
                  f"KL to the dense model {found['loss_first']:.4f} -> {found['loss_last']:.4f}")
             return found
         found = recover_lora(model, windows, self.lora, progress=progress)
+        found["dataset"] = self.dataset or config.dataset
         echo(f"LoRA recovery: {self.lora.steps} steps in {found['seconds']:.1f}s, training loss "
              f"{found['loss_first']:.3f} -> {found['loss_last']:.3f}")
         return found

@@ -196,3 +196,37 @@ def test_the_plan_covers_the_recovery_and_a_run_that_will_not_fit_is_refused_fir
     err = capsys.readouterr().err
     assert "The distillation after the prune needs about" in err and "--recover-batch-size" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_recover_dataset_trains_on_its_own_text(tmp_path, capsys, monkeypatch):
+    """--recover-dataset: the recovery's windows come from that text, not from --dataset; it is
+    recorded; a missing local file or the flag without --recover is one line before any work."""
+    from optimum_prune import workflow
+    from optimum_prune.commands.prune import main
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(60)))
+    (tmp_path / "train.txt").write_text("\n\n".join(make_texts(60, seed=7)))
+    sources = []
+    original = workflow.Recovery.apply
+
+    def spy(self, model, tokenizer, config, *args, **kwargs):
+        sources.append(self.dataset or config.dataset)
+        return original(self, model, tokenizer, config, *args, **kwargs)
+
+    monkeypatch.setattr(workflow.Recovery, "apply", spy)
+    argv = ["--model", str(tmp_path / "model"), "--method", "wanda", "--sparsity", "0.5", "--dataset",
+            str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress"]
+    assert main([*argv, "--recover", "lora", "--recover-steps", "2", "--recover-samples", "4",
+                 "--recover-dataset", str(tmp_path / "train.txt"), "--output", str(tmp_path / "out")]) == 0
+    assert sources == [str(tmp_path / "train.txt")]
+    results = json.loads((tmp_path / "out" / "pruning_results.json").read_text())
+    assert results["recovery"]["dataset"] == str(tmp_path / "train.txt")
+    assert f"trained on {tmp_path / 'train.txt'}" in (tmp_path / "out" / "README.md").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--recover", "lora", "--recover-dataset", str(tmp_path / "nope.txt"),
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "--recover-dataset:" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*argv, "--recover-dataset", str(tmp_path / "train.txt"), "--output", str(tmp_path / "y")]) == 2
+    assert "--recover-dataset needs --recover" in capsys.readouterr().err

@@ -71,8 +71,8 @@ CONFIG_FLAGS = (
 
 #: flags that name a file, folder or Hub id: an empty value is refused at once
 PATH_FLAGS = (("--model", "model"), ("--output", "output"), ("--config", "config"), ("--dataset", "dataset"),
-              ("--eval-dataset", "eval_dataset"), ("--checkpoint-dir", "checkpoint_dir"),
-              ("--activation-folder", "activation_folder"), ("--offload-folder", "offload_folder"),
+              ("--eval-dataset", "eval_dataset"), ("--recover-dataset", "recover_dataset"),
+              ("--checkpoint-dir", "checkpoint_dir"), ("--activation-folder", "activation_folder"), ("--offload-folder", "offload_folder"),
               ("--tasks-include", "tasks_include"), ("--push-to-hub", "push_to_hub"))
 
 
@@ -148,7 +148,10 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recover-rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank).")
     recovery.add_argument("--recover-batch-size", type=int, default=4, help="Windows of --seqlen tokens per step (default 4).")
     recovery.add_argument("--recover-samples", type=int, default=256,
-                          help="Training windows drawn from --dataset (seed + 1, default 256).")
+                          help="Training windows drawn from --recover-dataset or --dataset (seed + 1, default 256).")
+    recovery.add_argument("--recover-dataset", default=None,
+                          help="The recovery's training text when it is not --dataset (a local file, packaged:..., "
+                               "a dataset name; drawn like the calibration windows).")
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
@@ -207,6 +210,8 @@ def check_flags(args) -> None:
         raise PruningError("--output FOLDER is required: where the pruned checkpoint goes (--dry-run needs none).")
     if args.hub_private and not args.push_to_hub:
         raise PruningError("--hub-private needs --push-to-hub REPO.")
+    if args.recover_dataset is not None and not args.recover:
+        raise PruningError("--recover-dataset needs --recover lora or --recover distill.")
     if args.push_to_hub:
         from optimum_prune.hub import check_repo_id
 
@@ -303,7 +308,8 @@ def _max_memory(text: str) -> dict:
 def _local_inputs(args, config) -> list[tuple[str, str | None]]:
     """(description, path) of what the run reads, where it is a local path."""
     return [("the model", args.model), ("the calibration data", config.dataset), ("--config", args.config),
-            ("--eval-dataset", args.eval_dataset), ("--tasks-include", args.tasks_include)]
+            ("--eval-dataset", args.eval_dataset), ("--recover-dataset", args.recover_dataset),
+            ("--tasks-include", args.tasks_include)]
 
 
 def check_paths(args, config):
@@ -435,10 +441,11 @@ def _recovery(args, config):
     lr = {} if args.recover_lr is None else {"lr": args.recover_lr}
     if args.recover == "distill":  # an interrupted distillation continues from the checkpoint folder (--resume)
         distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed, **lr)
-        return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir)
+        return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir,
+                        dataset=args.recover_dataset)
     lora = LoraRecoveryConfig(steps=args.recover_steps, rank=args.recover_rank, alpha=2 * args.recover_rank,
                               batch_size=args.recover_batch_size, seed=config.seed, **lr)
-    return Recovery(lora, samples=args.recover_samples)
+    return Recovery(lora, samples=args.recover_samples, dataset=args.recover_dataset)
 
 
 def _check_model_config(args, pruner, evaluation, recovery) -> None:
