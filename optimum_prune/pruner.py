@@ -313,6 +313,7 @@ class Pruner:
         processes = processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
         budget = working_budget(engine, source, home)
         engine.expert_chunk = expert_chunk(engine, calibrated, cfg.seqlen, source, budget, home, checkpoint)
+        share = solve_share(engine, processes)  # the busiest process's share of the solves (built once)
         tasks, targets = {kind.label: 0 for kind in TASK_KINDS}, {}
         for entry in engine.plan:
             for task in entry:
@@ -326,9 +327,9 @@ class Pruner:
             method=cfg.method, pattern=str(cfg.parsed_pattern), layers=len(engine.layers), tasks=tasks, targets=targets,
             working=working, recovery={str(source): training} if training else {},
             recovery_kind="distillation" if recovery is not None and recovery.distill is not None else "LoRA recovery",
-            resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen, processes),
+            resident=resident_bytes(model, home), flops=estimate_phases(engine, windows, cfg.seqlen, processes, share),
             rate=gemm_rate(compute), tokens=calibrated * cfg.seqlen, processes=processes,
-            solve_share=solve_share(engine, processes), expert_chunk=chunk_plan(engine),
+            solve_share=share, expert_chunk=chunk_plan(engine),
             profile={str(source): profile_bytes(cfg, getattr(model, "config", None), len(engine.layers),
                                                 next(engine.layers[0].parameters()).element_size(), calibrated)})
 

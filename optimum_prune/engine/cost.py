@@ -92,7 +92,8 @@ def solve_loads(engine, processes: int = 1) -> list[float]:
     return found
 
 
-def estimate_phases(engine, num_windows: int, seqlen: int, processes: int = 1) -> dict[str, float]:
+def estimate_phases(engine, num_windows: int, seqlen: int, processes: int = 1,
+                    share: float | None = None) -> dict[str, float]:
     """Floating-point operations of each phase of the prune ``engine`` (a `LayerwiseEngine`) would
     run on ``num_windows`` x ``seqlen`` tokens, summed over its decoder layers; with ``processes``,
     those of the busiest process (its share of the windows, its share of each layer's solves) and
@@ -118,7 +119,8 @@ def estimate_phases(engine, num_windows: int, seqlen: int, processes: int = 1) -
             continue
         solve = sum(kind.solve_flops(members, method) for kind, members in tasks.by_kind().items())
         phases["solve"] += solve
-    phases["solve"] *= solve_share(engine, processes)  # the busiest process's share of the solves
+    # the busiest process's share of the solves (``share``: already computed by the caller)
+    phases["solve"] *= solve_share(engine, processes) if share is None else share
     if config.sparsity_profile != "uniform" and method.needs_calibration:
         # the profile's dense pass over every layer, and for "sensitivity" every layer pruned alone
         # at 4 levels, the layers from it on run over ``sensitivity_samples`` windows
@@ -131,13 +133,8 @@ def estimate_phases(engine, num_windows: int, seqlen: int, processes: int = 1) -
 
 def expert_passes(engine, index: int) -> int:
     """Statistics passes over decoder layer ``index``: 1, or one per chunk of experts when the memory
-    plan calibrates its MoE banks in chunks (`resources.expert_chunk`)."""
-    tasks = engine.plan[index]
-    experts = max((b.num_experts for kind, members in tasks.by_kind().items()
-                   for b in kind.statistics_banks(members, engine.method)), default=0)
-    if not experts or engine.expert_chunk is None or engine.expert_chunk >= experts or not engine.method.needs_calibration:
-        return 1
-    return -(-experts // engine.expert_chunk)
+    plan calibrates its MoE banks in chunks (`LayerwiseEngine.expert_chunks`)."""
+    return len(engine.expert_chunks(engine.plan[index].by_kind()))
 
 
 def solve_share(engine, processes: int) -> float:

@@ -185,7 +185,7 @@ class LayerwiseEngine(Engine):
             if needs_data and self.method.error_correction and LinearTask in kinds:
                 dense = prune_linears_staged(layer, kinds.pop(LinearTask), inputs, kwargs, run)
             stats, collectors, outputs = {}, {}, None
-            chunks = self._expert_chunks(kinds) if needs_data else [None]
+            chunks = self.expert_chunks(kinds)
             run.expert_chunk = chunks[0]
             if needs_data and kinds:  # one-pass mode feeds the next layer from this (dense) pass
                 stats, collectors, outputs = self._statistics_pass(layer, LayerTasks(
@@ -203,11 +203,12 @@ class LayerwiseEngine(Engine):
                     outputs = run_layer(layer, inputs, kwargs, device, keep=True)
         return outputs
 
-    def _expert_chunks(self, kinds) -> list[range | None]:
-        """The experts of each statistics pass of a MoE layer: [None] (all), or the memory plan's chunks."""
+    def expert_chunks(self, kinds) -> list[range | None]:
+        """The experts of each statistics pass of a MoE layer (``kinds``: its tasks by kind): [None]
+        (all, or no statistics), or the memory plan's chunks."""
         experts = max((b.num_experts for kind, members in kinds.items()
                        for b in kind.statistics_banks(members, self.method)), default=0)
-        if self.expert_chunk is None or self.expert_chunk >= experts:
+        if not self.method.needs_calibration or self.expert_chunk is None or self.expert_chunk >= experts:
             return [None]
         return [range(i, min(i + self.expert_chunk, experts)) for i in range(0, experts, self.expert_chunk)]
 
