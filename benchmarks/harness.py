@@ -133,25 +133,34 @@ class Rows:
             with open(self.path, "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.done.values())
 
-def parse_run(spec: str):
-    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity).
-    Options are the method's, except ``targets`` / ``ignore`` (JSON lists), which go to `PruningConfig`."""
-    head, _, rest = spec.partition(":")
-    method, _, options_text = head.partition("[")
-    options = {}
-    if options_text.endswith("]"):
-        options_text = options_text[:-1]
+def parse_options(text: str) -> dict:
+    """'key=value,...' (values JSON; commas inside JSON lists do not separate options) -> dict."""
     items, depth, current = [], 0, ""
-    for char in options_text:  # commas inside JSON lists do not separate options
+    for char in text:
         depth += {"[": 1, "]": -1}.get(char, 0)
         if char == "," and depth == 0:
             items.append(current)
             current = ""
         else:
             current += char
+    options = {}
     for item in filter(None, items + [current]):
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
+    return options
+
+
+def parse_named(head: str) -> tuple[str, dict]:
+    """'name' or 'name[key=value,...]' -> (name, options)."""
+    name, _, options_text = head.partition("[")
+    return name, parse_options(options_text[:-1] if options_text.endswith("]") else options_text)
+
+
+def parse_run(spec: str):
+    """'method:0.7', 'method:2:4' or 'method[key=value,...]:s0.2' -> (method, options, pattern, sparsity).
+    Options are the method's, except ``targets`` / ``ignore`` (JSON lists), which go to `PruningConfig`."""
+    head, _, rest = spec.partition(":")
+    method, options = parse_named(head)
     if ":" in rest:
         return method, options, rest, None
     if rest.startswith("s"):

@@ -5,8 +5,11 @@ Each (run, seed) prunes the packaged SmolLM2-135M (EVAL.md protocol: 64 x 512 ca
 from the packaged Wikipedia leads, calibration seed ``seed``) once, measures it, and then, from
 that same pruned model, runs each recovery asked for on the same training windows (drawn from the
 calibration split with seed ``seed + 1``): ``lora`` (`recover_lora`: rank-8 adapters on every
-decoder Linear, merged back) and ``distill`` (`recover_distill`: every parameter trained to the
-dense model's logits, forward KL). Perplexity on the evaluation split of the Wikipedia leads and on
+decoder Linear, merged back), ``distill`` (`recover_distill`: every parameter trained to the
+dense model's logits, forward KL; ``distill[ce_weight=0.5,hidden_weight=1,lr=3e-4]`` sets
+`DistillConfig` fields) and ``finetune`` (every parameter on the next-token loss, no teacher:
+``DistillConfig(ce_weight=1)``; on ``--runs dense`` the fair reference of a full-parameter
+recovery). Perplexity on the evaluation split of the Wikipedia leads and on
 the Python reference (benchmarks/texts.py). Each (run, seed) in its own process.
 
     python benchmarks/recovery.py --runs fasp:s0.2 --recoveries lora distill --resume rows.jsonl \
@@ -20,7 +23,8 @@ import os
 import platform
 
 import torch
-from harness import Rows, in_process, load_fp32, parse_run, parser as harness_parser, peak_rss_mb, write_report
+from harness import (Rows, in_process, load_fp32, parse_named, parse_run, parser as harness_parser, peak_rss_mb,
+                     write_report)
 from texts import TEXTS, perplexities
 
 
@@ -31,7 +35,7 @@ def _zeros(model) -> int:
     return sum(int((p == 0).sum()) for n, p in model.named_parameters() if ".layers." in n)
 
 
-def _run(args, spec, seed, queue):
+def _run(args, spec, seed, recoveries, queue):
     import time
 
     from optimum_prune import Pruner, PruningConfig
@@ -51,17 +55,19 @@ def _run(args, spec, seed, queue):
     pruned_state = {name: value.clone() for name, value in model.state_dict().items()}
     train = calibration_windows("packaged:wiki-leads", tokenizer, args.train_samples, args.train_seqlen, seed + 1)
     rows = []
-    for recovery in args.recoveries:
+    for recovery in recoveries:
         model.load_state_dict(pruned_state)
         zeros_before = _zeros(model)
-        if recovery == "lora":
-            settings = LoraRecoveryConfig(steps=args.steps, lr=args.lora_lr, rank=args.rank, alpha=2 * args.rank,
-                                          batch_size=args.batch_size)
+        name, options = parse_named(recovery)
+        if name == "lora":
+            settings = LoraRecoveryConfig(**{"steps": args.steps, "lr": args.lora_lr, "rank": args.rank,
+                                             "alpha": 2 * args.rank, "batch_size": args.batch_size, **options})
             info = recover_lora(model, train, settings, progress=False)
-        else:
-            teacher, _ = load_fp32(args.checkpoint)
-            settings = DistillConfig(steps=args.steps, lr=args.distill_lr, batch_size=args.batch_size,
-                                     temperature=args.temperature)
+        else:  # distill, or finetune: the same training with the next-token loss alone and no teacher
+            fixed = {"ce_weight": 1.0} if name == "finetune" else {}
+            settings = DistillConfig(**{"steps": args.steps, "lr": args.distill_lr, "batch_size": args.batch_size,
+                                        "temperature": args.temperature, **options, **fixed})
+            teacher = load_fp32(args.checkpoint)[0] if settings.needs_teacher else None
             info = recover_distill(model, teacher, train, settings, progress=False)
             del teacher
         rows.append({"spec": spec, "seed": seed, "recovery": recovery, "prune_s": prune_s, "ppl_pruned": pruned_ppl,
@@ -95,7 +101,9 @@ def _table(args, rows, dense) -> str:
         f"({args.steps * args.batch_size * args.train_seqlen:,} tokens) from {args.train_samples} windows of the "
         f"calibration split (seed + 1), AdamW (10% warm-up, cosine). LoRA: rank {args.rank}, alpha {2 * args.rank}, "
         f"every decoder Linear, merged. Distillation: every parameter, forward KL to the dense model's logits at "
-        f"temperature {args.temperature:g}. Masks kept by both. {platform.machine()}, {torch.get_num_threads()} "
+        f"temperature {args.temperature:g}; `distill[ce_weight=w]`: (1 - w) KL + w next-token cross-entropy; "
+        f"`hidden_weight=h`: plus h x the hidden-state term (every layer's output, relative squared distance to the "
+        f"dense model's); `finetune`: every parameter, next-token cross-entropy alone. Masks kept by all. {platform.machine()}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}.\n\n"
         f"| method | sparsity | seed | recovery | lr | {texts} | training loss (first -> last 10%) | recovery time (s) "
         f"| zeros kept | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
@@ -105,7 +113,8 @@ def main():
     parser = harness_parser(__doc__, output="recovery.md", seqlen=512, samples=64, eval_windows=64, seeds=True,
                             resume=True)
     parser.add_argument("--runs", nargs="+", default=RUNS)
-    parser.add_argument("--recoveries", nargs="+", choices=("lora", "distill"), default=["lora"])
+    parser.add_argument("--recoveries", nargs="+", default=["lora"],
+                        help="lora, distill or finetune, each optionally with [field=value,...] of its config")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--distill-lr", type=float, default=1e-4)
@@ -121,12 +130,19 @@ def main():
     dense = in_process(_dense, args)
     print(f"dense perplexity {dense}", flush=True)
     done = Rows(args.resume, key=lambda row: (row["spec"], row["seed"], row["recovery"], row["lr"]))
-    lr = {"lora": args.lora_lr, "distill": args.distill_lr}
+
+    def lr(recovery):
+        name, options = parse_named(recovery)
+        if name not in ("lora", "distill", "finetune"):
+            parser.error(f"unknown recovery {recovery!r}: lora, distill or finetune")
+        return options.get("lr", args.lora_lr if name == "lora" else args.distill_lr)
+
     for spec in args.runs:
         for seed in args.seeds:
-            if all(done.get((spec, seed, recovery, lr[recovery])) for recovery in args.recoveries):
+            missing = [recovery for recovery in args.recoveries if not done.get((spec, seed, recovery, lr(recovery)))]
+            if not missing:
                 continue
-            for row in in_process(_run, args, spec, seed):
+            for row in in_process(_run, args, spec, seed, missing):
                 if not done.get((row["spec"], row["seed"], row["recovery"], row["lr"])):
                     done.add(row)
     rows = [row for row in done.done.values() if row["spec"] in args.runs and row["seed"] in args.seeds

@@ -3,7 +3,14 @@
 The dense model the prune started from is the teacher; the pruned model (the student) is trained,
 every parameter, to match the teacher's next-token distribution: the loss is the forward KL
 divergence ``KL(p_teacher || p_student)`` of the logits at a temperature ``T`` (scaled by ``T^2``
-so that its gradients keep their size across temperatures), averaged over tokens. Unstructured
+so that its gradients keep their size across temperatures), averaged over tokens. Two optional terms:
+``ce_weight`` mixes in the next-token cross-entropy on the training text (the loss becomes
+``(1 - ce_weight) KL + ce_weight CE``; ``ce_weight=1`` without a hidden term is plain
+full-parameter fine-tuning and needs no teacher), and ``hidden_weight`` adds Minitron's
+intermediate-state term: the squared distance of the student's hidden states to the teacher's,
+relative to the teacher's, averaged over the decoder layers' outputs when the student has the
+teacher's depth (width pruning, ``no_op`` blocks) and over the final hidden state when layers were
+removed (where else the shapes match). Unstructured
 and N:M zeros are kept through training (the mask is put back after every optimiser step, so the
 student is trained inside its sparsity pattern); structured models are small dense models and keep
 their shapes. The teacher runs without gradients, in its own dtype (``teacher_dtype`` can halve its
@@ -46,6 +53,9 @@ class DistillConfig:
         lr: peak learning rate of AdamW (linear warm-up over 10% of the steps, cosine decay).
         batch_size: windows per step.
         temperature: of both softmaxes in the KL divergence.
+        ce_weight: share of the next-token cross-entropy in the loss (0: KL only; 1: cross-entropy
+            only, i.e. fine-tuning).
+        hidden_weight: weight of the hidden-state term added to the loss (0: none).
         seed: order of the windows.
         weight_decay: AdamW weight decay.
         save_every: with a ``checkpoint_dir``, save the training state every this many steps.
@@ -55,6 +65,8 @@ class DistillConfig:
     lr: float = 5e-5
     batch_size: int = 4
     temperature: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
     seed: int = 0
     weight_decay: float = 0.0
     save_every: int = 10
@@ -63,6 +75,17 @@ class DistillConfig:
         check_training_settings(self.steps, self.lr, self.batch_size, self.seed, self.weight_decay)
         check_positive_number(self.temperature, "distillation temperature")
         check_positive_int(self.save_every, "distillation save_every")
+        for name in ("ce_weight", "hidden_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise PruningError(f"distillation {name} must be a non-negative number, got {value!r}.")
+        if self.ce_weight > 1:
+            raise PruningError(f"distillation ce_weight is a share of the loss (0 to 1), got {self.ce_weight!r}.")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False only for plain fine-tuning (cross-entropy alone, no hidden term)."""
+        return self.ce_weight < 1 or self.hidden_weight > 0
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -71,6 +94,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_state_loss(student_states, teacher_states) -> torch.Tensor:
+    """``sum ||h_s - h_t||^2 / sum ||h_t||^2`` per matched hidden state, averaged (float32): every
+    decoder layer's output when the student has the teacher's depth, the final state otherwise."""
+    if len(student_states) != len(teacher_states):
+        student_states, teacher_states = student_states[-1:], teacher_states[-1:]
+    else:
+        student_states, teacher_states = student_states[1:], teacher_states[1:]  # the embeddings are the same input
+    terms = [(s.float() - t.float().to(s.device)).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12).to(s.device)
+             for s, t in zip(student_states, teacher_states)]
+    return torch.stack(terms).mean()
 
 
 def _sparsity_masks(model: nn.Module) -> dict[nn.Linear, torch.Tensor]:
@@ -136,11 +171,42 @@ def _fingerprint(config: DistillConfig, windows: torch.Tensor) -> dict:
     return {"config": asdict(config), "windows": tuple(windows.shape), "sum": int(windows.sum())}
 
 
-def _check_inputs(model: nn.Module, teacher: nn.Module, windows) -> None:
+def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows, config: DistillConfig) -> None:
+    if teacher is None:
+        if config.needs_teacher:
+            raise PruningError("Distillation needs the dense model as teacher (only ce_weight=1 without a hidden term "
+                               "trains without one).")
+        check_training_inputs("Fine-tuning", windows, model)
+        return
     check_training_inputs("Distillation", windows, model, teacher)
     if model.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
         raise PruningError("The teacher's vocabulary differs from the pruned model's; distil from the model the "
                            "prune started from.")
+
+
+def _step_loss(model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """The training loss of one batch: the KL to the teacher's logits, the cross-entropy share and
+    the hidden-state term, as ``config`` weighs them (the teacher without gradients)."""
+    hidden = config.hidden_weight > 0
+    target = None
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(input_ids=batch.to(teacher.get_input_embeddings().weight.device), use_cache=False,
+                             output_hidden_states=hidden)
+    output = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+    loss = torch.zeros((), device=output.logits.device)
+    if config.ce_weight < 1:
+        kl = distillation_loss(output.logits, target.logits.to(output.logits.device), config.temperature)
+        loss = loss + (1 - config.ce_weight) * kl
+    if config.ce_weight > 0:
+        vocab = output.logits.shape[-1]
+        ce = F.cross_entropy(output.logits[:, :-1].float().reshape(-1, vocab), batch[:, 1:].reshape(-1))
+        loss = loss + config.ce_weight * ce
+    if hidden:
+        if output.hidden_states is None or target.hidden_states is None:
+            raise PruningError("This model does not return its hidden states; distil with hidden_weight=0.")
+        loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states, target.hidden_states)
+    return loss
 
 
 def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState, optimizer, fingerprint: dict,
@@ -155,11 +221,8 @@ def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState
         batch = state.next_batch(windows).to(device)
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr)
-        with torch.no_grad():
-            target = teacher(input_ids=batch.to(teacher.get_input_embeddings().weight.device), use_cache=False).logits
         with torch.enable_grad():
-            logits = model(input_ids=batch, use_cache=False).logits
-            loss = distillation_loss(logits, target.to(logits.device), config.temperature)
+            loss = _step_loss(model, teacher, batch, config)
             if not torch.isfinite(loss):
                 raise PruningError(f"Distillation diverged at step {step} (loss {float(loss)}); lower the lr.")
             loss.backward()
@@ -176,18 +239,19 @@ def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState
 
 def recover_distill(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     windows: torch.Tensor,
     config: DistillConfig | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Train every parameter of ``model`` (pruned, in place) to match ``teacher`` (the dense model)
-    on ``windows`` (n x seqlen token ids), its sparsity zeros kept; with ``checkpoint_dir``, save
+    on ``windows`` (n x seqlen token ids), its sparsity zeros kept (``teacher`` None: plain
+    fine-tuning, with ``DistillConfig(ce_weight=1)``); with ``checkpoint_dir``, save
     the training state there and continue an interrupted run from it. Returns what was done: the
     settings, the training loss per step and of the first and last tenth, tokens, seconds."""
     config = config or DistillConfig()
-    _check_inputs(model, teacher, windows)
+    _check_inputs(model, teacher, windows, config)
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     was_training = model.training
     for param in model.parameters():
@@ -198,7 +262,8 @@ def recover_distill(
     if state.load(model, optimizer, fingerprint):
         logger.info("Resuming distillation at step %d of %d.", state.step, config.steps)
     start = time.perf_counter()
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     model.train()
     try:
         _train(model, teacher, windows, config, state, optimizer, fingerprint, progress)
