@@ -66,28 +66,44 @@ def _recovery_text(recovery: dict | None) -> str | None:
     if not recovery:
         return None
     if recovery.get("method") == "distill":
-        curve = _loss_curve(recovery.get("losses") or [])
-        return (f"distillation from the dense model (forward KL of the logits at temperature "
-                f"{recovery['temperature']:g}), every parameter trained {recovery['steps']} steps x "
+        from .recovery.distill import loss_is_kl
+
+        curve = _loss_curve(recovery.get("losses") or [], "KL" if loss_is_kl(recovery) else "loss")
+        return (f"{_distill_loss_text(recovery)}, every parameter trained {recovery['steps']} steps x "
                 f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens ({recovery['tokens']:,} tokens) at lr "
-                f"{recovery['lr']:g} in {recovery['seconds']:.0f} s; KL {recovery['loss_first']:.4f} -> "
-                f"{recovery['loss_last']:.4f}{curve}; sparsity masks kept through training{_trained_on(recovery)}")
+                f"{recovery['lr']:g} in {recovery['seconds']:.0f} s; {'KL' if loss_is_kl(recovery) else 'loss'} "
+                f"{recovery['loss_first']:.4f} -> {recovery['loss_last']:.4f}{curve}; sparsity masks kept through "
+                f"training{_trained_on(recovery)}")
     return (f"LoRA (rank {recovery['rank']}, alpha {recovery['alpha']}) trained {recovery['steps']} steps x "
             f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens at lr {recovery['lr']:g} in "
             f"{recovery['seconds']:.0f} s (training loss {recovery['loss_first']:.3f} -> {recovery['loss_last']:.3f}), "
             f"merged; sparsity masks re-applied{_trained_on(recovery)}")
 
 
+def _distill_loss_text(recovery: dict) -> str:
+    """What the distillation's loss was: the KL at its temperature, the cross-entropy share, the
+    hidden-state term (plain fine-tuning when the cross-entropy is all of it)."""
+    ce, hidden = recovery.get("ce_weight", 0.0), recovery.get("hidden_weight", 0.0)
+    if ce >= 1 and not hidden:
+        return "fine-tuning on the next-token cross-entropy (no teacher)"
+    text = f"distillation from the dense model (forward KL of the logits at temperature {recovery['temperature']:g}"
+    if ce:
+        text += f", {ce:g} of the loss the next-token cross-entropy"
+    if hidden:
+        text += f", plus {hidden:g} x the distance of the hidden states to the dense model's"
+    return text + ")"
+
+
 def _trained_on(recovery: dict) -> str:
     return f"; trained on {recovery['dataset']}" if recovery.get("dataset") else ""
 
 
-def _loss_curve(losses: list[float], points: int = 6) -> str:
+def _loss_curve(losses: list[float], what: str = "KL", points: int = 6) -> str:
     """A few points of a distillation's loss curve: ' (KL by step: 1: 0.5200, 20: 0.3100, ...)'."""
     if len(losses) < 2:
         return ""
     steps = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
-    return " (KL by step: " + ", ".join(f"{s + 1}: {losses[s]:.4f}" for s in steps) + ")"
+    return f" ({what} by step: " + ", ".join(f"{s + 1}: {losses[s]:.4f}" for s in steps) + ")"
 
 
 def _evaluation_section(results: dict, name: str) -> str:

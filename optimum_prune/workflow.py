@@ -108,8 +108,9 @@ class Recovery:
             self.lora = LoraRecoveryConfig()
 
     def teacher_of(self, model):
-        """The teacher distillation needs (a copy of ``model`` before it is pruned), or None."""
-        if self.distill is None:
+        """The teacher distillation needs (a copy of ``model`` before it is pruned), or None (LoRA,
+        or plain fine-tuning: ``DistillConfig(ce_weight=1)``)."""
+        if self.distill is None or not self.distill.needs_teacher:
             return None
         import copy
 
@@ -125,19 +126,20 @@ class Recovery:
     def apply(self, model, tokenizer, config, echo: Callable[[str], None], progress: bool = True,
               teacher=None) -> dict:
         from .calibration.data import calibration_windows
-        from .recovery import recover_distill, recover_lora
+        from .recovery import loss_is_kl, recover_distill, recover_lora
 
         windows = calibration_windows(self.dataset or config.dataset, tokenizer, self.samples, config.seqlen,
                                       config.seed + 1, **config.data_options())
         if self.distill is not None:
-            if teacher is None:
+            if teacher is None and self.distill.needs_teacher:
                 raise PruningError("Distillation needs the dense model as teacher: take it with teacher_of(model) "
                                    "before the prune.")
             found = recover_distill(model, teacher, windows, self.distill, progress=progress,
                                     checkpoint_dir=self.checkpoint_dir)
             found["dataset"] = self.dataset or config.dataset
+            loss = "KL to the dense model" if loss_is_kl(self.distill) else "training loss"
             echo(f"distillation: {self.distill.steps} steps ({found['tokens']:,} tokens) in {found['seconds']:.1f}s, "
-                 f"KL to the dense model {found['loss_first']:.4f} -> {found['loss_last']:.4f}")
+                 f"{loss} {found['loss_first']:.4f} -> {found['loss_last']:.4f}")
             return found
         found = recover_lora(model, windows, self.lora, progress=progress)
         found["dataset"] = self.dataset or config.dataset

@@ -64,6 +64,72 @@ def test_distillation_brings_the_student_closer_to_the_teacher(method, pattern, 
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), dense.values()))  # teacher untouched
 
 
+def test_the_cross_entropy_share_weighs_the_two_losses_and_alone_needs_no_teacher():
+    """(1 - w) KL + w CE on the first batch (the loss recorded before any step), and with w = 1
+    (no hidden term) plain fine-tuning: no teacher, the next-token loss falls."""
+    import torch.nn.functional as F
+
+    from optimum_prune.errors import PruningError
+
+    teacher, student = pruned_pair()
+    data = windows(16, seed=3)
+    first = DistillConfig(steps=1, lr=1e-3, batch_size=4)
+    batch = distill_module._TrainingState(first, None).next_batch(data)
+    with torch.no_grad():
+        logits = student(batch).logits
+        kl = float(distillation_loss(logits, teacher(batch).logits))
+        ce = float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)))
+    for weight in (0.0, 0.3, 1.0):
+        found = recover_distill(copy.deepcopy(student), teacher, data, DistillConfig(steps=1, lr=1e-3, batch_size=4,
+                                                                                     ce_weight=weight), progress=False)
+        assert found["losses"][0] == pytest.approx((1 - weight) * kl + weight * ce, rel=1e-5)
+    tuned = copy.deepcopy(student)
+    found = recover_distill(tuned, None, data, DistillConfig(steps=40, lr=1e-3, batch_size=4, ce_weight=1.0),
+                            progress=False)
+    assert found["loss_last"] < found["loss_first"]
+    with pytest.raises(PruningError, match="needs the dense model as teacher"):
+        recover_distill(tuned, None, data, DistillConfig(steps=1, ce_weight=0.5), progress=False)
+    with pytest.raises(PruningError, match="ce_weight is a share"):
+        DistillConfig(ce_weight=1.5)
+    with pytest.raises(PruningError, match="hidden_weight must be a non-negative number"):
+        DistillConfig(hidden_weight=-1)
+
+
+@torch.no_grad()
+def heldout_hidden(student, teacher, ids) -> float:
+    return float(distill_module.hidden_state_loss(student(ids, output_hidden_states=True).hidden_states,
+                                                  teacher(ids, output_hidden_states=True).hidden_states))
+
+
+def test_the_hidden_state_term_matches_layer_outputs_where_the_depth_allows():
+    """Every layer's output when the student keeps the teacher's depth (width pruning), the final
+    hidden state when a layer went; training with the term brings the student's hidden states
+    closer to the teacher's on held-out tokens than training on the logits alone."""
+    from optimum_prune.structure.shrink import remove_layers
+
+    states = [torch.randn(2, 5, 8) for _ in range(4)]  # embeddings + 3 layer outputs
+    moved = [states[0], states[1] + 1, states[2], states[3]]
+    expected = float((moved[1] - states[1]).pow(2).sum() / states[1].pow(2).sum()) / 3
+    assert float(distill_module.hidden_state_loss(moved, states)) == pytest.approx(expected, rel=1e-5)
+    assert float(distill_module.hidden_state_loss(moved[:1] + moved[2:], states)) == pytest.approx(0.0, abs=1e-7)
+
+    teacher, student = pruned_pair("fasp", "structured", 0.3)
+    heldout, data = windows(8, seed=7), windows(32, seed=3)
+    before = heldout_hidden(student, teacher, heldout)
+    logits_only, with_hidden = copy.deepcopy(student), copy.deepcopy(student)
+    recover_distill(logits_only, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4), progress=False)
+    found = recover_distill(with_hidden, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4, hidden_weight=1.0),
+                            progress=False)
+    assert found["loss_last"] < found["loss_first"]
+    assert heldout_hidden(with_hidden, teacher, heldout) < min(before, heldout_hidden(logits_only, teacher, heldout))
+
+    shallow = copy.deepcopy(student)
+    remove_layers(shallow, [1])  # one of the two layers gone: only the final states are compared
+    found = recover_distill(shallow, teacher, data, DistillConfig(steps=20, lr=1e-3, batch_size=4, hidden_weight=1.0),
+                            progress=False)
+    assert found["loss_last"] < found["loss_first"] and shallow.config.num_hidden_layers == 1
+
+
 def interrupt_at(monkeypatch, call: int) -> None:
     """Ctrl-C in the ``call``-th training step (its loss)."""
     real, calls = distill_module.distillation_loss, []
@@ -127,6 +193,31 @@ def test_cli_distills_and_records_it(tmp_path, capsys):
     assert len(results["recovery"]["losses"]) == 4 and "perplexity_recovered" in results
     card = (tmp_path / "out" / "README.md").read_text()
     assert "distillation from the dense model" in card and "pruned + distillation" in card
+
+
+def test_cli_sets_the_distillation_loss_and_refuses_its_flags_without_distill(tmp_path, capsys):
+    from optimum_prune.commands.prune import main
+
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n\n".join(make_texts(60)))
+    capsys.readouterr()
+    argv = ["--model", str(tmp_path / "model"), "--method", "fasp", "--pattern", "structured", "--sparsity", "0.2",
+            "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress",
+            "--recover-steps", "3", "--recover-samples", "8"]
+    for flag, value in (("--recover-ce-weight", "0.5"), ("--recover-hidden-weight", "1"), ("--recover-temperature", "2")):
+        assert main([*argv, "--recover", "lora", flag, value, "--output", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} needs --recover distill" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--recover", "distill", "--recover-ce-weight", "2", "--output", str(tmp_path / "x")]) == 2
+    assert "ce_weight is a share" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*argv, "--recover", "distill", "--recover-ce-weight", "0.5", "--recover-hidden-weight", "1",
+                 "--recover-temperature", "2", "--output", str(tmp_path / "out")]) == 0
+    assert "training loss" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "out" / "pruning_results.json").read_text())["recovery"]
+    assert (recorded["ce_weight"], recorded["hidden_weight"], recorded["temperature"]) == (0.5, 1.0, 2.0)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "0.5 of the loss the next-token cross-entropy" in card and "distance of the hidden states" in card
 
 
 def test_cli_resumes_an_interrupted_distillation(tmp_path, capsys, monkeypatch):

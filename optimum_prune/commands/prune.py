@@ -149,6 +149,13 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recover-batch-size", type=int, default=4, help="Windows of --seqlen tokens per step (default 4).")
     recovery.add_argument("--recover-samples", type=int, default=256,
                           help="Training windows drawn from --recover-dataset or --dataset (seed + 1, default 256).")
+    recovery.add_argument("--recover-temperature", type=float, default=None,
+                          help="distill: temperature of both softmaxes in the KL (default 1).")
+    recovery.add_argument("--recover-ce-weight", type=float, default=None,
+                          help="distill: share of the next-token cross-entropy in the loss, 0 to 1 (default 0: KL only).")
+    recovery.add_argument("--recover-hidden-weight", type=float, default=None,
+                          help="distill: weight of the hidden-state term (every layer's output where the depth is "
+                               "kept, the final state otherwise; default 0).")
     recovery.add_argument("--recover-dataset", default=None,
                           help="The recovery's training text when it is not --dataset (a local file, packaged:..., "
                                "a dataset name; drawn like the calibration windows).")
@@ -212,6 +219,9 @@ def check_flags(args) -> None:
         raise PruningError("--hub-private needs --push-to-hub REPO.")
     if args.recover_dataset is not None and not args.recover:
         raise PruningError("--recover-dataset needs --recover lora or --recover distill.")
+    for flag in DISTILL_FLAGS:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.recover != "distill":
+            raise PruningError(f"{flag} needs --recover distill.")
     if args.push_to_hub:
         from optimum_prune.hub import check_repo_id
 
@@ -431,6 +441,10 @@ def _evaluation(args, config):
                       tasks_batch_size=args.tasks_batch_size)
 
 
+#: The flags that set the distillation's loss (refused with --recover lora).
+DISTILL_FLAGS = ("--recover-temperature", "--recover-ce-weight", "--recover-hidden-weight")
+
+
 def _recovery(args, config):
     """--recover lora / distill and its flags as a `Recovery` (None without --recover)."""
     if not args.recover:
@@ -440,7 +454,11 @@ def _recovery(args, config):
 
     lr = {} if args.recover_lr is None else {"lr": args.recover_lr}
     if args.recover == "distill":  # an interrupted distillation continues from the checkpoint folder (--resume)
-        distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed, **lr)
+        loss = {field: value for field, value in (("temperature", args.recover_temperature),
+                                                  ("ce_weight", args.recover_ce_weight),
+                                                  ("hidden_weight", args.recover_hidden_weight)) if value is not None}
+        distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed,
+                                **lr, **loss)
         return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir,
                         dataset=args.recover_dataset)
     lora = LoraRecoveryConfig(steps=args.recover_steps, rank=args.recover_rank, alpha=2 * args.recover_rank,

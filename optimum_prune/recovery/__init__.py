@@ -1,8 +1,9 @@
 """Recovery of a pruned model's quality by short training: LoRA with PEFT merged back, or
 distillation of every parameter from the dense model."""
 
-from .distill import DistillConfig, distillation_loss, recover_distill
+from .distill import DistillConfig, distillation_loss, hidden_state_loss, loss_is_kl, recover_distill
 from .lora import LoraRecoveryConfig, recover_lora
 
 
-__all__ = ["DistillConfig", "LoraRecoveryConfig", "distillation_loss", "recover_distill", "recover_lora"]
+__all__ = ["DistillConfig", "LoraRecoveryConfig", "distillation_loss", "hidden_state_loss", "loss_is_kl",
+           "recover_distill", "recover_lora"]

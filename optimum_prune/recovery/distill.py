@@ -88,6 +88,13 @@ class DistillConfig:
         return self.ce_weight < 1 or self.hidden_weight > 0
 
 
+def loss_is_kl(config) -> bool:
+    """Whether the training loss is the KL alone (no cross-entropy share, no hidden term); takes a
+    `DistillConfig` or the dict of one a run recorded."""
+    get = config.get if isinstance(config, dict) else lambda name, default: getattr(config, name, default)
+    return not get("ce_weight", 0.0) and not get("hidden_weight", 0.0)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, averaged over tokens (float32)."""
     vocab = student_logits.shape[-1]

@@ -4,7 +4,9 @@ the plan-only run (``--dry-run``, `Pruner.plan`) and the check a run makes befor
 Distillation trains every parameter: a gradient and AdamW's two moments per parameter, the teacher's
 weights (a copy of the dense model, in ``teacher_dtype`` when given), the student's and the teacher's
 logits in float32 with their log-softmax copies and the student's gradient, the zeros of an
-unstructured prune (one byte per Linear weight) and the activations the backward pass keeps. LoRA
+unstructured prune (one byte per Linear weight), the teacher's hidden states when the loss has a
+hidden-state term, and the activations the backward pass keeps (plain fine-tuning, ``ce_weight=1``,
+holds no teacher). LoRA
 trains the adapters only (their weights, gradients and moments), the logits of one model, and
 keeps more activations per token (each adapter's input copy and its low-rank product).
 
@@ -51,7 +53,9 @@ def training_memory(model: nn.Module, recovery, seqlen: int) -> dict[str, int]:
     linears = [linear for i, layer in enumerate(layers) for linear in select_target_linears(layer, str(i), None, None).values()]
     if kind == "distill":
         teacher = getattr(torch, recovery.teacher_dtype).itemsize if recovery.teacher_dtype else element
-        parts["teacher"] = count * teacher
+        parts["teacher"] = count * teacher if settings.needs_teacher else 0
+        if settings.hidden_weight:  # the teacher's hidden states, held for the hidden-state term
+            parts["teacher hidden states"] = tokens * (len(layers) + 1) * hidden * 4
         parts["gradients and optimiser"] = 3 * count * element
         parts["masks"] = sum(linear.weight.numel() for linear in linears)
     else:
