@@ -4,6 +4,13 @@ several gloo processes and save each rank's weights (rank 0 also saves the model
     distributed_worker.py OUT METHOD                 one prune (shared solves, the default)
     distributed_worker.py OUT compare METHOD...      each method twice: shared solves, then every
                                                      process solving everything
+    distributed_worker.py OUT recover [resume] [kill=RANK:N]
+                                                     data-parallel recoveries of one pruned tiny model
+                                                     (distillation with a cross-entropy share and the
+                                                     hidden term, then LoRA); ``kill`` ends process
+                                                     RANK at its N-th distillation step, ``resume``
+                                                     continues from OUT/recover-checkpoint (also
+                                                     runs without torchrun: the one-process reference)
     distributed_worker.py OUT checkpoint METHOD [resume] [kill=RANK:WHERE:N]
                                                      a prune committing to OUT/checkpoint; ``kill``
                                                      ends process RANK (SIGKILL) at its N-th solve
@@ -110,12 +117,51 @@ def fail_solves() -> None:
     solves.Piece.__init__ = init
 
 
+def recover(out: str, rank: int, args: list[str]) -> None:
+    """Prune a tiny Llama (magnitude 50%, no calibration), distil it from its dense copy and
+    LoRA-tune it, 4 windows per step shared by the processes; save the weights and losses."""
+    import copy
+    import json
+
+    from optimum_prune.recovery import DistillConfig, LoraRecoveryConfig, recover_distill, recover_lora
+    from optimum_prune.recovery import distill as distill_module
+
+    for option in args:
+        if option.startswith("kill="):
+            who, count = map(int, option[5:].split(":"))
+            if who == rank:
+                real, calls = distill_module.distillation_loss, [0]
+
+                def killed(*a, **k):
+                    calls[0] += 1
+                    if calls[0] == count:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*a, **k)
+                distill_module.distillation_loss = killed
+    model = tiny_model("llama", num_hidden_layers=2, initializer_range=0.2)
+    teacher = copy.deepcopy(model)
+    Pruner(PruningConfig(method="magnitude", sparsity=0.5)).prune(model, progress=False)
+    data = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+    settings = DistillConfig(steps=8, lr=1e-3, batch_size=4, ce_weight=0.3, hidden_weight=0.5, save_every=2)
+    distilled = recover_distill(model, teacher, data, settings, progress=False,
+                                checkpoint_dir=os.path.join(out, "recover-checkpoint"))
+    tuned = recover_lora(model, data, LoraRecoveryConfig(steps=6, lr=1e-3, batch_size=4), progress=False)
+    save_file(weights(model), os.path.join(out, f"recover-rank{rank}.safetensors"))
+    with open(os.path.join(out, f"recover-rank{rank}.json"), "w") as handle:
+        json.dump({"distill": distilled["losses"], "lora": [tuned["loss_first"], tuned["loss_last"]]}, handle)
+
+
 def main(out: str, args: list[str]) -> None:
+    if args[0] == "recover" and "WORLD_SIZE" not in os.environ:  # the one-process reference
+        recover(out, 0, args[1:])
+        return
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if os.environ.get("OPTIMUM_PRUNE_TEST_FAIL_RANK") == str(rank):
         fail_solves()
-    if args[0] == "compare":
+    if args[0] == "recover":
+        recover(out, rank, args[1:])
+    elif args[0] == "compare":
         for method in args[1:]:
             for mode in ("shared", "everywhere"):
                 os.environ["OPTIMUM_PRUNE_SHARED_SOLVES"] = "1" if mode == "shared" else "0"

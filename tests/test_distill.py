@@ -109,7 +109,7 @@ def test_the_hidden_state_term_matches_layer_outputs_where_the_depth_allows():
 
     states = [torch.randn(2, 5, 8) for _ in range(4)]  # embeddings + 3 layer outputs
     moved = [states[0], states[1] + 1, states[2], states[3]]
-    expected = float((moved[1] - states[1]).pow(2).sum() / states[1].pow(2).sum()) / 3
+    expected = float(((moved[1] - states[1]).pow(2).sum(-1) / states[1].pow(2).sum(-1)).mean()) / 3
     assert float(distill_module.hidden_state_loss(moved, states)) == pytest.approx(expected, rel=1e-5)
     assert float(distill_module.hidden_state_loss(moved[:1] + moved[2:], states)) == pytest.approx(0.0, abs=1e-7)
 

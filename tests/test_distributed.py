@@ -102,6 +102,37 @@ def test_a_process_failing_its_share_stops_every_process_with_one_line(tmp_path)
     assert "Process 1 failed while solving its share of the layer" in result.stderr
 
 
+def test_recovery_is_data_parallel_under_several_processes(tmp_path):
+    """Distillation (KL, cross-entropy share, hidden term) and LoRA under 2 gloo processes: each
+    trains on its half of every batch, the gradients are averaged, so both processes end with
+    identical weights, those of one process on the whole batches (up to float summation order),
+    and the recorded losses are the whole batches'. Killed mid-distillation, the same run with
+    ``resume`` continues from the state one process saved to the uninterrupted weights."""
+    single = tmp_path / "single"
+    single.mkdir()
+    subprocess.run([sys.executable, os.path.join(HERE, "distributed_worker.py"), str(single), "recover"], check=True,
+                   env={k: v for k, v in ENV.items() if k != "WORLD_SIZE"}, timeout=600)
+    torchrun(tmp_path, "recover")
+    ranks = [load_file(tmp_path / f"recover-rank{rank}.safetensors") for rank in (0, 1)]
+    one = load_file(single / "recover-rank0.safetensors")
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in one)
+    assert all(torch.allclose(ranks[0][k], one[k], atol=1e-5, rtol=1e-4) for k in one)
+    zeros = [k for k in one if ".layers." in k and k.endswith("proj.weight")]
+    assert zeros and all(torch.equal(ranks[0][k] == 0, one[k] == 0) for k in zeros)  # the masks kept
+    losses = [json.loads((tmp_path / f"recover-rank{rank}.json").read_text()) for rank in (0, 1)]
+    reference = json.loads((single / "recover-rank0.json").read_text())
+    assert losses[0] == losses[1] and reference["distill"] == pytest.approx(losses[0]["distill"], rel=1e-4)
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    killed = torchrun(cut, "recover", "kill=1:6", check=False)  # steps 1-4 saved
+    assert killed.returncode != 0 and not (cut / "recover-rank0.safetensors").exists()
+    torchrun(cut, "recover", "resume")
+    resumed = load_file(cut / "recover-rank0.safetensors")
+    assert all(torch.equal(resumed[k], ranks[0][k]) for k in one)
+    assert not (cut / "recover-checkpoint" / "distill-state.pt").exists()
+
+
 def test_assignment_balances_by_cost_and_is_the_same_everywhere():
     from optimum_prune.engine.solves import row_blocks
 

@@ -8,7 +8,7 @@ so that its gradients keep their size across temperatures), averaged over tokens
 ``(1 - ce_weight) KL + ce_weight CE``; ``ce_weight=1`` without a hidden term is plain
 full-parameter fine-tuning and needs no teacher), and ``hidden_weight`` adds Minitron's
 intermediate-state term: the squared distance of the student's hidden states to the teacher's,
-relative to the teacher's, averaged over the decoder layers' outputs when the student has the
+relative to the teacher's, per token, averaged over the decoder layers' outputs when the student has the
 teacher's depth (width pruning, ``no_op`` blocks) and over the final hidden state when layers were
 removed (where else the shapes match). Unstructured
 and N:M zeros are kept through training (the mask is put back after every optimiser step, so the
@@ -25,6 +25,7 @@ continues from there and ends with the weights an uninterrupted run ends with.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, check_positive_int, check_positive_number
+from ..runtime.distributed import average_gradients, batch_share, is_main_process, synchronize, world_size
 from ..structure.layers import find_decoder_layers, select_target_linears
 from .training import check_training_inputs, check_training_settings, warmup_cosine
 
@@ -104,14 +106,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def hidden_state_loss(student_states, teacher_states) -> torch.Tensor:
-    """``sum ||h_s - h_t||^2 / sum ||h_t||^2`` per matched hidden state, averaged (float32): every
-    decoder layer's output when the student has the teacher's depth, the final state otherwise."""
+    """``||h_s - h_t||^2 / ||h_t||^2`` per token, averaged over the tokens and the matched hidden
+    states (float32): every decoder layer's output when the student has the teacher's depth, the
+    final state otherwise. A mean over tokens, so data-parallel parts of a batch average to it."""
     if len(student_states) != len(teacher_states):
         student_states, teacher_states = student_states[-1:], teacher_states[-1:]
     else:
         student_states, teacher_states = student_states[1:], teacher_states[1:]  # the embeddings are the same input
-    terms = [(s.float() - t.float().to(s.device)).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12).to(s.device)
-             for s, t in zip(student_states, teacher_states)]
+    terms = []
+    for student, teacher in zip(student_states, teacher_states):
+        teacher = teacher.float().to(student.device)
+        distance = (student.float() - teacher).pow(2).sum(-1)
+        terms.append((distance / teacher.pow(2).sum(-1).clamp_min(1e-12)).mean())
     return torch.stack(terms).mean()
 
 
@@ -155,15 +161,19 @@ class _TrainingState:
         return True
 
     def save(self, model: nn.Module, optimizer, fingerprint: dict) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        tmp = self.path + ".tmp"
-        torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": self.step, "losses": self.losses, "order": self.order,
-                    "generator": self.generator.get_state()}, tmp)
-        os.replace(tmp, self.path)
+        """Written by one process (every process holds the same state), the others waiting for it."""
+        if is_main_process():
+            os.makedirs(self.directory, exist_ok=True)
+            tmp = self.path + ".tmp"
+            torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": self.step, "losses": self.losses, "order": self.order,
+                        "generator": self.generator.get_state()}, tmp)
+            os.replace(tmp, self.path)
+        synchronize()
 
     def clear(self) -> None:
-        if self.path and os.path.isfile(self.path):
+        synchronize()  # every process is past its last read
+        if is_main_process() and self.path and os.path.isfile(self.path):
             os.remove(self.path)
 
     def next_batch(self, windows: torch.Tensor) -> torch.Tensor:
@@ -175,7 +185,10 @@ class _TrainingState:
 
 
 def _fingerprint(config: DistillConfig, windows: torch.Tensor) -> dict:
-    return {"config": asdict(config), "windows": tuple(windows.shape), "sum": int(windows.sum())}
+    found = {"config": asdict(config), "windows": tuple(windows.shape), "sum": int(windows.sum())}
+    if world_size() > 1:  # a state saved by another number of processes took other gradients
+        found["processes"] = world_size()
+    return found
 
 
 def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows, config: DistillConfig) -> None:
@@ -224,21 +237,23 @@ def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState
     masks = _sparsity_masks(model)
     bar = tqdm(range(state.step, config.steps), total=config.steps, initial=state.step, desc="distillation",
                unit="step", disable=not progress)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     for step in bar:
-        batch = state.next_batch(windows).to(device)
+        batch, share = batch_share(state.next_batch(windows))  # several processes: this one's part
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr)
         with torch.enable_grad():
-            loss = _step_loss(model, teacher, batch, config)
-            if not torch.isfinite(loss):
-                raise PruningError(f"Distillation diverged at step {step} (loss {float(loss)}); lower the lr.")
+            loss = _step_loss(model, teacher, batch.to(device), config)
             loss.backward()
+        value = average_gradients(params, share, loss)  # the whole batch's gradient and loss on every process
+        if not math.isfinite(value):
+            raise PruningError(f"Distillation diverged at step {step} (loss {value}); lower the lr.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # trained inside the sparsity pattern
             for linear, zeros in masks.items():
                 linear.weight.masked_fill_(zeros, 0)
-        state.step, state.losses = step + 1, [*state.losses, float(loss.detach())]
+        state.step, state.losses = step + 1, [*state.losses, value]
         bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
         if state.directory and (state.step % config.save_every == 0 or state.step == config.steps):
             state.save(model, optimizer, fingerprint)

@@ -12,6 +12,7 @@ adapts the Linears at their pruned sizes).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, check_positive_int
+from ..runtime.distributed import average_gradients, batch_share
 from ..structure.layers import find_decoder_layers, select_target_linears
 from .training import check_training_inputs, check_training_settings, warmup_cosine
 
@@ -74,16 +76,18 @@ def _train(peft_model, windows: torch.Tensor, config: LoraRecoveryConfig, device
         for step in bar:
             if order.numel() < config.batch_size:
                 order = torch.cat([order, torch.randperm(windows.shape[0], generator=generator)])
-            batch, order = windows[order[: config.batch_size]].to(device), order[config.batch_size:]
+            batch, share = batch_share(windows[order[: config.batch_size]])  # several processes: this one's part
+            batch, order = batch.to(device), order[config.batch_size:]
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, config.steps, config.lr)
             loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise PruningError(f"LoRA recovery diverged at step {step} (loss {float(loss)}); lower the lr.")
             loss.backward()
+            value = average_gradients(params, share, loss)  # the whole batch's gradient and loss everywhere
+            if not math.isfinite(value):
+                raise PruningError(f"LoRA recovery diverged at step {step} (loss {value}); lower the lr.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(value)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
 

@@ -129,6 +129,58 @@ def broadcast_layer(layer: nn.Module) -> None:
             param.data.copy_(value)
 
 
+def batch_share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This rank's part of a training batch every rank drew alike (every ``world_size``-th window,
+    starting at ``rank``) and its share of the batch's windows; the whole batch and 1.0 in one
+    process. Data-parallel recovery: each rank trains on its part, `average_gradients` combines."""
+    if not is_distributed():
+        return batch, 1.0
+    if batch.shape[0] < world_size():
+        raise PruningError(f"A recovery batch of {batch.shape[0]} windows cannot be shared by {world_size()} processes; "
+                           f"use at least as many windows per step (--recover-batch-size) as processes.")
+    local = batch[rank():: world_size()]
+    return local, local.shape[0] / batch.shape[0]
+
+
+@torch.no_grad()
+def average_gradients(params: Sequence[nn.Parameter], share: float, loss: torch.Tensor) -> float:
+    """Data-parallel step: each rank's gradients (and ``loss``, a mean over its part of the batch)
+    weighted by its ``share`` of the batch and summed over ranks in one flat all-reduce, so every
+    rank holds the gradient of the whole batch's mean loss and steps its optimiser to the same
+    weights. Returns the whole batch's loss. One process: nothing changes."""
+    if not is_distributed():
+        return float(loss.detach())
+    grads = [p.grad for p in params if p.grad is not None]
+    total = loss.detach().reshape(1).float() * share
+    total = total.to(_device_for_collectives(total.device))
+    torch.distributed.all_reduce(total)
+    for bucket in _buckets(grads):
+        flat = torch.cat([grad.reshape(-1) for grad in bucket]) * share
+        reduced = flat.to(_device_for_collectives(flat.device))
+        torch.distributed.all_reduce(reduced)
+        offset = 0
+        for grad in bucket:
+            grad.copy_(reduced[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+    return float(total)
+
+
+def _buckets(tensors: Sequence[torch.Tensor], elements: int = 1 << 25) -> Iterator[list[torch.Tensor]]:
+    """Consecutive tensors of one device and dtype, about ``elements`` values per group (one
+    all-reduce each, so the flat copy stays small beside the model)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and (size + tensor.numel() > elements or tensor.device != bucket[0].device
+                       or tensor.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
+
+
 def synchronize() -> None:
     """Wait until every rank gets here (several processes; nothing otherwise)."""
     if is_distributed():
