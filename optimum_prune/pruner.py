@@ -12,7 +12,7 @@ from torch import nn
 
 from .engine.checkpoint import LayerCheckpoint
 from .calibration.data import calibration_windows, check_seqlen
-from .runtime.distributed import is_distributed, is_main_process, shard_windows
+from .runtime.distributed import is_distributed, is_main_process, shard_windows, world_size
 from .engine.activations import check_place
 from .engine.build import build_engine
 from .engine.layerwise import LayerwiseEngine
@@ -215,11 +215,12 @@ class Pruner:
         if is_main_process():  # the writer: the output's disk holds the model, before hours of work
             check_free_space(getattr(output, "path", output), saved_bytes(loaded, gguf))
         self.check_windows_fit(getattr(loaded, "config", None), evaluation, recovery)
+        if recovery is not None:  # before any work: the training after the prune must fit too
+            recovery.check_processes(world_size())
+            check_training_memory(loaded, recovery, self.config.seqlen, world_size())
         results = {}
         evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
         results["parameters_before"] = sum(p.numel() for p in loaded.parameters())
-        if recovery is not None:  # before any work: the training after the prune must fit too
-            check_training_memory(loaded, recovery, self.config.seqlen)
         teacher = recovery.teacher_of(loaded) if recovery is not None else None  # the dense model, for distillation
         start = time.perf_counter()
         self.prune(loaded, tokenizer=tokenizer, **prune_kwargs)
@@ -320,7 +321,7 @@ class Pruner:
                 tasks[task.label] = tasks.get(task.label, 0) + 1
                 targets[task.target_key()] = targets.get(task.target_key(), 0) + 1
         working = estimate_memory(engine, calibrated, cfg.seqlen, source, home, checkpoint=checkpoint)
-        training = training_memory(model, recovery, cfg.seqlen) if recovery is not None else {}
+        training = training_memory(model, recovery, cfg.seqlen, processes) if recovery is not None else {}
         if training.get("teacher"):  # the dense copy distillation takes before the prune
             working.add(home if source.type == "meta" else source, "distillation teacher", training["teacher"])
         return PrunePlan(

@@ -107,6 +107,15 @@ class Recovery:
 
             self.lora = LoraRecoveryConfig()
 
+    def check_processes(self, processes: int) -> None:
+        """Data-parallel training shares every batch's windows between the processes: refuse, before
+        any work, fewer windows per step than processes."""
+        settings = self.distill if self.distill is not None else self.lora
+        if processes > min(settings.batch_size, self.samples):
+            raise PruningError(f"A recovery batch of {min(settings.batch_size, self.samples)} windows cannot be shared "
+                               f"by {processes} processes; use at least as many windows per step "
+                               f"(--recover-batch-size) as processes.")
+
     def teacher_of(self, model):
         """The teacher distillation needs (a copy of ``model`` before it is pruned), or None (LoRA,
         or plain fine-tuning: ``DistillConfig(ce_weight=1)``)."""

@@ -169,19 +169,32 @@ def _cli_args(root, output, *extra):
 
 
 def test_cli_under_torchrun_matches_one_process(tiny_folder):
+    """The prune and the distillation after it (data-parallel: each process half of every batch);
+    a batch the processes cannot share is refused in one line before any work."""
     from optimum_prune.commands.prune import main
 
     root = tiny_folder
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "optimum_prune.commands", *_cli_args(root, root / "two")],
-        capture_output=True, text=True, timeout=300, env=ENV,
-    )
+    recover = ("--recover", "distill", "--recover-steps", "4", "--recover-samples", "8", "--recover-lr", "1e-3")
+
+    def two(output, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "optimum_prune.commands", *_cli_args(root, output, *recover, *extra)],
+            capture_output=True, text=True, timeout=300, env=ENV,
+        )
+
+    refused = two(root / "refused", "--recover-batch-size", "1")
+    assert refused.returncode != 0 and not (root / "refused").exists()
+    assert "cannot be shared by 2 processes" in refused.stderr and "--recover-batch-size" in refused.stderr
+    result = two(root / "two", "--recover-batch-size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert main(_cli_args(root, root / "one")) == 0
+    assert main(_cli_args(root, root / "one", *recover, "--recover-batch-size", "2")) == 0
     two, one = load_file(root / "two" / "model.safetensors"), load_file(root / "one" / "model.safetensors")
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in one:  # the prune's last bits differ (statistics summed over two processes); AdamW's
+        # normalised steps can carry that to ~1e-4 on a few weights whose gradients are near zero
+        torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4, msg=key)
+    results = [json.loads((root / name / "pruning_results.json").read_text())["recovery"] for name in ("one", "two")]
+    assert results[1]["losses"] == pytest.approx(results[0]["losses"], rel=1e-4)
 
 
 def test_accelerate_launch_runs_the_same_shared_prune_as_torchrun(tiny_folder):

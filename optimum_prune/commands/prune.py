@@ -370,9 +370,9 @@ def _run(args) -> int:
 
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    if init_from_env(args.device) and (recovery is not None or evaluation.tasks):  # torchrun / accelerate launch
-        raise PruningError("--recover and --tasks run in one process only; evaluate or recover the saved model in "
-                           "a separate single-process run.")
+    if init_from_env(args.device) and evaluation.tasks:  # torchrun / accelerate launch (recovery is data-parallel)
+        raise PruningError("--tasks runs in one process only; evaluate the saved model in a separate single-process "
+                           "run.")
     checkpoint = reserve_paths(args, output)
     try:
         pruner.run(args.model, output, evaluation=evaluation, recovery=recovery, gguf=args.gguf,

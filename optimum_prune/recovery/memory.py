@@ -34,9 +34,10 @@ ACTIVATIONS = {"distill": (6.0, 6.0), "lora": (12.0, 11.0)}
 LOGIT_COPIES = {"distill": 6, "lora": 4}
 
 
-def training_memory(model: nn.Module, recovery, seqlen: int) -> dict[str, int]:
+def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1) -> dict[str, int]:
     """Bytes the recovery ``recovery`` (a `workflow.Recovery`) holds at its peak on the model's device
-    beyond the model's weights, by part. Works on a model with meta weights (a plan-only run)."""
+    beyond the model's weights, by part, in the busiest of ``processes`` data-parallel processes (each
+    trains on its part of every batch). Works on a model with meta weights (a plan-only run)."""
     kind = "distill" if recovery.distill is not None else "lora"
     settings = recovery.distill if kind == "distill" else recovery.lora
     config = getattr(model, "config", None)
@@ -46,7 +47,7 @@ def training_memory(model: nn.Module, recovery, seqlen: int) -> dict[str, int]:
     hidden = getattr(config, "hidden_size", 0) or 0
     intermediate = getattr(config, "intermediate_size", 0) or hidden * 4
     vocab = getattr(config, "vocab_size", 0) or 0
-    tokens = min(settings.batch_size, recovery.samples) * seqlen
+    tokens = -(-min(settings.batch_size, recovery.samples) // max(1, processes)) * seqlen
     a, b = ACTIVATIONS[kind]
     parts = {"activations": int(tokens * len(layers) * (a * hidden + b * intermediate) * element),
              "logits": int(LOGIT_COPIES[kind] * tokens * vocab * 4)}
@@ -68,11 +69,11 @@ def describe(parts: dict[str, int]) -> str:
     return ", ".join(f"{what} {format_bytes(nbytes)}" for what, nbytes in parts.items() if nbytes)
 
 
-def check_training_memory(model: nn.Module, recovery, seqlen: int) -> None:
+def check_training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1) -> None:
     """Refuse, before any work, a recovery whose training will not fit in the free memory of the
     model's device (one `PruningError` line naming the fixes)."""
     device = next(model.parameters()).device
-    parts = training_memory(model, recovery, seqlen)
+    parts = training_memory(model, recovery, seqlen, processes)
     free = available_bytes(device)
     if free is not None and sum(parts.values()) > free:
         kind = "distillation" if recovery.distill is not None else "LoRA recovery"
