@@ -33,7 +33,7 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 #: Where calibration activations wait between decoder layers (optimum_prune/engine/activations.py)
 ACTIVATION_PLACES = ("device", "cpu", "disk")
 #: How a pruned model is recovered after pruning (``--recover``)
-RECOVERY_METHODS = ("lora", "distill")
+RECOVERY_METHODS = ("lora", "distill", "distill-lora")
 #: Weight dtypes a model is loaded in
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 

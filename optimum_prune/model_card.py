@@ -69,7 +69,9 @@ def _recovery_text(recovery: dict | None) -> str | None:
         from .recovery.distill import loss_is_kl
 
         curve = _loss_curve(recovery.get("losses") or [], "KL" if loss_is_kl(recovery) else "loss")
-        return (f"{_distill_loss_text(recovery)}, every parameter trained {recovery['steps']} steps x "
+        trained = (f"LoRA adapters (rank {recovery['lora_rank']}, alpha {recovery['lora_alpha']}) trained and merged"
+                   if recovery.get("lora_rank") else "every parameter trained")
+        return (f"{_distill_loss_text(recovery)}, {trained} {recovery['steps']} steps x "
                 f"{recovery['batch_size']} windows of {recovery['seqlen']} tokens ({recovery['tokens']:,} tokens) at lr "
                 f"{recovery['lr']:g} in {recovery['seconds']:.0f} s; {'KL' if loss_is_kl(recovery) else 'loss'} "
                 f"{recovery['loss_first']:.4f} -> {recovery['loss_last']:.4f}{curve}; sparsity masks kept through "

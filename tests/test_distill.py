@@ -130,6 +130,51 @@ def test_the_hidden_state_term_matches_layer_outputs_where_the_depth_allows():
     assert found["loss_last"] < found["loss_first"] and shallow.config.num_hidden_layers == 1
 
 
+def test_distillation_through_lora_adapters_trains_only_them_and_merges_back(tmp_path, monkeypatch):
+    """distill-lora: the KL to the teacher falls on held-out tokens, only the adapters train (the
+    memory of LoRA: no gradient or moment of a base weight), they are merged back (no peft module
+    left), the zeros are put back after the dense merge; an interrupted run resumes to the same weights."""
+    from optimum_prune.recovery.memory import training_memory
+    from optimum_prune.workflow import Recovery
+
+    teacher, student = pruned_pair()
+    heldout, data = windows(8, seed=7), windows(32, seed=3)
+    zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and ".layers." in name}
+    config = DistillConfig(steps=60, lr=1e-2, batch_size=4, lora_rank=8, save_every=4)
+    reference = copy.deepcopy(student)
+    stepped = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        stepped.append(sum(p.numel() for group in self.param_groups for p in group["params"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    before = heldout_kl(reference, teacher, heldout)
+    found = recover_distill(reference, teacher, data, config, progress=False)
+    monkeypatch.undo()
+    adapters = sum(8 * (m.in_features + m.out_features) for name, m in reference.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    assert set(stepped) == {adapters} and found["lora_alpha"] == 16
+    planned = training_memory(reference, Recovery(distill=config), 32)
+    assert "gradients and optimiser" not in planned and planned["adapters, gradients and optimiser"] == 16 * adapters
+    # (a tiny random model: the adapters fit the 32 training windows far better than held-out ones)
+    assert heldout_kl(reference, teacher, heldout) < 0.98 * before and found["loss_last"] < 0.5 * found["loss_first"]
+    assert not any("lora" in name for name, _ in reference.named_modules())
+    for name, was_zero in zeros.items():
+        assert bool((dict(reference.named_parameters())[name][was_zero] == 0).all()), name
+
+    interrupt_at(monkeypatch, 11)  # steps 1-8 saved
+    with pytest.raises(KeyboardInterrupt):
+        recover_distill(student, teacher, data, config, progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    assert not any("lora" in name for name, _ in student.named_modules())  # merged even when interrupted
+    student = pruned_pair()[1]  # a fresh process would load the pruned model again
+    recover_distill(student, teacher, data, config, progress=False, checkpoint_dir=tmp_path)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def interrupt_at(monkeypatch, call: int) -> None:
     """Ctrl-C in the ``call``-th training step (its loss)."""
     real, calls = distill_module.distillation_loss, []
@@ -218,6 +263,10 @@ def test_cli_sets_the_distillation_loss_and_refuses_its_flags_without_distill(tm
     assert (recorded["ce_weight"], recorded["hidden_weight"], recorded["temperature"]) == (0.5, 1.0, 2.0)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "0.5 of the loss the next-token cross-entropy" in card and "distance of the hidden states" in card
+    assert main([*argv, "--recover", "distill-lora", "--recover-rank", "4", "--output", str(tmp_path / "lora")]) == 0
+    recorded = json.loads((tmp_path / "lora" / "pruning_results.json").read_text())["recovery"]
+    assert (recorded["lora_rank"], recorded["lora_alpha"], recorded["lr"]) == (4, 8, 2e-4)
+    assert "LoRA adapters (rank 4, alpha 8) trained and merged" in (tmp_path / "lora" / "README.md").read_text()
 
 
 def test_cli_resumes_an_interrupted_distillation(tmp_path, capsys, monkeypatch):

@@ -141,20 +141,21 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery = parser.add_argument_group("recovery (after pruning, before saving)")
     recovery.add_argument("--recover", choices=RECOVERY_METHODS, default=None,
                           help="lora: a short LoRA fine-tune on the calibration text, merged back; distill: every "
-                               "parameter trained to match the dense model's logits (forward KL). Sparsity masks kept.")
+                               "parameter trained to match the dense model's logits (forward KL); distill-lora: the "
+                               "same loss through LoRA adapters (less memory). Sparsity masks kept.")
     recovery.add_argument("--recover-steps", type=int, default=100, help="Optimiser steps (default 100).")
     recovery.add_argument("--recover-lr", type=float, default=None,
-                          help="Peak learning rate (default 2e-4 for lora, 5e-5 for distill).")
-    recovery.add_argument("--recover-rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank).")
+                          help="Peak learning rate (default 2e-4 for lora and distill-lora, 5e-5 for distill).")
+    recovery.add_argument("--recover-rank", type=int, default=8, help="LoRA rank of lora and distill-lora (default 8; alpha = 2 x rank).")
     recovery.add_argument("--recover-batch-size", type=int, default=4, help="Windows of --seqlen tokens per step (default 4).")
     recovery.add_argument("--recover-samples", type=int, default=256,
                           help="Training windows drawn from --recover-dataset or --dataset (seed + 1, default 256).")
     recovery.add_argument("--recover-temperature", type=float, default=None,
-                          help="distill: temperature of both softmaxes in the KL (default 1).")
+                          help="distill, distill-lora: temperature of both softmaxes in the KL (default 1).")
     recovery.add_argument("--recover-ce-weight", type=float, default=None,
-                          help="distill: share of the next-token cross-entropy in the loss, 0 to 1 (default 0: KL only).")
+                          help="distill, distill-lora: share of the next-token cross-entropy in the loss, 0 to 1 (default 0: KL only).")
     recovery.add_argument("--recover-hidden-weight", type=float, default=None,
-                          help="distill: weight of the hidden-state term (every layer's output where the depth is "
+                          help="distill, distill-lora: weight of the hidden-state term (every layer's output where the depth is "
                                "kept, the final state otherwise; default 0).")
     recovery.add_argument("--recover-dataset", default=None,
                           help="The recovery's training text when it is not --dataset (a local file, packaged:..., "
@@ -220,8 +221,8 @@ def check_flags(args) -> None:
     if args.recover_dataset is not None and not args.recover:
         raise PruningError("--recover-dataset needs --recover lora or --recover distill.")
     for flag in DISTILL_FLAGS:
-        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.recover != "distill":
-            raise PruningError(f"{flag} needs --recover distill.")
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.recover not in ("distill", "distill-lora"):
+            raise PruningError(f"{flag} needs --recover distill or distill-lora.")
     if args.push_to_hub:
         from optimum_prune.hub import check_repo_id
 
@@ -453,10 +454,13 @@ def _recovery(args, config):
     from optimum_prune.workflow import Recovery
 
     lr = {} if args.recover_lr is None else {"lr": args.recover_lr}
-    if args.recover == "distill":  # an interrupted distillation continues from the checkpoint folder (--resume)
+    if args.recover in ("distill", "distill-lora"):  # an interrupted one continues from the checkpoint folder (--resume)
         loss = {field: value for field, value in (("temperature", args.recover_temperature),
                                                   ("ce_weight", args.recover_ce_weight),
                                                   ("hidden_weight", args.recover_hidden_weight)) if value is not None}
+        if args.recover == "distill-lora":  # adapters instead of every parameter, at LoRA's learning rate
+            loss.update(lora_rank=args.recover_rank, lora_alpha=2 * args.recover_rank)
+            lr = lr or {"lr": LoraRecoveryConfig.lr}
         distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed,
                                 **lr, **loss)
         return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir,

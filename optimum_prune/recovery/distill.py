@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import PruningError, check_positive_int, check_positive_number
+from ..errors import PruningError, check_int, check_positive_int, check_positive_number
 from ..runtime.distributed import average_gradients, batch_share, is_main_process, synchronize, world_size
 from ..structure.layers import find_decoder_layers, select_target_linears
+from .lora import attach_adapters, merge_adapters
 from .training import check_training_inputs, check_training_settings, warmup_cosine
 
 
@@ -58,6 +59,9 @@ class DistillConfig:
         ce_weight: share of the next-token cross-entropy in the loss (0: KL only; 1: cross-entropy
             only, i.e. fine-tuning).
         hidden_weight: weight of the hidden-state term added to the loss (0: none).
+        lora_rank: train LoRA adapters of this rank on the decoder Linears (merged back) instead of
+            every parameter, when memory is short (0: every parameter).
+        lora_alpha: their scaling numerator (default ``2 * lora_rank``).
         seed: order of the windows.
         weight_decay: AdamW weight decay.
         save_every: with a ``checkpoint_dir``, save the training state every this many steps.
@@ -69,6 +73,8 @@ class DistillConfig:
     temperature: float = 1.0
     ce_weight: float = 0.0
     hidden_weight: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: int | None = None
     seed: int = 0
     weight_decay: float = 0.0
     save_every: int = 10
@@ -81,6 +87,10 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise PruningError(f"distillation {name} must be a non-negative number, got {value!r}.")
+        check_int(self.lora_rank, "distillation lora_rank", 0)
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+        check_int(self.lora_alpha, "distillation lora_alpha", 0)
         if self.ce_weight > 1:
             raise PruningError(f"distillation ce_weight is a share of the loss (0 to 1), got {self.ce_weight!r}.")
 
@@ -230,11 +240,11 @@ def _step_loss(model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor,
 
 
 def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState, optimizer, fingerprint: dict,
-           progress: bool) -> None:
-    """The steps from ``state.step`` on: teacher logits without gradients, the KL loss, AdamW, the
-    sparsity zeros put back, the state saved every ``save_every`` steps."""
+           progress: bool, masks: dict) -> None:
+    """The steps from ``state.step`` on (``model``: the student, wrapped by peft when adapters
+    train): teacher logits without gradients, the loss, AdamW, the sparsity zeros put back, the
+    state saved every ``save_every`` steps."""
     device = model.get_input_embeddings().weight.device
-    masks = _sparsity_masks(model)
     bar = tqdm(range(state.step, config.steps), total=config.steps, initial=state.step, desc="distillation",
                unit="step", disable=not progress)
     params = [param for group in optimizer.param_groups for param in group["params"]]
@@ -267,8 +277,8 @@ def recover_distill(
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Train every parameter of ``model`` (pruned, in place) to match ``teacher`` (the dense model)
-    on ``windows`` (n x seqlen token ids), its sparsity zeros kept (``teacher`` None: plain
+    """Train every parameter of ``model`` (pruned, in place; LoRA adapters merged back with
+    ``lora_rank``) to match ``teacher`` (the dense model) on ``windows`` (n x seqlen token ids), its sparsity zeros kept (``teacher`` None: plain
     fine-tuning, with ``DistillConfig(ce_weight=1)``); with ``checkpoint_dir``, save
     the training state there and continue an interrupted run from it. Returns what was done: the
     settings, the training loss per step and of the first and last tenth, tokens, seconds."""
@@ -276,20 +286,31 @@ def recover_distill(
     _check_inputs(model, teacher, windows, config)
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     was_training = model.training
-    for param in model.parameters():
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    masks = _sparsity_masks(model)
+    if config.lora_rank:  # adapters only (their base weights frozen by peft), merged back at the end
+        student = attach_adapters(model, config.lora_rank, config.lora_alpha, seed=config.seed)
+    else:
+        student = model
+        for param in model.parameters():
+            param.requires_grad_(True)
+    params = [param for param in student.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     state = _TrainingState(config, os.fspath(checkpoint_dir) if checkpoint_dir is not None else None)
     fingerprint = _fingerprint(config, windows)
-    if state.load(model, optimizer, fingerprint):
-        logger.info("Resuming distillation at step %d of %d.", state.step, config.steps)
-    start = time.perf_counter()
-    if teacher is not None:
-        teacher.eval()
-    model.train()
     try:
-        _train(model, teacher, windows, config, state, optimizer, fingerprint, progress)
+        if state.load(student, optimizer, fingerprint):
+            logger.info("Resuming distillation at step %d of %d.", state.step, config.steps)
+        start = time.perf_counter()
+        if teacher is not None:
+            teacher.eval()
+        student.train()
+        _train(student, teacher, windows, config, state, optimizer, fingerprint, progress, masks)
     finally:
+        if student is not model:
+            merge_adapters(student, model)
+            with torch.no_grad():  # the merged update is dense: the zeros go back
+                for linear, zeros in masks.items():
+                    linear.weight.masked_fill_(zeros, 0)
         model.train(was_training)
         for name, param in model.named_parameters():
             param.requires_grad_(trainable.get(name, False))

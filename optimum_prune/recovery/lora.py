@@ -63,6 +63,30 @@ def _layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, linear in select_target_linears(layer, f"{prefix}.{i}", None, None).items()}
 
 
+def attach_adapters(model: nn.Module, rank: int, alpha: int, seed: int | None = None):
+    """PEFT LoRA adapters (``rank``, ``alpha``, no dropout) on every Linear of the decoder layers;
+    only they train. Returns the peft model wrapping ``model``. ``seed``: draw the adapters'
+    initial values from it (the global random state left as it was), else from the global state."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PruningError("LoRA recovery needs peft: pip install peft (or optimum-prune[recovery]).") from None
+    targets = sorted({name.rsplit(".", 1)[-1] for name in _layer_linears(model)})
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+    if seed is None:
+        return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def merge_adapters(peft_model, model: nn.Module) -> None:
+    """Merge the adapters into ``model``'s Linears (in place) and drop peft's wrappers; the caller
+    puts a sparse model's zeros back (a merged low-rank update is dense)."""
+    if peft_model.merge_and_unload() is not model:
+        raise RuntimeError("peft returned a different model object after merging")
+
+
 def _train(peft_model, windows: torch.Tensor, config: LoraRecoveryConfig, device, progress: bool) -> list[float]:
     """The training loop: AdamW on the adapters over shuffled windows; returns the losses per step."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -101,28 +125,18 @@ def recover_lora(
     """Fine-tune LoRA adapters on ``windows`` (n x seqlen token ids), merge them into ``model``
     (in place) and restore its sparsity masks. Returns what was done: the settings, the mean
     training loss of the first and last tenth of the steps, the seconds taken."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise PruningError("LoRA recovery needs peft: pip install peft (or optimum-prune[recovery]).") from None
     config = config or LoraRecoveryConfig()
     check_training_inputs("LoRA recovery", windows, model)
-
-    linears = _layer_linears(model)
-    masks = {name: linear.weight.detach() == 0 for name, linear in linears.items()}
-    targets = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    masks = {name: linear.weight.detach() == 0 for name, linear in _layer_linears(model).items()}
     start = time.perf_counter()
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     was_training = model.training
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
-    peft_model = get_peft_model(model, lora)
+    peft_model = attach_adapters(model, config.rank, config.alpha)
     try:
         losses = _train(peft_model, windows, config, model.get_input_embeddings().weight.device, progress)
     finally:
-        merged = peft_model.merge_and_unload()
-        merged.train(was_training)
-    if merged is not model:
-        raise RuntimeError("peft returned a different model object after merging")
+        merge_adapters(peft_model, model)
+        model.train(was_training)
     with torch.no_grad():
         for name, linear in _layer_linears(model).items():
             linear.weight.masked_fill_(masks[name].to(linear.weight.device), 0)

@@ -6,7 +6,8 @@ weights (a copy of the dense model, in ``teacher_dtype`` when given), the studen
 logits in float32 with their log-softmax copies and the student's gradient, the zeros of an
 unstructured prune (one byte per Linear weight), the teacher's hidden states when the loss has a
 hidden-state term, and the activations the backward pass keeps (plain fine-tuning, ``ce_weight=1``,
-holds no teacher). LoRA
+holds no teacher; distillation through LoRA adapters, ``lora_rank``, trains and keeps what LoRA
+does). LoRA
 trains the adapters only (their weights, gradients and moments), the logits of one model, and
 keeps more activations per token (each adapter's input copy and its low-rank product).
 
@@ -40,6 +41,7 @@ def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1)
     trains on its part of every batch). Works on a model with meta weights (a plan-only run)."""
     kind = "distill" if recovery.distill is not None else "lora"
     settings = recovery.distill if kind == "distill" else recovery.lora
+    rank = settings.lora_rank if kind == "distill" else settings.rank  # distillation through adapters: rank > 0
     config = getattr(model, "config", None)
     params = list(model.parameters())
     count, element = sum(p.numel() for p in params), params[0].element_size()
@@ -48,7 +50,7 @@ def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1)
     intermediate = getattr(config, "intermediate_size", 0) or hidden * 4
     vocab = getattr(config, "vocab_size", 0) or 0
     tokens = -(-min(settings.batch_size, recovery.samples) // max(1, processes)) * seqlen
-    a, b = ACTIVATIONS[kind]
+    a, b = ACTIVATIONS["lora" if rank else "distill"]
     parts = {"activations": int(tokens * len(layers) * (a * hidden + b * intermediate) * element),
              "logits": int(LOGIT_COPIES[kind] * tokens * vocab * 4)}
     linears = [linear for i, layer in enumerate(layers) for linear in select_target_linears(layer, str(i), None, None).values()]
@@ -57,10 +59,11 @@ def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1)
         parts["teacher"] = count * teacher if settings.needs_teacher else 0
         if settings.hidden_weight:  # the teacher's hidden states, held for the hidden-state term
             parts["teacher hidden states"] = tokens * (len(layers) + 1) * hidden * 4
-        parts["gradients and optimiser"] = 3 * count * element
+        if not rank:
+            parts["gradients and optimiser"] = 3 * count * element
         parts["masks"] = sum(linear.weight.numel() for linear in linears)
-    else:
-        adapters = sum(settings.rank * (linear.in_features + linear.out_features) for linear in linears)
+    if rank:
+        adapters = sum(rank * (linear.in_features + linear.out_features) for linear in linears)
         parts["adapters, gradients and optimiser"] = 4 * adapters * 4
     return parts
 
