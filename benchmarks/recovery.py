@@ -109,6 +109,42 @@ def _table(args, rows, dense) -> str:
         f"| zeros kept | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
+def _summary(rows) -> str:
+    """Mean ± standard deviation over the seeds of each (run, recovery, lr), and its ratio to LoRA's
+    mean on the same run and seeds (the issue's comparison)."""
+    import statistics
+
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["spec"], row["recovery"], row["lr"]), []).append(row)
+    lora = {spec: group for (spec, recovery, _), group in groups.items() if recovery == "lora"}
+    tuned = [row for (spec, recovery, _), group in groups.items() if (spec, recovery) == ("dense", "finetune")
+             for row in group]  # the dense model fine-tuned on the same tokens: the fair reference
+    lines = []
+    for (spec, recovery, lr), group in groups.items():
+        cells = []
+        for text in TEXTS:
+            values = [row["ppl_recovered"][text] for row in group]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.2f}{spread}")
+        for text in TEXTS:
+            seeds = {row["seed"] for row in group}
+            reference = [row["ppl_recovered"][text] for row in lora.get(spec, []) if row["seed"] in seeds]
+            mine = [row["ppl_recovered"][text] for row in group if row["seed"] in {r["seed"] for r in lora.get(spec, [])}]
+            cells.append(f"{statistics.mean(mine) / statistics.mean(reference):.3f}" if reference and mine else "-")
+        for text in TEXTS:
+            mine = statistics.mean(row["ppl_recovered"][text] for row in group)
+            cells.append(f"{mine / statistics.mean(row['ppl_recovered'][text] for row in tuned):.2f}" if tuned else "-")
+        seeds = ", ".join(str(row["seed"]) for row in sorted(group, key=lambda row: row["seed"]))
+        lines.append(f"| {spec} | {recovery} | {lr:g} | {seeds} | " + " | ".join(cells) + " |")
+    head = (" | ".join(f"{t} mean ± sd" for t in TEXTS) + " | " + " | ".join(f"{t} / LoRA" for t in TEXTS) + " | "
+            + " | ".join(f"{t} / dense fine-tuned" for t in TEXTS))
+    return (f"\nOver the seeds (recovered perplexity; its ratio to LoRA's mean over the same run and seeds, and to the "
+            f"dense model fine-tuned on the same tokens, `dense` / `finetune`):\n\n"
+            f"| run | recovery | lr | seeds | {head} |\n|---|---|---|---|" + "---|" * (3 * len(TEXTS)) + "\n"
+            + "\n".join(lines) + "\n")
+
+
 def main():
     parser = harness_parser(__doc__, output="recovery.md", seqlen=512, samples=64, eval_windows=64, seeds=True,
                             resume=True)
@@ -123,13 +159,17 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=256)
     parser.add_argument("--train-seqlen", type=int, default=256)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the table from the --resume rows, running nothing (the dense perplexity from a "
+                             "dense row when there is one)")
     args = parser.parse_args()
     from optimum_prune.assets import smollm2_checkpoint
 
     args.checkpoint = smollm2_checkpoint()
-    dense = in_process(_dense, args)
-    print(f"dense perplexity {dense}", flush=True)
     done = Rows(args.resume, key=lambda row: (row["spec"], row["seed"], row["recovery"], row["lr"]))
+    measured = [row["ppl_pruned"] for row in done.done.values() if row["spec"] == "dense"]
+    dense = measured[0] if args.report_only and measured else in_process(_dense, args)
+    print(f"dense perplexity {dense}", flush=True)
 
     def lr(recovery):
         name, options = parse_named(recovery)
@@ -137,7 +177,7 @@ def main():
             parser.error(f"unknown recovery {recovery!r}: lora, distill or finetune")
         return options.get("lr", args.lora_lr if name == "lora" else args.distill_lr)
 
-    for spec in args.runs:
+    for spec in [] if args.report_only else args.runs:
         for seed in args.seeds:
             missing = [recovery for recovery in args.recoveries if not done.get((spec, seed, recovery, lr(recovery)))]
             if not missing:
@@ -147,7 +187,7 @@ def main():
                     done.add(row)
     rows = [row for row in done.done.values() if row["spec"] in args.runs and row["seed"] in args.seeds
             and row["recovery"] in args.recoveries]
-    table = _table(args, rows, dense)
+    table = _table(args, rows, dense) + _summary(rows)
     print(table)
     argv = __import__("sys").argv[1:]
     if "--output" in argv:  # where the report goes is not part of what was measured
