@@ -278,9 +278,10 @@ def recover_distill(
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Train every parameter of ``model`` (pruned, in place; LoRA adapters merged back with
-    ``lora_rank``) to match ``teacher`` (the dense model) on ``windows`` (n x seqlen token ids), its sparsity zeros kept (``teacher`` None: plain
-    fine-tuning, with ``DistillConfig(ce_weight=1)``); with ``checkpoint_dir``, save
-    the training state there and continue an interrupted run from it. Returns what was done: the
+    ``lora_rank``) to match ``teacher`` (the dense model) on ``windows`` (n x seqlen token ids),
+    its sparsity zeros kept (``teacher`` None: plain fine-tuning, with
+    ``DistillConfig(ce_weight=1)``); with ``checkpoint_dir``, save the training state there and
+    continue an interrupted run from it. Returns what was done: the
     settings, the training loss per step and of the first and last tenth, tokens, seconds."""
     config = config or DistillConfig()
     _check_inputs(model, teacher, windows, config)
