@@ -26,7 +26,7 @@ from .errors import PruningError, first_line
 from .hub import check_repo_id, push_folder
 from .output import OutputFolder, check_free_space, preflight
 from .paths import looks_local, missing_local
-from .recovery.memory import check_training_memory, training_memory
+from .recovery.memory import training_memory
 from .registry import get_method
 from .workflow import Evaluation, Recovery, report_results, summary_lines
 
@@ -216,8 +216,7 @@ class Pruner:
             check_free_space(getattr(output, "path", output), saved_bytes(loaded, gguf))
         self.check_windows_fit(getattr(loaded, "config", None), evaluation, recovery)
         if recovery is not None:  # before any work: the training after the prune must fit too
-            recovery.check_processes(world_size())
-            check_training_memory(loaded, recovery, self.config.seqlen, world_size())
+            recovery.check_fits(loaded, self.config.seqlen, world_size())
         results = {}
         evaluation.measure("before", loaded, tokenizer, self.config, results, echo, progress)
         results["parameters_before"] = sum(p.numel() for p in loaded.parameters())

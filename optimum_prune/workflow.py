@@ -107,6 +107,14 @@ class Recovery:
 
             self.lora = LoraRecoveryConfig()
 
+    def check_fits(self, model, seqlen: int, processes: int = 1) -> None:
+        """Before any work: the batches can be shared by ``processes`` and the training fits in the
+        free memory of the model's device (one `PruningError` line otherwise)."""
+        from .recovery.memory import check_training_memory
+
+        self.check_processes(processes)
+        check_training_memory(model, self, seqlen, processes)
+
     def check_processes(self, processes: int) -> None:
         """Data-parallel training shares every batch's windows between the processes: refuse, before
         any work, fewer windows per step than processes."""
