@@ -367,9 +367,6 @@ class Pruner:
                                "disk) writes; pass that too.")
         if resume and checkpoint_dir is None:
             raise PruningError("resume needs checkpoint_dir (--checkpoint-dir): the folder of the interrupted prune.")
-        if self.method.is_global and checkpoint_dir is not None:
-            raise PruningError(f"Method {self.config.method!r} optimises the whole model at once and has no per-layer "
-                               f"checkpoints; run it without checkpoint_dir (--checkpoint-dir).")
         if self.method.needs_calibration and calibration_data is None and self.config.dataset is None:
             raise PruningError(f"Method {self.config.method!r} needs calibration data: pass --dataset "
                                f"(from Python: calibration_data=, or dataset in the config).")

@@ -117,10 +117,99 @@ def test_checkpoint_refuses_another_prune(tmp_path, calib_ids):
         Pruner(config()).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
 
 
-def test_policy_gradient_refuses_checkpoints(tmp_path, calib_ids):
-    with pytest.raises(PruningError, match="no per-layer checkpoints"):
-        Pruner(config("policy_gradient", "structured")).prune(
-            fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+def _resumed_without(tmp_path, calib_ids, cfg, module, name):
+    """Resume the prune in ``tmp_path / "ckpt"`` with ``module.name`` raising: the search or
+    measurement it replaces must not run again."""
+    def searched(*args, **kwargs):
+        raise AssertionError(f"{name} ran again on resume")
+
+    resumed, pruner = fresh(), Pruner(cfg)
+    original = getattr(module, name)
+    setattr(module, name, searched)
+    try:
+        pruner.prune(resumed, calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    finally:
+        setattr(module, name, original)
+    return resumed, pruner
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 4, "samples": 2},  # the layer-wise finish, interrupted at layer 2
+                                    {"steps": 4, "samples": 2, "blocks": "block"}])  # blocks gated beside channels
+def test_policy_gradient_resumes_its_decision_and_its_finish(tmp_path, calib_ids, kwargs):
+    from optimum_prune.engine.global_search import GlobalStructuredEngine
+
+    cfg = config("policy_gradient", "structured", method_kwargs=kwargs)
+    reference, reference_pruner = fresh(), Pruner(cfg)
+    reference_pruner.prune(reference, calib_ids, progress=False)
+    at_layer = 1 if kwargs.get("blocks") else 2  # the finish may run on fewer layers
+    interrupted(cfg, tmp_path / "ckpt", calib_ids, at_layer=at_layer)
+    state = json.loads((tmp_path / "ckpt" / STATE_NAME).read_text())
+    assert state["decision"] == "decision.safetensors"
+    finish = json.loads((tmp_path / "ckpt" / "finish" / STATE_NAME).read_text())
+    assert finish["next_layer"] == at_layer
+    with pytest.raises(PruningError, match="the whole-model decision made"):  # not silently started over
+        Pruner(cfg).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+
+    resumed, pruner = _resumed_without(tmp_path, calib_ids, cfg, GlobalStructuredEngine, "_search")
+    assert_same_weights(reference, resumed)
+    assert {k: v for k, v in pruner.report.to_dict().items() if k != "seconds"} == \
+        {k: v for k, v in reference_pruner.report.to_dict().items() if k != "seconds"}
+    pruner.checkpoint.clear()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_policy_gradient_without_finish_resumes_from_its_decision(tmp_path, calib_ids, monkeypatch):
+    """One-pass restoration (no layer-wise finish): a kill while the groups are restored; the resume
+    collects the dense statistics again and restores from the saved decision."""
+    from optimum_prune.engine import global_search
+    from optimum_prune.engine.global_search import GlobalStructuredEngine
+
+    cfg = config("policy_gradient", "structured", method_kwargs={"steps": 4, "samples": 2, "sequential": False,
+                                                                  "blocks": "layer"})
+    reference = fresh()
+    Pruner(cfg).prune(reference, calib_ids, progress=False)
+    original, calls = global_search.apply_to_group, []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(global_search, "apply_to_group", stop)
+    with pytest.raises(KeyboardInterrupt):
+        Pruner(cfg).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.setattr(global_search, "apply_to_group", original)
+    resumed, pruner = _resumed_without(tmp_path, calib_ids, cfg, GlobalStructuredEngine, "_search")
+    assert_same_weights(reference, resumed)
+    pruner.checkpoint.clear()
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"granularity": "block", "score": "loss"}])
+def test_depth_prune_resumes_from_its_decision(tmp_path, calib_ids, monkeypatch, kwargs):
+    from optimum_prune.engine import depth
+    from optimum_prune.engine.depth import DepthEngine
+
+    cfg = config("block-influence", "structured", method_kwargs=kwargs)
+    reference, reference_pruner = fresh(), Pruner(cfg)
+    reference_pruner.prune(reference, calib_ids, progress=False)
+    removal = "remove_blocks" if kwargs else "remove_layers"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(depth, removal, killed)
+    with pytest.raises(KeyboardInterrupt):
+        Pruner(cfg).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.undo()
+    resumed, pruner = _resumed_without(tmp_path, calib_ids, cfg, DepthEngine, "_choose")
+    assert_same_weights(reference, resumed)
+    assert resumed.config.to_dict() == reference.config.to_dict()
+    assert {k: v for k, v in pruner.report.to_dict().items() if k != "seconds"} == \
+        {k: v for k, v in reference_pruner.report.to_dict().items() if k != "seconds"}
+    pruner.checkpoint.clear()
+    assert not (tmp_path / "ckpt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

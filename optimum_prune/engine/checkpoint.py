@@ -11,6 +11,9 @@ Layout of the folder (safetensors and JSON only: loading a checkpoint never unpi
     checkpoint.json          the commit point: fingerprint, next layer, report, file names
     layer-00000.safetensors  what layer 0 changed (one file per finished layer), RNG state after it
     inputs-00003.safetensors inputs of the next layer (only the latest is kept)
+    decision.safetensors     a whole-model method's decision (`commit_decision`): the units a
+                             policy-gradient search or a depth method removes, the RNG state after it
+    finish/                  the checkpoint of the layer-wise finish after such a decision (`stage`)
     checkpoint.lock          held by the run using the folder (`optimum_prune.locks.RunLock`)
 
 Files are written under temporary names and renamed; ``checkpoint.json`` is replaced last, so a
@@ -51,7 +54,9 @@ logger = logging.getLogger(__name__)
 
 STATE_NAME = "checkpoint.json"
 LOCK_NAME = "checkpoint.lock"
-_FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors")  # the names `commit` gives its files
+DECISION_NAME = "decision.safetensors"
+STAGES = ("finish",)  # the later stages of a prune, each a checkpoint in its own subfolder (`stage`)
+_FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors|decision\.safetensors")  # the names it writes
 _PROCESS_FOLDERS = re.compile(r"rank-([0-9]+)-of-([0-9]+)")  # each process's own, under several processes
 CHECKPOINT_VERSION = 1
 _RNG_KEY = "__rng_state__"
@@ -119,13 +124,15 @@ class LayerCheckpoint:
             a checkpoint is refused (so that a typo cannot silently throw away hours of work).
     """
 
-    def __init__(self, directory: str | os.PathLike, resume: bool = False):
+    def __init__(self, directory: str | os.PathLike, resume: bool = False, per_process: bool = True):
         self.folder = os.path.abspath(os.fspath(directory))  # the folder the user named
         self.directory = self.folder  # this process's checkpoint: the folder, or its rank-R-of-N subfolder
-        if is_distributed():
+        self.per_process = per_process  # False for a stage's subfolder, already inside this process's folder
+        if per_process and is_distributed():
             self.directory = os.path.join(self.folder, f"rank-{rank()}-of-{world_size()}")
         self.resume = resume
         self.state: dict | None = None
+        self.stages: dict[str, LayerCheckpoint] = {}
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
             raise PruningError(f"Checkpoint path {self.directory} is a file; choose a folder.")
         self.lock = RunLock(os.path.join(self.directory, LOCK_NAME), f"Checkpoint folder {self.directory}")
@@ -143,6 +150,8 @@ class LayerCheckpoint:
 
     def release(self) -> None:
         """Unlock the folder (and remove it if this run left nothing in it)."""
+        for stage in self.stages.values():
+            stage.release()
         self.lock.release()
         remove_empty_folder(self.directory)
         if self.directory != self.folder:
@@ -188,14 +197,17 @@ class LayerCheckpoint:
             existing = self._read_state()
         self._check_processes()
         if existing is not None and not self.resume:
+            done = "the whole-model decision made, " if existing.get("decision") else ""
             raise PruningError(
-                f"{self.directory} holds a checkpoint of a prune (layer {existing.get('next_layer')} of "
+                f"{self.directory} holds a checkpoint of a prune ({done}layer {existing.get('next_layer')} of "
                 f"{existing.get('num_layers')} done); pass resume (--resume) to continue it, or choose an empty "
                 f"checkpoint folder."
             )
 
     def _check_processes(self) -> None:
         """Refuse a checkpoint that another number of processes wrote (its inputs are other windows')."""
+        if not self.per_process:
+            return
         top = os.path.isfile(os.path.join(self.folder, STATE_NAME))
         others = {int(m.group(2)) for name in (os.listdir(self.folder) if os.path.isdir(self.folder) else [])
                   if (m := _PROCESS_FOLDERS.fullmatch(name)) and os.path.isfile(os.path.join(self.folder, name, STATE_NAME))}
@@ -242,15 +254,28 @@ class LayerCheckpoint:
     # ------------------------------------------------------------------ reading
     def layer_changes(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """What layer ``index`` changed, and the RNG state after it."""
+        changes = self._load(self.state["layers"][index])
+        return changes, changes.pop(_RNG_KEY)
+
+    def decision(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The whole-model decision committed by `commit_decision` (its tensors and notes), with the
+        RNG put back to its state after the decision; None when there is none yet."""
+        if not (self.state or {}).get("decision"):
+            return None
+        tensors = self._load(self.state["decision"])
+        torch.set_rng_state(tensors.pop(_RNG_KEY))
+        logger.info("Resuming from %s: the whole-model decision is taken from the checkpoint.", self.directory)
+        return tensors, dict(self.state.get("decision_notes") or {})
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = os.path.join(self.directory, self.state["layers"][index])
+        path = os.path.join(self.directory, name)
         try:
-            changes = load_file(path)
+            return load_file(path)
         except Exception as err:  # noqa: BLE001 - a damaged file is the user's to delete, in one line
             raise PruningError(f"Checkpoint file {path} is damaged ({first_line(err)}); delete the checkpoint "
                                f"folder to start over.") from None
-        return changes, changes.pop(_RNG_KEY)
 
     def inputs(self):
         """The saved inputs of the next layer, one batch at a time in batch order (None when the
@@ -297,6 +322,30 @@ class LayerCheckpoint:
         self._remove_stale()
         logger.debug("Checkpointed layer %d in %.2fs", index, time.perf_counter() - start)
 
+    def commit_decision(self, tensors: dict[str, torch.Tensor], notes: dict, seconds: float) -> None:
+        """Record a whole-model method's decision (the units it removes, what its report needs) before
+        the model is changed: a resume takes it instead of searching again. ``notes``: JSON values."""
+        from safetensors.torch import save_file
+
+        if _RNG_KEY in tensors:
+            raise ValueError(f"{_RNG_KEY} is reserved")
+        saved = {**{k: _cpu(v) for k, v in tensors.items()}, _RNG_KEY: torch.get_rng_state()}
+        self._atomic(DECISION_NAME, lambda path: save_file(saved, path))
+        state = dict(self.state, decision=DECISION_NAME, decision_notes=notes, seconds=seconds)
+        self._atomic(STATE_NAME, lambda path: _write_json(state, path))
+        self.state = state
+
+    def stage(self, name: str) -> "LayerCheckpoint":
+        """The checkpoint of a later stage of this prune (``finish``: the layer-wise finish after a
+        whole-model decision, on the changed model, with its own layers and fingerprint), in a
+        subfolder; released and cleared with this one."""
+        if name not in STAGES:
+            raise ValueError(f"unknown checkpoint stage {name!r}; known: {STAGES}")
+        if name not in self.stages:
+            self.stages[name] = LayerCheckpoint(os.path.join(self.directory, name), resume=self.resume,
+                                                per_process=False)
+        return self.stages[name]
+
     def rewind(self, next_layer: int) -> dict | None:
         """Go back to ``next_layer`` layers done, one before this process's last commit (several
         processes: a kill came between two processes' commits of one layer): its previous inputs,
@@ -335,7 +384,10 @@ class LayerCheckpoint:
 
     def clear(self) -> None:
         """Delete the checkpoint's files (after the pruned model was saved): exactly those
-        ``checkpoint.json`` lists, and the folder if that leaves it empty."""
+        ``checkpoint.json`` lists (and those of its stages), and the folder if that leaves it empty."""
+        for name in STAGES:
+            if os.path.isdir(os.path.join(self.directory, name)):
+                self.stage(name).clear()
         if not os.path.isfile(self.state_path):
             self.release()
             return
@@ -355,6 +407,8 @@ class LayerCheckpoint:
 def _listed_files(state: dict) -> list[str] | None:
     """The files a checkpoint state names; None if one of them is not a name `commit` gives."""
     names = list(state.get("layers") or []) + list(state.get("stale") or [])
+    if state.get("decision"):
+        names.append(state["decision"])
     if state.get("inputs"):
         names.append(state["inputs"])
     if (state.get("previous") or {}).get("inputs"):

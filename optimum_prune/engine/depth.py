@@ -27,6 +27,7 @@ from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import remove_blocks, remove_layers
 from .base import Engine, in_eval_mode, require_windows
+from .checkpoint import fingerprint
 from .blocks import DepthUnits, measure_influence, pass_through, zeroed
 from .report import PruneReport
 
@@ -97,16 +98,25 @@ class DepthEngine(Engine):
         return (sums[1:] - sums[0]) / count
 
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
+        """Measure, choose, remove; with ``checkpoint``, the choice is committed before the model changes
+        and a resume takes it instead of measuring again."""
         require_windows(windows, self.method)
         start = time.perf_counter()
-        with in_eval_mode(self.model):
-            influence = self.influence(windows)
-            per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
-            if getattr(self.method.options, "score", "influence") == "loss":
-                per_unit = self.loss_increase(windows)
-        layer_of = torch.tensor([index for index, _ in self.units])
-        drop = self.method.select(per_unit, self.params, self.config.sparsity * self.layer_params, self.candidates,
-                                  layer_of)
+        saved = None
+        if checkpoint is not None:
+            checkpoint.begin(fingerprint(self.model, self.config, windows), len(self.layers))
+            saved = checkpoint.decision()
+        if saved is None:
+            influence, per_unit, drop = self._choose(windows)
+            if checkpoint is not None:
+                checkpoint.commit_decision({"drop": drop, "per_unit": per_unit,
+                                            **{f"influence.{kind}": v for kind, v in influence.items()}}, {},
+                                           time.perf_counter() - start)
+        else:
+            tensors, _ = saved
+            drop, per_unit = tensors["drop"], tensors["per_unit"]
+            influence = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.startswith("influence.")}
+            start -= checkpoint.state.get("seconds", 0.0)
         chosen = [self.units[int(i)] for i in drop]
         report = self._report(influence, chosen)
         report.unit_scores = {self.unit_name(*unit): float(v) for unit, v in zip(self.units, per_unit)}
@@ -116,6 +126,18 @@ class DepthEngine(Engine):
             remove_blocks(self.model, chosen)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _choose(self, windows: torch.Tensor):
+        """The influence of every unit, the score the method ranks by, and the units it removes."""
+        with in_eval_mode(self.model):
+            influence = self.influence(windows)
+            per_unit = torch.stack([influence[kind][index] for index, kind in self.units])
+            if getattr(self.method.options, "score", "influence") == "loss":
+                per_unit = self.loss_increase(windows)
+        layer_of = torch.tensor([index for index, _ in self.units])
+        drop = self.method.select(per_unit, self.params, self.config.sparsity * self.layer_params, self.candidates,
+                                  layer_of)
+        return influence, per_unit, torch.as_tensor(drop, dtype=torch.long)
 
     def _report(self, influence: dict[str, torch.Tensor], chosen: list[tuple[int, str]]) -> PruneReport:
         by_layer: dict[int, set[str]] = {}

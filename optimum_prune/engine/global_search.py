@@ -29,6 +29,7 @@ from .problems import apply_to_group, read_group_problem
 from ..calibration.capture import StatisticsCollector, check_called, run_windows
 from ..runtime.offload import input_device
 from .base import Engine, in_eval_mode, require_windows
+from .checkpoint import fingerprint
 from .blocks import DepthUnits, gated, measure_influence
 from .report import PruneReport
 
@@ -143,8 +144,51 @@ class GlobalStructuredEngine(Engine):
     # ------------------------------------------------------------------ the prune
     @torch.no_grad()
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
+        """Search, then shrink; with ``checkpoint``, the search's decision is committed before the model
+        changes (a resume takes it instead of searching again) and the layer-wise finish commits each
+        layer to the checkpoint's ``finish`` stage."""
         require_windows(windows, self.method)
         start = time.perf_counter()
+        saved = None
+        if checkpoint is not None:
+            checkpoint.begin(fingerprint(self.model, self.config, windows), len(self.layers))
+            saved = checkpoint.decision()
+        stats = None
+        if saved is None:
+            keeps, stats = self._search(windows)
+            if checkpoint is not None:
+                checkpoint.commit_decision(self._decision(keeps), {"history": self.history},
+                                           time.perf_counter() - start)
+        else:
+            keeps = self._restore(*saved)
+            start -= checkpoint.state.get("seconds", 0.0)
+        removed = [unit for unit, kept in zip(self.gate_units, getattr(self.method, "kept_gates", [])) if not kept]
+        if self.method.options.layerwise_finish:
+            renamed = self._remove_units(removed)  # first: the finish calibrates on the shallower model
+            if any(0 < int(keep.sum()) < keep.numel() for keep in keeps):
+                stage = checkpoint.stage("finish") if checkpoint is not None else None
+                report = self._finish_layerwise(windows, keeps, renamed, stage)
+            else:  # whole units went, no channel: nothing left to restore
+                report = PruneReport()
+                for group, keep in zip(self.groups, keeps):
+                    if keep.any():
+                        report.record(renamed[group.name], 0, group.params)
+                _, layers = find_decoder_layers(self.model)
+                report.layer_weights = sum(linear_params(layer) for layer in layers)
+                report.covered_weights = report.total_params
+            self._report_units(report, removed)
+        else:
+            report = self._restore_groups(windows, keeps, stats)
+            self._remove_units(removed)
+            self._report_units(report, removed)
+            report.total_params = self.layer_params
+            describe_widths(self.model)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _search(self, windows: torch.Tensor):
+        """The method's optimisation over every group (and gate) with masked forward passes: the keep
+        mask per group, and the dense statistics it started from."""
         with in_eval_mode(self.model):
             producer_stats, consumer_stats = self._collect_statistics(windows)
             gates = self._gates(windows) if self.gate_units else []
@@ -167,35 +211,43 @@ class GlobalStructuredEngine(Engine):
                 for handle in handles:
                     handle.remove()
         self.history = global_problem.history
-        removed = [unit for unit, kept in zip(self.gate_units, getattr(self.method, "kept_gates", [])) if not kept]
-        if self.method.options.layerwise_finish:
-            renamed = self._remove_units(removed)  # first: the finish calibrates on the shallower model
-            if any(0 < int(keep.sum()) < keep.numel() for keep in keeps):
-                report = self._finish_layerwise(windows, keeps, renamed)
-            else:  # whole units went, no channel: nothing left to restore
-                report = PruneReport()
-                for group, keep in zip(self.groups, keeps):
-                    if keep.any():
-                        report.record(renamed[group.name], 0, group.params)
-                _, layers = find_decoder_layers(self.model)
-                report.layer_weights = sum(linear_params(layer) for layer in layers)
-                report.covered_weights = report.total_params
-            self._report_units(report, removed)
-            report.seconds = time.perf_counter() - start
-            return report
+        return keeps, (producer_stats, consumer_stats)
+
+    def _decision(self, keeps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a resume needs of the search: each group's keep mask, the gates kept and their
+        probabilities, the influence the gates started from."""
+        tensors = {f"keep.{i}": keep.to(torch.bool) for i, keep in enumerate(keeps)}
+        if self.gate_units:
+            tensors["kept_gates"] = torch.as_tensor(self.method.kept_gates, dtype=torch.bool)
+            tensors["gate_probabilities"] = self.method.gate_probabilities
+            tensors.update({f"influence.{kind}": values for kind, values in self.influence.items()})
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor], notes: dict) -> list[torch.Tensor]:
+        """The keep masks of a committed decision, the method's and this engine's state set as the
+        search left them."""
+        self.history = notes.get("history", [])
+        if self.gate_units:
+            self.method.kept_gates = tensors["kept_gates"]
+            self.method.gate_probabilities = tensors["gate_probabilities"]
+            self.influence = {key.split(".", 1)[1]: value for key, value in tensors.items()
+                              if key.startswith("influence.")}
+        return [tensors[f"keep.{i}"] for i in range(len(self.groups))]
+
+    def _restore_groups(self, windows: torch.Tensor, keeps: list[torch.Tensor], stats) -> PruneReport:
+        """Every group shrunk to its keep mask, the consumer restored by the method from the dense
+        statistics (collected again after a resume)."""
+        if stats is None:
+            with in_eval_mode(self.model):
+                stats = self._collect_statistics(windows)
         report = PruneReport()
         for i, (group, keep_mask) in enumerate(zip(self.groups, keeps)):
             if not keep_mask.any():  # inside a removed layer or block
                 continue
             # weights are read again here rather than held as float32 copies through the optimisation
-            problem, weights = self._problem(i, producer_stats, consumer_stats)
+            problem, weights = self._problem(i, *stats)
             keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
             apply_to_group(group, keep, weights, self.method.restore(problem, keep), report, self.method.name)
-        self._remove_units(removed)
-        self._report_units(report, removed)
-        report.total_params = self.layer_params
-        describe_widths(self.model)
-        report.seconds = time.perf_counter() - start
         return report
 
     # ------------------------------------------------------------------ depth units
@@ -248,7 +300,8 @@ class GlobalStructuredEngine(Engine):
                 report.layer_weights += params
                 report.covered_weights += params
 
-    def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor], renamed: dict[str, str]) -> PruneReport:
+    def _finish_layerwise(self, windows: torch.Tensor, keeps: list[torch.Tensor], renamed: dict[str, str],
+                          checkpoint=None) -> PruneReport:
         """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
         already-pruned ones, with the method's `finishing_step` (policy gradient: the kept units
         restored by FASP's least squares, or its ``local_method`` choosing the units itself)."""
@@ -266,7 +319,7 @@ class GlobalStructuredEngine(Engine):
             removals = {renamed[g.name]: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)
                         if g.name in renamed and keep.any()}
             engine = LayerwiseEngine(self.model, self.config, local, removals=removals, **common)
-        return engine.run(windows)
+        return engine.run(windows, checkpoint=checkpoint)
 
     def _problem(self, index: int, producer_stats, consumer_stats):
         group = self.groups[index]
