@@ -34,6 +34,10 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ACTIVATION_PLACES = ("device", "cpu", "disk")
 #: How a pruned model is recovered after pruning (``--recover``)
 RECOVERY_METHODS = ("lora", "distill", "distill-lora")
+#: where the distillation teacher's weights wait between its forwards (`workflow.Recovery.teacher_place`)
+TEACHER_PLACES = ("device", "cpu", "disk")
+#: the teacher's dtype (`workflow.Recovery.teacher_dtype`)
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 #: Weight dtypes a model is loaded in
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 

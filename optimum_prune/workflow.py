@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import PruningError, check_positive_int
+from .fields import TEACHER_DTYPES, TEACHER_PLACES
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Recovery:
     config's seed + 1: a short LoRA fine-tune (`optimum_prune.recovery.recover_lora`, ``lora``: its
     settings), or — with ``distill`` (a `DistillConfig`) — distillation of every parameter from
     the dense model the prune started from (`optimum_prune.recovery.recover_distill`; the teacher is
-    a copy of the loaded model taken before the prune, in ``teacher_dtype`` when given).
+    a copy of the loaded model taken before the prune, in ``teacher_dtype`` when given, its weights
+    on the model's device, in host memory or on disk as ``teacher_place`` says).
     ``checkpoint_dir``: where an interrupted distillation is saved and continued from. ``dataset``:
     the training text when it is not the calibration source (any source calibration takes: a local
     file, ``packaged:...``, a dataset name), drawn the same way."""
@@ -89,11 +91,18 @@ class Recovery:
     samples: int = 256
     distill: object = None  # a DistillConfig: distillation instead of LoRA
     teacher_dtype: str | None = None
+    teacher_place: str = "device"  # device, cpu or disk: where the teacher's weights wait between its forwards
+    teacher_folder: str | None = None  # with "disk": where its temporary folder goes (default: the system's)
     checkpoint_dir: str | None = None
     dataset: str | None = None  # the training text (default: the config's calibration dataset)
 
     def __post_init__(self):
         check_positive_int(self.samples, "--recover-samples")
+        if self.teacher_place not in TEACHER_PLACES:
+            raise PruningError(f"--recover-teacher must be one of {', '.join(TEACHER_PLACES)}, got {self.teacher_place!r}.")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise PruningError(f"--recover-teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got "
+                               f"{self.teacher_dtype!r}.")
         if self.dataset is not None:  # a missing local file is refused now, not after hours of pruning
             from .paths import looks_local, missing_local
 
@@ -125,19 +134,34 @@ class Recovery:
                                f"(--recover-batch-size) as processes.")
 
     def teacher_of(self, model):
-        """The teacher distillation needs (a copy of ``model`` before it is pruned), or None (LoRA,
-        or plain fine-tuning: ``DistillConfig(ce_weight=1)``)."""
+        """The teacher distillation needs (a frozen copy of ``model`` before it is pruned, in
+        ``teacher_dtype``, its weights where ``teacher_place`` says: `runtime.offload.offloaded_copy`;
+        ``"disk"`` writes them to a new temporary folder under ``teacher_folder``, removed with the
+        teacher), or None (LoRA, or plain fine-tuning: ``DistillConfig(ce_weight=1)``)."""
         if self.distill is None or not self.distill.needs_teacher:
             return None
-        import copy
+        import shutil
+        import tempfile
+        import weakref
 
         import torch
 
-        teacher = copy.deepcopy(model).eval()
-        if self.teacher_dtype is not None:
-            teacher.to(getattr(torch, self.teacher_dtype))
-        for param in teacher.parameters():
-            param.requires_grad_(False)
+        from .runtime.offload import offloaded_copy
+
+        dtype = getattr(torch, self.teacher_dtype) if self.teacher_dtype is not None else None
+        folder = None
+        if self.teacher_place == "disk":
+            if self.teacher_folder is not None:
+                os.makedirs(self.teacher_folder, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="optimum-prune-teacher-", dir=self.teacher_folder)
+        try:
+            teacher = offloaded_copy(model, self.teacher_place, dtype, folder)
+        except BaseException:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if folder is not None:  # the folder this run made goes after the recovery, with the teacher or at exit
+            self.teacher_cleanup = weakref.finalize(teacher, shutil.rmtree, folder, ignore_errors=True)
         return teacher
 
     def apply(self, model, tokenizer, config, echo: Callable[[str], None], progress: bool = True,
@@ -153,7 +177,10 @@ class Recovery:
                                    "before the prune.")
             found = recover_distill(model, teacher, windows, self.distill, progress=progress,
                                     checkpoint_dir=self.checkpoint_dir)
-            found["dataset"] = self.dataset or config.dataset
+            if getattr(self, "teacher_cleanup", None) is not None:
+                self.teacher_cleanup()  # the teacher's disk folder, no longer read
+            found.update(dataset=self.dataset or config.dataset, teacher_place=self.teacher_place,
+                         teacher_dtype=self.teacher_dtype)
             loss = "KL to the dense model" if loss_is_kl(self.distill) else "training loss"
             echo(f"distillation: {self.distill.steps} steps ({found['tokens']:,} tokens) in {found['seconds']:.1f}s, "
                  f"{loss} {found['loss_first']:.4f} -> {found['loss_last']:.4f}")

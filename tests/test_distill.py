@@ -188,6 +188,43 @@ def interrupt_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(distill_module, "distillation_loss", killed)
 
 
+@pytest.mark.parametrize("place", ["cpu", "disk"])
+def test_an_offloaded_teacher_trains_the_student_to_the_same_weights(tmp_path, place):
+    """The teacher's weights in host memory or on disk, each module brought in for its forward: the
+    same logits, so the same recovery as a teacher held beside the student; its weights are not
+    resident (meta), its copy does not follow the student's training, its disk folder goes with it."""
+    import gc
+
+    from optimum_prune.workflow import Recovery
+
+    dense, student = pruned_pair("fasp", "structured", 0.3)
+    reference_student = copy.deepcopy(student)
+    settings = DistillConfig(steps=6, lr=1e-3, batch_size=4, ce_weight=0.5, hidden_weight=1.0)
+    recovery = Recovery(distill=settings, teacher_place=place, teacher_folder=str(tmp_path / "teachers"))
+    teacher = recovery.teacher_of(dense)
+    assert all(p.device.type == "meta" for p in teacher.parameters())
+    (tmp_path / "teachers").mkdir(exist_ok=True)
+    assert len(list((tmp_path / "teachers").iterdir())) == (place == "disk")
+    train = windows(16, seed=3)
+    recover_distill(reference_student, copy.deepcopy(dense), train, settings, progress=False)
+    found = recover_distill(student, teacher, train, settings, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), reference_student.state_dict().values()))
+    assert found["loss_last"] < found["loss_first"]
+    from optimum_prune.recovery.memory import training_memory
+
+    held = training_memory(dense, Recovery(distill=settings), 32)
+    offloaded = training_memory(dense, recovery, 32)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in dense.modules()) * 4
+    if place == "disk":  # only the largest module's weights at a time on the device
+        assert offloaded.pop("teacher (offloaded to disk, one module at a time)") == largest < held.pop("teacher")
+        assert offloaded == held
+    else:  # host memory is the CPU device's own memory: all of it counted
+        assert offloaded == held
+    del teacher
+    gc.collect()
+    assert not list((tmp_path / "teachers").iterdir())  # the temporary folder went with the teacher
+
+
 def test_an_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     teacher, student = pruned_pair()
     config = DistillConfig(steps=8, lr=1e-3, batch_size=4, save_every=3)
@@ -250,7 +287,8 @@ def test_cli_sets_the_distillation_loss_and_refuses_its_flags_without_distill(tm
     argv = ["--model", str(tmp_path / "model"), "--method", "fasp", "--pattern", "structured", "--sparsity", "0.2",
             "--dataset", str(tmp_path / "calib.txt"), "--num-samples", "4", "--seqlen", "32", "--no-progress",
             "--recover-steps", "3", "--recover-samples", "8"]
-    for flag, value in (("--recover-ce-weight", "0.5"), ("--recover-hidden-weight", "1"), ("--recover-temperature", "2")):
+    for flag, value in (("--recover-ce-weight", "0.5"), ("--recover-hidden-weight", "1"), ("--recover-temperature", "2"),
+                        ("--recover-teacher", "disk"), ("--recover-teacher-dtype", "bfloat16")):
         assert main([*argv, "--recover", "lora", flag, value, "--output", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert f"{flag} needs --recover distill" in err and len(err.strip().splitlines()) == 1
@@ -263,9 +301,11 @@ def test_cli_sets_the_distillation_loss_and_refuses_its_flags_without_distill(tm
     assert (recorded["ce_weight"], recorded["hidden_weight"], recorded["temperature"]) == (0.5, 1.0, 2.0)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "0.5 of the loss the next-token cross-entropy" in card and "distance of the hidden states" in card
-    assert main([*argv, "--recover", "distill-lora", "--recover-rank", "4", "--output", str(tmp_path / "lora")]) == 0
+    assert main([*argv, "--recover", "distill-lora", "--recover-rank", "4", "--recover-teacher", "disk",
+                 "--recover-teacher-dtype", "bfloat16", "--output", str(tmp_path / "lora")]) == 0
     recorded = json.loads((tmp_path / "lora" / "pruning_results.json").read_text())["recovery"]
     assert (recorded["lora_rank"], recorded["lora_alpha"], recorded["lr"]) == (4, 8, 2e-4)
+    assert (recorded["teacher_place"], recorded["teacher_dtype"]) == ("disk", "bfloat16")
     assert "LoRA adapters (rank 4, alpha 8) trained and merged" in (tmp_path / "lora" / "README.md").read_text()
 
 

@@ -15,7 +15,7 @@ import sys
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from optimum_prune.fields import (ACTIVATION_PLACES, CALIBRATION_FORMATS, EXPERT_CALIBRATION, GGUF_TYPES, LOAD_DTYPES,
-                                  RECOVERY_METHODS, SERVING_ENGINES, SPARSITY_PROFILES)
+                                  RECOVERY_METHODS, SERVING_ENGINES, SPARSITY_PROFILES, TEACHER_DTYPES, TEACHER_PLACES)
 
 
 # The PruningConfig fields that are CLI flags: (field, group, argparse keywords), in --help order.
@@ -157,6 +157,12 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recover-hidden-weight", type=float, default=None,
                           help="distill, distill-lora: weight of the hidden-state term (every layer's output where the depth is "
                                "kept, the final state otherwise; default 0).")
+    recovery.add_argument("--recover-teacher", choices=TEACHER_PLACES, default=None,
+                          help="distill, distill-lora: where the teacher's weights wait between its forwards (default "
+                               "device: beside the model; cpu: host memory; disk: a temporary folder under $TMPDIR, "
+                               "removed after the recovery), each module brought to the device for its forward.")
+    recovery.add_argument("--recover-teacher-dtype", choices=TEACHER_DTYPES, default=None,
+                          help="distill, distill-lora: the teacher's dtype (default: the model's; bfloat16 halves it).")
     recovery.add_argument("--recover-dataset", default=None,
                           help="The recovery's training text when it is not --dataset (a local file, packaged:..., "
                                "a dataset name; drawn like the calibration windows).")
@@ -442,8 +448,9 @@ def _evaluation(args, config):
                       tasks_batch_size=args.tasks_batch_size)
 
 
-#: The flags that set the distillation's loss (refused with --recover lora).
-DISTILL_FLAGS = ("--recover-temperature", "--recover-ce-weight", "--recover-hidden-weight")
+#: The flags that set the distillation's loss and teacher (refused with --recover lora).
+DISTILL_FLAGS = ("--recover-temperature", "--recover-ce-weight", "--recover-hidden-weight", "--recover-teacher",
+                 "--recover-teacher-dtype")
 
 
 def _recovery(args, config):
@@ -464,7 +471,8 @@ def _recovery(args, config):
         distill = DistillConfig(steps=args.recover_steps, batch_size=args.recover_batch_size, seed=config.seed,
                                 **lr, **loss)
         return Recovery(samples=args.recover_samples, distill=distill, checkpoint_dir=args.checkpoint_dir,
-                        dataset=args.recover_dataset)
+                        dataset=args.recover_dataset, teacher_place=args.recover_teacher or "device",
+                        teacher_dtype=args.recover_teacher_dtype)
     lora = LoraRecoveryConfig(steps=args.recover_steps, rank=args.recover_rank, alpha=2 * args.recover_rank,
                               batch_size=args.recover_batch_size, seed=config.seed, **lr)
     return Recovery(lora, samples=args.recover_samples, dataset=args.recover_dataset)

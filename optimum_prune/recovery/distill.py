@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PruningError, check_int, check_positive_int, check_positive_number
+from ..runtime.offload import input_device
 from ..runtime.distributed import average_gradients, batch_share, is_main_process, synchronize, world_size
 from ..structure.layers import find_decoder_layers, select_target_linears
 from .lora import attach_adapters, merge_adapters
@@ -208,7 +209,7 @@ def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows, config: 
                                "trains without one).")
         check_training_inputs("Fine-tuning", windows, model)
         return
-    check_training_inputs("Distillation", windows, model, teacher)
+    check_training_inputs("Distillation", windows, model)  # the teacher is only read: it may be offloaded
     if model.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
         raise PruningError("The teacher's vocabulary differs from the pruned model's; distil from the model the "
                            "prune started from.")
@@ -221,7 +222,7 @@ def _step_loss(model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor,
     target = None
     if teacher is not None:
         with torch.no_grad():
-            target = teacher(input_ids=batch.to(teacher.get_input_embeddings().weight.device), use_cache=False,
+            target = teacher(input_ids=batch.to(input_device(teacher)), use_cache=False,
                              output_hidden_states=hidden)
     output = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
     loss = torch.zeros((), device=output.logits.device)

@@ -2,7 +2,8 @@
 the plan-only run (``--dry-run``, `Pruner.plan`) and the check a run makes before any work.
 
 Distillation trains every parameter: a gradient and AdamW's two moments per parameter, the teacher's
-weights (a copy of the dense model, in ``teacher_dtype`` when given), the student's and the teacher's
+weights (a copy of the dense model, in ``teacher_dtype`` when given; offloaded, ``teacher_place``, only
+its largest module on the device at a time), the student's and the teacher's
 logits in float32 with their log-softmax copies and the student's gradient, the zeros of an
 unstructured prune (one byte per Linear weight), the teacher's hidden states when the loss has a
 hidden-state term, and the activations the backward pass keeps (plain fine-tuning, ``ce_weight=1``,
@@ -55,8 +56,7 @@ def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1)
              "logits": int(LOGIT_COPIES[kind] * tokens * vocab * 4)}
     linears = [linear for i, layer in enumerate(layers) for linear in select_target_linears(layer, str(i), None, None).values()]
     if kind == "distill":
-        teacher = getattr(torch, recovery.teacher_dtype).itemsize if recovery.teacher_dtype else element
-        parts["teacher"] = count * teacher if settings.needs_teacher else 0
+        parts.update(_teacher(model, recovery, count, element) if settings.needs_teacher else {})
         if settings.hidden_weight:  # the teacher's hidden states, held for the hidden-state term
             parts["teacher hidden states"] = tokens * (len(layers) + 1) * hidden * 4
         if not rank:
@@ -66,6 +66,18 @@ def training_memory(model: nn.Module, recovery, seqlen: int, processes: int = 1)
         adapters = sum(rank * (linear.in_features + linear.out_features) for linear in linears)
         parts["adapters, gradients and optimiser"] = 4 * adapters * 4
     return parts
+
+
+def _teacher(model: nn.Module, recovery, count: int, element: int) -> dict[str, int]:
+    """The teacher's weights on the model's device: all of them, or — offloaded to disk, or to host
+    memory from an accelerator (``teacher_place``) — the largest module's, brought in for its forward."""
+    itemsize = getattr(torch, recovery.teacher_dtype).itemsize if recovery.teacher_dtype else element
+    place = getattr(recovery, "teacher_place", "device")
+    device = next(model.parameters()).device
+    if place == "device" or (place == "cpu" and device.type in ("cpu", "meta")):  # meta: a plan, on the CPU
+        return {"teacher": count * itemsize}
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    return {f"teacher (offloaded to {place}, one module at a time)": largest * itemsize}
 
 
 def describe(parts: dict[str, int]) -> str:
@@ -82,4 +94,5 @@ def check_training_memory(model: nn.Module, recovery, seqlen: int, processes: in
         kind = "distillation" if recovery.distill is not None else "LoRA recovery"
         raise PruningError(f"The {kind} after the prune needs about {format_bytes(sum(parts.values()))} on {device} "
                            f"({describe(parts)}) but only {format_bytes(free)} is free; lower --recover-batch-size or "
-                           f"--seqlen, keep the teacher in bfloat16 (teacher_dtype), or recover with LoRA.")
+                           f"--seqlen, keep the teacher in bfloat16 (--recover-teacher-dtype) or off the device (--recover-teacher "
+                           f"cpu / disk), or recover with LoRA.")

@@ -9,6 +9,7 @@ weights the store keeps on disk are written back to disk).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -266,3 +267,64 @@ def input_device(model: nn.Module) -> torch.device:
         if weight is not None and weight.device.type != "meta":
             return weight.device
     return torch.device("cpu")
+
+
+def offloaded_copy(model: nn.Module, place: str = "device", dtype: torch.dtype | None = None,
+                   folder: str | None = None) -> nn.Module:
+    """A frozen copy of ``model`` (in ``dtype`` when given), for reading only (a distillation teacher).
+
+    ``place``: ``"device"`` — an ordinary copy where the model is; ``"cpu"`` — the weights in host
+    memory and ``"disk"`` — in memory-mapped files under ``folder`` (which must be empty or absent),
+    each module's weights brought to the model's input device for its own forward by accelerate's
+    offload hooks, so the device holds one module's weights at a time. The copy is built on the meta
+    device and filled one tensor at a time (never a second whole model on the device); tied
+    weights stay tied and are stored once. A model already dispatched by accelerate is copied as is
+    only with ``"device"``."""
+    import copy
+
+    if place not in ("device", "cpu", "disk"):
+        raise PruningError(f"Unknown place {place!r} for the model's copy; choose device, cpu or disk.")
+    dispatched = any(getattr(module, "_hf_hook", None) is not None for module in model.modules())
+    if place == "device" or dispatched:
+        if place != "device":
+            raise PruningError(f"The model is dispatched by accelerate (device_map / offload); its copy cannot be "
+                               f"offloaded again to {place}: keep it where the model is ('device').")
+        found = copy.deepcopy(model)
+        if dtype is not None:
+            found.to(dtype)
+    else:
+        params = list(model.parameters())
+        memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype, device="meta"), requires_grad=False)
+                for p in params}
+        found = copy.deepcopy(model, memo)  # buffers copied; parameters left on meta, to be offloaded
+        _attach_offloaded_weights(found, model, place, dtype, folder, input_device(model))
+    for param in found.parameters():
+        param.requires_grad_(False)
+    return found.eval()
+
+
+def _attach_offloaded_weights(found: nn.Module, model: nn.Module, place: str, dtype, folder, device) -> None:
+    from accelerate import cpu_offload, disk_offload
+    from accelerate.utils import offload_weight, save_offload_index
+
+    copies: dict[int, torch.Tensor] = {}  # tied tensors copied once (by storage)
+
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        key = tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else None, copy=True)
+        return copies[key]
+
+    state = model.state_dict()
+    if place == "cpu":
+        cpu_offload(found, execution_device=device, state_dict={name: copied(value) for name, value in state.items()})
+        return
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise PruningError(f"{folder} is not empty; give an empty or new folder for the offloaded copy.")
+    os.makedirs(folder, exist_ok=True)
+    index: dict = {}
+    for name, value in state.items():  # one tensor in host memory at a time
+        offload_weight(value.detach().to("cpu", dtype=dtype if value.is_floating_point() else None), name, folder,
+                       index=index)
+    save_offload_index(index, folder)
+    disk_offload(found, folder, execution_device=device)
