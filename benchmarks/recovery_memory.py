@@ -6,6 +6,10 @@ libraries, the model's weights read once, and for distillation the teacher's cop
 
     python benchmarks/recovery_memory.py
     python benchmarks/recovery_memory.py --shapes 4x512 2x256 1x1024 --resume rows.jsonl
+    python benchmarks/recovery_memory.py --kinds distill distill@disk --shapes 4x512   # the teacher on disk
+
+``distill@disk`` / ``distill@cpu``: the teacher's weights offloaded (`Recovery.teacher_place`); every
+distillation row also records the resident memory the teacher's copy took (``teacher MB``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ def measure(kind: str, batch: int, seqlen: int, queue) -> None:
 
     model, _ = load_fp32(smollm2_checkpoint())
     sum(float(p.sum()) for p in model.parameters())  # every weight read: resident before the baseline
-    recovery = (Recovery(distill=DistillConfig(steps=2, batch_size=batch)) if kind == "distill"
-                else Recovery(LoraRecoveryConfig(steps=2, batch_size=batch)))
+    kind, _, place = kind.partition("@")
+    recovery = (Recovery(distill=DistillConfig(steps=2, batch_size=batch), teacher_place=place or "device")
+                if kind == "distill" else Recovery(LoraRecoveryConfig(steps=2, batch_size=batch)))
+    process = psutil.Process()
+    before_teacher = process.memory_info().rss
     teacher = recovery.teacher_of(model)
     estimate = training_memory(model, recovery, seqlen)
     ids = torch.randint(0, model.config.vocab_size, (2 * batch, seqlen), generator=torch.Generator().manual_seed(0))
-    process = psutil.Process()
     base = peak = process.memory_info().rss
     done = threading.Event()
 
@@ -54,7 +60,9 @@ def measure(kind: str, batch: int, seqlen: int, queue) -> None:
     done.set()
     watcher.join()
     held = {k: v for k, v in estimate.items() if k != "teacher"}  # the teacher is in the baseline
-    queue.put({"kind": kind, "batch": batch, "seqlen": seqlen, "measured_mb": (peak - base) / 2**20,
+    kind += f"@{place}" if place else ""
+    queue.put({"kind": kind, "teacher_mb": (base - before_teacher) / 2**20, "batch": batch, "seqlen": seqlen,
+               "measured_mb": (peak - base) / 2**20,
                "estimate_mb": sum(held.values()) / 2**20, "parts_mb": {k: v / 2**20 for k, v in estimate.items()},
                "seconds": time.perf_counter() - start})
 
@@ -64,20 +72,26 @@ def report(rows: list[dict]) -> str:
              "SmolLM2-135M float32 on the CPU, two training steps per row, each row in its own process. `measured` = "
              "peak resident memory during the training above the process before it (libraries, the weights read, the "
              "distillation teacher's copy); `estimate` = `training_memory`'s parts less the teacher (which the plan "
-             "counts too: it is held from before the prune).", "",
-             "| recovery | batch x seqlen | measured MB | estimate MB | estimate / measured | parts of the estimate MB |",
-             "|---|---|---|---|---|---|"]
+             "counts too: it is held from before the prune; an offloaded teacher's largest module, brought in for its forward, "
+             "is counted in the estimate). `teacher's copy MB` = resident memory the teacher's copy took (`distill@disk`: "
+             "its weights written to a temporary folder instead); `training s` = the two steps.", "",
+             "| recovery | batch x seqlen | measured MB | estimate MB | estimate / measured | parts of the estimate MB | "
+             "teacher's copy MB | training s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in row["parts_mb"].items())
         lines.append(f"| {row['kind']} | {row['batch']} x {row['seqlen']} | {row['measured_mb']:.0f} | "
-                     f"{row['estimate_mb']:.0f} | {row['estimate_mb'] / row['measured_mb']:.2f} | {parts} |")
+                     f"{row['estimate_mb']:.0f} | {row['estimate_mb'] / row['measured_mb']:.2f} | {parts} | "
+                     f"{row['teacher_mb']:.0f} | {row['seconds']:.1f} |" if "teacher_mb" in row else
+                     f"{row['estimate_mb']:.0f} | {row['estimate_mb'] / row['measured_mb']:.2f} | {parts} | - | "
+                     f"{row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     found = parser(__doc__, output="recovery-memory.md", resume=True)
     found.add_argument("--shapes", nargs="+", default=["4x512", "2x256", "1x1024"], help="BATCHxSEQLEN")
-    found.add_argument("--kinds", nargs="+", default=["distill", "lora"], choices=["distill", "lora"])
+    found.add_argument("--kinds", nargs="+", default=["distill", "lora"], choices=["distill", "lora", "distill@cpu", "distill@disk"])
     args = found.parse_args(argv)
     rows = Rows(args.resume, key=lambda row: (row["kind"], row["batch"], row["seqlen"]))
     done = []

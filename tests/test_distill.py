@@ -410,3 +410,57 @@ def test_recover_dataset_trains_on_its_own_text(tmp_path, capsys, monkeypatch):
     assert "--recover-dataset:" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([*argv, "--recover-dataset", str(tmp_path / "train.txt"), "--output", str(tmp_path / "y")]) == 2
     assert "--recover-dataset needs --recover" in capsys.readouterr().err
+
+
+def test_distillation_trainer_trains_with_the_same_loss_and_keeps_the_zeros(tmp_path):
+    """`DistillationTrainer` (transformers.Trainer): its loss on a batch is `recover_distill`'s, the
+    student comes closer to the teacher on held-out tokens, and the prune's zeros are kept."""
+    from transformers import TrainingArguments
+
+    from optimum_prune.errors import PruningError
+    from optimum_prune.recovery import DistillationTrainer
+    from optimum_prune.recovery.distill import training_loss
+
+    teacher, student = pruned_pair()
+    zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and ".layers." in name}
+    heldout = windows(8, seed=7)
+    before = heldout_kl(student, teacher, heldout)
+    train = windows(32, seed=3)
+    settings = DistillConfig()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distill_config=settings, args=args,
+                                  train_dataset=[{"input_ids": row} for row in train])
+    batch = train[:4]
+    for mixed in (settings, DistillConfig(ce_weight=0.5, hidden_weight=1.0)):
+        trainer.distill_config = mixed
+        assert torch.equal(trainer.compute_loss(student, {"input_ids": batch}),
+                           training_loss(student, teacher, batch, mixed)[0])
+    trainer.distill_config = settings
+    trainer.train()
+    after = heldout_kl(student, teacher, heldout)
+    assert after < 0.9 * before, (before, after)
+    for name, p in student.named_parameters():
+        if name in zeros:
+            assert bool((p[zeros[name]] == 0).all()), name
+    with pytest.raises(PruningError, match="needs the dense model"):
+        DistillationTrainer(model=student, args=args, train_dataset=[{"input_ids": row} for row in train])
+
+
+@torch.no_grad()
+def test_the_loss_counts_only_the_tokens_the_attention_mask_keeps():
+    """Right-padded rows: the ids under the padding change nothing, and the loss is the loss of the
+    rows cut before the padding."""
+    from optimum_prune.recovery.distill import training_loss
+
+    teacher, student = pruned_pair()
+    batch = windows(4, seed=5)
+    mask = torch.ones_like(batch)
+    mask[:, 24:] = 0
+    other = batch.clone()
+    other[:, 24:] = (other[:, 24:] + 1) % VOCAB
+    for settings in (DistillConfig(), DistillConfig(ce_weight=0.5), DistillConfig(ce_weight=1.0)):
+        padded = float(training_loss(student, teacher, batch, settings, mask)[0])
+        assert padded == pytest.approx(float(training_loss(student, teacher, other, settings, mask)[0]), rel=1e-5)
+        assert padded == pytest.approx(float(training_loss(student, teacher, batch[:, :24], settings)[0]), rel=1e-4)

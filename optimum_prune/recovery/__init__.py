@@ -5,5 +5,13 @@ from .distill import DistillConfig, distillation_loss, hidden_state_loss, loss_i
 from .lora import LoraRecoveryConfig, recover_lora
 
 
-__all__ = ["DistillConfig", "LoraRecoveryConfig", "distillation_loss", "hidden_state_loss", "loss_is_kl",
-           "recover_distill", "recover_lora"]
+__all__ = ["DistillConfig", "DistillationTrainer", "LoraRecoveryConfig", "distillation_loss", "hidden_state_loss",
+           "loss_is_kl", "recover_distill", "recover_lora"]
+
+
+def __getattr__(name):
+    if name == "DistillationTrainer":  # imports transformers' Trainer: only when asked for
+        from .trainer import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

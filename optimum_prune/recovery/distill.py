@@ -108,12 +108,18 @@ def loss_is_kl(config) -> bool:
     return not get("ce_weight", 0.0) and not get("hidden_weight", 0.0)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, averaged over tokens (float32)."""
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, averaged over tokens (float32); with
+    ``mask`` (the batch's ``attention_mask``), over the tokens it keeps."""
     vocab = student_logits.shape[-1]
     student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    if mask is None:
+        return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    keep = mask.reshape(-1).to(student.device, torch.bool)
+    per_token = F.kl_div(student[keep], teacher[keep], log_target=True, reduction="none").sum(-1)
+    return per_token.sum() / keep.sum().clamp_min(1) * temperature**2
 
 
 def hidden_state_loss(student_states, teacher_states) -> torch.Tensor:
@@ -132,7 +138,7 @@ def hidden_state_loss(student_states, teacher_states) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _sparsity_masks(model: nn.Module) -> dict[nn.Linear, torch.Tensor]:
+def sparsity_masks(model: nn.Module) -> dict[nn.Linear, torch.Tensor]:
     """The zeros of the decoder layers' Linears that hold any (an unstructured or N:M prune's)."""
     prefix, layers = find_decoder_layers(model)
     masks = {}
@@ -215,29 +221,38 @@ def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows, config: 
                            "prune started from.")
 
 
-def _step_loss(model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: DistillConfig) -> torch.Tensor:
-    """The training loss of one batch: the KL to the teacher's logits, the cross-entropy share and
-    the hidden-state term, as ``config`` weighs them (the teacher without gradients)."""
+def training_loss(model: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, config: DistillConfig,
+                  attention_mask: torch.Tensor | None = None):
+    """(the training loss of one batch, the student's output): the KL to the teacher's logits, the
+    cross-entropy share and the hidden-state term, as ``config`` weighs them (the teacher without
+    gradients). With ``attention_mask`` (padded batches) the KL and the cross-entropy count the
+    tokens it keeps; the hidden-state term counts every token."""
     hidden = config.hidden_weight > 0
+    masked = {} if attention_mask is None else {"attention_mask": attention_mask}
     target = None
     if teacher is not None:
         with torch.no_grad():
-            target = teacher(input_ids=batch.to(input_device(teacher)), use_cache=False,
-                             output_hidden_states=hidden)
-    output = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+            device = input_device(teacher)
+            target = teacher(input_ids=batch.to(device), use_cache=False, output_hidden_states=hidden,
+                             **{k: v.to(device) for k, v in masked.items()})
+    output = model(input_ids=batch, use_cache=False, output_hidden_states=hidden, **masked)
     loss = torch.zeros((), device=output.logits.device)
     if config.ce_weight < 1:
-        kl = distillation_loss(output.logits, target.logits.to(output.logits.device), config.temperature)
+        kl = distillation_loss(output.logits, target.logits.to(output.logits.device), config.temperature,
+                               attention_mask)
         loss = loss + (1 - config.ce_weight) * kl
     if config.ce_weight > 0:
         vocab = output.logits.shape[-1]
-        ce = F.cross_entropy(output.logits[:, :-1].float().reshape(-1, vocab), batch[:, 1:].reshape(-1))
+        labels = batch[:, 1:]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask[:, 1:].to(labels.device) == 0, -100)
+        ce = F.cross_entropy(output.logits[:, :-1].float().reshape(-1, vocab), labels.reshape(-1))
         loss = loss + config.ce_weight * ce
     if hidden:
         if output.hidden_states is None or target.hidden_states is None:
             raise PruningError("This model does not return its hidden states; distil with hidden_weight=0.")
         loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states, target.hidden_states)
-    return loss
+    return loss, output
 
 
 def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState, optimizer, fingerprint: dict,
@@ -254,7 +269,7 @@ def _train(model, teacher, windows, config: DistillConfig, state: _TrainingState
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, config.steps, config.lr)
         with torch.enable_grad():
-            loss = _step_loss(model, teacher, batch.to(device), config)
+            loss, _ = training_loss(model, teacher, batch.to(device), config)
             loss.backward()
         value = average_gradients(params, share, loss)  # the whole batch's gradient and loss on every process
         if not math.isfinite(value):
@@ -288,7 +303,7 @@ def recover_distill(
     _check_inputs(model, teacher, windows, config)
     trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     was_training = model.training
-    masks = _sparsity_masks(model)
+    masks = sparsity_masks(model)
     if config.lora_rank:  # adapters only (their base weights frozen by peft), merged back at the end
         student = attach_adapters(model, config.lora_rank, config.lora_alpha, seed=config.seed)
     else:
