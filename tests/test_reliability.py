@@ -186,6 +186,42 @@ def test_policy_gradient_without_finish_resumes_from_its_decision(tmp_path, cali
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("blocks", ["none", "layer"])
+def test_policy_gradient_search_resumes_from_its_last_saved_step(tmp_path, calib_ids, monkeypatch, blocks):
+    """A kill in the middle of the search: the resume starts from the saved step (its probabilities,
+    sampler, baseline, history and place in the batches), measures no start again, and ends with
+    the weights, report and loss history of an uninterrupted run."""
+    from optimum_prune.engine import checkpoint as checkpoint_module
+    from optimum_prune.methods.policy_gradient import PolicyGradient
+
+    cfg = config("policy_gradient", "structured", method_kwargs={
+        "steps": 25, "samples": 2, "init_scope": "sensitivity", "blocks": blocks, "sensitivity_rounds": 1})
+    reference, reference_pruner = fresh(), Pruner(cfg)
+    reference_pruner.prune(reference, calib_ids, progress=False)
+    original, saved = checkpoint_module.LayerCheckpoint.commit_search, []
+
+    def killed_after_two(self, tensors, notes, seconds):
+        original(self, tensors, notes, seconds)
+        saved.append(notes["step"])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.LayerCheckpoint, "commit_search", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        Pruner(cfg).prune(fresh(), calib_ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert saved == [0, 10]
+    state = json.loads((tmp_path / "ckpt" / STATE_NAME).read_text())
+    assert state["search_notes"]["step"] == 10 and len(state["search_notes"]["history"]) == 10
+    resumed, pruner = _resumed_without(tmp_path, calib_ids, cfg, PolicyGradient, "_initial_probabilities")
+    assert_same_weights(reference, resumed)
+    assert pruner.engine.history == reference_pruner.engine.history
+    assert {k: v for k, v in pruner.report.to_dict().items() if k != "seconds"} == \
+        {k: v for k, v in reference_pruner.report.to_dict().items() if k != "seconds"}
+    pruner.checkpoint.clear()
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"granularity": "block", "score": "loss"}])
 def test_depth_prune_resumes_from_its_decision(tmp_path, calib_ids, monkeypatch, kwargs):
     from optimum_prune.engine import depth

@@ -11,6 +11,8 @@ Layout of the folder (safetensors and JSON only: loading a checkpoint never unpi
     checkpoint.json          the commit point: fingerprint, next layer, report, file names
     layer-00000.safetensors  what layer 0 changed (one file per finished layer), RNG state after it
     inputs-00003.safetensors inputs of the next layer (only the latest is kept)
+    search.safetensors       a whole-model search in progress (`commit_search`: policy gradient's
+                             probabilities and sampler state every few steps)
     decision.safetensors     a whole-model method's decision (`commit_decision`): the units a
                              policy-gradient search or a depth method removes, the RNG state after it
     finish/                  the checkpoint of the layer-wise finish after such a decision (`stage`)
@@ -55,8 +57,9 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "checkpoint.json"
 LOCK_NAME = "checkpoint.lock"
 DECISION_NAME = "decision.safetensors"
+SEARCH_NAME = "search.safetensors"
 STAGES = ("finish",)  # the later stages of a prune, each a checkpoint in its own subfolder (`stage`)
-_FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors|decision\.safetensors")  # the names it writes
+_FILE_NAMES = re.compile(r"(layer|inputs)-[0-9]{5}\.safetensors|(decision|search)\.safetensors")  # the names it writes
 _PROCESS_FOLDERS = re.compile(r"rank-([0-9]+)-of-([0-9]+)")  # each process's own, under several processes
 CHECKPOINT_VERSION = 1
 _RNG_KEY = "__rng_state__"
@@ -260,12 +263,20 @@ class LayerCheckpoint:
     def decision(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The whole-model decision committed by `commit_decision` (its tensors and notes), with the
         RNG put back to its state after the decision; None when there is none yet."""
-        if not (self.state or {}).get("decision"):
+        return self._read_whole("decision")
+
+    def search(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The search state last committed by `commit_search` (tensors and notes), with the RNG put
+        back to its state then; None when there is none."""
+        return self._read_whole("search")
+
+    def _read_whole(self, key: str):
+        if not (self.state or {}).get(key):
             return None
-        tensors = self._load(self.state["decision"])
+        tensors = self._load(self.state[key])
         torch.set_rng_state(tensors.pop(_RNG_KEY))
-        logger.info("Resuming from %s: the whole-model decision is taken from the checkpoint.", self.directory)
-        return tensors, dict(self.state.get("decision_notes") or {})
+        logger.info("Resuming from %s: the whole-model %s is taken from the checkpoint.", self.directory, key)
+        return tensors, dict(self.state.get(f"{key}_notes") or {})
 
     def _load(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -325,13 +336,20 @@ class LayerCheckpoint:
     def commit_decision(self, tensors: dict[str, torch.Tensor], notes: dict, seconds: float) -> None:
         """Record a whole-model method's decision (the units it removes, what its report needs) before
         the model is changed: a resume takes it instead of searching again. ``notes``: JSON values."""
+        self._commit_whole("decision", DECISION_NAME, tensors, notes, seconds)
+
+    def commit_search(self, tensors: dict[str, torch.Tensor], notes: dict, seconds: float) -> None:
+        """Record a whole-model search in progress (replacing the previous one): a resume continues it."""
+        self._commit_whole("search", SEARCH_NAME, tensors, notes, seconds)
+
+    def _commit_whole(self, key: str, name: str, tensors: dict[str, torch.Tensor], notes: dict, seconds: float):
         from safetensors.torch import save_file
 
         if _RNG_KEY in tensors:
             raise ValueError(f"{_RNG_KEY} is reserved")
         saved = {**{k: _cpu(v) for k, v in tensors.items()}, _RNG_KEY: torch.get_rng_state()}
-        self._atomic(DECISION_NAME, lambda path: save_file(saved, path))
-        state = dict(self.state, decision=DECISION_NAME, decision_notes=notes, seconds=seconds)
+        self._atomic(name, lambda path: save_file(saved, path))
+        state = dict(self.state, **{key: name, f"{key}_notes": notes}, seconds=seconds)
         self._atomic(STATE_NAME, lambda path: _write_json(state, path))
         self.state = state
 
@@ -407,8 +425,7 @@ class LayerCheckpoint:
 def _listed_files(state: dict) -> list[str] | None:
     """The files a checkpoint state names; None if one of them is not a name `commit` gives."""
     names = list(state.get("layers") or []) + list(state.get("stale") or [])
-    if state.get("decision"):
-        names.append(state["decision"])
+    names += [state[key] for key in ("decision", "search") if state.get(key)]
     if state.get("inputs"):
         names.append(state["inputs"])
     if (state.get("previous") or {}).get("inputs"):

@@ -139,7 +139,7 @@ class GlobalStructuredEngine(Engine):
                 return values.repeat_interleave(rows // values.shape[0])
             module = self.depth.output_module(index, kind)
             handles.append(module.register_forward_hook(gated(gate, layer=kind == "layer"), with_kwargs=True))
-        return evaluate, handles
+        return evaluate, handles, state
 
     # ------------------------------------------------------------------ the prune
     @torch.no_grad()
@@ -152,16 +152,16 @@ class GlobalStructuredEngine(Engine):
         saved = None
         if checkpoint is not None:
             checkpoint.begin(fingerprint(self.model, self.config, windows), len(self.layers))
+            start -= checkpoint.state.get("seconds", 0.0)  # the time an interrupted run spent
             saved = checkpoint.decision()
         stats = None
         if saved is None:
-            keeps, stats = self._search(windows)
+            keeps, stats = self._search(windows, checkpoint, start)
             if checkpoint is not None:
                 checkpoint.commit_decision(self._decision(keeps), {"history": self.history},
                                            time.perf_counter() - start)
         else:
             keeps = self._restore(*saved)
-            start -= checkpoint.state.get("seconds", 0.0)
         removed = [unit for unit, kept in zip(self.gate_units, getattr(self.method, "kept_gates", [])) if not kept]
         if self.method.options.layerwise_finish:
             renamed = self._remove_units(removed)  # first: the finish calibrates on the shallower model
@@ -186,13 +186,15 @@ class GlobalStructuredEngine(Engine):
         report.seconds = time.perf_counter() - start
         return report
 
-    def _search(self, windows: torch.Tensor):
+    def _search(self, windows: torch.Tensor, checkpoint=None, start: float = 0.0):
         """The method's optimisation over every group (and gate) with masked forward passes: the keep
-        mask per group, and the dense statistics it started from."""
+        mask per group, and the dense statistics it started from. With ``checkpoint``, the search's
+        state is committed as it goes (`LayerCheckpoint.commit_search`) and continued from there."""
         with in_eval_mode(self.model):
             producer_stats, consumer_stats = self._collect_statistics(windows)
             gates = self._gates(windows) if self.gate_units else []
-            evaluate, handles = self._evaluator(windows)
+            evaluate, handles, cursor = self._evaluator(windows)
+            resume, save = self._search_checkpoint(checkpoint, cursor, start)
             global_problem = GlobalProblem(
                 kinds=[g.kind for g in self.groups],
                 unit_params=[g.params_per_unit for g in self.groups],
@@ -204,6 +206,8 @@ class GlobalStructuredEngine(Engine):
                 seed=self.config.seed,
                 channel_multiple=self.config.channel_multiple,
                 gates=gates,
+                resume=resume,
+                save=save,
             )
             try:
                 keeps = self.method.optimise(global_problem)
@@ -212,6 +216,26 @@ class GlobalStructuredEngine(Engine):
                     handle.remove()
         self.history = global_problem.history
         return keeps, (producer_stats, consumer_stats)
+
+    @staticmethod
+    def _search_checkpoint(checkpoint, cursor: dict, start: float):
+        """(the search state an interrupted run committed, or None; the callback that commits it, or
+        None without a checkpoint). ``cursor``: the evaluator's place in the calibration batches."""
+        if checkpoint is None:
+            return None, None
+        resume = None
+        found = checkpoint.search()
+        if found is not None:
+            tensors, notes = found
+            resume = {"s": tensors["s"], "generator": tensors["generator"], **notes}
+            cursor["cursor"] = resume.pop("cursor")
+
+        def save(state: dict) -> None:
+            notes = {key: state[key] for key in ("baseline", "step", "history")}
+            checkpoint.commit_search({"s": state["s"], "generator": state["generator"]},
+                                     {**notes, "cursor": cursor["cursor"]}, time.perf_counter() - start)
+
+        return resume, save
 
     def _decision(self, keeps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a resume needs of the search: each group's keep mask, the gates kept and their

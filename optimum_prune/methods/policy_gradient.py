@@ -290,7 +290,8 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
         partitions = self._partitions(problem, group_of)
-        y = self._initial_probabilities(problem, sizes, partitions, group_of)
+        # a resumed search starts from its saved probabilities: the start (sensitivity probes) is not measured again
+        y = None if problem.resume else self._initial_probabilities(problem, sizes, partitions, group_of)
         gated = bool(problem.gates)
         if gated:
             expected = ExpectedParams(problem.gates, group_of, cost)
@@ -302,10 +303,10 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
             def project(values):
                 return _clip(values - shift(values, lambda lam: expected(_clip(values - lam, opts.eps))), opts.eps)
 
-            # the gates start where _initial_gates puts them: the channels alone take the first shift
-            gates = _clip(self._initial_gates(problem.gates), opts.eps)
-            start = shift(y, lambda lam: expected(torch.cat([_clip(y - lam, opts.eps), gates])))
-            y = torch.cat([y, gates + start])
+            if y is not None:  # the gates start where _initial_gates puts them: the channels alone take the first shift
+                gates = _clip(self._initial_gates(problem.gates), opts.eps)
+                start = shift(y, lambda lam: expected(torch.cat([_clip(y - lam, opts.eps), gates])))
+                y = torch.cat([y, gates + start])
         else:
             budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
 
@@ -316,7 +317,7 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
                 return out
 
         splits = sizes + [len(problem.gates)] if gated else sizes
-        s = self._search(problem, project(y), project, splits)
+        s = self._search(problem, problem.resume["s"] if problem.resume else project(y), project, splits)
         if gated:
             s, gate_s = s[:len(group_of)], s[len(group_of):]
             self.kept_gates, live, channel_budget = expected.decode(gate_s, keep_params)
@@ -347,8 +348,21 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         baseline, cosine learning rate, each step projected back onto the budget by ``project``."""
         opts = self.options
         generator = torch.Generator().manual_seed(problem.seed)
-        baseline = None
-        bar = tqdm(range(opts.steps), desc="policy gradient", disable=not problem.progress)
+        baseline, first = None, 0
+        if problem.resume:  # where an interrupted run saved its search
+            generator.set_state(problem.resume["generator"])
+            baseline, first = problem.resume["baseline"], int(problem.resume["step"])
+            problem.history[:] = problem.resume["history"]
+
+        def save(step):
+            if problem.save is not None:
+                problem.save({"s": s, "generator": generator.get_state(), "baseline": baseline, "step": step,
+                              "history": list(problem.history)})
+
+        if first == 0:
+            save(0)  # the start, after the probes that measured it
+        bar = tqdm(range(first, opts.steps), total=opts.steps, initial=first, desc="policy gradient",
+                   disable=not problem.progress)
         for step in bar:
             masks = torch.bernoulli(s.expand(opts.samples, -1), generator=generator)
             losses = problem.evaluate([m.float() for m in masks.split(splits, dim=1)]).double()
@@ -363,6 +377,8 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
             s = project(s - lr * grad)
             problem.history.append({"step": step, "loss": mean, "baseline": baseline, "lr": lr})
             bar.set_postfix(loss=f"{mean:.4f}")
+            if (step + 1) % problem.save_every == 0 and step + 1 < opts.steps:
+                save(step + 1)
         return s
 
     def _initial_gates(self, gates) -> torch.Tensor:

@@ -136,3 +136,10 @@ class GlobalProblem:
     channel_multiple: int = 1  # MLP groups keep a multiple of this many units (see structure/budget.py)
     gates: list[Gate] = field(default_factory=list)
     history: list = field(default_factory=list)
+    #: a search state handed to ``save`` by an earlier, interrupted run of the same problem: the
+    #: method continues from it (None: from the start)
+    resume: dict | None = None
+    #: called with the search state (tensors, numbers, lists) after the start and every
+    #: ``save_every`` steps, so that the engine can keep it (None: nothing saved)
+    save: Callable[[dict], None] | None = None
+    save_every: int = 10
