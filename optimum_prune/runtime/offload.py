@@ -307,10 +307,10 @@ def _attach_offloaded_weights(found: nn.Module, model: nn.Module, place: str, dt
     from accelerate import cpu_offload, disk_offload
     from accelerate.utils import offload_weight, save_offload_index
 
-    copies: dict[int, torch.Tensor] = {}  # tied tensors copied once (by storage)
+    copies: dict[tuple, torch.Tensor] = {}  # tied tensors copied once (the same storage, place and shape)
 
     def copied(tensor: torch.Tensor) -> torch.Tensor:
-        key = tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if key not in copies:
             copies[key] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else None, copy=True)
         return copies[key]
