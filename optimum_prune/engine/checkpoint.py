@@ -111,6 +111,26 @@ def fingerprint(model: nn.Module, config, calibration: torch.Tensor | None) -> d
     }
 
 
+def open_whole(checkpoint: "LayerCheckpoint | None", model: nn.Module, config, windows: torch.Tensor | None,
+               num_layers: int) -> tuple[tuple[dict[str, torch.Tensor], dict] | None, float]:
+    """Open ``checkpoint`` for a whole-model method (policy gradient, depth): (the decision an
+    interrupted run committed, or None; the seconds that run spent). ``(None, 0.0)`` without one."""
+    if checkpoint is None:
+        return None, 0.0
+    checkpoint.begin(fingerprint(model, config, windows), num_layers)
+    return checkpoint.decision(), checkpoint.state.get("seconds", 0.0)
+
+
+def nested(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under ``prefix.`` keys, to be saved beside others in one checkpoint file."""
+    return {f"{prefix}.{key}": value for key, value in tensors.items()}
+
+
+def unnested(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors `nested` saved under ``prefix.``, with their own keys."""
+    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+
+
 _WHAT = {
     "model": "a different model (architecture or weights)",
     "config": "a different pruning config",

@@ -27,7 +27,7 @@ from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import remove_blocks, remove_layers
 from .base import Engine, in_eval_mode, require_windows
-from .checkpoint import fingerprint
+from .checkpoint import nested, open_whole, unnested
 from .blocks import DepthUnits, measure_influence, pass_through, zeroed
 from .report import PruneReport
 
@@ -101,22 +101,16 @@ class DepthEngine(Engine):
         """Measure, choose, remove; with ``checkpoint``, the choice is committed before the model changes
         and a resume takes it instead of measuring again."""
         require_windows(windows, self.method)
-        start = time.perf_counter()
-        saved = None
-        if checkpoint is not None:
-            checkpoint.begin(fingerprint(self.model, self.config, windows), len(self.layers))
-            saved = checkpoint.decision()
+        saved, spent = open_whole(checkpoint, self.model, self.config, windows, len(self.layers))
+        start = time.perf_counter() - spent  # with the time an interrupted run spent
         if saved is None:
             influence, per_unit, drop = self._choose(windows)
             if checkpoint is not None:
-                checkpoint.commit_decision({"drop": drop, "per_unit": per_unit,
-                                            **{f"influence.{kind}": v for kind, v in influence.items()}}, {},
+                checkpoint.commit_decision({"drop": drop, "per_unit": per_unit, **nested("influence", influence)}, {},
                                            time.perf_counter() - start)
         else:
             tensors, _ = saved
-            drop, per_unit = tensors["drop"], tensors["per_unit"]
-            influence = {key.split(".", 1)[1]: value for key, value in tensors.items() if key.startswith("influence.")}
-            start -= checkpoint.state.get("seconds", 0.0)
+            drop, per_unit, influence = tensors["drop"], tensors["per_unit"], unnested("influence", tensors)
         chosen = [self.units[int(i)] for i in drop]
         report = self._report(influence, chosen)
         report.unit_scores = {self.unit_name(*unit): float(v) for unit, v in zip(self.units, per_unit)}

@@ -29,7 +29,7 @@ from .problems import apply_to_group, read_group_problem
 from ..calibration.capture import StatisticsCollector, check_called, run_windows
 from ..runtime.offload import input_device
 from .base import Engine, in_eval_mode, require_windows
-from .checkpoint import fingerprint
+from .checkpoint import nested, open_whole, unnested
 from .blocks import DepthUnits, gated, measure_influence
 from .report import PruneReport
 
@@ -148,12 +148,8 @@ class GlobalStructuredEngine(Engine):
         changes (a resume takes it instead of searching again) and the layer-wise finish commits each
         layer to the checkpoint's ``finish`` stage."""
         require_windows(windows, self.method)
-        start = time.perf_counter()
-        saved = None
-        if checkpoint is not None:
-            checkpoint.begin(fingerprint(self.model, self.config, windows), len(self.layers))
-            start -= checkpoint.state.get("seconds", 0.0)  # the time an interrupted run spent
-            saved = checkpoint.decision()
+        saved, spent = open_whole(checkpoint, self.model, self.config, windows, len(self.layers))
+        start = time.perf_counter() - spent  # with the time an interrupted run spent
         stats = None
         if saved is None:
             keeps, stats = self._search(windows, checkpoint, start)
@@ -244,7 +240,7 @@ class GlobalStructuredEngine(Engine):
         if self.gate_units:
             tensors["kept_gates"] = torch.as_tensor(self.method.kept_gates, dtype=torch.bool)
             tensors["gate_probabilities"] = self.method.gate_probabilities
-            tensors.update({f"influence.{kind}": values for kind, values in self.influence.items()})
+            tensors.update(nested("influence", self.influence))
         return tensors
 
     def _restore(self, tensors: dict[str, torch.Tensor], notes: dict) -> list[torch.Tensor]:
@@ -254,8 +250,7 @@ class GlobalStructuredEngine(Engine):
         if self.gate_units:
             self.method.kept_gates = tensors["kept_gates"]
             self.method.gate_probabilities = tensors["gate_probabilities"]
-            self.influence = {key.split(".", 1)[1]: value for key, value in tensors.items()
-                              if key.startswith("influence.")}
+            self.influence = unnested("influence", tensors)
         return [tensors[f"keep.{i}"] for i in range(len(self.groups))]
 
     def _restore_groups(self, windows: torch.Tensor, keeps: list[torch.Tensor], stats) -> PruneReport:
