@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from harness import (Rows, add_speed_arguments, command_line, in_process, load_fp32, parse_run,
+from harness import (Rows, add_speed_arguments, command_line, in_process, llama_cpp_speed, load_fp32, parse_run,
                      parser as harness_parser, speed_of, write_report)
 from texts import TEXTS, perplexities
 
@@ -66,43 +66,63 @@ def _prune(args, spec, seed, folder, queue):
 
 
 def _speed_rows(args, done: Rows) -> dict:
-    """spec (or "dense") -> the speed of its seed-0 model, saved by the prune that makes its seed-0 row
-    (pruned again only when that row is already finished) and measured in a fresh process."""
+    """spec (or "dense") -> the speed of its seed-0 model in transformers (and with ``--llama-cpp``, under
+    ``"llama_cpp"``, its GGUF's in llama.cpp), each measured in a fresh process. The model is saved by the
+    prune that makes its seed-0 row (pruned again only when that row is already finished)."""
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in ["dense", *args.runs]:
-            def measure(spec=spec):
-                folder = args.checkpoint if spec == "dense" else os.path.join(tmp, f"run{len(speeds)}")
+        for number, spec in enumerate(["dense", *args.runs]):
+            folder = args.checkpoint if spec == "dense" else os.path.join(tmp, f"run{number}")
+
+            def saved(spec=spec, folder=folder):
                 if spec != "dense":
                     done.measured(f"{spec}:0", lambda: in_process(_prune, args, spec, 0, folder))
                     if not os.path.isdir(folder):
                         in_process(_prune, args, spec, 0, folder)  # the row was finished before: the model again
-                return {"key": f"speed:{spec}", **in_process(speed_of, folder, args)}
-            speeds[spec] = done.measured(f"speed:{spec}", measure)
+                return folder
+
+            speeds[spec] = done.measured(f"speed:{spec}",
+                                         lambda: {"key": f"speed:{spec}", **in_process(speed_of, saved(), args)})
+            if args.llama_cpp:
+                gguf = os.path.join(tmp, f"run{number}-f32.gguf")
+                speeds[spec] = {**speeds[spec], "llama_cpp": done.measured(
+                    f"llama.cpp:{spec}",
+                    lambda: {"key": f"llama.cpp:{spec}", **in_process(llama_cpp_speed, saved(), gguf, args)})}
     return speeds
 
 
+def _speed_ups(speeds: dict) -> dict[str, dict[str, float]]:
+    """Per engine, spec -> generated tokens/s over the dense model's (transformers: decode ms/token; llama.cpp:
+    generated tokens/s), for the engines measured."""
+    ups = {"transformers": {spec: speeds["dense"]["decode_ms_per_token"] / speed["decode_ms_per_token"]
+                            for spec, speed in speeds.items()}}
+    if all("llama_cpp" in speed for speed in speeds.values()):
+        base = speeds["dense"]["llama_cpp"]["generated_tps"]
+        ups["llama.cpp"] = {spec: speed["llama_cpp"]["generated_tps"] / base for spec, speed in speeds.items()}
+    return ups
+
+
 def plot(rows: list[dict], dense: dict, speeds: dict, path: str) -> str:
-    """Mean perplexity (both texts, log scale) against decode speed-up over the dense model."""
+    """Mean perplexity (each text, log scale) against the decode speed-up over the dense model, one row of
+    panels per engine measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2), sharex=True)
-    base = speeds["dense"]["decode_ms_per_token"]
-    for ax, text in zip(axes, TEXTS):
-        for spec in dict.fromkeys(r["spec"] for r in rows):
-            ppl = statistics.mean(r["ppl"][text] for r in rows if r["spec"] == spec)
-            ax.scatter([base / speeds[spec]["decode_ms_per_token"]], [ppl], zorder=3)
-            ax.annotate(_label(spec),
-                        (base / speeds[spec]["decode_ms_per_token"], ppl), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
-        ax.scatter([1.0], [dense["ppl"][text]], marker="s", color="gray")
-        ax.annotate("dense", (1.0, dense["ppl"][text]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        ax.set(xlabel="decode speed-up over dense (transformers, CPU)", ylabel=f"perplexity {text} (log)",
-               yscale="log", title=f"SmolLM2-135M: {text}")
-        ax.grid(alpha=0.3, which="both")
+    ups = _speed_ups(speeds)
+    fig, axes = plt.subplots(len(ups), len(TEXTS), figsize=(11, 4.2 * len(ups)), squeeze=False)
+    for panels, (engine, up) in zip(axes, ups.items()):
+        for ax, text in zip(panels, TEXTS):
+            for spec in dict.fromkeys(r["spec"] for r in rows):
+                ppl = statistics.mean(r["ppl"][text] for r in rows if r["spec"] == spec)
+                ax.scatter([up[spec]], [ppl], zorder=3)
+                ax.annotate(_label(spec), (up[spec], ppl), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            ax.scatter([1.0], [dense["ppl"][text]], marker="s", color="gray")
+            ax.annotate("dense", (1.0, dense["ppl"][text]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            ax.set(xlabel=f"decode speed-up over dense ({engine}, CPU)", ylabel=f"perplexity {text} (log)",
+                   yscale="log", title=f"SmolLM2-135M: {text}, {engine}")
+            ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -135,12 +155,19 @@ def _removed(row: dict) -> str:
 def _speed_cells(speed: dict | None, dense: dict | None) -> str:
     if not speed:
         return ""
-    return (f" {speed['prefill_tokens_per_s']:.0f} | {speed['decode_ms_per_token']:.2f} | "
-            f"{dense['decode_ms_per_token'] / speed['decode_ms_per_token']:.2f}x |")
+    cells = (f" {speed['prefill_tokens_per_s']:.0f} | {speed['decode_ms_per_token']:.2f} | "
+             f"{dense['decode_ms_per_token'] / speed['decode_ms_per_token']:.2f}x |")
+    if "llama_cpp" in speed:
+        ours, base = speed["llama_cpp"], dense["llama_cpp"]
+        cells += (f" {ours['prompt_tps']:.0f} | {ours['generated_tps']:.1f} | "
+                  f"{ours['generated_tps'] / base['generated_tps']:.2f}x |")
+    return cells
 
 
 def table(rows: list[dict], dense: dict, speeds: dict) -> str:
     timed = " prefill tok/s | decode ms/token | decode speed-up |" if speeds else ""
+    if speeds and "llama_cpp" in speeds["dense"]:
+        timed += " llama.cpp prompt tok/s | llama.cpp generated tok/s | llama.cpp speed-up |"
     lines = ["| run | seeds | decoder layers | parameters | " + " | ".join(f"ppl {t}" for t in TEXTS)
              + " | layers removed; blocks left out (per seed) |" + timed,
              "|---|---|---|---|" + "---|" * len(TEXTS) + "---|" + "---|" * timed.count("|"),
@@ -160,6 +187,9 @@ def main(argv=None):
                             resume=True)
     parser.add_argument("--runs", nargs="+", default=RUNS)
     parser.add_argument("--speed", action="store_true", help="also measure each run's seed-0 model (run alone)")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="with --speed, also its GGUF (f32) in llama.cpp (the xllamacpp wheel)")
+    parser.add_argument("--llama-new", type=int, default=128, help="tokens llama.cpp generates per timed run")
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
     from optimum_prune.assets import smollm2_checkpoint
@@ -188,7 +218,11 @@ def main(argv=None):
         figure = plot(rows, dense, speeds, os.path.splitext(args.output)[0] + ".png")
         text += (f"\nSpeed: each run's seed-0 model saved and loaded in a fresh process, transformers fp32 on "
                  f"{args.device}, prefill {args.batch_size} x {args.prompt_length} tokens, decode {args.new_tokens} greedy "
-                 f"steps through the KV cache, median of {args.repeats} runs.\n\n![perplexity against decode speed-up]"
+                 f"steps through the KV cache, median of {args.repeats} runs."
+                 + (f" llama.cpp: the same folder written as GGUF (f32; `export_gguf`), {torch.get_num_threads()} threads, "
+                    f"one request of {args.prompt_length} prompt tokens generating {args.llama_new}, median of "
+                    f"{args.repeats} runs after a warm-up, llama.cpp's own timings." if args.llama_cpp else "")
+                 + "\n\n![perplexity against decode speed-up]"
                  f"({os.path.basename(figure)})\n")
     write_report(args.output, text)
 

@@ -74,6 +74,44 @@ def speed_of(folder: str, args, queue) -> None:
     queue.put({**report.to_dict(), "disk_mb": disk_mb(folder)})
 
 
+def speed_prompt(tokenizer, length: int) -> list[int]:
+    """The first ``length`` token ids of held-out Wikipedia leads (evaluation split): the prompt every
+    engine's throughput run prefills."""
+    from optimum_prune.assets import wiki_leads
+
+    return tokenizer("\n\n".join(wiki_leads("evaluation")[20:60])).input_ids[:length]
+
+
+def llama_cpp_timing(engine, prompt: list[int], new_tokens: int) -> dict:
+    """One timed run on an open `optimum_prune.evaluation.llamacpp.LlamaCpp` (after an 8-token
+    warm-up; the prompt cache is off): ``prompt`` prefilled, ``new_tokens`` generated; llama.cpp's own
+    prompt and generated tokens/s."""
+    engine.generate(prompt, 8)
+    engine.generate(prompt, new_tokens)
+    return {"prompt_tps": engine.timings["prompt_per_second"], "generated_tps": engine.timings["predicted_per_second"]}
+
+
+def llama_cpp_speed(folder: str, gguf: str, args, queue) -> None:
+    """The model saved in ``folder`` exported to ``gguf`` (f32) and run in llama.cpp with as many
+    threads as torch uses: median prompt and generated tokens/s over ``args.repeats`` runs of a
+    ``args.prompt_length``-token prompt generating ``args.llama_new`` tokens, put on ``queue``; run it
+    with `in_process`."""
+    import statistics
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from optimum_prune.evaluation.llamacpp import LlamaCpp
+    from optimum_prune.export.gguf import export_gguf
+
+    export_gguf(folder, gguf, dtype="f32")
+    prompt = speed_prompt(AutoTokenizer.from_pretrained(folder), args.prompt_length)
+    with LlamaCpp(gguf, context=args.prompt_length + args.llama_new + 16, threads=torch.get_num_threads()) as engine:
+        runs = [llama_cpp_timing(engine, prompt, args.llama_new) for _ in range(args.repeats)]
+    queue.put({key: statistics.median(run[key] for run in runs) for key in ("prompt_tps", "generated_tps")}
+              | {"runs": runs, "gguf_mb": os.path.getsize(gguf) / 2**20})
+
+
 def in_process(target, *args, cap: float | None = None):
     """``target(*args, queue)`` in a fresh spawned process; returns what it put on the queue. A
     process that dies raises (without ``cap``) or gives ``{"error": ...}`` (with ``cap``: seconds

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from harness import disk_mb, load_fp32, parser as harness_parser, write_report
+from harness import disk_mb, llama_cpp_timing, load_fp32, parser as harness_parser, speed_prompt, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -90,8 +90,7 @@ def prompts(tokenizer):
 
     texts = wiki_leads("evaluation")
     short = [tokenizer(text).input_ids[:48] for text in texts if len(tokenizer(text).input_ids) >= 48][:8]
-    long = tokenizer("\n\n".join(texts[20:60])).input_ids[:512]
-    return short, long
+    return short, speed_prompt(tokenizer, 512)
 
 
 def transformers_greedy(model, prompt_ids, new_tokens: int) -> list[list[int]]:
@@ -136,10 +135,7 @@ def llama_cpp(paths: dict[str, str], prompt_ids, speed_prompt, args) -> dict[str
     for _ in range(args.repeats):
         for name, path in paths.items():
             with LlamaCpp(path, context=1024, threads=args.threads) as engine:
-                engine.generate(speed_prompt, 8)  # warm-up
-                engine.generate(speed_prompt, args.speed_new)
-                results[name]["runs"].append({"prompt_tps": engine.timings["prompt_per_second"],
-                                              "generated_tps": engine.timings["predicted_per_second"]})
+                results[name]["runs"].append(llama_cpp_timing(engine, speed_prompt, args.speed_new))
     return results
 
 
