@@ -304,3 +304,53 @@ def test_reported_sparsity_times_coverage_is_the_fraction_of_the_decoder_removed
     again = Pruner(config(sparsity=0.1, method_kwargs={"keep_ends": False, "granularity": "attention"}))
     again.prune(model, ids(), progress=False)
     assert not set(again.report.removed_blocks) & set(report.removed_blocks)
+
+
+def _texts(count: int, seed: int) -> torch.Tensor:
+    """``count`` windows of 32 ids of the tests' word texts (structured enough for training to help)."""
+    from conftest import make_texts, make_tokenizer
+
+    found = make_tokenizer()(" ".join(make_texts(60, seed=seed)), add_special_tokens=False)["input_ids"]
+    return torch.tensor(found[: count * 32]).reshape(count, 32)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+@pytest.mark.parametrize("recovery", ["lora", "distill"])
+def test_recovery_trains_the_shallower_model_which_keeps_its_depth_and_reloads(tmp_path, granularity, recovery):
+    """Recovery after a depth prune (#39): LoRA (its training loss falls) and distillation from the
+    dense model (its training loss and the held-out KL to the teacher fall; a removed layer's function
+    is not learned back from a few hundred tokens, so by little) train the model whose layers or blocks went; the layers
+    and left-out blocks stay as the prune left them and the recovered model reloads with identical
+    logits."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_prune.recovery import (DistillConfig, LoraRecoveryConfig, distillation_loss, recover_distill,
+                                        recover_lora)
+
+    dense = tiny_model("llama", num_hidden_layers=4, initializer_range=0.2)
+    model = copy.deepcopy(dense)
+    pruner = Pruner(config(sparsity=0.3, method_kwargs={"keep_ends": False, "granularity": granularity}))
+    pruner.prune(model, _texts(8, seed=1), progress=False)
+    assert pruner.report.removed_layers or pruner.report.removed_blocks
+    shape = (model.config.num_hidden_layers, getattr(model.config, "layer_widths", None))
+    heldout, train = _texts(8, seed=7), _texts(32, seed=3)
+
+    def heldout_kl():
+        with torch.no_grad():
+            return float(distillation_loss(model(heldout).logits, dense(heldout).logits))
+
+    before = heldout_kl()
+    if recovery == "lora":
+        found = recover_lora(model, train, LoraRecoveryConfig(steps=40, lr=1e-2, rank=4, alpha=8), progress=False)
+        assert found["loss_last"] < found["loss_first"], found
+    else:
+        found = recover_distill(model, dense, train, DistillConfig(steps=40, lr=1e-3, batch_size=4), progress=False)
+        assert found["loss_last"] < found["loss_first"] and heldout_kl() < before, (before, heldout_kl())
+    assert (model.config.num_hidden_layers, getattr(model.config, "layer_widths", None)) == shape
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_hidden_layers == shape[0]
+    with torch.no_grad():
+        assert torch.equal(reloaded(heldout).logits, model(heldout).logits)
