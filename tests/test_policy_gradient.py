@@ -284,7 +284,39 @@ def test_learns_to_drop_a_planted_dead_layer_and_finishes_layer_by_layer():
         torch.testing.assert_close(model(windows[:4]).logits, dense, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("blocks", ["layer", "block"])
+def test_gates_alone_find_the_dead_layer_from_a_uniform_start_and_keep_every_channel(blocks):
+    """``channels=False``: depth only. Every gate starts at the same probability (no influence start),
+    the search alone finds the layer that adds nothing; it goes whole (with ``blocks="block"`` as its
+    two blocks), every other layer keeps all its channels and heads, the logits stay the dense ones."""
+    model, windows = planted_dead_block()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        dense = model(windows[:4]).logits
+    widths = [(layer.mlp.down_proj.in_features, layer.self_attn.o_proj.in_features) for layer in model.model.layers]
+    layer_params = sum(p.numel() for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear)
+                       for p in m.parameters())
+    decoder = sum(p.numel() for layer in model.model.layers for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    cfg = config(sparsity=layer_params / decoder, num_calibration_samples=16,
+                 method_kwargs={"steps": 60, "samples": 4, "lr": 0.1, "blocks": blocks, "channels": False,
+                                "init": "uniform", "block_start": 0.8})
+    pruner = Pruner(cfg)
+    pruner.prune(model, windows, progress=False)
+    assert pruner.report.removed_layers == [1] and pruner.report.removed_blocks == []
+    scores = pruner.report.unit_scores
+    dead = [name for name in scores if name.startswith("model.layers.1")]
+    assert max(scores[name] for name in dead) < min(v for name, v in scores.items() if name not in dead)
+    assert [(layer.mlp.down_proj.in_features, layer.self_attn.o_proj.in_features)
+            for layer in model.model.layers] == [widths[0], widths[2]]
+    assert pruner.report.overall_sparsity * pruner.report.coverage == pytest.approx(layer_params / decoder, rel=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows[:4]).logits, dense, rtol=1e-4, atol=1e-3)
+
+
 def test_block_gates_need_one_budget_and_a_sensible_start():
+    with pytest.raises(PruningError, match="searches the gates alone"):
+        config(sparsity=0.2, method_kwargs={"channels": False})
     with pytest.raises(PruningError, match="needs one global budget"):
         config(sparsity=0.2, method_kwargs={"blocks": "layer", "budget": "separate"})
     with pytest.raises(PruningError, match="block_start must be in"):

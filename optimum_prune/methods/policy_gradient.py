@@ -24,7 +24,7 @@ mask; it never sees hooks or the model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -90,6 +90,10 @@ class PolicyGradientOptions:
     #: Initial keep probability of the gate of median influence (1 - cosine of the residual stream
     #: around it); gates of higher influence start higher (``init_temperature`` sets how much).
     block_start: float = 0.95
+    #: False: the gates alone are searched (depth only, the paper's layer granularity by itself):
+    #: every channel of a kept layer or block stays, and the budget is met by the gates, the least
+    #: probable first, each while at least half of it fits (as ``block-influence`` meets it).
+    channels: bool = True
 
     def __post_init__(self):
         for name in ("steps", "samples", "windows_per_step", "sensitivity_rounds"):
@@ -121,7 +125,10 @@ class PolicyGradientOptions:
             raise PruningError(f"policy_gradient option baseline_decay must be in [0, 1), got {self.baseline_decay!r}.")
         if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 0.5):
             raise PruningError(f"policy_gradient option eps must be in (0, 0.5), got {self.eps!r}.")
-        for name in ("restore", "sequential"):
+        if self.channels is False and self.blocks == "none":
+            raise PruningError("policy_gradient option channels=false searches the gates alone; set blocks (layer, "
+                               "attention, mlp or block).")
+        for name in ("restore", "sequential", "channels"):
             if not isinstance(getattr(self, name), bool):
                 raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
         if self.local_method is not None and not isinstance(self.local_method, str):
@@ -289,6 +296,8 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         sizes = [len(scores) for scores in problem.scores]
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
+        if not opts.channels:
+            return self._optimise_gates(problem, sizes, group_of, cost)
         partitions = self._partitions(problem, group_of)
         # a resumed search starts from its saved probabilities: the start (sensitivity probes) is not measured again
         y = None if problem.resume else self._initial_probabilities(problem, sizes, partitions, group_of)
@@ -342,6 +351,33 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
                     keep[others[s[others].argmin()]] = False
         self.probabilities = [p.float() for p in s.split(sizes)]
         return list(keep.split(sizes))
+
+    def _optimise_gates(self, problem: GlobalProblem, sizes, group_of, cost) -> list[torch.Tensor]:
+        """``channels=False``: the search over the gates alone, every channel unit always kept (the
+        masks handed to ``problem.evaluate`` keep them all); the removal goes gate by gate."""
+        opts = self.options
+        expected = ExpectedParams(problem.gates, group_of, cost)
+        keep_params = (1 - problem.sparsity) * expected.total
+        channels = torch.ones(len(group_of), dtype=torch.float64)
+
+        def project(gates):
+            def spent(lam):
+                return expected(torch.cat([channels, _clip(gates - lam, opts.eps)]))
+
+            return _clip(gates - bisect_shift(spent, keep_params, float(gates.min()) - 1.0, float(gates.max()) + 1.0),
+                         opts.eps)
+
+        def evaluate(masks, **kwargs):
+            count = masks[-1].shape[0]
+            return problem.evaluate([torch.ones(count, n) for n in sizes] + list(masks), **kwargs)
+
+        start = problem.resume["s"] if problem.resume else project(_clip(self._initial_gates(problem.gates), opts.eps))
+        s = self._search(replace(problem, evaluate=evaluate), start, project, [len(problem.gates)])
+        self.kept_gates = expected.remove_whole(s, keep_params)
+        self.gate_probabilities = s.float()
+        self.probabilities = [torch.ones(n) for n in sizes]
+        live = (expected.gate_of < 0) | self.kept_gates[expected.gate_of.clamp_min(0)]
+        return list(live.split(sizes))
 
     def _search(self, problem: GlobalProblem, s: torch.Tensor, project, splits) -> torch.Tensor:
         """REINFORCE over Bernoulli keep masks from probabilities ``s``: leave-one-out or moving-average
@@ -421,13 +457,20 @@ class ExpectedParams:
         """(kept gates, the channel units still live, the parameters left for them): the gates whose
         probability ended below one half go, least probable first, each while at least half of it fits
         in the removal the budget asks for."""
+        kept = self.remove_whole(gates, keep_params, below=0.5)
+        live = (self.gate_of < 0) | kept[self.gate_of.clamp_min(0)]
+        return kept, live, keep_params - float(self.own[kept].sum())
+
+    def remove_whole(self, gates: torch.Tensor, keep_params: float, below: float = 1.0) -> torch.Tensor:
+        """The gates kept when those of probability under ``below`` go whole (own parameters and the
+        channels under them), least probable first, each while at least half of it fits in the removal
+        the budget asks for."""
         remove, removed = self.total - keep_params, 0.0
         kept = torch.ones_like(gates, dtype=torch.bool)
         for b in torch.argsort(gates, stable=True).tolist():
-            if float(gates[b]) >= 0.5:
+            if float(gates[b]) >= below:
                 break
             if removed + float(self.whole[b]) / 2 <= remove:
                 kept[b] = False
                 removed += float(self.whole[b])
-        live = (self.gate_of < 0) | kept[self.gate_of.clamp_min(0)]
-        return kept, live, keep_params - float(self.own[kept].sum())
+        return kept
