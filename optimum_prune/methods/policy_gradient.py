@@ -290,8 +290,7 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         return y
 
     def optimise(self, problem: GlobalProblem) -> list[torch.Tensor]:
-        """Boolean keep mask per group (all false for a group whose gate is off); with gates,
-        ``kept_gates`` says which stay."""
+        """Boolean keep mask per group (all false under a gate that is off); ``kept_gates``: the gates kept."""
         opts = self.options
         sizes = [len(scores) for scores in problem.scores]
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -305,7 +304,6 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         if gated:
             expected = ExpectedParams(problem.gates, group_of, cost)
             keep_params = (1 - problem.sparsity) * expected.total
-
             def shift(values, spent):
                 return bisect_shift(spent, keep_params, float(values.min()) - 1.0, float(values.max()) + 1.0)
 
