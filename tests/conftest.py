@@ -62,6 +62,14 @@ def make_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
+def text_windows(count: int, seed: int) -> torch.Tensor:
+    """``count`` windows of 32 token ids of the word texts (structured enough for training to help)."""
+    ids = make_tokenizer()(" ".join(make_texts(60, seed=seed)), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids[: count * 32]).reshape(count, 32)
+    assert int(ids.max()) < VOCAB
+    return ids
+
+
 BPE_TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, said {i % 13} people." for i in range(200)]
 
 

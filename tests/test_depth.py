@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import python_stdout, tiny_model
+from conftest import python_stdout, text_windows, tiny_model
 from families import FAMILIES, build
 
 from optimum_prune import Pruner, PruningConfig, PruningError
@@ -306,22 +306,14 @@ def test_reported_sparsity_times_coverage_is_the_fraction_of_the_decoder_removed
     assert not set(again.report.removed_blocks) & set(report.removed_blocks)
 
 
-def _texts(count: int, seed: int) -> torch.Tensor:
-    """``count`` windows of 32 ids of the tests' word texts (structured enough for training to help)."""
-    from conftest import make_texts, make_tokenizer
-
-    found = make_tokenizer()(" ".join(make_texts(60, seed=seed)), add_special_tokens=False)["input_ids"]
-    return torch.tensor(found[: count * 32]).reshape(count, 32)
-
-
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 @pytest.mark.parametrize("recovery", ["lora", "distill"])
 def test_recovery_trains_the_shallower_model_which_keeps_its_depth_and_reloads(tmp_path, granularity, recovery):
     """Recovery after a depth prune (#39): LoRA (its training loss falls) and distillation from the
     dense model (its training loss and the held-out KL to the teacher fall; a removed layer's function
-    is not learned back from a few hundred tokens, so by little) train the model whose layers or blocks went; the layers
-    and left-out blocks stay as the prune left them and the recovered model reloads with identical
-    logits."""
+    is not learned back from a few hundred tokens, so by little) train the model whose layers or blocks
+    went; the layers and left-out blocks stay as the prune left them and the recovered model reloads
+    with identical logits."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -332,10 +324,10 @@ def test_recovery_trains_the_shallower_model_which_keeps_its_depth_and_reloads(t
     dense = tiny_model("llama", num_hidden_layers=4, initializer_range=0.2)
     model = copy.deepcopy(dense)
     pruner = Pruner(config(sparsity=0.3, method_kwargs={"keep_ends": False, "granularity": granularity}))
-    pruner.prune(model, _texts(8, seed=1), progress=False)
+    pruner.prune(model, text_windows(8, seed=1), progress=False)
     assert pruner.report.removed_layers or pruner.report.removed_blocks
     shape = (model.config.num_hidden_layers, getattr(model.config, "layer_widths", None))
-    heldout, train = _texts(8, seed=7), _texts(32, seed=3)
+    heldout, train = text_windows(8, seed=7), text_windows(32, seed=3)
 
     def heldout_kl():
         with torch.no_grad():

@@ -10,17 +10,11 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, make_texts, make_tokenizer, tiny_model
+from conftest import text_windows as windows
 
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.recovery import DistillConfig, distillation_loss, recover_distill
 from optimum_prune.recovery import distill as distill_module
-
-
-def windows(count: int, seed: int) -> torch.Tensor:
-    ids = make_tokenizer()(" ".join(make_texts(60, seed=seed)), add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(ids[: count * 32]).reshape(count, 32)
-    assert int(ids.max()) < VOCAB
-    return ids
 
 
 def pruned_pair(method="wanda", pattern="unstructured", sparsity=0.5):
