@@ -124,6 +124,33 @@ def test_sequential_restoration_fits_the_pruned_inputs(calib_ids):
     assert not torch.allclose(last[0], last[1])  # later layers see the pruned layers' outputs
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_refit_beyond_max_restore_growth_keeps_the_kept_columns(sequential, calib_ids):
+    """Consumers whose least-squares re-fit would outgrow the dense consumer keep the dense columns of
+    the kept units: with a limit nothing meets, the model is the unrestored one (same search, same
+    units), in the layer-wise finish and in the one-pass restoration; the default limit (1.0) still
+    re-fits the ordinary consumers of a tiny model."""
+    models = {}
+    for name, options in {"none-fits": {"max_restore_growth": 1e-9}, "unrestored": {"restore": False},
+                          "default": {}}.items():
+        model = tiny_model("llama", num_hidden_layers=3)
+        Pruner(config(sparsity=0.3, method_kwargs={"sequential": sequential, **options})).prune(
+            model, calib_ids, progress=False)
+        models[name] = model
+    assert _widths(models["none-fits"]) == _widths(models["unrestored"]) == _widths(models["default"])
+    for a, b in zip(models["none-fits"].state_dict().values(), models["unrestored"].state_dict().values()):
+        assert torch.equal(a, b)
+    consumers = [(m.model.layers[0].mlp.down_proj.weight, m.model.layers[0].self_attn.o_proj.weight)
+                 for m in (models["default"], models["unrestored"])]
+    assert any(not torch.equal(a, b) for a, b in zip(*consumers))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "big", True])
+def test_max_restore_growth_is_checked(value):
+    with pytest.raises(PruningError, match="max_restore_growth must be a positive ratio"):
+        Pruner(config(method_kwargs={"max_restore_growth": value}))
+
+
 @pytest.mark.parametrize("local, match", [("sparsegpt", "layer-wise structured"), ("nope", "Unknown pruning method")])
 def test_bad_local_method_is_refused(local, match):
     with pytest.raises(PruningError, match=match):

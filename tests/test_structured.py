@@ -165,6 +165,36 @@ def test_fasp_restoration_lowers_the_consumer_error(seed):
     assert error_restored <= _output_error(problem, Z, restored.keep, exact) * 1.001
 
 
+def test_fasp_drops_a_refit_that_outgrows_the_dense_consumer():
+    """The removed unit carries most of the output and is partly predictable from the kept ones (a
+    unit the policy-gradient search removed while the loss did not need it): the least squares
+    rebuilds it with a weight far above the dense consumer's. With ``max_restore_growth`` that re-fit
+    is dropped (the kept columns stay); an ordinary re-fit stays within the limit and is kept."""
+    from optimum_prune.calibration.statistics import InputStatistics
+    from optimum_prune.methods.structured import StructuredProblem
+
+    g = torch.Generator().manual_seed(0)
+    tokens, n = 400, 16
+    Z = torch.randn(tokens, n, generator=g)
+    Z[:, 0] = 30 * (Z[:, 1:4].mean(1) + 0.3 * torch.randn(tokens, generator=g))
+    stats = InputStatistics(n, {"gram"})
+    stats.update(Z)
+    consumer = torch.randn(8, n, generator=g)
+    problem = StructuredProblem("mlp", n, [torch.randn(n, 4, generator=g)], [1], consumer, 1, consumer_stats=stats)
+    keep = torch.arange(1, n)
+    fasp = get_method("fasp")
+    unlimited = fasp(fasp.parse_options({}), dampening=1e-4).restore(problem, keep)
+    assert unlimited.norm() > 2 * consumer.norm()  # the kept inputs amplified
+    assert _output_error(problem, Z, keep, unlimited) < _output_error(problem, Z, keep, None)  # where it was fitted
+    limited = fasp(fasp.parse_options({"max_restore_growth": 1.0}), dampening=1e-4)
+    assert limited.restore(problem, keep) is None
+    ordinary, _ = synthetic_structured_problem(0)
+    result = limited.prune_structured(ordinary, 16)
+    assert result.consumer_weight is not None and result.consumer_weight.norm() <= ordinary.consumer.norm()
+    with pytest.raises(PruningError, match="max_restore_growth"):
+        fasp.parse_options({"max_restore_growth": -1})
+
+
 def test_fasp_score_is_column_mass_times_input_norm():
     problem, Z = synthetic_structured_problem()
     scores = column_scores(problem, problem.consumer_stats.input_norm)

@@ -328,8 +328,9 @@ class GlobalStructuredEngine(Engine):
 
         common = dict(device=self.device, progress=self.progress, activations=self.activations,
                       activation_folder=self.activation_folder)
-        name, keeps_units = self.method.finishing_step()
-        local = get_method(name)(dampening=self.method.dampening)
+        name, keeps_units, options = self.method.finishing_step()
+        finisher = get_method(name)
+        local = finisher(finisher.parse_options(options), dampening=self.method.dampening)
         if keeps_units:
             kept = {renamed[g.name]: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)
                     if g.name in renamed and keep.any()}

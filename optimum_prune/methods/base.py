@@ -167,10 +167,11 @@ class PruningMethod:
         """Depth methods: the indices of the decoder layers to remove."""
         raise NotImplementedError(f"Method {self.name!r} does not remove layers.")
 
-    def finishing_step(self) -> tuple[str, bool]:
+    def finishing_step(self) -> tuple[str, bool, dict]:
         """The name of the layer-wise structured method that shrinks the model to the widths
-        `optimise` chose, and whether it keeps the chosen units (True: it only restores the
-        consumers) or picks the units of each width itself (False). The engine looks it up."""
+        `optimise` chose, whether it keeps the chosen units (True: it only restores the consumers)
+        or picks the units of each width itself (False), and that method's options. The engine
+        looks it up."""
         raise NotImplementedError(f"Method {self.name!r} is not a global method.")
 
     @classmethod

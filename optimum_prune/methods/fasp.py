@@ -13,17 +13,21 @@ from dataclasses import dataclass
 
 from ..errors import PruningError
 from .base import PruningMethod
-from .structured import LeastSquaresRestore, column_scores
+from .structured import LeastSquaresRestore, check_growth, column_scores
 
 
 @dataclass
 class FASPOptions:
     #: Re-fit the consuming matrix (down_proj / o_proj / fc2) on the kept channels by least squares.
     restore: bool = True
+    #: None: every consumer re-fitted. A ratio (e.g. 1.0): a re-fit whose Frobenius norm exceeds this
+    #: many times the dense consumer's is dropped and the kept columns stay as they are.
+    max_restore_growth: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.restore, bool):
             raise PruningError(f"fasp option restore must be true or false, got {self.restore!r}.")
+        check_growth(self.max_restore_growth, "fasp")
 
 
 class FASP(LeastSquaresRestore, PruningMethod):

@@ -33,7 +33,7 @@ from ..allocation import allocate, bisect_shift, shift_into_budget
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from .base import PruningMethod
 from ..structure.budget import round_kept
-from .structured import GlobalProblem, LeastSquaresRestore
+from .structured import GlobalProblem, LeastSquaresRestore, check_growth
 from .wanda_sp import wanda_sp_scores
 
 
@@ -79,6 +79,11 @@ class PolicyGradientOptions:
     #: Restore layer by layer on the inputs of the already-pruned layers (as the layer-wise methods
     #: calibrate; one more pass over the calibration data); false: on the dense model's statistics.
     sequential: bool = True
+    #: A re-fitted consumer whose Frobenius norm would exceed this many times the dense consumer's
+    #: keeps its kept columns as they are (None: every consumer re-fitted). The search may drop a unit
+    #: that carries most of a layer's output because the loss does not need it; rebuilding that
+    #: output by least squares amplifies the kept inputs and breaks the model.
+    max_restore_growth: float | None = 1.0
     #: None: keep the units of highest probability. A layer-wise structured method ("fasp", "spap",
     #: "wanda-sp"): keep the width the policy learned for every channel group but let that method
     #: choose the units and restore, layer by layer (global allocation, local solver).
@@ -131,6 +136,7 @@ class PolicyGradientOptions:
         for name in ("restore", "sequential", "channels"):
             if not isinstance(getattr(self, name), bool):
                 raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
+        check_growth(self.max_restore_growth, "policy_gradient")
         if self.local_method is not None and not isinstance(self.local_method, str):
             raise PruningError(f"policy_gradient option local_method must be a method name (fasp, spap, wanda-sp), "
                                f"got {self.local_method!r}.")
@@ -193,12 +199,12 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
     def unit_scores(self, problem):
         return wanda_sp_scores(problem)
 
-    def finishing_step(self) -> tuple[str, bool]:
-        """FASP's least squares on the learned units, or ``local_method`` choosing the units of the
-        learned widths itself."""
+    def finishing_step(self) -> tuple[str, bool, dict]:
+        """FASP's least squares on the learned units (within ``max_restore_growth``), or
+        ``local_method`` choosing the units of the learned widths itself."""
         if self.options.local_method is not None:
-            return self.options.local_method, False
-        return "fasp", True  # restore=True: least squares on the kept units
+            return self.options.local_method, False, {}
+        return "fasp", True, {"max_restore_growth": self.options.max_restore_growth}
 
     @classmethod
     def delegated_methods(cls, options) -> dict[str, str]:

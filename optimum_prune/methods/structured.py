@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import PruningError
 from ..structure.groups import unit_indices
 from .linalg import restore_columns
 
@@ -105,7 +106,26 @@ class LeastSquaresRestore:
     def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
         if not self.options.restore:
             return None
-        return restore_units(problem, keep, self.dampening)
+        restored = restore_units(problem, keep, self.dampening)
+        if not within_growth(restored, problem.consumer, getattr(self.options, "max_restore_growth", None)):
+            return None  # the kept columns as they are
+        return restored
+
+
+def check_growth(limit, method: str) -> None:
+    """Refuse a ``max_restore_growth`` option that is not None or a positive number."""
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
+        raise PruningError(f"{method} option max_restore_growth must be a positive ratio (e.g. 1.0) or null, "
+                           f"got {limit!r}.")
+
+
+def within_growth(restored: torch.Tensor, dense: torch.Tensor, limit: float | None) -> bool:
+    """Whether a re-fitted consumer stays within ``limit`` times the dense consumer's Frobenius norm
+    (always, without a limit). A least-squares re-fit that needs a larger weight than the dense
+    consumer rebuilds what the removed units carried by amplifying the kept inputs: the policy-gradient
+    search drops a unit that carries most of a layer's output when the loss does not need it, and
+    rebuilding it breaks the model (docs/methods/policy_gradient.md)."""
+    return limit is None or float(restored.norm()) <= limit * float(dense.float().norm())
 
 
 @dataclass
