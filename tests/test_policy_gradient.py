@@ -147,7 +147,7 @@ def test_a_refit_beyond_max_restore_growth_keeps_the_kept_columns(sequential, ca
 
 @pytest.mark.parametrize("value", [0, -1.0, "big", True])
 def test_max_restore_growth_is_checked(value):
-    with pytest.raises(PruningError, match="max_restore_growth must be a positive ratio"):
+    with pytest.raises(PruningError, match="policy_gradient option max_restore_growth must be a positive number"):
         Pruner(config(method_kwargs={"max_restore_growth": value}))
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PruningError
+from ..errors import PruningError, check_positive_number
 from .base import PruningMethod
-from .structured import LeastSquaresRestore, check_growth, column_scores
+from .structured import LeastSquaresRestore, column_scores
 
 
 @dataclass
@@ -27,7 +27,8 @@ class FASPOptions:
     def __post_init__(self):
         if not isinstance(self.restore, bool):
             raise PruningError(f"fasp option restore must be true or false, got {self.restore!r}.")
-        check_growth(self.max_restore_growth, "fasp")
+        if self.max_restore_growth is not None:
+            check_positive_number(self.max_restore_growth, "fasp option max_restore_growth")
 
 
 class FASP(LeastSquaresRestore, PruningMethod):

@@ -33,7 +33,7 @@ from ..allocation import allocate, bisect_shift, shift_into_budget
 from ..errors import PruningError, check_choice, check_int, check_positive_number
 from .base import PruningMethod
 from ..structure.budget import round_kept
-from .structured import GlobalProblem, LeastSquaresRestore, check_growth
+from .structured import GlobalProblem, LeastSquaresRestore
 from .wanda_sp import wanda_sp_scores
 
 
@@ -136,7 +136,8 @@ class PolicyGradientOptions:
         for name in ("restore", "sequential", "channels"):
             if not isinstance(getattr(self, name), bool):
                 raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
-        check_growth(self.max_restore_growth, "policy_gradient")
+        if self.max_restore_growth is not None:
+            check_positive_number(self.max_restore_growth, "policy_gradient option max_restore_growth")
         if self.local_method is not None and not isinstance(self.local_method, str):
             raise PruningError(f"policy_gradient option local_method must be a method name (fasp, spap, wanda-sp), "
                                f"got {self.local_method!r}.")

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import PruningError
 from ..structure.groups import unit_indices
 from .linalg import restore_columns
 
@@ -107,16 +106,9 @@ class LeastSquaresRestore:
         if not self.options.restore:
             return None
         restored = restore_units(problem, keep, self.dampening)
-        if not within_growth(restored, problem.consumer, getattr(self.options, "max_restore_growth", None)):
+        if not within_growth(restored, problem.consumer, self.options.max_restore_growth):
             return None  # the kept columns as they are
         return restored
-
-
-def check_growth(limit, method: str) -> None:
-    """Refuse a ``max_restore_growth`` option that is not None or a positive number."""
-    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
-        raise PruningError(f"{method} option max_restore_growth must be a positive ratio (e.g. 1.0) or null, "
-                           f"got {limit!r}.")
 
 
 def within_growth(restored: torch.Tensor, dense: torch.Tensor, limit: float | None) -> bool:
