@@ -246,6 +246,12 @@ def _setup_rows(config: PruningConfig) -> str:
     ])
 
 
+def declined_text(declined: dict[str, float]) -> str:
+    """``model.layers.28.mlp (2.55x)``, ...: the channel groups whose least-squares re-fit was declined,
+    each with that re-fit's Frobenius norm over the dense consumer's."""
+    return ", ".join(f"{name} ({growth:.2f}x)" for name, growth in declined.items())
+
+
 def _measured_rows(results: dict) -> str:
     """The card's "Result" table."""
     params_before, params_after = results.get("parameters_before"), results.get("parameters_after")
@@ -260,6 +266,8 @@ def _measured_rows(results: dict) -> str:
         ("decoder layers removed", ", ".join(map(str, results["removed_layers"])) if results.get("removed_layers")
          else None),
         ("blocks left out", ", ".join(results["removed_blocks"]) if results.get("removed_blocks") else None),
+        ("re-fits declined", f"kept columns (least-squares re-fit over max_restore_growth): "
+         f"{declined_text(results['declined_refits'])}" if results.get("declined_refits") else None),
         ("sparsity per layer", _layer_sparsity_text(results.get("layer_sparsity"))),
         ("parameters", f"{params_before:,} -> {params_after:,}" if params_before and params_after else None),
         ("prune time", f"{results['prune_seconds']:.1f} s" if "prune_seconds" in results else None),

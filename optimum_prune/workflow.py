@@ -11,6 +11,7 @@ from typing import Callable
 
 from .errors import PruningError, check_positive_int
 from .fields import TEACHER_DTYPES, TEACHER_PLACES
+from .model_card import declined_text
 
 
 @dataclass
@@ -220,6 +221,8 @@ def report_results(report, config, method) -> dict:
             results["removed_blocks"] = list(report.removed_blocks)
         if report.unit_scores:
             results["unit_scores"] = dict(report.unit_scores)
+    if report.declined_refits:
+        results["declined_refits"] = dict(report.declined_refits)
     if report.layer_sparsity is not None:
         results["layer_sparsity"] = {"profile": config.sparsity_profile, "per_layer": list(report.layer_sparsity)}
         if report.layer_patterns is not None:
@@ -247,6 +250,7 @@ def summary_lines(report, config, method, results: dict) -> list[str]:
     lines.append(f"pruned {len(report.sparsity)} {what} with {config.method} ({config.pattern}) to sparsity "
                  f"{results['sparsity']:.4f}{coverage} in {results['prune_seconds']:.1f}s; parameters "
                  f"{results['parameters_before']:,} -> {results['parameters_after']:,}")
+    if report.declined_refits:
+        lines.append(f"{len(report.declined_refits)} consumers kept their kept columns (least-squares re-fit over "
+                     f"max_restore_growth): {declined_text(report.declined_refits)}")
     return lines
-
-

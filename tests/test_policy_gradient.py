@@ -128,21 +128,52 @@ def test_sequential_restoration_fits_the_pruned_inputs(calib_ids):
 def test_a_refit_beyond_max_restore_growth_keeps_the_kept_columns(sequential, calib_ids):
     """Consumers whose least-squares re-fit would outgrow the dense consumer keep the dense columns of
     the kept units: with a limit nothing meets, the model is the unrestored one (same search, same
-    units), in the layer-wise finish and in the one-pass restoration; the default limit (1.0) still
-    re-fits the ordinary consumers of a tiny model."""
-    models = {}
+    units), in the layer-wise finish and in the one-pass restoration, and the report names every
+    consumer that lost units with its declined re-fit's growth; the default limit (1.0) still re-fits
+    the ordinary consumers of a tiny model."""
+    models, reports = {}, {}
     for name, options in {"none-fits": {"max_restore_growth": 1e-9}, "unrestored": {"restore": False},
                           "default": {}}.items():
         model = tiny_model("llama", num_hidden_layers=3)
-        Pruner(config(sparsity=0.3, method_kwargs={"sequential": sequential, **options})).prune(
-            model, calib_ids, progress=False)
-        models[name] = model
+        pruner = Pruner(config(sparsity=0.3, method_kwargs={"sequential": sequential, **options}))
+        pruner.prune(model, calib_ids, progress=False)
+        models[name], reports[name] = model, pruner.report
+    shrunk = {group for group, share in reports["none-fits"].sparsity.items() if share > 0}
+    assert shrunk and set(reports["none-fits"].declined_refits) == shrunk
+    assert all(growth > 1e-9 for growth in reports["none-fits"].declined_refits.values())
+    assert not reports["unrestored"].declined_refits
+    assert all(growth > 1.0 for growth in reports["default"].declined_refits.values())
     assert _widths(models["none-fits"]) == _widths(models["unrestored"]) == _widths(models["default"])
     for a, b in zip(models["none-fits"].state_dict().values(), models["unrestored"].state_dict().values()):
         assert torch.equal(a, b)
     consumers = [(m.model.layers[0].mlp.down_proj.weight, m.model.layers[0].self_attn.o_proj.weight)
                  for m in (models["default"], models["unrestored"])]
     assert any(not torch.equal(a, b) for a, b in zip(*consumers))
+
+
+def test_declined_refits_reach_the_results_the_summary_and_the_card(calib_ids):
+    """The consumers that kept their columns survive the report's round trip (the checkpoint's) and are
+    named in ``pruning_results.json``'s results, the line the run prints and the model card."""
+    from optimum_prune.engine.report import PruneReport
+    from optimum_prune.model_card import build_model_card
+    from optimum_prune.workflow import report_results, summary_lines
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    cfg = config(sparsity=0.3, method_kwargs={"max_restore_growth": 1e-9})
+    pruner = Pruner(cfg)
+    pruner.prune(model, calib_ids, progress=False)
+    declined = pruner.report.declined_refits
+    assert declined
+    again = PruneReport()
+    again.load_dict(pruner.report.to_dict())
+    assert again.declined_refits == declined
+    results = {**report_results(pruner.report, cfg, pruner.method), "prune_seconds": 1.0,
+               "parameters_before": 2, "parameters_after": 1}
+    assert results["declined_refits"] == declined
+    line = summary_lines(pruner.report, cfg, pruner.method, results)[-1]
+    card = str(build_model_card(model, cfg, results=results))
+    for name, growth in declined.items():
+        assert f"{name} ({growth:.2f}x)" in line and f"{name} ({growth:.2f}x)" in card
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "big", True])

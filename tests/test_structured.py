@@ -183,14 +183,17 @@ def test_fasp_drops_a_refit_that_outgrows_the_dense_consumer():
     problem = StructuredProblem("mlp", n, [torch.randn(n, 4, generator=g)], [1], consumer, 1, consumer_stats=stats)
     keep = torch.arange(1, n)
     fasp = get_method("fasp")
-    unlimited = fasp(fasp.parse_options({}), dampening=1e-4).restore(problem, keep)
+    unlimited = fasp(fasp.parse_options({}), dampening=1e-4).restore(problem, keep).consumer_weight
     assert unlimited.norm() > 2 * consumer.norm()  # the kept inputs amplified
     assert _output_error(problem, Z, keep, unlimited) < _output_error(problem, Z, keep, None)  # where it was fitted
     limited = fasp(fasp.parse_options({"max_restore_growth": 1.0}), dampening=1e-4)
-    assert limited.restore(problem, keep) is None
+    declined = limited.restore(problem, keep)
+    assert declined.consumer_weight is None and torch.equal(declined.keep, keep)
+    assert declined.declined_growth == pytest.approx(float(unlimited.norm() / consumer.norm()), rel=1e-5)
     ordinary, _ = synthetic_structured_problem(0)
     result = limited.prune_structured(ordinary, 16)
     assert result.consumer_weight is not None and result.consumer_weight.norm() <= ordinary.consumer.norm()
+    assert result.declined_growth is None
     with pytest.raises(PruningError, match="max_restore_growth"):
         fasp.parse_options({"max_restore_growth": -1})
 

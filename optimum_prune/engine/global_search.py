@@ -263,10 +263,13 @@ class GlobalStructuredEngine(Engine):
         for i, (group, keep_mask) in enumerate(zip(self.groups, keeps)):
             if not keep_mask.any():  # inside a removed layer or block
                 continue
+            if keep_mask.all():  # nothing removed: left as it is (as the layer-wise finish leaves it)
+                report.sparsity[group.name] = 0.0
+                continue
             # weights are read again here rather than held as float32 copies through the optimisation
             problem, weights = self._problem(i, *stats)
             keep = keep_mask.nonzero().squeeze(1).to(problem.consumer.device)
-            apply_to_group(group, keep, weights, self.method.restore(problem, keep), report, self.method.name)
+            apply_to_group(group, self.method.restore(problem, keep), weights, report, self.method.name)
         return report
 
     # ------------------------------------------------------------------ depth units

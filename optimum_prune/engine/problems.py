@@ -14,7 +14,7 @@ import torch
 from ..errors import PruningError
 from ..methods.base import PruningMethod
 from ..methods.magnitude import Magnitude, MagnitudeOptions
-from ..methods.structured import StructuredProblem
+from ..methods.structured import StructuredProblem, StructuredResult
 from ..patterns import Target
 from ..structure.experts import ExpertBank, expert_matrix, set_expert_matrix
 from ..structure.moe import ExpertChannels
@@ -49,14 +49,17 @@ def read_group_problem(group: ChannelGroup, device, producer_stats, consumer_sta
     return problem, weights
 
 
-def apply_to_group(group: ChannelGroup, keep, weights, consumer_weight, report: PruneReport, method: str) -> None:
-    """Shrink ``group`` to the units ``keep`` (a method's result) and record it in ``report``."""
-    if consumer_weight is not None:
-        check_finite_result(method, group.consumer_name, consumer_weight)
+def apply_to_group(group: ChannelGroup, result: StructuredResult, weights, report: PruneReport, method: str) -> None:
+    """Shrink ``group`` to a method's ``result`` (the kept units, the re-fitted consumer or None: sliced)
+    and record it in ``report``."""
+    if result.consumer_weight is not None:
+        check_finite_result(method, group.consumer_name, result.consumer_weight)
     before = group.params
-    shrink_group(group, keep, weights, consumer_weight, set_param=set_param)
+    shrink_group(group, result.keep, weights, result.consumer_weight, set_param=set_param)
     report.sparsity[group.name] = 1.0 - group.params / before
     report.pruned_params += before - group.params
+    if result.declined_growth is not None:
+        report.declined_refits[group.name] = float(result.declined_growth)
 
 
 def check_finite_weight(name: str, weight: torch.Tensor) -> None:

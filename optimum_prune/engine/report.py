@@ -36,6 +36,9 @@ class PruneReport:
     removed_blocks: list[str] = field(default_factory=list)
     block_influence: dict[str, list[float]] = field(default_factory=dict)
     unit_scores: dict[str, float] = field(default_factory=dict)  # depth pruning: what ranked each unit (name -> score)
+    # channel groups whose least-squares re-fit was declined under ``max_restore_growth`` (the consumer kept its
+    # kept columns): group -> the declined re-fit's Frobenius norm over the dense consumer's
+    declined_refits: dict[str, float] = field(default_factory=dict)
     # "statistics" / "solve" / "forward" -> seconds of this run (like ``seconds``, not in to_dict: a
     # resumed run times only the layers it ran)
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -90,7 +93,8 @@ class PruneReport:
                 "unhandled": dict(self.unhandled), "routers": dict(self.routers), "ignored": dict(self.ignored),
                 "expert_matrices": self.expert_matrices,
                 "expert_fallbacks": dict(self.expert_fallbacks), "removed_experts": dict(self.removed_experts),
-                "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns}
+                "layer_sparsity": self.layer_sparsity, "layer_patterns": self.layer_patterns,
+                "declined_refits": dict(self.declined_refits)}
 
     def load_dict(self, data: dict) -> None:
         self.sparsity = dict(data["sparsity"])
@@ -105,6 +109,7 @@ class PruneReport:
         self.removed_experts = {k: list(v) for k, v in data.get("removed_experts", self.removed_experts).items()}
         self.layer_sparsity = data.get("layer_sparsity", self.layer_sparsity)
         self.layer_patterns = data.get("layer_patterns", self.layer_patterns)
+        self.declined_refits = {k: float(v) for k, v in data.get("declined_refits", self.declined_refits).items()}
 
 
 def _listed(names, prefix: str, most: int = 4) -> str:

@@ -137,15 +137,16 @@ class PruningMethod:
         """Remove ``remove`` units of one channel group. Default: drop the lowest `unit_scores`,
         then let `restore` re-fit the consumer on the kept units."""
         keep = keep_top(self.unit_scores(problem), remove)
-        return StructuredResult(keep, self.restore(problem, keep))
+        return self.restore(problem, keep)
 
     def unit_scores(self, problem: StructuredProblem) -> torch.Tensor:
         """Importance of every unit (higher is kept)."""
         raise NotImplementedError(f"Method {self.name!r} has no structured variant.")
 
-    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
-        """New consumer weight on the kept units' columns, or None to keep the sliced weight."""
-        return None
+    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> StructuredResult:
+        """The units ``keep`` with a new consumer weight on their columns, or none (the sliced weight
+        stays). Default: none."""
+        return StructuredResult(keep)
 
     # ------------------------------------------------------------------ whole experts (removes_experts)
     def select_experts(self, usage: ExpertUsage, remove: int) -> torch.Tensor:

@@ -35,6 +35,9 @@ class StructuredProblem:
 class StructuredResult:
     keep: torch.Tensor  # sorted indices of the kept units
     consumer_weight: torch.Tensor | None = None  # out x (kept * cols_per_unit), or None to slice
+    #: a least-squares re-fit declined under ``max_restore_growth``: its Frobenius norm over the dense
+    #: consumer's (the consumer kept its kept columns); None when nothing was declined
+    declined_growth: float | None = None
 
 
 def per_unit(values: torch.Tensor, per: int) -> torch.Tensor:
@@ -102,22 +105,17 @@ class LeastSquaresRestore:
         wide: estimate / measured 0.87-1.02, 1.44 on a Qwen2-7B-like layer) and one solve (2 rows cols^2)."""
         return float(cols) ** 3 + 2.0 * rows * cols * cols
 
-    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> torch.Tensor | None:
+    def restore(self, problem: StructuredProblem, keep: torch.Tensor) -> StructuredResult:
         if not self.options.restore:
-            return None
+            return StructuredResult(keep)
         restored = restore_units(problem, keep, self.dampening)
-        if not within_growth(restored, problem.consumer, self.options.max_restore_growth):
-            return None  # the kept columns as they are
-        return restored
-
-
-def within_growth(restored: torch.Tensor, dense: torch.Tensor, limit: float | None) -> bool:
-    """Whether a re-fitted consumer stays within ``limit`` times the dense consumer's Frobenius norm
-    (always, without a limit). A least-squares re-fit that needs a larger weight than the dense
-    consumer rebuilds what the removed units carried by amplifying the kept inputs: the policy-gradient
-    search drops a unit that carries most of a layer's output when the loss does not need it, and
-    rebuilding it breaks the model (docs/methods/policy_gradient.md)."""
-    return limit is None or float(restored.norm()) <= limit * float(dense.float().norm())
+        limit, dense = self.options.max_restore_growth, float(problem.consumer.float().norm())
+        if limit is not None and float(restored.norm()) > limit * dense:
+            # the kept columns as they are: a re-fit larger than the dense consumer rebuilds what the removed
+            # units carried by amplifying the kept inputs (the policy-gradient search drops a unit that carries
+            # most of a layer's output when the loss does not need it; docs/methods/policy_gradient.md)
+            return StructuredResult(keep, declined_growth=float(restored.norm()) / dense)
+        return StructuredResult(keep, restored)
 
 
 @dataclass

@@ -94,7 +94,7 @@ class GroupTask(HeldTask):
                                             stats.get(group.consumer_name))
             if run.kept_units is not None and name in run.kept_units:  # units fixed: only restore
                 keep = run.kept_units[name].to(device=problem.consumer.device, dtype=torch.long).sort().values
-                result = StructuredResult(keep, method.restore(problem, keep))
+                result = method.restore(problem, keep)
             else:
                 result = method.prune_structured(problem, remove)
             if result.keep.numel() != group.units - remove:
@@ -103,13 +103,17 @@ class GroupTask(HeldTask):
             found = {"keep": result.keep}
             if result.consumer_weight is not None:
                 found["consumer"] = result.consumer_weight
+            if result.declined_growth is not None:  # results travel between processes as tensors
+                found["declined_growth"] = torch.tensor([result.declined_growth], dtype=torch.float64)
             return found
 
         def take(_, result) -> None:
             _, weights = read_group_problem(group, run.device, None, None)
             run.report.total_params += group.params
-            apply_to_group(group, result["keep"], weights, result.get("consumer"), run.report, method.name)
-            run.note({f"{name}.{key}": value for key, value in result.items()})
+            growth = result.get("declined_growth")
+            solved = StructuredResult(result["keep"], result.get("consumer"), None if growth is None else float(growth))
+            apply_to_group(group, solved, weights, run.report, method.name)
+            run.note({f"{name}.{key}": result[key] for key in ("keep", "consumer") if key in result})
 
         return Problem([Piece(method.solve_flops(group.consumer.out_features, group.consumer.in_features), solve)], take)
 
