@@ -6,8 +6,8 @@ from the packaged Wikipedia leads, calibration seed ``seed``) once, measures it,
 that same pruned model, runs each recovery asked for on the same training windows (drawn from the
 calibration split with seed ``seed + 1``): ``lora`` (`recover_lora`: rank-8 adapters on every
 decoder Linear, merged back), ``distill`` (`recover_distill`: every parameter trained to the
-dense model's logits, forward KL; ``distill[ce_weight=0.5,hidden_weight=1,lr=3e-4]`` sets
-`DistillConfig` fields) and ``finetune`` (every parameter on the next-token loss, no teacher:
+dense model's logits, forward KL alone: ``ce_weight=0``, as the rows measured before the library's
+default became 0.5; ``distill[ce_weight=0.5,hidden_weight=1,lr=3e-4]`` sets `DistillConfig` fields) and ``finetune`` (every parameter on the next-token loss, no teacher:
 ``DistillConfig(ce_weight=1)``; on ``--runs dense`` the fair reference of a full-parameter
 recovery). Perplexity on the evaluation split of the Wikipedia leads and on
 the Python reference (benchmarks/texts.py). Each (run, seed) in its own process.
@@ -66,7 +66,7 @@ def _run(args, spec, seed, recoveries, queue):
         else:  # distill, or finetune: the same training with the next-token loss alone and no teacher
             fixed = {"ce_weight": 1.0} if name == "finetune" else {}
             settings = DistillConfig(**{"steps": args.steps, "lr": args.distill_lr, "batch_size": args.batch_size,
-                                        "temperature": args.temperature, **options, **fixed})
+                                        "temperature": args.temperature, "ce_weight": 0.0, **options, **fixed})
             teacher = load_fp32(args.checkpoint)[0] if settings.needs_teacher else None
             info = recover_distill(model, teacher, train, settings, progress=False)
             del teacher

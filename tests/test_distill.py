@@ -47,8 +47,8 @@ def test_distillation_brings_the_student_closer_to_the_teacher(method, pattern, 
     before = heldout_kl(student, teacher, heldout)
     zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and ".layers." in name}
     shapes = {name: p.shape for name, p in student.named_parameters()}
-    found = recover_distill(student, teacher, windows(32, seed=3), DistillConfig(steps=60, lr=1e-3, batch_size=4),
-                            progress=False)
+    found = recover_distill(student, teacher, windows(32, seed=3), DistillConfig(steps=60, lr=1e-3, batch_size=4,
+                                                                               ce_weight=0.0), progress=False)
     after = heldout_kl(student, teacher, heldout)
     assert found["loss_last"] < found["loss_first"] and after < 0.9 * before, (before, after, found["loss_first"])
     assert {name: p.shape for name, p in student.named_parameters()} == shapes  # structured shapes kept
@@ -111,8 +111,10 @@ def test_the_hidden_state_term_matches_layer_outputs_where_the_depth_allows():
     heldout, data = windows(8, seed=7), windows(32, seed=3)
     before = heldout_hidden(student, teacher, heldout)
     logits_only, with_hidden = copy.deepcopy(student), copy.deepcopy(student)
-    recover_distill(logits_only, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4), progress=False)
-    found = recover_distill(with_hidden, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4, hidden_weight=1.0),
+    recover_distill(logits_only, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4, ce_weight=0.0),
+                    progress=False)
+    found = recover_distill(with_hidden, teacher, data, DistillConfig(steps=30, lr=1e-3, batch_size=4, ce_weight=0.0,
+                                                                                  hidden_weight=1.0),
                             progress=False)
     assert found["loss_last"] < found["loss_first"]
     assert heldout_hidden(with_hidden, teacher, heldout) < min(before, heldout_hidden(logits_only, teacher, heldout))
@@ -134,7 +136,7 @@ def test_distillation_through_lora_adapters_trains_only_them_and_merges_back(tmp
     teacher, student = pruned_pair()
     heldout, data = windows(8, seed=7), windows(32, seed=3)
     zeros = {name: p == 0 for name, p in student.named_parameters() if p.dim() == 2 and ".layers." in name}
-    config = DistillConfig(steps=60, lr=1e-2, batch_size=4, lora_rank=8, save_every=4)
+    config = DistillConfig(steps=60, lr=1e-2, batch_size=4, ce_weight=0.0, lora_rank=8, save_every=4)
     reference = copy.deepcopy(student)
     stepped = []
     real_step = torch.optim.AdamW.step
@@ -420,7 +422,7 @@ def test_distillation_trainer_trains_with_the_same_loss_and_keeps_the_zeros(tmp_
     heldout = windows(8, seed=7)
     before = heldout_kl(student, teacher, heldout)
     train = windows(32, seed=3)
-    settings = DistillConfig()
+    settings = DistillConfig(ce_weight=0.0)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                              disable_tqdm=True)
@@ -454,7 +456,7 @@ def test_the_loss_counts_only_the_tokens_the_attention_mask_keeps():
     mask[:, 24:] = 0
     other = batch.clone()
     other[:, 24:] = (other[:, 24:] + 1) % VOCAB
-    for settings in (DistillConfig(), DistillConfig(ce_weight=0.5), DistillConfig(ce_weight=1.0)):
+    for settings in (DistillConfig(ce_weight=0.0), DistillConfig(ce_weight=0.5), DistillConfig(ce_weight=1.0)):
         padded = float(training_loss(student, teacher, batch, settings, mask)[0])
         assert padded == pytest.approx(float(training_loss(student, teacher, other, settings, mask)[0]), rel=1e-5)
         assert padded == pytest.approx(float(training_loss(student, teacher, batch[:, :24], settings)[0]), rel=1e-4)

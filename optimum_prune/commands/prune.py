@@ -153,7 +153,7 @@ def _evaluation_and_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recover-temperature", type=float, default=None,
                           help="distill, distill-lora: temperature of both softmaxes in the KL (default 1).")
     recovery.add_argument("--recover-ce-weight", type=float, default=None,
-                          help="distill, distill-lora: share of the next-token cross-entropy in the loss, 0 to 1 (default 0: KL only).")
+                          help="distill, distill-lora: share of the next-token cross-entropy in the loss, 0 to 1 (default 0.5; 0: KL only).")
     recovery.add_argument("--recover-hidden-weight", type=float, default=None,
                           help="distill, distill-lora: weight of the hidden-state term (every layer's output where the depth is "
                                "kept, the final state otherwise; default 0).")
