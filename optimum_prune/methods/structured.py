@@ -109,12 +109,14 @@ class LeastSquaresRestore:
         if not self.options.restore:
             return StructuredResult(keep)
         restored = restore_units(problem, keep, self.dampening)
-        limit, dense = self.options.max_restore_growth, float(problem.consumer.float().norm())
-        if limit is not None and float(restored.norm()) > limit * dense:
-            # the kept columns as they are: a re-fit larger than the dense consumer rebuilds what the removed
-            # units carried by amplifying the kept inputs (the policy-gradient search drops a unit that carries
-            # most of a layer's output when the loss does not need it; docs/methods/policy_gradient.md)
-            return StructuredResult(keep, declined_growth=float(restored.norm()) / dense)
+        limit = self.options.max_restore_growth
+        if limit is not None:
+            norm, dense = float(restored.norm()), float(problem.consumer.float().norm())
+            if norm > limit * dense:
+                # the kept columns as they are: a re-fit larger than the dense consumer rebuilds what the removed
+                # units carried by amplifying the kept inputs (the policy-gradient search drops a unit that
+                # carries most of a layer's output when the loss does not need it; docs/methods/policy_gradient.md)
+                return StructuredResult(keep, declined_growth=norm / dense)
         return StructuredResult(keep, restored)
 
 
