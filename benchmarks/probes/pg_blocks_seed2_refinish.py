@@ -25,6 +25,7 @@ from texts import perplexities  # noqa: E402
 from optimum_prune import Pruner, PruningConfig  # noqa: E402
 from optimum_prune.assets import smollm2_checkpoint  # noqa: E402
 from optimum_prune.calibration.data import calibration_windows  # noqa: E402
+from optimum_prune.engine.checkpoint import fingerprint  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("work", nargs="?", default=os.path.join("outputs", "probes", "pg-seed2"))
@@ -34,7 +35,8 @@ args = parser.parse_args()
 options = {"blocks": "block"}  # the configuration the decision was committed under (its fingerprint)
 if args.growth is not None:
     options["max_restore_growth"] = None if args.growth == "none" else float(args.growth)
-spec = 'policy_gradient[blocks="block"]:s0.2'
+growth = "" if args.growth is None else f",max_restore_growth={'null' if args.growth == 'none' else float(args.growth)}"
+spec = f'policy_gradient[blocks="block"{growth}]:s0.2'  # the row's name says the ratio it was finished under
 model, tok = load_fp32(smollm2_checkpoint())
 dense = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("down_proj.weight", "o_proj.weight"))}
 windows = calibration_windows("packaged:wiki-leads", tok, 64, 512, 2)
@@ -43,8 +45,16 @@ with tempfile.TemporaryDirectory() as tmp:
     shutil.copytree(os.path.join(args.work, "checkpoint"), checkpoint, ignore=shutil.ignore_patterns("finish"))
     decision = load_file(os.path.join(checkpoint, "decision.safetensors"))
     start = time.perf_counter()
-    pruner = Pruner(PruningConfig(method="policy_gradient", pattern="structured", sparsity=0.2, seed=2,
-                                  method_kwargs=options, num_calibration_samples=64, seqlen=512))
+    config = PruningConfig(method="policy_gradient", pattern="structured", sparsity=0.2, seed=2,
+                           method_kwargs=options, num_calibration_samples=64, seqlen=512)
+    if args.growth is not None:  # the search does not read max_restore_growth: the copy is marked as this config's
+        state_file = os.path.join(checkpoint, "checkpoint.json")
+        with open(state_file) as f:
+            state = json.load(f)
+        state["fingerprint"]["config"] = fingerprint(model, config, windows)["config"]
+        with open(state_file, "w") as f:
+            json.dump(state, f)
+    pruner = Pruner(config)
     pruner.prune(model, windows, progress=False, checkpoint_dir=checkpoint, resume=True)
 seconds = time.perf_counter() - start
 print("finish", round(seconds), "s; removed", pruner.report.removed_blocks, flush=True)
