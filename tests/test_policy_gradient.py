@@ -398,3 +398,65 @@ def test_expected_parameters_count_a_channel_only_while_its_gate_is_on():
     assert not kept[0] and live.tolist() == [False, False, True, True, True] and left == 9.0
     kept, _, left = expected.decode(torch.tensor([0.2], dtype=torch.float64), keep_params=20.0)  # 3 to remove
     assert kept[0] and left == 10.0  # the gate (14 parameters) is far more than the removal asks
+
+
+def test_expected_cost_takes_the_gates_fixed_cost_and_decode_removes_gates_until_the_channels_fit():
+    """With ``own`` (a per-block cost model) a gate costs its fixed time beside its parameters'. A decode
+    given the channel probabilities removes gates beyond the ones under one half, least probable first,
+    until the kept gates and their channels at those probabilities fit."""
+    from optimum_prune.methods.policy_gradient import ExpectedParams
+    from optimum_prune.methods.structured import Gate
+
+    group_of = torch.tensor([0, 0, 1, 1])  # group 0 under gate 0, group 1 under gate 1
+    cost = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    gates = [Gate(groups=[0], params=0, score=0.1, kind="attention"), Gate(groups=[1], params=0, score=0.1)]
+    expected = ExpectedParams(gates, group_of, cost, own=[6.0, 8.0])
+    assert expected.total == 4 + 14
+    channels = torch.ones(4, dtype=torch.float64)
+    probabilities = torch.tensor([0.9, 0.8], dtype=torch.float64)  # both gates above one half
+    kept, _, left = expected.decode(probabilities, keep_params=11.0)  # without the channels: nothing goes
+    assert kept.tolist() == [True, True] and left == 11.0 - 14
+    kept, live, left = expected.decode(probabilities, keep_params=11.0, channels=channels)
+    assert kept.tolist() == [True, False] and live.tolist() == [True, True, False, False] and left == 5.0
+    kept, _, _ = expected.decode(probabilities, keep_params=17.0, channels=channels)  # 1 over: 10 would overshoot
+    assert kept.tolist() == [True, True]
+    # gate 1 goes (half of its 8.2 fits in 8.9 over); then 0.7 over, which gate 0's channels (0.2) cannot give up
+    kept, _, _ = expected.decode(probabilities, keep_params=5.5, channels=torch.full((4,), 0.1, dtype=torch.float64))
+    assert kept.tolist() == [False, False]
+
+
+def test_a_latency_budget_removes_the_layers_whose_time_it_needs():
+    """``cost="latency"``: with a cost model where a layer's fixed time is four times its parameters',
+    half of the time can only go as two whole layers of three (the channels hold a fifth of it): the
+    layer that adds nothing goes first, one more follows and the one left keeps every channel. Half of
+    the parameters, by the same search, is that layer and channels of the other two."""
+    model, windows = planted_dead_block()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_params = sum(p.numel() for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear)
+                       for p in m.parameters())
+    common = {"steps": 60, "samples": 4, "lr": 0.1, "blocks": "layer", "restore": False}
+    latency = {"cost": "latency", "latency_model": {"per_million": 1e6, "layer": 4 * layer_params}}
+    pruner = Pruner(config(sparsity=0.5, num_calibration_samples=16, method_kwargs={**common, **latency}))
+    pruner.prune(model, windows, progress=False)
+    assert 1 in pruner.report.removed_layers and len(pruner.report.removed_layers) == 2
+    assert model.config.num_hidden_layers == 1 and model.model.layers[0].mlp.down_proj.in_features == 32
+    by_params = tiny_model("llama", num_hidden_layers=3, intermediate_size=32)
+    by_params.load_state_dict(dense)
+    pruner = Pruner(config(sparsity=0.5, num_calibration_samples=16, method_kwargs=common))
+    pruner.prune(by_params, windows, progress=False)
+    assert pruner.report.removed_layers == [1] and by_params.config.num_hidden_layers == 2
+    assert sum(layer.mlp.down_proj.in_features for layer in by_params.model.layers) < 64
+
+
+def test_the_latency_cost_is_checked():
+    with pytest.raises(PruningError, match="cost='latency' needs blocks"):
+        config(sparsity=0.2, method_kwargs={"cost": "latency"})
+    with pytest.raises(PruningError, match="cost must be one of"):
+        config(sparsity=0.2, method_kwargs={"cost": "time", "blocks": "layer"})
+    for model in ({"layers": 1.0}, {"mlp": -1}, [1.0], {"per_million": 0}):
+        with pytest.raises(PruningError, match="latency_model"):
+            config(sparsity=0.2, method_kwargs={"cost": "latency", "blocks": "layer", "latency_model": model})
+    pruner = Pruner(config(sparsity=0.2, method_kwargs={"cost": "latency", "blocks": "block", "latency_model": {"mlp": 2}}))
+    assert pruner.method.options.latency_model == {"per_million": 0.098, "layer": 1.9, "attention": 1.1, "mlp": 2.0}

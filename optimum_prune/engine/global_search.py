@@ -278,7 +278,7 @@ class GlobalStructuredEngine(Engine):
         influence = measure_influence(self.model, self.layers, self.family, windows, self.config.batch_size,
                                       self.progress)
         self.influence = influence
-        return [Gate(groups=inside, params=own, score=float(influence[kind][index]))
+        return [Gate(groups=inside, params=own, score=float(influence[kind][index]), kind=kind)
                 for (index, kind), inside, own in zip(self.gate_units, self.gate_groups, self.gate_params)]
 
     def _remove_units(self, removed: list[tuple[int, str]]) -> dict[str, str]:
@@ -350,7 +350,10 @@ class GlobalStructuredEngine(Engine):
 
     def _group_sparsity(self) -> float:
         """The groups' share of the removal so that ``sparsity`` of all decoder-layer Linear
-        parameters goes (Linears that cannot shrink, such as OPT's attention, count in the total)."""
+        parameters goes (Linears that cannot shrink, such as OPT's attention, count in the total). A budget
+        in time (policy gradient's ``cost="latency"``) is the method's own: ``sparsity`` as it is."""
+        if getattr(self.method.options, "cost", "params") == "latency":
+            return self.config.sparsity
         group_params = sum(g.params for g in self.groups) + sum(self.gate_params)
         share = self.config.sparsity * self.layer_params / group_params
         if share >= 1:

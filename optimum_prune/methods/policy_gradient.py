@@ -36,6 +36,11 @@ from ..structure.budget import round_kept
 from .structured import GlobalProblem, LeastSquaresRestore
 from .wanda_sp import wanda_sp_scores
 
+#: Decode time per generated token (ms) of SmolLM2-135M in transformers (fp32, 2 threads, x86_64), fitted to
+#: docs/results/depth.md's speed rows: per million parameters, and beside its parameters each removed
+#: decoder layer, attention block and MLP block (docs/results/README.md, the per-block cost model).
+LATENCY_MODEL = {"per_million": 0.098, "layer": 1.9, "attention": 1.1, "mlp": 0.55}
+
 
 @dataclass
 class PolicyGradientOptions:
@@ -99,6 +104,14 @@ class PolicyGradientOptions:
     #: every channel of a kept layer or block stays, and the budget is met by the gates, the least
     #: probable first, each while at least half of it fits (as ``block-influence`` meets it).
     channels: bool = True
+    #: What the budget counts: "params" (the parameters kept) or "latency" (the decode time of
+    #: ``latency_model``; needs ``blocks``): ``sparsity`` is then the share of the modelled decode time
+    #: of the decoder layers to remove. A removed block saves its fixed cost beside its parameters',
+    #: so the search trades channels against blocks by time, not by size.
+    cost: str = "params"
+    #: ms per generated token: "per_million" parameters, and the fixed cost of a removed "layer",
+    #: "attention" or "mlp" block beside its parameters (keys left out take LATENCY_MODEL's values).
+    latency_model: dict = field(default_factory=lambda: dict(LATENCY_MODEL))
 
     def __post_init__(self):
         for name in ("steps", "samples", "windows_per_step", "sensitivity_rounds"):
@@ -138,9 +151,24 @@ class PolicyGradientOptions:
                 raise PruningError(f"policy_gradient option {name} must be true or false, got {getattr(self, name)!r}.")
         if self.max_restore_growth is not None:
             check_positive_number(self.max_restore_growth, "policy_gradient option max_restore_growth")
+        self._check_cost()
         if self.local_method is not None and not isinstance(self.local_method, str):
             raise PruningError(f"policy_gradient option local_method must be a method name (fasp, spap, wanda-sp), "
                                f"got {self.local_method!r}.")
+
+    def _check_cost(self):
+        check_choice(self.cost, "policy_gradient option cost", ("params", "latency"))
+        if self.cost == "latency" and self.blocks == "none":
+            raise PruningError("policy_gradient option cost='latency' needs blocks (layer, attention, mlp or block): "
+                               "without depth gates the time a model can lose is its parameters' share alone.")
+        model = self.latency_model
+        if not isinstance(model, dict) or not set(model) <= set(LATENCY_MODEL) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in model.values()):
+            raise PruningError(f"policy_gradient option latency_model must map some of {sorted(LATENCY_MODEL)} to "
+                               f"non-negative ms per token, e.g. {LATENCY_MODEL}; got {model!r}.")
+        self.latency_model = {**LATENCY_MODEL, **{k: float(v) for k, v in model.items()}}
+        if self.latency_model["per_million"] <= 0:
+            raise PruningError("policy_gradient option latency_model's per_million must be positive.")
 
     @property
     def layerwise_finish(self) -> bool:
@@ -302,6 +330,9 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         sizes = [len(scores) for scores in problem.scores]
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
+        latency = opts.cost == "latency"
+        if latency:  # every cost in ms per token: a unit's parameters, a gate's parameters and its fixed cost
+            cost = cost * (opts.latency_model["per_million"] / 1e6)
         if not opts.channels:
             return self._optimise_gates(problem, sizes, group_of, cost)
         partitions = self._partitions(problem, group_of)
@@ -309,18 +340,14 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         y = None if problem.resume else self._initial_probabilities(problem, sizes, partitions, group_of)
         gated = bool(problem.gates)
         if gated:
-            expected = ExpectedParams(problem.gates, group_of, cost)
+            expected = self._expected(problem.gates, group_of, cost)
             keep_params = (1 - problem.sparsity) * expected.total
-            def shift(values, spent):
-                return bisect_shift(spent, keep_params, float(values.min()) - 1.0, float(values.max()) + 1.0)
-
             def project(values):
-                return _clip(values - shift(values, lambda lam: expected(_clip(values - lam, opts.eps))), opts.eps)
+                return _clip(values - _shift(values, lambda lam: expected(_clip(values - lam, opts.eps)), keep_params),
+                             opts.eps)
 
-            if y is not None:  # the gates start where _initial_gates puts them: the channels alone take the first shift
-                gates = _clip(self._initial_gates(problem.gates), opts.eps)
-                start = shift(y, lambda lam: expected(torch.cat([_clip(y - lam, opts.eps), gates])))
-                y = torch.cat([y, gates + start])
+            if y is not None:
+                y = self._gated_start(problem, y, cost, expected, keep_params)
         else:
             budgets = [(1 - problem.sparsity) * float(cost[p].sum()) for p in partitions]
 
@@ -334,7 +361,8 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         s = self._search(problem, problem.resume["s"] if problem.resume else project(y), project, splits)
         if gated:
             s, gate_s = s[:len(group_of)], s[len(group_of):]
-            self.kept_gates, live, channel_budget = expected.decode(gate_s, keep_params)
+            # by time, the channels cannot meet what the gates left over: more gates go until it fits
+            self.kept_gates, live, channel_budget = expected.decode(gate_s, keep_params, s if latency else None)
             self.gate_probabilities = gate_s.float()
             partitions = [live]
             budgets = [channel_budget]
@@ -357,11 +385,26 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         self.probabilities = [p.float() for p in s.split(sizes)]
         return list(keep.split(sizes))
 
+    def _gated_start(self, problem: GlobalProblem, y: torch.Tensor, cost: torch.Tensor, expected: "ExpectedParams",
+                     keep_params: float) -> torch.Tensor:
+        """Channel probabilities ``y`` and the gates' together, before the first projection. By parameters,
+        the gates start where ``_initial_gates`` puts them and the channels alone take the first shift; by
+        time (``cost="latency"``), the channels start as if they alone met the budget in their own count and
+        the gates take the rest (the channels alone could not: blocks cost more than their parameters)."""
+        eps = self.options.eps
+        gates = _clip(self._initial_gates(problem.gates), eps)
+        if self.options.cost == "latency":
+            channels = project_to_budget(y, cost, (1 - problem.sparsity) * float(cost.sum()), eps)
+            start = _shift(gates, lambda lam: expected(torch.cat([channels, _clip(gates - lam, eps)])), keep_params)
+            return torch.cat([channels, _clip(gates - start, eps)])
+        start = _shift(y, lambda lam: expected(torch.cat([_clip(y - lam, eps), gates])), keep_params)
+        return torch.cat([y, gates + start])
+
     def _optimise_gates(self, problem: GlobalProblem, sizes, group_of, cost) -> list[torch.Tensor]:
         """``channels=False``: the search over the gates alone, every channel unit always kept (the
         masks handed to ``problem.evaluate`` keep them all); the removal goes gate by gate."""
         opts = self.options
-        expected = ExpectedParams(problem.gates, group_of, cost)
+        expected = self._expected(problem.gates, group_of, cost)
         keep_params = (1 - problem.sparsity) * expected.total
         channels = torch.ones(len(group_of), dtype=torch.float64)
 
@@ -369,8 +412,7 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
             def spent(lam):
                 return expected(torch.cat([channels, _clip(gates - lam, opts.eps)]))
 
-            return _clip(gates - bisect_shift(spent, keep_params, float(gates.min()) - 1.0, float(gates.max()) + 1.0),
-                         opts.eps)
+            return _clip(gates - _shift(gates, spent, keep_params), opts.eps)
 
         def evaluate(masks, **kwargs):
             count = masks[-1].shape[0]
@@ -422,6 +464,15 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
                 save(step + 1)
         return s
 
+    def _expected(self, gates, group_of: torch.Tensor, cost: torch.Tensor) -> "ExpectedParams":
+        """The budget's count: parameters, or (``cost="latency"``) ms per token, where a gate costs its
+        parameters' time and the fixed time of its kind of block."""
+        if self.options.cost == "params":
+            return ExpectedParams(gates, group_of, cost)
+        model = self.options.latency_model
+        own = [gate.params * model["per_million"] / 1e6 + model[gate.kind] for gate in gates]
+        return ExpectedParams(gates, group_of, cost, own=own)
+
     def _initial_gates(self, gates) -> torch.Tensor:
         """``sigmoid(logit(block_start) + init_temperature * (log score - median log score))``; every
         gate at ``block_start`` for a uniform start."""
@@ -436,18 +487,25 @@ def _clip(values: torch.Tensor, eps: float) -> torch.Tensor:
     return values.clamp(eps, 1 - eps)
 
 
+def _shift(values: torch.Tensor, spent, keep: float) -> float:
+    """The shift at which ``spent(shift)`` meets ``keep``, searched within ``values``' range widened by one."""
+    return bisect_shift(spent, keep, float(values.min()) - 1.0, float(values.max()) + 1.0)
+
+
 class ExpectedParams:
     """The parameters a sample keeps, in expectation over channel probabilities and gate
     probabilities (the last ``len(gates)`` entries): a channel unit counts only while the gate over
-    it (if any) is on, a gate's own parameters while it is on."""
+    it (if any) is on, a gate's own parameters while it is on. Any other additive count works the same
+    way: ``cost`` per channel unit and ``own`` per gate (default: the gates' parameters)."""
 
-    def __init__(self, gates, group_of: torch.Tensor, cost: torch.Tensor):
+    def __init__(self, gates, group_of: torch.Tensor, cost: torch.Tensor, own: list[float] | None = None):
         self.units, self.cost = len(group_of), cost
         self.gate_of = torch.full((len(group_of),), -1, dtype=torch.long)
         for b, gate in enumerate(gates):
             for g in gate.groups:
                 self.gate_of[group_of == g] = b
-        self.own = torch.tensor([float(gate.params) for gate in gates], dtype=torch.float64)
+        own = [float(gate.params) for gate in gates] if own is None else own
+        self.own = torch.tensor(own, dtype=torch.float64)
         under = self.gate_of >= 0
         # everything a gate removes: its own parameters and every channel unit under it
         self.whole = self.own.clone().index_add_(0, self.gate_of[under], cost[under])
@@ -458,11 +516,24 @@ class ExpectedParams:
         factor = torch.where(self.gate_of >= 0, gates[self.gate_of.clamp_min(0)], torch.ones_like(units))
         return float((self.cost * units * factor).sum() + (self.own * gates).sum())
 
-    def decode(self, gates: torch.Tensor, keep_params: float):
+    def decode(self, gates: torch.Tensor, keep_params: float, channels: torch.Tensor | None = None):
         """(kept gates, the channel units still live, the parameters left for them): the gates whose
         probability ended below one half go, least probable first, each while at least half of it fits
-        in the removal the budget asks for."""
+        in the removal the budget asks for. With ``channels`` (their probabilities), further gates go,
+        least probable first, while the kept gates and the channels under them, at those probabilities,
+        exceed ``keep_params``: each while at least half of it, so counted, fits in the excess, or
+        whenever the live channels could not give up the excess even all together."""
         kept = self.remove_whole(gates, keep_params, below=0.5)
+        if channels is not None:
+            spent = self.cost * channels
+            for b in torch.argsort(gates, stable=True).tolist():
+                live = (self.gate_of < 0) | kept[self.gate_of.clamp_min(0)]
+                excess = float(self.own[kept].sum() + spent[live].sum()) - keep_params
+                if excess <= 0:
+                    break
+                whole = float(self.own[b] + spent[self.gate_of == b].sum())
+                if kept[b] and (whole / 2 <= excess or excess >= float(spent[live].sum())):
+                    kept[b] = False
         live = (self.gate_of < 0) | kept[self.gate_of.clamp_min(0)]
         return kept, live, keep_params - float(self.own[kept].sum())
 

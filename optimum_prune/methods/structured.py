@@ -128,6 +128,7 @@ class Gate:
     groups: list[int]  # the channel groups inside the unit (indices into the problem's groups)
     params: int  # the unit's parameters outside those groups (counted in the budget, removed with it)
     score: float  # initial importance (e.g. block influence: 1 - cosine of the residual stream around it)
+    kind: str = "layer"  # "layer", "attention" or "mlp": what a per-block cost model charges for it
 
 
 @dataclass
