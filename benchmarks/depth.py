@@ -213,7 +213,8 @@ def main(argv=None):
             "score=loss: layers ranked by the loss increase of removing each alone on 8 calibration windows; fasp: MLP "
             "channels and KV groups of every layer, uniform; policy_gradient: the global search over MLP channels and "
             "KV groups, 200 steps, with blocks= also over layer or attention / MLP block gates under one parameter "
-            "budget, started at block_start for the median-influence gate).\n\n" + table(rows, dense, speeds))
+            "budget, started at block_start for the median-influence gate; with cost=\"latency\" the budget and the "
+            "sparsity are of the modelled decode time instead, latency_model's per-block costs).\n\n" + table(rows, dense, speeds))
     if speeds:
         figure = plot(rows, dense, speeds, os.path.splitext(args.output)[0] + ".png")
         text += (f"\nSpeed: each run's seed-0 model saved and loaded in a fresh process, transformers fp32 on "

@@ -129,8 +129,10 @@ def test_a_refit_beyond_max_restore_growth_keeps_the_kept_columns(sequential, ca
     """Consumers whose least-squares re-fit would outgrow the dense consumer keep the dense columns of
     the kept units: with a limit nothing meets, the model is the unrestored one (same search, same
     units), in the layer-wise finish and in the one-pass restoration, and the report names every
-    consumer that lost units with its declined re-fit's growth; the default limit (1.0) still re-fits
-    the ordinary consumers of a tiny model."""
+    consumer that lost units with its declined re-fit's growth; the default limit still re-fits the
+    ordinary consumers of a tiny model and declines only re-fits beyond it."""
+    from optimum_prune.methods.policy_gradient import PolicyGradientOptions
+
     models, reports = {}, {}
     for name, options in {"none-fits": {"max_restore_growth": 1e-9}, "unrestored": {"restore": False},
                           "default": {}}.items():
@@ -142,7 +144,8 @@ def test_a_refit_beyond_max_restore_growth_keeps_the_kept_columns(sequential, ca
     assert shrunk and set(reports["none-fits"].declined_refits) == shrunk
     assert all(growth > 1e-9 for growth in reports["none-fits"].declined_refits.values())
     assert not reports["unrestored"].declined_refits
-    assert all(growth > 1.0 for growth in reports["default"].declined_refits.values())
+    limit = PolicyGradientOptions().max_restore_growth
+    assert all(growth > limit for growth in reports["default"].declined_refits.values())
     assert _widths(models["none-fits"]) == _widths(models["unrestored"]) == _widths(models["default"])
     for a, b in zip(models["none-fits"].state_dict().values(), models["unrestored"].state_dict().values()):
         assert torch.equal(a, b)
@@ -460,3 +463,24 @@ def test_the_latency_cost_is_checked():
             config(sparsity=0.2, method_kwargs={"cost": "latency", "blocks": "layer", "latency_model": model})
     pruner = Pruner(config(sparsity=0.2, method_kwargs={"cost": "latency", "blocks": "block", "latency_model": {"mlp": 2}}))
     assert pruner.method.options.latency_model == {"per_million": 0.098, "layer": 1.9, "attention": 1.1, "mlp": 2.0}
+
+
+def test_the_search_checks_the_memory_of_its_layer_wise_finish_before_it_starts(monkeypatch, calib_ids):
+    """The finish's own per-layer memory check runs before the search's first pass (the model still
+    dense), with the finishing method (FASP's least squares, or ``local_method``); a search without a
+    layer-wise finish does not run it."""
+    from optimum_prune.engine.layerwise import LayerwiseEngine
+    from optimum_prune.methods.policy_gradient import PolicyGradient
+
+    calls, searched = [], []
+    monkeypatch.setattr(LayerwiseEngine, "check_memory", lambda self, *args, **kwargs: calls.append(
+        (self.method.name, len(searched), self.model.model.layers[0].mlp.down_proj.in_features)))
+    search = PolicyGradient.optimise
+    monkeypatch.setattr(PolicyGradient, "optimise", lambda self, problem: searched.append(1) or search(self, problem))
+    for options, expected in (({}, [("fasp", 0, 128)]), ({"local_method": "spap"}, [("spap", 0, 128)]),
+                              ({"restore": False}, [])):
+        calls.clear(), searched.clear()
+        model = tiny_model("llama", num_hidden_layers=2)
+        assert model.model.layers[0].mlp.down_proj.in_features == 128
+        Pruner(config(sparsity=0.3, method_kwargs=options)).prune(model, calib_ids, progress=False)
+        assert calls == expected and searched == [1]

@@ -405,6 +405,26 @@ def test_resource_guard_fails_early_with_the_numbers(monkeypatch, calib_ids):
     Pruner(config()).prune(model, calib_ids, progress=False, check_memory=False)
 
 
+@pytest.mark.parametrize("method, options", [("policy_gradient", {"steps": 2}),
+                                             ("policy_gradient", {"steps": 2, "blocks": "layer"}),
+                                             ("block-influence", {})])
+def test_whole_model_methods_refuse_before_their_passes_what_will_not_fit(method, options, monkeypatch, calib_ids):
+    """The global search and the depth engine check their whole-model passes (and the search its
+    layer-wise finish) against the free memory before any pass: one line with the numbers, nothing
+    changed; without the check the same prune runs."""
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = PruningConfig(method=method, pattern="structured", sparsity=0.3, num_calibration_samples=8, seqlen=32,
+                        method_kwargs=options)
+    monkeypatch.setattr(resources, "available_bytes", lambda device: 1024**2)
+    with pytest.raises(PruningError, match=r"needs about .* on cpu \(.*forward .*\) but only 1.00 MiB is free; use "
+                                           r".*batch_size"):
+        Pruner(cfg).prune(model, calib_ids, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    Pruner(cfg).prune(model, calib_ids, progress=False, check_memory=False)
+    assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in before.values())
+
+
 def test_memory_estimate_tracks_the_work(calib_ids):
     from optimum_prune.engine.layerwise import LayerwiseEngine
 

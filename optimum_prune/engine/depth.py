@@ -30,6 +30,7 @@ from .base import Engine, in_eval_mode, require_windows
 from .checkpoint import nested, open_whole, unnested
 from .blocks import DepthUnits, measure_influence, pass_through, zeroed
 from .report import PruneReport
+from .resources import MemoryEstimate, forward_bytes, free_on, refuse_beyond
 
 
 class DepthEngine(Engine):
@@ -55,6 +56,14 @@ class DepthEngine(Engine):
             raise PruningError(f"No decoder layer or block ({self.prefix}.N) matches targets={config.targets} "
                                f"ignore={config.ignore}; nothing could be removed.")
         self.layer_params = sum(sum(p.numel() for p in layer.parameters()) for layer in self.layers)
+
+    def check_memory(self, num_windows: int, seqlen: int, input_device: torch.device, checkpoint: bool) -> None:
+        """Refuse, before the first pass, a prune whose whole-model forward passes (one batch of windows
+        each, the influence hooks' per-unit sums beside them) will not fit where the model runs."""
+        estimate = MemoryEstimate()
+        estimate.add(input_device, "forward", forward_bytes(self.model, self.layers,
+                                                            min(self.config.batch_size, max(num_windows, 1)), seqlen))
+        refuse_beyond(estimate, free_on(input_device), "a smaller batch_size or a shorter seqlen")
 
     def unit_name(self, index: int, kind: str) -> str:
         """``model.layers.3`` for a layer, ``model.layers.3.self_attn`` / ``.mlp`` for a block."""

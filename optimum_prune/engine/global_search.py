@@ -32,6 +32,7 @@ from .base import Engine, in_eval_mode, require_windows
 from .checkpoint import nested, open_whole, unnested
 from .blocks import DepthUnits, gated, measure_influence
 from .report import PruneReport
+from .resources import MemoryEstimate, forward_bytes, free_on, refuse_beyond
 
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,26 @@ class GlobalStructuredEngine(Engine):
             if not self.gate_units:
                 raise PruningError(f"blocks={blocks!r}: no decoder layer or block ({self.prefix}.N) matches "
                                    f"targets={config.targets} ignore={config.ignore}.")
+
+    def check_memory(self, num_windows: int, seqlen: int, input_device: torch.device, checkpoint: bool) -> None:
+        """Refuse, before the search, a prune whose whole-model passes will not fit where the model runs:
+        the dense statistics of every group held through the search (Grams for a one-pass restoration)
+        beside the largest forward pass (a statistics batch, the samples of a step, or a chunk of
+        sensitivity probes); then the layer-wise finish's own check (its engine's, per layer)."""
+        opts = self.method.options
+        probes = 8 if opts.init_scope == "sensitivity" else 1  # 7 probes and the unmasked model per call
+        rows = max(min(self.config.batch_size, num_windows), opts.samples * opts.windows_per_step,
+                   probes * opts.windows_per_step)
+        gram = "gram" in self.method.statistics
+        statistics = sum(4 * g.producers[0].linear.in_features + 4 * g.consumer.in_features
+                         + (4 * g.consumer.in_features ** 2 if gram else 0) for g in self.groups)
+        estimate = MemoryEstimate()
+        estimate.add(input_device, "statistics", statistics)
+        estimate.add(input_device, "forward", forward_bytes(self.model, self.layers, rows, seqlen))
+        refuse_beyond(estimate, free_on(input_device),
+                      "a smaller batch_size, fewer samples or windows_per_step, or a shorter seqlen")
+        if opts.layerwise_finish:
+            self._finishing_engine().check_memory(num_windows, seqlen, input_device, checkpoint)
 
     # ------------------------------------------------------------------ statistics of the dense model
     def _collect_statistics(self, windows: torch.Tensor):
@@ -327,22 +348,26 @@ class GlobalStructuredEngine(Engine):
         """Shrink to the learned widths layer by layer, each layer calibrated on the outputs of the
         already-pruned ones, with the method's `finishing_step` (policy gradient: the kept units
         restored by FASP's least squares, or its ``local_method`` choosing the units itself)."""
-        from .layerwise import LayerwiseEngine
-
-        common = dict(device=self.device, progress=self.progress, activations=self.activations,
-                      activation_folder=self.activation_folder)
-        name, keeps_units, options = self.method.finishing_step()
-        finisher = get_method(name)
-        local = finisher(finisher.parse_options(options), dampening=self.method.dampening)
-        if keeps_units:
+        if self.method.finishing_step()[1]:
             kept = {renamed[g.name]: keep.nonzero().squeeze(1) for g, keep in zip(self.groups, keeps)
                     if g.name in renamed and keep.any()}
-            engine = LayerwiseEngine(self.model, self.config, local, kept_units=kept, **common)
+            engine = self._finishing_engine(kept_units=kept)
         else:
             removals = {renamed[g.name]: g.units - int(keep.sum()) for g, keep in zip(self.groups, keeps)
                         if g.name in renamed and keep.any()}
-            engine = LayerwiseEngine(self.model, self.config, local, removals=removals, **common)
+            engine = self._finishing_engine(removals=removals)
         return engine.run(windows, checkpoint=checkpoint)
+
+    def _finishing_engine(self, **widths):
+        """The layer-wise engine of the method's `finishing_step` (``widths``: its ``kept_units`` or
+        ``removals``; none: the config's uniform widths, which need the same memory per layer)."""
+        from .layerwise import LayerwiseEngine
+
+        name, _, options = self.method.finishing_step()
+        finisher = get_method(name)
+        local = finisher(finisher.parse_options(options), dampening=self.method.dampening)
+        return LayerwiseEngine(self.model, self.config, local, device=self.device, progress=self.progress,
+                               activations=self.activations, activation_folder=self.activation_folder, **widths)
 
     def _problem(self, index: int, producer_stats, consumer_stats):
         group = self.groups[index]

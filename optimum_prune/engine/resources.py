@@ -302,16 +302,40 @@ def check_memory(engine, num_windows: int, seqlen: int, input_device: torch.devi
     budget = working_budget(engine, input_device)
     engine.expert_chunk = expert_chunk(engine, num_windows, seqlen, input_device, budget, checkpoint=checkpoint)
     estimate = estimate_memory(engine, num_windows, seqlen, input_device, checkpoint=checkpoint)
-    for device, parts in estimate.parts.items():
-        need = estimate.total(device)
-        free = budget.get(device)
+    refuse_beyond(estimate, budget, "fewer calibration samples or a shorter seqlen (activations), offload layers "
+                                    "with a device_map (weights), a lighter method")
+    return estimate
+
+
+def refuse_beyond(estimate: MemoryEstimate, budget: dict[str, int], remedies: str) -> None:
+    """Log ``estimate`` per device and raise `PruningError` with the numbers where it exceeds ``budget``
+    (device -> free bytes; a device left out is not checked). ``remedies``: what the user can change."""
+    for device in estimate.parts:
+        need, free = estimate.total(device), budget.get(device)
         logger.info("Memory estimate on %s: %s (free: %s)", device, estimate.describe(device),
                     "unknown" if free is None else format_bytes(free))
         if free is not None and need > free:
             raise PruningError(
                 f"This prune needs about {format_bytes(need)} on {device} ({estimate.describe(device)}) but only "
-                f"{format_bytes(free)} is free; use fewer calibration samples or a shorter seqlen (activations), "
-                f"offload layers with a device_map (weights), a lighter method, or skip this check "
-                f"(check_memory=False, --skip-memory-check) if you know better."
+                f"{format_bytes(free)} is free; use {remedies}, or skip this check (check_memory=False, "
+                f"--skip-memory-check) if you know better."
             )
-    return estimate
+
+
+def free_on(device: torch.device) -> dict[str, int]:
+    """``{device: bytes free there now}`` for `refuse_beyond`, or ``{}`` where that is unknown."""
+    free = available_bytes(torch.device(device))
+    return {} if free is None else {str(device): free}
+
+
+def forward_bytes(model: nn.Module, layers: nn.ModuleList, rows: int, seqlen: int) -> int:
+    """Peak of one whole-model forward pass over ``rows`` windows without a KV cache, beyond the weights:
+    the transient tensors of the widest decoder layer (as `layer_parts` counts a layer's batch), the hidden
+    states into and out of it, and the float32 logits with the loss's log-probabilities and its copy."""
+    model_config = getattr(model, "config", None)
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    widest = max(m.out_features for m in linears)
+    hidden = getattr(model_config, "hidden_size", None) or linears[0].in_features
+    heads = getattr(model_config, "num_attention_heads", 1) or 1
+    vocab = getattr(model_config, "vocab_size", 0) or 0
+    return 4 * rows * seqlen * (3 * widest + heads * seqlen + 2 * hidden + 3 * vocab)
