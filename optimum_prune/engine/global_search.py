@@ -98,8 +98,9 @@ class GlobalStructuredEngine(Engine):
         estimate.add(input_device, "forward", forward_bytes(self.model, self.layers, rows, seqlen))
         refuse_beyond(estimate, free_on(input_device),
                       "a smaller batch_size, fewer samples or windows_per_step, or a shorter seqlen")
-        if opts.layerwise_finish:
-            self._finishing_engine().check_memory(num_windows, seqlen, input_device, checkpoint)
+        if opts.layerwise_finish:  # the finish's memory per layer does not depend on the widths: one unit off each group
+            finish = self._finishing_engine(removals={g.name: 1 for g in self.groups if g.units > 1})
+            finish.check_memory(num_windows, seqlen, input_device, checkpoint)
 
     # ------------------------------------------------------------------ statistics of the dense model
     def _collect_statistics(self, windows: torch.Tensor):
@@ -360,7 +361,7 @@ class GlobalStructuredEngine(Engine):
 
     def _finishing_engine(self, **widths):
         """The layer-wise engine of the method's `finishing_step` (``widths``: its ``kept_units`` or
-        ``removals``; none: the config's uniform widths, which need the same memory per layer)."""
+        ``removals``)."""
         from .layerwise import LayerwiseEngine
 
         name, _, options = self.method.finishing_step()
