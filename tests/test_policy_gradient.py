@@ -375,6 +375,30 @@ def test_gates_alone_find_the_dead_layer_from_a_uniform_start_and_keep_every_cha
         torch.testing.assert_close(model(windows[:4]).logits, dense, rtol=1e-4, atol=1e-3)
 
 
+def test_gates_start_from_the_loss_increase_of_removing_each_unit_alone():
+    """``block_score="loss"``: the gates start ordered by the loss increase that ``block-influence``'s
+    ``score="loss"`` measures (removing each layer alone); with no search step the depth-only decode
+    removes that baseline's layer, which the influence start (a different layer on this model) does not."""
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    baseline = Pruner(PruningConfig(method="block-influence", pattern="structured", sparsity=0.25, seqlen=32,
+                                    num_calibration_samples=8, batch_size=4,
+                                    method_kwargs={"keep_ends": False, "score": "loss"}))
+    baseline.prune(tiny_model("llama", num_hidden_layers=4), ids, progress=False)
+    removed, start = {}, {}
+    for score in ("influence", "loss"):
+        cfg = config(sparsity=0.25, method_kwargs={"steps": 0, "blocks": "layer", "channels": False,
+                                                   "block_score": score})
+        pruner = Pruner(cfg)
+        pruner.prune(tiny_model("llama", num_hidden_layers=4), ids, progress=False)
+        removed[score], start[score] = pruner.report.removed_layers, pruner.report.unit_scores
+    increase = baseline.report.unit_scores
+    assert len(baseline.report.removed_layers) == 1 and removed["loss"] == baseline.report.removed_layers
+    assert removed["influence"] != removed["loss"]
+    assert sorted(start["loss"], key=start["loss"].get) == sorted(increase, key=increase.get)
+    with pytest.raises(PruningError, match="block_score must be one of"):
+        config(sparsity=0.2, method_kwargs={"blocks": "layer", "block_score": "cosine"})
+
+
 def test_block_gates_need_one_budget_and_a_sensible_start():
     with pytest.raises(PruningError, match="searches the gates alone"):
         config(sparsity=0.2, method_kwargs={"channels": False})

@@ -1,7 +1,8 @@
 """The depth units of a model — whole decoder layers, or their attention / MLP blocks — for the engines
 that remove them (`depth.py`: ranked by a measure; `global_search.py`: gated beside the channels):
 their names, parameters and eligibility (`DepthUnits`), their influence on the residual stream
-measured in one pass (`measure_influence`), and the hooks that compute a unit's removal in a forward
+measured in one pass (`measure_influence`), the loss increase of removing each alone
+(`measure_loss_increase`), and the hooks that compute a unit's removal in a forward
 pass (`pass_through`, `zeroed`, `gated`).
 """
 
@@ -14,6 +15,7 @@ from ..calibration.capture import first_output, run_windows
 from ..errors import PruningError
 from ..modeling import BLOCK_MODULES
 from ..runtime.distributed import reduce_sums
+from ..runtime.offload import input_device
 from ..structure.layers import linear_params, matches
 
 #: the kinds of unit, as ``granularity`` names them
@@ -113,6 +115,37 @@ def measure_influence(model: nn.Module, layers: nn.ModuleList, family: str, wind
             handle.remove()
     reduce_sums([sums, count])  # several processes: the cosines of all their windows
     return {kind: 1.0 - sums[row] / count.clamp(min=1) for row, kind in enumerate(kinds)}
+
+
+@torch.no_grad()
+def measure_loss_increase(model: nn.Module, depth: DepthUnits, units: list[tuple[int, str]], windows: torch.Tensor,
+                          batch_size: int) -> torch.Tensor:
+    """Per unit of ``units``: the mean next-token loss over ``windows`` with that unit alone removed (a
+    layer passing its input through, a block's output zeroed: what removal computes) minus the loss of
+    the model as it is; float64, summed over processes (one pass per unit, and one of the model)."""
+    device = input_device(model)
+
+    def loss() -> float:
+        total = 0.0
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                                             reduction="sum"))
+        return total
+
+    sums = torch.zeros(len(units) + 1, dtype=torch.float64)
+    sums[0] = loss()
+    for i, (index, kind) in enumerate(units):
+        handle = depth.output_module(index, kind).register_forward_hook(
+            pass_through if kind == "layer" else zeroed, with_kwargs=True)
+        try:
+            sums[i + 1] = loss()
+        finally:
+            handle.remove()
+    count = torch.tensor([float(windows[:, 1:].numel())], dtype=torch.float64)
+    reduce_sums([sums, count])
+    return (sums[1:] - sums[0]) / count
 
 
 def pass_through(module, args, kwargs, output):

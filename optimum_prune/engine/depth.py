@@ -21,14 +21,12 @@ from torch import nn
 
 from ..configuration import PruningConfig
 from ..errors import PruningError
-from ..runtime.distributed import reduce_sums
-from ..runtime.offload import input_device
 from ..structure.groups import base_model_type
 from ..structure.layers import find_decoder_layers
 from ..structure.shrink import remove_blocks, remove_layers
 from .base import Engine, in_eval_mode, require_windows
 from .checkpoint import nested, open_whole, unnested
-from .blocks import DepthUnits, measure_influence, pass_through, zeroed
+from .blocks import DepthUnits, measure_influence, measure_loss_increase
 from .report import PruneReport
 from .resources import MemoryEstimate, forward_bytes, free_on, refuse_beyond
 
@@ -73,38 +71,15 @@ class DepthEngine(Engine):
         """``1 - mean cos`` of every layer and block (`blocks.measure_influence`)."""
         return measure_influence(self.model, self.layers, self.family, windows, self.config.batch_size, self.progress)
 
-    @torch.no_grad()
     def loss_increase(self, windows: torch.Tensor) -> torch.Tensor:
-        """Per unit: the mean next-token loss on the first ``score_samples`` windows with the unit
-        removed (a layer passing its input through, a block's output zeroed: what removal computes)
-        minus the loss of the model as it is. Units that are not candidates score 0 (never chosen)."""
-        windows = windows[: self.method.options.score_samples]
-        device = input_device(self.model)
-
-        def loss() -> float:
-            total = 0.0
-            for batch in windows.split(self.config.batch_size):
-                batch = batch.to(device)
-                logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
-                                                                 reduction="sum"))
-            return total
-
-        sums = torch.zeros(len(self.units) + 1, dtype=torch.float64)
-        sums[0] = loss()
-        for i, (index, kind) in enumerate(self.units):
-            if not self.candidates[i]:
-                sums[i + 1] = sums[0]
-                continue
-            handle = self.depth.output_module(index, kind).register_forward_hook(
-                pass_through if kind == "layer" else zeroed, with_kwargs=True)
-            try:
-                sums[i + 1] = loss()
-            finally:
-                handle.remove()
-        count = torch.tensor([float(windows[:, 1:].numel())], dtype=torch.float64)
-        reduce_sums([sums, count])
-        return (sums[1:] - sums[0]) / count
+        """Per unit: the calibration loss increase when it alone is removed, on the first ``score_samples``
+        windows (`blocks.measure_loss_increase`). Units that are not candidates score 0 (never chosen)."""
+        chosen = self.candidates.nonzero().squeeze(1).tolist()
+        measured = measure_loss_increase(self.model, self.depth, [self.units[i] for i in chosen],
+                                         windows[: self.method.options.score_samples], self.config.batch_size)
+        per_unit = torch.zeros(len(self.units), dtype=torch.float64)
+        per_unit[chosen] = measured
+        return per_unit
 
     def run(self, windows: torch.Tensor | None, checkpoint=None) -> PruneReport:
         """Measure, choose, remove; with ``checkpoint``, the choice is committed before the model changes

@@ -30,7 +30,7 @@ from ..calibration.capture import StatisticsCollector, check_called, run_windows
 from ..runtime.offload import input_device
 from .base import Engine, in_eval_mode, require_windows
 from .checkpoint import nested, open_whole, unnested
-from .blocks import DepthUnits, gated, measure_influence
+from .blocks import DepthUnits, gated, measure_influence, measure_loss_increase
 from .report import PruneReport
 from .resources import MemoryEstimate, forward_bytes, free_on, refuse_beyond
 
@@ -296,12 +296,22 @@ class GlobalStructuredEngine(Engine):
 
     # ------------------------------------------------------------------ depth units
     def _gates(self, windows: torch.Tensor) -> list[Gate]:
-        """The gated units, each scored by its influence on the residual stream (one dense pass)."""
+        """The gated units, each scored by its influence on the residual stream (one dense pass) or, with
+        ``block_score="loss"``, by the loss increase of removing it alone (a pass per gate); a removal that
+        does not raise the loss scores as the smallest increase measured (the start maps log scores)."""
         influence = measure_influence(self.model, self.layers, self.family, windows, self.config.batch_size,
                                       self.progress)
         self.influence = influence
-        return [Gate(groups=inside, params=own, score=float(influence[kind][index]), kind=kind)
-                for (index, kind), inside, own in zip(self.gate_units, self.gate_groups, self.gate_params)]
+        scores = [float(influence[kind][index]) for index, kind in self.gate_units]
+        opts = self.method.options
+        if getattr(opts, "block_score", "influence") == "loss":
+            increase = measure_loss_increase(self.model, self.depth, self.gate_units,
+                                             windows[: opts.block_score_samples], self.config.batch_size)
+            positive = increase[increase > 0]
+            floor = float(positive.min()) if positive.numel() else 1e-6
+            scores = increase.clamp_min(floor).tolist()
+        return [Gate(groups=inside, params=own, score=score, kind=kind)
+                for (_, kind), inside, own, score in zip(self.gate_units, self.gate_groups, self.gate_params, scores)]
 
     def _remove_units(self, removed: list[tuple[int, str]]) -> dict[str, str]:
         """Remove the gated-off layers and blocks; the new name of every channel group left (layers

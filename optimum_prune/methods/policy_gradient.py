@@ -99,9 +99,15 @@ class PolicyGradientOptions:
     #: "mlp" (those blocks of every layer) or "block" (both, each gated alone). A gate is one more
     #: Bernoulli unit; the budget counts a kept unit's channels only while its gate is on.
     blocks: str = "none"
-    #: Initial keep probability of the gate of median influence (1 - cosine of the residual stream
-    #: around it); gates of higher influence start higher (``init_temperature`` sets how much).
+    #: Initial keep probability of the gate of median score; gates of higher score start higher
+    #: (``init_temperature`` sets how much, on the log of the score).
     block_start: float = 0.95
+    #: What scores the gates for their start: "influence" (1 - cosine of the residual stream around the
+    #: unit, one pass) or "loss" (the calibration loss increase when the unit alone is removed, one pass
+    #: over ``block_score_samples`` windows per gate, as ``block-influence[score="loss"]`` ranks; a unit
+    #: whose removal does not raise the loss scores as the least harmful one that does).
+    block_score: str = "influence"
+    block_score_samples: int = 8
     #: False: the gates alone are searched (depth only, the paper's layer granularity by itself):
     #: every channel of a kept layer or block stays, and the budget is met by the gates, the least
     #: probable first, each while at least half of it fits (as ``block-influence`` meets it).
@@ -116,7 +122,7 @@ class PolicyGradientOptions:
     latency_model: dict = field(default_factory=lambda: dict(LATENCY_MODEL))
 
     def __post_init__(self):
-        for name in ("steps", "samples", "windows_per_step", "sensitivity_rounds"):
+        for name in ("steps", "samples", "windows_per_step", "sensitivity_rounds", "block_score_samples"):
             check_int(getattr(self, name), f"policy_gradient option {name}", 1 if name != "steps" else 0)
         for name in ("lr", "init_temperature"):
             check_positive_number(getattr(self, name), f"policy_gradient option {name}")
@@ -129,6 +135,7 @@ class PolicyGradientOptions:
                                "parameters); drop budget or set budget='global'.")
         if not (isinstance(self.block_start, (int, float)) and 0 < self.block_start < 1):
             raise PruningError(f"policy_gradient option block_start must be in (0, 1), got {self.block_start!r}.")
+        check_choice(self.block_score, "policy_gradient option block_score", ("influence", "loss"))
         check_choice(self.init, "policy_gradient option init", ("wanda-sp", "uniform"))
         check_choice(self.init_scope, "policy_gradient option init_scope", ("group", "budget", "sensitivity"))
         check_choice(self.baseline, "policy_gradient option baseline", ("moving", "leave-one-out"))
