@@ -338,10 +338,10 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
         opts = self.options
         sizes = [len(scores) for scores in problem.scores]
         group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64), torch.tensor(sizes))
+        # every cost in the budget's count (parameters, or ms per token: see _per_parameter)
+        cost = torch.repeat_interleave(torch.tensor(problem.unit_params, dtype=torch.float64),
+                                       torch.tensor(sizes)) * self._per_parameter()
         latency = opts.cost == "latency"
-        if latency:  # every cost in ms per token: a unit's parameters, a gate's parameters and its fixed cost
-            cost = cost * (opts.latency_model["per_million"] / 1e6)
         if not opts.channels:
             return self._optimise_gates(problem, sizes, group_of, cost)
         partitions = self._partitions(problem, group_of)
@@ -473,13 +473,15 @@ class PolicyGradient(LeastSquaresRestore, PruningMethod):
                 save(step + 1)
         return s
 
+    def _per_parameter(self) -> float:
+        """What one parameter costs in the budget's count: 1, or (``cost="latency"``) its ms per token."""
+        return self.options.latency_model["per_million"] / 1e6 if self.options.cost == "latency" else 1.0
+
     def _expected(self, gates, group_of: torch.Tensor, cost: torch.Tensor) -> "ExpectedParams":
-        """The budget's count: parameters, or (``cost="latency"``) ms per token, where a gate costs its
-        parameters' time and the fixed time of its kind of block."""
-        if self.options.cost == "params":
-            return ExpectedParams(gates, group_of, cost)
-        model = self.options.latency_model
-        own = [gate.params * model["per_million"] / 1e6 + model[gate.kind] for gate in gates]
+        """The budget's count of channel units of ``cost`` and gates: a gate costs its parameters and, by
+        time, also the fixed time of its kind of block."""
+        fixed = self.options.latency_model if self.options.cost == "latency" else {}
+        own = [gate.params * self._per_parameter() + fixed.get(gate.kind, 0.0) for gate in gates]
         return ExpectedParams(gates, group_of, cost, own=own)
 
     def _initial_gates(self, gates) -> torch.Tensor:
