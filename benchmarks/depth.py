@@ -62,6 +62,7 @@ def _prune(args, spec, seed, folder, queue):
                "params": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
                "removed_layers": pruner.report.removed_layers, "removed_blocks": pruner.report.removed_blocks,
                "unit_scores": pruner.report.unit_scores, "sparsity": pruner.report.overall_sparsity,
+               "declined_refits": dict(pruner.report.declined_refits),
                "ppl": perplexities(model, tokenizer, args.seqlen, args.eval_windows)})
 
 
